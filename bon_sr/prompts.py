@@ -1,0 +1,142 @@
+"""Prompt files and chat formatting.
+
+Reads .jsonl / .txt prompt files into validated records (errors name file:line and the
+fix) and turns a prompt into the token ids the model sees. Knows nothing about models
+beyond their tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from .errors import InputError
+from .types import PromptInput
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+@dataclass(frozen=True)
+class PromptRecord:
+    id: str
+    prompt: PromptInput
+    line: int
+
+
+def validate_prompt(prompt: Any, where: str = "prompt") -> PromptInput:
+    """Check a prompt (text or chat messages); return it unchanged or raise InputError."""
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise InputError(f"{where}: the prompt is empty. Give a non-empty prompt or remove the entry.")
+        return prompt
+    if isinstance(prompt, (list, tuple)):
+        if not prompt:
+            raise InputError(f"{where}: 'messages' is an empty list. Give at least one user message.")
+        for j, msg in enumerate(prompt):
+            if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
+                raise InputError(f"{where}: message {j} must be an object with 'role' and 'content'.")
+            if msg["role"] not in ROLES:
+                raise InputError(f"{where}: message {j} has unknown role {msg['role']!r}; use one of {', '.join(ROLES)}.")
+            if not isinstance(msg["content"], str):
+                raise InputError(f"{where}: message {j} content must be a string.")
+        if not any(str(m["content"]).strip() for m in prompt):
+            raise InputError(f"{where}: every message is empty. Give a non-empty prompt.")
+        if prompt[-1]["role"] == "assistant":
+            raise InputError(f"{where}: the last message is from the assistant; end with a user message "
+                             "so the model has something to answer.")
+        return [dict(m) for m in prompt]
+    raise InputError(f"{where}: a prompt must be a string or a list of chat messages, got {type(prompt).__name__}.")
+
+
+def read_prompt_file(path: str | Path) -> list[PromptRecord]:
+    """Read prompts from ``.jsonl`` (``{"id", "prompt"}`` or ``{"id", "messages"}`` per line)
+    or any other extension as text (one prompt per non-blank line, id = line number)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"Prompt file '{path}' does not exist.")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: not UTF-8 text ({exc}).") from exc
+    records: list[PromptRecord] = []
+    seen: dict[str, int] = {}
+    is_jsonl = path.suffix.lower() in (".jsonl", ".json", ".ndjson")
+    for lineno, raw in enumerate(text.splitlines(), start=1):
+        where = f"{path}:{lineno}"
+        if not raw.strip():
+            continue
+        if is_jsonl:
+            try:
+                obj = json.loads(raw)
+            except json.JSONDecodeError as exc:
+                raise InputError(f"{where}: malformed JSON ({exc.msg} at column {exc.colno}). "
+                                 "Each line must be one JSON object.") from exc
+            if not isinstance(obj, dict):
+                raise InputError(f"{where}: expected a JSON object, got {type(obj).__name__}.")
+            if "prompt" in obj and "messages" in obj:
+                raise InputError(f"{where}: give either 'prompt' or 'messages', not both.")
+            if "prompt" in obj:
+                prompt = validate_prompt(obj["prompt"], where)
+            elif "messages" in obj:
+                if not isinstance(obj["messages"], list):
+                    raise InputError(f"{where}: 'messages' must be a list of chat messages.")
+                prompt = validate_prompt(obj["messages"], where)
+            else:
+                raise InputError(f"{where}: missing 'prompt' (text) or 'messages' (chat) field.")
+            rid = obj.get("id", lineno)
+            if not isinstance(rid, (str, int)) or isinstance(rid, bool):
+                raise InputError(f"{where}: 'id' must be a string or an integer.")
+            rid = str(rid)
+        else:
+            prompt = validate_prompt(raw, where)
+            rid = str(lineno)
+        if rid in seen:
+            raise InputError(f"{where}: duplicate id {rid!r} (first used on line {seen[rid]}). Ids must be unique "
+                             "so that --resume can tell finished prompts apart.")
+        seen[rid] = lineno
+        records.append(PromptRecord(id=rid, prompt=prompt, line=lineno))
+    if not records:
+        raise InputError(f"{path}: no prompts found.")
+    return records
+
+
+def to_messages(prompt: PromptInput) -> list[dict[str, str]]:
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    return [dict(m) for m in prompt]
+
+
+def encode_prompt(tokenizer: Any, prompt: PromptInput) -> list[int]:
+    """Token ids of the prompt as the model sees it: the chat template with the generation
+    prompt when the tokenizer has one, else the raw text."""
+    prompt = validate_prompt(prompt)
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(to_messages(prompt), tokenize=False, add_generation_prompt=True)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if not isinstance(prompt, str):
+        raise InputError("This model's tokenizer has no chat template; pass plain-text prompts, not messages.")
+    return list(tokenizer(prompt)["input_ids"])
+
+
+def encode_response(tokenizer: Any, text: str) -> list[int]:
+    """Token ids for a caller-supplied response text (no special tokens added)."""
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def derive_seed(seed: int, key: str | int) -> int:
+    """A per-prompt seed from the run seed and the prompt id, stable across runs and
+    processes, so a resumed run samples exactly what the uninterrupted run would have."""
+    import hashlib
+
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def check_fits(prompt_ids: Sequence[int], max_new_tokens: int, context: int | None, where: str = "prompt") -> None:
+    if context is not None and len(prompt_ids) + max_new_tokens > context:
+        raise InputError(
+            f"{where}: the prompt is {len(prompt_ids)} tokens and {max_new_tokens} new tokens are asked for, "
+            f"but the model's context is {context} tokens. Shorten the prompt or lower --max-new-tokens."
+        )

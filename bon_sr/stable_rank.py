@@ -1,0 +1,363 @@
+"""Stable rank of hidden-state matrices: an exact reference and a fast SVD-free estimator.
+
+SR(H) = ||H||_F^2 / ||H||_2^2 = sum_i s_i^2 / s_1^2 for H of shape (T, d), one row per
+token. This module is pure torch math on tensors: it knows nothing about models, tokens,
+chat templates or which rows a caller chose; a boolean mask says which rows count.
+
+Two entry points return the same :class:`StableRankResult`:
+
+- :func:`stable_rank_exact`: float64 ``torch.linalg.svdvals``; the reference.
+- :func:`stable_rank`: exact Frobenius norm plus a block subspace iteration for s_1^2
+  with Rayleigh-Ritz, per-candidate convergence and an exact float64 fallback for
+  candidates that do not converge, so it never returns an unconverged value silently.
+
+Conventions shared by both (documented once, tested):
+
+- ``h``: (T, d) or (B, T, d), any float dtype; products run in float32 (float64 input in
+  float64). ``mask``: None (every row counts) or (T,) / (B, T) bool or integer, nonzero =
+  the row counts. Rows that do not count are replaced by zeros with ``torch.where``, so
+  their content (even NaN/inf padding) never reaches the result.
+- NaN or inf in a counted row raises ``ValueError``.
+- No counted rows, or only all-zero counted rows: stable_rank = 0.0 (and both norms 0).
+  0.0 lies below every real stable rank (SR >= 1 for any nonzero H), so an empty
+  response can never win a max-SR selection.
+- One counted row or d == 1 (rank <= 1): stable_rank = 1.0 exactly.
+- Otherwise 1 <= stable_rank <= min(num_tokens, d); the result is clamped to >= 1
+  because rounding may put the estimate a hair below.
+- Outputs are (B,) tensors, or 0-dim tensors when ``h`` is 2-D.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["StableRankResult", "stable_rank", "stable_rank_exact"]
+
+logger = logging.getLogger(__name__)
+
+# Every item is seeded identically so the same matrix gets the same estimate whatever
+# batch it sits in, on whatever device.
+_START_SEED = 0x5EED
+# Give-up rule: after this many passes an item whose Ritz value is predicted to need more
+# passes than the budget allows goes to the exact fallback at once instead of finishing
+# a hopeless iteration first.
+_MIN_PASSES_BEFORE_GIVING_UP = 4
+
+
+@dataclass(frozen=True)
+class StableRankResult:
+    """Per-item stable rank and its parts. Every field is (B,), or 0-dim for 2-D ``h``.
+
+    stable_rank:  float32, frobenius_sq / spectral_sq (0.0 for empty/all-zero inputs).
+    frobenius_sq: float32, ||H||_F^2 over the counted rows.
+    spectral_sq:  float32, ||H||_2^2 = s_1^2.
+    num_tokens:   int64, rows that counted (mask sum).
+    iterations:   int64, subspace-iteration passes run; 0 for the exact reference and
+                  for degenerate items (empty, zero, rank <= 1). An item handed to the
+                  exact fallback reports the passes run before it was handed over.
+    """
+
+    stable_rank: torch.Tensor
+    frobenius_sq: torch.Tensor
+    spectral_sq: torch.Tensor
+    num_tokens: torch.Tensor
+    iterations: torch.Tensor
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def _prepare(h: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Validate, mask and upcast.
+
+    Returns ``(hm, n, unbatched)``: hm (B, T, d) in float32 (float64 for float64 input)
+    with non-counted rows zeroed, n (B,) int64 counted rows.
+    """
+    if not isinstance(h, torch.Tensor):
+        raise ValueError(f"h must be a torch.Tensor of shape (T, d) or (B, T, d), got {type(h).__name__}")
+    if h.ndim not in (2, 3):
+        raise ValueError(
+            f"h must have shape (T, d) or (B, T, d), got {h.ndim} dimension(s) {tuple(h.shape)}"
+        )
+    if not h.is_floating_point():
+        raise ValueError(f"h must be a floating-point tensor, got dtype {h.dtype}")
+    unbatched = h.ndim == 2
+    given_shape = tuple(h.shape)
+    if unbatched:
+        h = h.unsqueeze(0)
+    B, T, _ = h.shape
+    if mask is None:
+        keep = None
+        n = torch.full((B,), T, dtype=torch.int64, device=h.device)
+    else:
+        if not isinstance(mask, torch.Tensor):
+            raise ValueError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
+        if mask.is_floating_point() or mask.is_complex():
+            raise ValueError(f"mask must be bool or integer (True = row counts), got dtype {mask.dtype}")
+        expected = (T,) if unbatched else (B, T)
+        if tuple(mask.shape) != expected:
+            raise ValueError(
+                f"mask shape {tuple(mask.shape)} does not match h shape {given_shape}: "
+                f"expected {expected} (one entry per row of h)"
+            )
+        keep = mask.to(device=h.device) != 0
+        if unbatched:
+            keep = keep.unsqueeze(0)
+        n = keep.sum(dim=1, dtype=torch.int64)
+    cdtype = torch.float64 if h.dtype == torch.float64 else torch.float32
+    hm = h.to(cdtype)
+    if keep is not None:
+        # torch.where rather than a multiply: 0 * NaN in a padded row would be NaN.
+        hm = torch.where(keep.unsqueeze(-1), hm, hm.new_zeros(()))
+    finite = torch.isfinite(hm).flatten(1).all(dim=1)
+    if not bool(finite.all()):
+        bad = torch.nonzero(~finite).flatten().tolist()
+        shown = ", ".join(map(str, bad[:10])) + (" ..." if len(bad) > 10 else "")
+        raise ValueError(
+            f"h has NaN or inf in counted rows of batch item(s) {shown}; "
+            "fix the hidden states or mask those rows out"
+        )
+    return hm, n, unbatched
+
+
+def _finish(
+    frob: torch.Tensor,
+    spec: torch.Tensor,
+    n: torch.Tensor,
+    iters: torch.Tensor,
+    d: int,
+    unbatched: bool,
+) -> StableRankResult:
+    """Apply the degenerate-input conventions and package the result."""
+    frob = frob.to(torch.float64)
+    spec = spec.to(torch.float64)
+    zero = (n == 0) | (frob <= 0)
+    rank_one = ~zero & ((n == 1) | (d == 1))
+    spec = torch.where(rank_one, frob, spec)
+    spec = torch.where(zero, torch.zeros_like(spec), spec)
+    frob = torch.where(zero, torch.zeros_like(frob), frob)
+    safe = torch.where(zero, torch.ones_like(spec), spec)
+    sr = torch.where(zero, torch.zeros_like(frob), (frob / safe).clamp_min(1.0))
+    iters = torch.where(zero | rank_one, torch.zeros_like(iters), iters)
+    out = [sr.float(), frob.float(), spec.float(), n, iters]
+    if unbatched:
+        out = [t.squeeze(0) for t in out]
+    return StableRankResult(*out)
+
+
+# --------------------------------------------------------------------------- exact
+
+
+def stable_rank_exact(h: torch.Tensor, mask: torch.Tensor | None = None) -> StableRankResult:
+    """Reference stable rank from float64 singular values (``torch.linalg.svdvals``).
+
+    h: (T, d) or (B, T, d); mask: None, (T,) or (B, T), nonzero = row counts.
+    Slow (a full SVD per item) and memory-hungry (a float64 copy); meant for tests,
+    benchmarks and spot checks. ``iterations`` is always 0.
+    """
+    hm, n, unbatched = _prepare(h, mask)
+    h64 = hm.to(torch.float64)
+    # SR is scale invariant; scaling each item by its largest entry keeps squares of huge
+    # or tiny activations inside float range.
+    scale = h64.abs().amax(dim=(1, 2)) if h64.numel() else h64.new_zeros(h64.shape[0])
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    hs = h64 / scale[:, None, None]
+    frob = hs.square().sum(dim=(1, 2))
+    s1 = torch.linalg.svdvals(hs)[:, 0] if min(hs.shape[1:]) > 0 else torch.zeros_like(frob)
+    frob, spec = frob * scale.square(), s1.square() * scale.square()
+    iters = torch.zeros_like(n)
+    return _finish(frob, spec, n, iters, h.shape[-1], unbatched)
+
+
+# --------------------------------------------------------------------------- fast
+
+
+def _orthonormalise(y: torch.Tensor) -> torch.Tensor:
+    """Orthonormal basis of the columns of y: (b, m, k), by two shifted Cholesky-QR rounds.
+
+    Matmuls and a k x k Cholesky only (no batched Householder QR in the loop). Columns
+    are normalised first; the small shift keeps Cholesky alive when the block has more
+    columns than the item has rank (zero columns stay zero and only add Ritz values 0),
+    and the second round removes the loss of orthogonality the first one leaves.
+    The first column of the result is the first input column normalised, so the
+    leading Ritz direction passes through untouched.
+    """
+    for shift in (1e-6, 1e-9):
+        norms = y.norm(dim=1, keepdim=True)
+        y = y / norms.clamp_min(torch.finfo(y.dtype).tiny)
+        g = (y.mT @ y).to(torch.float64)
+        g = 0.5 * (g + g.mT)
+        g.diagonal(dim1=-2, dim2=-1).add_(shift)
+        chol, _ = torch.linalg.cholesky_ex(g)
+        # Inverting the k x k factor and multiplying is one batched matmul; a batched
+        # triangular solve against the tall block is an order of magnitude slower on CPU.
+        eye = torch.eye(chol.shape[-1], dtype=chol.dtype, device=chol.device)
+        chol_inv = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False)
+        y = y @ chol_inv.mT.to(y.dtype)
+    return y
+
+
+def _exact_top_eig(hs: torch.Tensor) -> torch.Tensor:
+    """s_1^2 for each item of hs: (b, T, d), from the float64 Gram on the smaller side."""
+    h64 = hs.to(torch.float64)
+    if h64.shape[1] <= h64.shape[2]:
+        gram = h64 @ h64.mT
+    else:
+        gram = h64.mT @ h64
+    return torch.linalg.eigvalsh(gram)[:, -1]
+
+
+def stable_rank(
+    h: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    tol: float = 1e-6,
+    max_iter: int = 100,
+    block_size: int = 16,
+    exact_fallback: bool = True,
+) -> StableRankResult:
+    """Stable rank without an SVD: exact ||H||_F^2 and a block subspace iteration for s_1^2.
+
+    h: (T, d) or (B, T, d), any float dtype; mask: None, (T,) or (B, T), nonzero = row
+    counts. Returns (B,) tensors (0-dim for 2-D ``h``); see :class:`StableRankResult`.
+
+    Algorithm. The iteration runs on A = H H^T when T <= d and on A = H^T H otherwise,
+    always applied as two thin products (H (H^T Y) or H^T (H Y)), so no Gram matrix is
+    ever formed and a pass costs 4 T d k flops for a block of k = min(block_size, T, d)
+    columns on the smaller side. Each pass: W = A Q, Rayleigh-Ritz on the k x k matrix
+    Q^T W (float64 ``eigh``), next block = W times the Ritz vectors, re-orthonormalised by
+    Cholesky-QR. The top Ritz value converges to s_1^2 at rate (s_{k+1}/s_1)^4 per pass,
+    so a near-degenerate top pair that stalls plain power iteration converges as fast as
+    a well-separated one. The start block is drawn from a fixed-seed generator, so
+    results are reproducible and do not depend on the batch an item sits in.
+
+    Convergence, per item: the relative change of the top Ritz value between passes is
+    <= ``tol`` and the residual bound min(||r||, ||r||^2 / (theta_1 - theta_2)) / theta_1
+    of the top Ritz pair is <= ``tol``. Converged items leave the batch. Items predicted
+    (from the observed contraction rate) not to converge within ``max_iter`` passes, and
+    items still unconverged at ``max_iter``, get s_1^2 from the float64 eigenvalues of
+    their small Gram when ``exact_fallback`` is True. With ``exact_fallback=False`` they
+    keep the last Ritz value, report ``iterations == max_iter``, and a warning is logged.
+    With float32 arithmetic a ``tol`` below about 1e-7 cannot be met and sends every
+    item to the fallback.
+    """
+    if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
+        raise ValueError(f"tol must be a positive finite number, got {tol!r}")
+    if not (isinstance(max_iter, int) and max_iter >= 1):
+        raise ValueError(f"max_iter must be an int >= 1, got {max_iter!r}")
+    if not (isinstance(block_size, int) and block_size >= 1):
+        raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
+
+    hm, n, unbatched = _prepare(h, mask)
+    B, T, d = hm.shape
+    # Scale invariance lets each item be divided by its largest entry: the squares of
+    # massive activations in fp16/bf16 inputs then cannot overflow float32.
+    scale = hm.abs().amax(dim=(1, 2)) if hm.numel() else hm.new_zeros(B)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    hs = hm / scale[:, None, None]
+    frob = hs.square().sum(dim=(1, 2))
+    spec = torch.zeros_like(frob)
+    iters = torch.zeros(B, dtype=torch.int64, device=hm.device)
+
+    todo = torch.nonzero((n >= 2) & (frob > 0)).flatten() if d >= 2 else n.new_zeros(0)
+    if todo.numel():
+        spec_todo, it_todo, unconverged = _subspace_iteration(
+            hs[todo], tol=tol, max_iter=max_iter, block_size=block_size,
+            give_up_early=exact_fallback,
+        )
+        if unconverged.numel():
+            if exact_fallback:
+                spec_todo[unconverged] = _exact_top_eig(hs[todo[unconverged]]).to(spec_todo.dtype)
+            else:
+                logger.warning(
+                    "stable_rank: %d of %d item(s) did not converge to tol=%g within "
+                    "max_iter=%d passes; returning the last estimate (raise max_iter or "
+                    "set exact_fallback=True)",
+                    unconverged.numel(), B, tol, max_iter,
+                )
+        spec[todo] = spec_todo.to(spec.dtype)
+        iters[todo] = it_todo
+    return _finish(frob * scale.square(), spec * scale.square(), n, iters, d, unbatched)
+
+
+def _subspace_iteration(
+    hs: torch.Tensor, *, tol: float, max_iter: int, block_size: int, give_up_early: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top eigenvalue of H H^T (or H^T H) for every item of hs: (b, T, d), all nonzero.
+
+    Returns (theta (b,), passes (b,) int64, indices of items that did not converge).
+    """
+    b, T, d = hs.shape
+    device, dtype = hs.device, hs.dtype
+    small_side_is_t = T <= d
+    m = T if small_side_is_t else d
+    k = min(block_size, m)
+
+    gen = torch.Generator(device="cpu").manual_seed(_START_SEED)
+    start = torch.randn(m, k, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+    q = _orthonormalise(start.unsqueeze(0)).expand(b, m, k)
+
+    theta_out = torch.zeros(b, dtype=dtype, device=device)
+    iters_out = torch.zeros(b, dtype=torch.int64, device=device)
+    active = torch.arange(b, device=device)
+    ha = hs
+    prev = torch.full((b,), float("nan"), dtype=torch.float64, device=device)
+    prev_change = torch.full_like(prev, float("nan"))
+    gave_up: list[torch.Tensor] = []
+    unconverged = active.new_zeros(0)
+
+    for it in range(1, max_iter + 1):
+        if small_side_is_t:
+            w = ha @ (ha.mT @ q)
+        else:
+            w = ha.mT @ (ha @ q)
+        rr = (q.mT @ w).to(torch.float64)
+        evals, evecs = torch.linalg.eigh(0.5 * (rr + rr.mT))
+        evals, evecs = evals.flip(-1), evecs.flip(-1)
+        theta = evals[:, 0]
+        s = evecs.to(dtype)
+        y = w @ s
+        resid = (y[:, :, 0] - theta.to(dtype)[:, None] * (q @ s[:, :, :1]).squeeze(-1)).norm(dim=1)
+        resid = resid.to(torch.float64)
+        gap = (evals[:, 0] - evals[:, 1]) if k > 1 else torch.zeros_like(theta)
+        quad = torch.where(gap > 0, resid.square() / gap.clamp_min(1e-300), torch.full_like(resid, math.inf))
+        bound = torch.minimum(resid, quad) / theta.clamp_min(1e-300)
+        change = (theta - prev).abs() / theta.clamp_min(1e-300)
+        done = (change <= tol) & (bound <= tol)
+
+        leave = done.clone()
+        if it == max_iter:
+            unconverged = active[~done]
+            leave[:] = True
+        elif give_up_early and it >= _MIN_PASSES_BEFORE_GIVING_UP:
+            # Ritz values approach s_1^2 geometrically; from the last two changes predict
+            # the passes still needed and stop items that cannot make it in the budget.
+            rate = (change / prev_change).clamp(max=1.0)
+            needed = torch.log(torch.full_like(change, tol) / change.clamp_min(1e-300)) / torch.log(
+                rate.clamp(1e-12, 1 - 1e-12)
+            )
+            hopeless = ~done & (rate < 1) & (needed > (max_iter - it)) | ~done & (rate >= 1 - 1e-12)
+            # A change at rounding level is noise, not a rate: only judge real movement.
+            hopeless &= change > 10 * tol
+            if bool(hopeless.any()):
+                gave_up.append(active[hopeless])
+                leave |= hopeless
+
+        theta_out[active[leave]] = theta[leave].to(dtype)
+        iters_out[active[leave]] = it
+        if bool(leave.all()):
+            break
+        if bool(leave.any()):
+            stay = ~leave
+            active, ha, y = active[stay], ha[stay], y[stay]
+            theta, change = theta[stay], change[stay]
+        prev, prev_change = theta, change
+        q = _orthonormalise(y)
+
+    if gave_up:
+        unconverged = torch.cat([unconverged, *gave_up])
+    return theta_out, iters_out, unconverged

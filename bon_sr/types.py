@@ -1,0 +1,117 @@
+"""Plain data passed between the pipeline steps, and the Protocols each step implements.
+
+This module knows nothing about models, tensors or backends: it only names the records
+that flow prompts -> sampler -> candidates -> scorer -> selector -> Selection.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping, Protocol, Sequence, Union
+
+Message = Mapping[str, str]
+#: A prompt is plain text (wrapped in the chat template as one user turn) or a chat.
+PromptInput = Union[str, Sequence[Message]]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One sampled (or caller-supplied) response.
+
+    ``token_ids`` are exactly the ids the scorer sees as the response: for sampled
+    candidates they are the generated ids (end-of-sequence token removed), never a
+    re-tokenisation of ``text``.
+    """
+
+    text: str
+    token_ids: tuple[int, ...]
+    index: int = 0
+    finish_reason: str | None = None
+    logprobs: tuple[float, ...] | None = None
+    scores: Mapping[str, float] = field(default_factory=dict)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    def with_scores(self, **scores: float) -> "Candidate":
+        merged = dict(self.scores)
+        merged.update({k: float(v) for k, v in scores.items()})
+        return Candidate(
+            text=self.text,
+            token_ids=self.token_ids,
+            index=self.index,
+            finish_reason=self.finish_reason,
+            logprobs=self.logprobs,
+            scores=merged,
+        )
+
+    def to_dict(self, *, include_token_ids: bool = True) -> dict[str, Any]:
+        out = asdict(self)
+        out["token_ids"] = list(self.token_ids) if include_token_ids else None
+        if not include_token_ids:
+            del out["token_ids"]
+        if self.logprobs is None:
+            del out["logprobs"]
+        else:
+            out["logprobs"] = list(self.logprobs)
+        out["scores"] = dict(self.scores)
+        out["num_tokens"] = self.num_tokens
+        return out
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The outcome for one prompt: every candidate with its scores, and the winner."""
+
+    prompt: PromptInput
+    prompt_token_ids: tuple[int, ...]
+    candidates: tuple[Candidate, ...]
+    best_index: int
+    selector: str
+    model: str = ""
+
+    @property
+    def best(self) -> Candidate:
+        return self.candidates[self.best_index]
+
+    @property
+    def response(self) -> str:
+        return self.best.text
+
+    def to_dict(self, *, keep_candidates: bool = True, include_token_ids: bool = True) -> dict[str, Any]:
+        prompt = self.prompt if isinstance(self.prompt, str) else [dict(m) for m in self.prompt]
+        out: dict[str, Any] = {
+            "prompt": prompt,
+            "response": self.response,
+            "best_index": self.best_index,
+            "selector": self.selector,
+            "model": self.model,
+            "scores": dict(self.best.scores),
+            "num_candidates": len(self.candidates),
+        }
+        if keep_candidates:
+            out["candidates"] = [c.to_dict(include_token_ids=include_token_ids) for c in self.candidates]
+        return out
+
+
+class Sampler(Protocol):
+    """Draws ``n`` candidates for each already-tokenised prompt."""
+
+    def sample(
+        self, prompt_token_ids: Sequence[Sequence[int]], *, n: int, seeds: Sequence[int]
+    ) -> list[list[Candidate]]: ...
+
+
+class Scorer(Protocol):
+    """Scores (prompt ids, response ids) pairs; returns one dict of named scores per pair."""
+
+    def score(
+        self, prompt_token_ids: Sequence[Sequence[int]], response_token_ids: Sequence[Sequence[int]]
+    ) -> list[dict[str, float]]: ...
+
+
+class Selector(Protocol):
+    """Picks the index of the best candidate from their scores (plain callable)."""
+
+    def __call__(self, candidates: Sequence[Candidate], **kwargs: Any) -> int: ...
