@@ -131,6 +131,7 @@ class BestOfN:
         self._sampler: Any = None
         self._scorer: Any = None
         self._hf_model: Any = None
+        self._vllm: Any = None
         self.tokenizer: Any = None
         self.context: int | None = None
         self._load()
@@ -181,6 +182,17 @@ class BestOfN:
         return {"model": self.model_name, "backend": self.backend, "scorer": self.scorer_name,
                 "selector": self.selector_name, "sampling": self.sampling.to_dict(),
                 "scoring": self.scoring.to_dict()}
+
+    def close(self) -> None:
+        """Shut down the vLLM engines this BestOfN started (frees their RAM / GPU memory)."""
+        if self._vllm is not None:
+            self._vllm.close()
+
+    def __enter__(self) -> "BestOfN":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     # -- selection ----------------------------------------------------------------------
 

@@ -1,0 +1,432 @@
+"""The vLLM backend: a generate engine for sampling, a pooling engine for hidden states.
+
+vLLM's ``generate`` returns no hidden states, and one engine cannot both generate and
+encode, so scoring uses a SECOND engine with the pooling runner (``runner="pooling"``,
+``convert="embed"``, token-wise ``ALL`` pooling, activation off). It returns the last
+layer's post-final-norm states (HF ``hidden_states[-1]``; 2e-6 relative in float32), one
+row per token, for exactly the prompt+response ids it is given. That is the only layer
+and norm it can give: ``norm="pre"`` or another ``layer`` needs the HF scorer.
+
+Both engines start lazily, on first use: scoring caller-supplied candidates never starts
+a generate engine, and sampling with the HF scorer never starts a pooling engine.
+
+Memory. The engines (and an HF scorer, if chosen) share one device, so each engine gets
+its own budget instead of vLLM's default of "most of the device" (the first engine would
+take everything and the second would not start):
+- CUDA: ``gpu_memory_utilization`` 0.45 for the generate engine and
+  ``pooling_gpu_memory_utilization`` 0.2 for the pooling engine (fractions of the whole
+  GPU; what is left serves an HF scorer or other work).
+- CPU: KV-cache bytes per engine, ``kv_cache_memory_bytes`` (default 2 GiB) and
+  ``pooling_kv_cache_memory_bytes`` (default 1 GiB); both engines live in RAM beside the
+  weights (about 7-8 GiB RSS in all for a 135M model). vLLM's own
+  ``VLLM_CPU_KVCACHE_SPACE`` variable, when the user sets it, overrides both.
+A start-up failure (model too large, KV cache too small for ``max_model_len``) becomes a
+``ModelError`` that names these options.
+
+CPU pitfalls handled here (vllm-cpu 0.32, see OFFLINE.md): OpenMP threads are bound to
+the cores this process may use (``VLLM_CPU_OMP_THREADS_BIND``, set only when unset; the
+default binding leaves cores idle), eager mode (compiled mode starts in 70-90 s and its
+seeded runs did not reproduce), and chunked prefill off in the generate engine because
+per-request seeds crash with it (see ``samplers.vllm``).
+
+vLLM is imported only inside this module's functions; ``import bon_sr`` never imports it.
+This module knows nothing about selection; the stable-rank math is ``stable_rank``'s.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Iterator, Mapping, Sequence
+
+import torch
+
+from .errors import ConfigError, InputError, MissingExtraError, ModelError
+from .hidden_states import HiddenStateConfig, scored_span
+from .samplers import SamplingConfig
+from .stable_rank import stable_rank
+
+logger = logging.getLogger(__name__)
+
+GiB = 1 << 30
+CPU_KV_CACHE_BYTES = {"generate": 2 * GiB, "pooling": 1 * GiB}
+CUDA_MEMORY_UTILIZATION = {"generate": 0.45, "pooling": 0.2}
+
+#: vllm_options understood by VLLMBackend (everything else is a ConfigError).
+OPTIONS = {
+    "generate_llm": "an existing vllm.LLM to sample with (no generate engine is started)",
+    "max_model_len": "context length of both engines (default: the model's)",
+    "enforce_eager": "eager mode (default: True on CPU, vLLM's default on CUDA)",
+    "gpu_memory_utilization": "generate engine's fraction of the GPU (default 0.45)",
+    "pooling_gpu_memory_utilization": "pooling engine's fraction of the GPU (default 0.2)",
+    "kv_cache_memory_bytes": "generate engine's KV cache in bytes (CPU default 2 GiB)",
+    "pooling_kv_cache_memory_bytes": "pooling engine's KV cache in bytes (CPU default 1 GiB)",
+    "logprobs": "return each sampled token's log-probability (default False)",
+    "engine_kwargs": "extra vllm.LLM keyword arguments for the generate engine",
+    "pooling_engine_kwargs": "extra vllm.LLM keyword arguments for the pooling engine",
+}
+
+
+# --------------------------------------------------------------------------- platform
+
+
+def import_vllm() -> Any:
+    """``import vllm``, or a MissingExtraError naming the right extra for this machine."""
+    try:
+        import vllm
+    except ImportError as exc:
+        extra = "vllm" if torch.cuda.is_available() else "vllm-cpu"
+        raise MissingExtraError("vllm", extra, "the vLLM backend") from exc
+    return vllm
+
+
+def is_cpu_platform() -> bool:
+    import_vllm()
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cpu())
+
+
+def _cpu_list(cpus: Sequence[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2,5" (the syntax VLLM_CPU_OMP_THREADS_BIND parses)."""
+    parts: list[str] = []
+    ordered = sorted(cpus)
+    start = prev = ordered[0]
+    for c in ordered[1:] + [None]:  # type: ignore[list-item]
+        if c is not None and c == prev + 1:
+            prev = c
+            continue
+        parts.append(f"{start}-{prev}" if prev > start else str(start))
+        if c is not None:
+            start = prev = c
+    return ",".join(parts)
+
+
+def apply_cpu_env_defaults() -> None:
+    """Bind vLLM's OpenMP threads to every core this process may use, unless the user chose."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = list(range(os.cpu_count() or 1))
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", _cpu_list(cpus))
+
+
+def _dtype_name(dtype: Any) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _start_failure(role: str, model_path: str, exc: BaseException, cpu: bool) -> ModelError:
+    prefix = "pooling_" if role == "pooling" else ""
+    if cpu:
+        knobs = (f"'{prefix}kv_cache_memory_bytes' (default {CPU_KV_CACHE_BYTES[role] // GiB} GiB), "
+                 "a smaller 'max_model_len', or a smaller model")
+        extra = (" On CPU vLLM starts its engine in a spawned process, so a script must guard its "
+                 "entry point with `if __name__ == '__main__':`.")
+    else:
+        knobs = (f"'{prefix}gpu_memory_utilization' (default {CUDA_MEMORY_UTILIZATION[role]}), a smaller "
+                 "'max_model_len', or a smaller model (the two engines and an HF scorer share the GPU)")
+        extra = ""
+    return ModelError(
+        f"vLLM could not start the {role} engine for '{model_path}': {type(exc).__name__}: {exc}. "
+        f"If the model or its KV cache does not fit, set vllm_options {knobs}; or use scorer='hf' "
+        f"or backend='hf'.{extra}"
+    )
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def _chunks(order: Sequence[int], lengths: Sequence[int], budget: int) -> Iterator[list[int]]:
+    batch: list[int] = []
+    used = 0
+    for i in order:
+        if batch and used + lengths[i] > budget:
+            yield batch
+            batch, used = [], 0
+        batch.append(i)
+        used += lengths[i]
+    if batch:
+        yield batch
+
+
+def iter_pooled_hidden_states(
+    llm: Any,
+    prompt_token_ids: Sequence[Sequence[int]],
+    response_token_ids: Sequence[Sequence[int]],
+    config: HiddenStateConfig,
+    *,
+    max_model_len: int | None = None,
+) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
+    """Yield ``(indices, h, mask)`` per chunk, like ``hidden_states.iter_hidden_states``.
+
+    h: ``(b, S, d)`` float32, the scored span's rows left-aligned; mask: ``(b, S)`` bool.
+    Each chunk holds at most ``config.max_batch_tokens`` tokens (one longer pair alone),
+    so the float32 states vLLM hands back stay bounded. Only ids up to the end of the
+    scored span are encoded: the model is causal, so later tokens cannot change them.
+    """
+    from vllm import PoolingParams
+    from vllm.inputs import TokensPrompt
+
+    if len(prompt_token_ids) != len(response_token_ids):
+        raise ValueError("prompt_token_ids and response_token_ids must have the same length")
+    spans = [scored_span(len(p), len(r), config) for p, r in zip(prompt_token_ids, response_token_ids)]
+    ends = [e if e > s else 0 for s, e in spans]  # nothing to score -> nothing to encode
+    for i, end in enumerate(ends):
+        if max_model_len is not None and end > max_model_len:
+            raise InputError(f"pair {i}: {end} tokens to encode but the pooling engine's context is "
+                             f"{max_model_len}; raise vllm_options 'max_model_len' or set a scoring window.")
+    order = sorted(range(len(spans)), key=lambda i: (-ends[i], i))
+    params = PoolingParams(use_activation=False)
+    for batch in _chunks(order, ends, max(config.max_batch_tokens, 1)):
+        todo = [i for i in batch if ends[i] > 0]
+        rows: dict[int, torch.Tensor] = {}
+        if todo:
+            seqs = [[int(t) for t in [*prompt_token_ids[i], *response_token_ids[i]][: ends[i]]] for i in todo]
+            prompts = [TokensPrompt(prompt_token_ids=seq) for seq in seqs]
+            outputs = llm.encode(prompts, pooling_params=params, pooling_task="token_embed", use_tqdm=False)
+            for i, out in zip(todo, outputs):
+                data = out.outputs.data
+                if data.ndim != 2 or data.shape[0] != ends[i]:
+                    raise RuntimeError(f"vLLM returned hidden states of shape {tuple(data.shape)} for {ends[i]} "
+                                       "tokens; the pooling engine must use token_embed / ALL pooling without "
+                                       "prefix caching")
+                s, e = spans[i]
+                rows[i] = data[s:e].float()
+        width = max([e - s for s, e in (spans[i] for i in batch)] + [1])
+        dim = next(iter(rows.values())).shape[-1] if rows else 1
+        h = torch.zeros(len(batch), width, dim, dtype=torch.float32)
+        mask = torch.zeros(len(batch), width, dtype=torch.bool)
+        for row, i in enumerate(batch):
+            if i in rows:
+                h[row, : rows[i].shape[0]] = rows[i]
+                mask[row, : rows[i].shape[0]] = True
+        yield batch, h, mask
+
+
+class VLLMScorer:
+    """Stable rank of the pooling engine's last-layer post-norm states per (prompt, response)."""
+
+    def __init__(self, llm: Any, config: HiddenStateConfig | None = None, *, max_model_len: int | None = None):
+        self.llm = llm
+        self.config = config or HiddenStateConfig()
+        self.max_model_len = max_model_len
+
+    def score(
+        self, prompt_token_ids: Sequence[Sequence[int]], response_token_ids: Sequence[Sequence[int]]
+    ) -> list[dict[str, float]]:
+        results: list[dict[str, float]] = [{} for _ in prompt_token_ids]
+        for batch, h, mask in iter_pooled_hidden_states(self.llm, prompt_token_ids, response_token_ids,
+                                                        self.config, max_model_len=self.max_model_len):
+            res = stable_rank(h, mask)
+            for row, i in enumerate(batch):
+                results[i] = {
+                    "stable_rank": float(res.stable_rank[row]),
+                    "frobenius_sq": float(res.frobenius_sq[row]),
+                    "spectral_sq": float(res.spectral_sq[row]),
+                    "scored_tokens": float(res.num_tokens[row]),
+                }
+        return results
+
+
+# --------------------------------------------------------------------------- backend
+
+
+class VLLMBackend:
+    """Owns the engines for one model; hands out a sampler and a scorer.
+
+    ``options`` are the user's ``vllm_options`` (see ``OPTIONS``). Engines start on the
+    first ``sampler(...).sample`` / ``scorer(...).score`` that needs them.
+    """
+
+    def __init__(self, model_path: str, *, dtype: str = "auto", seed: int = 0, **options: Any):
+        unknown = sorted(set(options) - set(OPTIONS))
+        if unknown:
+            raise ConfigError(f"Unknown vllm_options {', '.join(map(repr, unknown))}. "
+                              f"Available: {', '.join(sorted(OPTIONS))}")
+        import_vllm()
+        self.cpu = is_cpu_platform()
+        if self.cpu:
+            apply_cpu_env_defaults()
+        self.model_path = str(model_path)
+        self.dtype = dtype
+        self.seed = int(seed)
+        self.options = dict(options)
+        self._generate_llm: Any = options.get("generate_llm")
+        self._pooling_llm: Any = None
+        self._hf_config: Any = None
+        if self._generate_llm is not None:
+            self.tokenizer = self._generate_llm.get_tokenizer()
+            self.context: int | None = int(self._generate_llm.llm_engine.model_config.max_model_len)
+        else:
+            from transformers import AutoTokenizer
+
+            try:
+                self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+            except (OSError, ValueError) as exc:
+                raise ModelError(f"Could not load the tokenizer of '{self.model_path}': {exc}") from exc
+            self.context = options.get("max_model_len") or self._model_context()
+
+    # -- engines ------------------------------------------------------------------------
+
+    def _model_context(self) -> int | None:
+        from .api import model_context
+
+        return model_context(self._config())
+
+    def _config(self) -> Any:
+        if self._hf_config is None:
+            from transformers import AutoConfig
+
+            try:
+                self._hf_config = AutoConfig.from_pretrained(self.model_path)
+            except (OSError, ValueError) as exc:
+                raise ModelError(f"Could not read the config of '{self.model_path}': {exc}") from exc
+        return self._hf_config
+
+    def _engine_kwargs(self, role: str) -> dict[str, Any]:
+        opts = self.options
+        prefix = "pooling_" if role == "pooling" else ""
+        kwargs: dict[str, Any] = dict(model=self.model_path, dtype=self.dtype, seed=self.seed)
+        if self.context is not None:
+            kwargs["max_model_len"] = int(self.context)
+        eager = opts.get("enforce_eager", True if self.cpu else None)
+        if eager is not None:
+            kwargs["enforce_eager"] = bool(eager)
+        kv_bytes = opts.get(f"{prefix}kv_cache_memory_bytes")
+        if self.cpu:
+            kwargs["kv_cache_memory_bytes"] = int(kv_bytes or CPU_KV_CACHE_BYTES[role])
+        elif kv_bytes:
+            kwargs["kv_cache_memory_bytes"] = int(kv_bytes)
+        else:
+            kwargs["gpu_memory_utilization"] = float(opts.get(f"{prefix}gpu_memory_utilization")
+                                                     or CUDA_MEMORY_UTILIZATION[role])
+        if role == "pooling":
+            from vllm.config import PoolerConfig
+
+            kwargs.update(runner="pooling", convert="embed", enable_prefix_caching=False,
+                          pooler_config=PoolerConfig(task="token_embed", pooling_type="ALL", use_activation=False))
+        elif self.cpu:
+            # Per-request seeds need it (see samplers.vllm); without chunking a prompt must
+            # fit one scheduler step.
+            kwargs.update(enable_chunked_prefill=False,
+                          max_num_batched_tokens=max(int(self.context or 0), 2048))
+        kwargs.update(opts.get(f"{prefix}engine_kwargs") or {})
+        return kwargs
+
+    def _start(self, role: str) -> Any:
+        vllm = import_vllm()
+        kwargs = self._engine_kwargs(role)
+        logger.info("starting the vLLM %s engine for %s", role, self.model_path)
+        try:
+            return vllm.LLM(**kwargs)
+        except TypeError as exc:
+            raise ConfigError(f"vLLM rejected the {role} engine's arguments: {exc}. Check vllm_options "
+                              f"'{'pooling_' if role == 'pooling' else ''}engine_kwargs'.") from exc
+        except Exception as exc:  # vLLM reports start-up failures as assorted types
+            raise _start_failure(role, self.model_path, exc, self.cpu) from exc
+
+    @property
+    def generate_llm(self) -> Any:
+        if self._generate_llm is None:
+            self._generate_llm = self._start("generate")
+        return self._generate_llm
+
+    @property
+    def pooling_llm(self) -> Any:
+        if self._pooling_llm is None:
+            self._pooling_llm = self._start("pooling")
+        return self._pooling_llm
+
+    # -- components ---------------------------------------------------------------------
+
+    def sampler(self, sampling: SamplingConfig, *, logprobs: bool | None = None) -> Any:
+        return _LazySampler(self, sampling, bool(self.options.get("logprobs", False) if logprobs is None
+                                                 else logprobs))
+
+    def scorer(self, scoring: HiddenStateConfig) -> "_LazyScorer":
+        if scoring.norm != "post":
+            raise ConfigError("The vLLM pooling scorer gives post-final-norm states only; "
+                              "for norm='pre' use scorer='hf'.")
+        layers = getattr(self._text_config(), "num_hidden_layers", None)
+        if scoring.layer != -1 and not (layers is not None and scoring.layer == layers - 1):
+            raise ConfigError(f"The vLLM pooling scorer gives the last layer only (layer=-1); for "
+                              f"layer={scoring.layer} use scorer='hf'.")
+        return _LazyScorer(self, scoring)
+
+    def _text_config(self) -> Any:
+        if self._generate_llm is not None:
+            return self._generate_llm.llm_engine.model_config.hf_text_config
+        config = self._config()
+        return getattr(config, "get_text_config", lambda: config)()
+
+    def per_request_seeds(self) -> bool:
+        """False only for a caller's CPU engine with chunked prefill on (it would crash)."""
+        if not self.cpu:
+            return True
+        sched = getattr(self.generate_llm.llm_engine, "vllm_config", None)
+        chunked = bool(getattr(getattr(sched, "scheduler_config", None), "enable_chunked_prefill", False))
+        if chunked:
+            logger.warning("This CPU vLLM engine has chunked prefill on, which crashes with per-request "
+                           "seeds; sampling with the engine's global seed instead (a prompt's samples then "
+                           "depend on the batch). Create it with enable_chunked_prefill=False to fix.")
+        return not chunked
+
+    def close(self) -> None:
+        """Shut down the engines this backend started (a caller's generate_llm is left alone)."""
+        owned = ["_pooling_llm"] + ([] if self.options.get("generate_llm") is not None else ["_generate_llm"])
+        for name in owned:
+            llm = getattr(self, name)
+            core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+            if core is not None and hasattr(core, "shutdown"):
+                core.shutdown()
+            setattr(self, name, None)
+
+
+class _LazySampler:
+    """Starts the generate engine on the first ``sample`` call, then delegates."""
+
+    def __init__(self, backend: VLLMBackend, config: SamplingConfig, logprobs: bool):
+        self.backend = backend
+        self.config = config
+        self.logprobs = logprobs
+        self._inner: Any = None
+
+    def sample(self, prompt_token_ids: Sequence[Sequence[int]], *, n: int | None = None,
+               seeds: Sequence[int]) -> list[list[Any]]:
+        if self._inner is None:
+            from .samplers.vllm import VLLMSampler
+
+            llm = self.backend.generate_llm
+            self._inner = VLLMSampler(llm, self.config, logprobs=self.logprobs,
+                                      per_request_seeds=self.backend.per_request_seeds())
+        return self._inner.sample(prompt_token_ids, n=n, seeds=seeds)
+
+
+class _LazyScorer:
+    """Starts the pooling engine on the first ``score`` call, then delegates."""
+
+    def __init__(self, backend: VLLMBackend, config: HiddenStateConfig):
+        self.backend = backend
+        self.config = config
+        self._inner: VLLMScorer | None = None
+
+    def score(self, prompt_token_ids: Sequence[Sequence[int]],
+              response_token_ids: Sequence[Sequence[int]]) -> list[dict[str, float]]:
+        if self._inner is None:
+            self._inner = VLLMScorer(self.backend.pooling_llm, self.config, max_model_len=self.backend.context)
+        return self._inner.score(prompt_token_ids, response_token_ids)
+
+
+def best_of_n_from_llm(cls: Any, llm: Any, **kwargs: Any) -> Any:
+    """Build ``cls`` (``BestOfN``) around an existing ``vllm.LLM``: it samples; the scorer
+    (``scorer='vllm'``, the default: a pooling engine beside it; or ``scorer='hf'``) is
+    built for the same model and dtype."""
+    backend = kwargs.pop("backend", "vllm")
+    if backend != "vllm":
+        raise ConfigError(f"BestOfN.from_vllm samples with the given vllm.LLM, so backend must be 'vllm', "
+                          f"not '{backend}'.")
+    model_config = llm.llm_engine.model_config
+    model = kwargs.pop("model", model_config.model)
+    kwargs.setdefault("dtype", _dtype_name(model_config.dtype))
+    options: Mapping[str, Any] = kwargs.pop("vllm_options", None) or {}
+    return cls(model, backend="vllm", vllm_options={**options, "generate_llm": llm}, **kwargs)

@@ -1,0 +1,135 @@
+"""End-to-end tests on the REAL offline default model (SmolLM2-135M-Instruct, converted
+from the PyPI wheel on first use). Marked slow; CI runs them."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from bon_sr import BestOfN, select_best
+from bon_sr.models import DEFAULT_MODEL, verify_builtin
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bon(default_model_dir):
+    return BestOfN(DEFAULT_MODEL, backend="hf", n=3, max_new_tokens=24, seed=7)
+
+
+def test_builtin_model_cached_with_checksums(default_model_dir):
+    assert verify_builtin(DEFAULT_MODEL)
+    cfg = json.loads((Path(default_model_dir) / "config.json").read_text())
+    assert cfg["num_hidden_layers"] == 30 and cfg["hidden_size"] == 576
+
+
+def test_select_best_samples_scores_selects(bon):
+    sel = bon.select("What is the capital of France? Answer in one sentence.")
+    assert len(sel.candidates) == 3
+    srs = [c.scores["stable_rank"] for c in sel.candidates]
+    assert sel.best_index == max(range(3), key=lambda i: (srs[i], -i))
+    for c in sel.candidates:
+        assert c.token_ids and c.text
+        # Real SR is >= 1 and (PAPER.md) small, about 2, because massive activations dominate.
+        assert 1.0 <= c.scores["stable_rank"] <= c.num_tokens
+    assert "paris" in " ".join(c.text.lower() for c in sel.candidates)
+
+
+def test_seeds_reproduce(bon):
+    a = bon.select("Name a colour.", seed=3)
+    b = bon.select("Name a colour.", seed=3)
+    c = bon.select("Name a colour.", seed=4)
+    assert [x.token_ids for x in a.candidates] == [x.token_ids for x in b.candidates]
+    assert [x.token_ids for x in a.candidates] != [x.token_ids for x in c.candidates]
+    assert [x.scores for x in a.candidates] == [x.scores for x in b.candidates]
+
+
+def test_hidden_states_equal_hf_output_on_real_model(bon):
+    p = bon.encode("Say hi.")
+    r = bon.tokenizer("Hi there, friend!", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        ref = bon._hf_model(torch.tensor([p + r]), output_hidden_states=True).hidden_states[-1][0]
+    from bon_sr.stable_rank import stable_rank_exact
+
+    for token_set, rows in (("response", ref[len(p):]), ("full", ref)):
+        got = BestOfN.__new__(BestOfN)
+        from bon_sr.hidden_states import HFScorer, HiddenStateConfig
+
+        score = HFScorer(bon._hf_model, HiddenStateConfig(token_set=token_set)).score([p], [r])[0]
+        assert score["scored_tokens"] == rows.shape[0]
+        assert score["stable_rank"] == pytest.approx(float(stable_rank_exact(rows).stable_rank), rel=1e-4)
+
+
+def test_select_best_given_candidates(default_model_dir):
+    sel = select_best("What is 2+2?", candidates=["4", "2+2 equals 4, since adding two and two gives four."],
+                      backend="hf")
+    assert [c.index for c in sel.candidates] == [0, 1]
+    assert sel.candidates[0].scores["stable_rank"] == pytest.approx(1.0)     # one token
+    assert sel.best_index == 1
+
+
+def _run_cli(*args, **kw):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "-m", "bon_sr.cli", *args], capture_output=True, text=True, env=env,
+                          cwd=ROOT, **kw)
+
+
+def test_cli_generate_example_prompts(tmp_path, default_model_dir):
+    out = tmp_path / "out.jsonl"
+    r = _run_cli("generate", "examples/prompts.jsonl", "-o", str(out), "--backend", "hf", "--n", "2",
+                 "--max-new-tokens", "24", "--seed", "0")
+    assert r.returncode == 0, r.stderr
+    recs = [json.loads(x) for x in out.read_text().splitlines()]
+    ids = [json.loads(x)["id"] for x in (ROOT / "examples/prompts.jsonl").read_text().splitlines() if x.strip()]
+    assert [x["id"] for x in recs] == ids
+    for rec in recs:
+        assert rec["response"] == rec["candidates"][rec["best_index"]]["text"]
+        assert rec["config"]["sampling"]["n"] == 2 and rec["selector"] == "stable-rank"
+    assert "Done: 4 prompts written" in r.stderr.replace("\n", " ")
+
+
+def test_cli_prompt_longer_than_context(tmp_path, default_model_dir):
+    p = tmp_path / "long.jsonl"
+    p.write_text(json.dumps({"id": "long", "prompt": "word " * 9000}) + "\n")
+    out = tmp_path / "out.jsonl"
+    r = _run_cli("generate", str(p), "-o", str(out), "--backend", "hf", "--n", "1")
+    assert r.returncode != 0
+    assert "context is 8192 tokens" in r.stderr and "Shorten the prompt" in r.stderr
+    assert not out.exists() or out.read_text() == ""
+
+
+def test_cli_ctrl_c_keeps_finished_records_and_resume_completes(tmp_path, default_model_dir):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(f"Count from 1 to {k}." for k in range(3, 9)) + "\n")
+    out = tmp_path / "out.jsonl"
+    args = ["generate", str(prompts), "-o", str(out), "--backend", "hf", "--n", "2", "--max-new-tokens", "32"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "bon_sr.cli", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if out.exists() and len(out.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "run finished before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "rerun with --resume" in err
+    lines = out.read_text().splitlines()
+    assert 2 <= len(lines) < 6
+    kept = [json.loads(x) for x in lines]                       # every line is complete JSON
+    r = _run_cli(*args, "--resume")
+    assert r.returncode == 0, r.stderr
+    final = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [x["id"] for x in final] == [str(i) for i in range(1, 7)]
+    assert final[: len(kept)] == kept
