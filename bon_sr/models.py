@@ -243,17 +243,17 @@ def _fetch_gguf(spec: BuiltinModel, workdir: Path, report: ProgressFn) -> Path:
     return gguf
 
 
-def _convert_gguf(gguf: Path, out_dir: Path) -> None:
+def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     """Dequantise a GGUF with transformers and save a plain bf16 HF directory."""
+    from importlib.util import find_spec
+
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    try:
-        import gguf  # noqa: F401
-    except ImportError as exc:
+    if find_spec("gguf") is None:
         raise ModelError("Converting the built-in model needs the 'gguf' package; "
-                         "reinstall bon-sr (pip install bon-sr) to get it.") from exc
-    directory, name = str(gguf.parent), gguf.name
+                         "reinstall bon-sr (pip install bon-sr) to get it.")
+    directory, name = str(gguf_path.parent), gguf_path.name
     tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
     loaded = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
     config = loaded.config

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -239,6 +240,7 @@ def stable_rank(
     max_iter: int = 100,
     block_size: int = 16,
     exact_fallback: bool = True,
+    backend: str = "auto",
 ) -> StableRankResult:
     """Stable rank without an SVD: exact ||H||_F^2 and a block subspace iteration for s_1^2.
 
@@ -267,6 +269,14 @@ def stable_rank(
     keep the last Ritz value, report ``iterations == max_iter``, and a warning is logged.
     With float32 arithmetic a ``tol`` below about 1e-7 cannot be met and sends every
     item to the fallback.
+
+    Backend. ``"auto"`` (default) runs the fused Triton kernel of
+    :mod:`bon_sr.kernels.triton_sr` when h is a float16/bfloat16/float32 CUDA tensor and
+    triton is importable, and this pure-torch code otherwise (always on the CPU).
+    ``"torch"`` forces this code; ``"triton"`` forces the kernel and raises ImportError
+    without triton, ValueError for float64 input or a CPU tensor (outside Triton's
+    interpreter, ``TRITON_INTERPRET=1``, which is for tests). Both backends keep the
+    same accuracy contract; the kernel always iterates on H^T H.
     """
     if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
         raise ValueError(f"tol must be a positive finite number, got {tol!r}")
@@ -274,6 +284,11 @@ def stable_rank(
         raise ValueError(f"max_iter must be an int >= 1, got {max_iter!r}")
     if not (isinstance(block_size, int) and block_size >= 1):
         raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
+    if _use_triton(h, backend):
+        from bon_sr.kernels.triton_sr import stable_rank_triton
+
+        return stable_rank_triton(h, mask, tol=tol, max_iter=max_iter, block_size=block_size,
+                                  exact_fallback=exact_fallback)
 
     hm, n, amax, unbatched = _prepare(h, mask)
     B, T, d = hm.shape
@@ -307,6 +322,40 @@ def stable_rank(
     scale_sq = scale.to(torch.float64).square()
     frob64, spec64 = frob.to(torch.float64) * scale_sq, spec.to(torch.float64) * scale_sq
     return _finish(frob64, spec64, n, iters, d, unbatched)
+
+
+_BACKENDS = ("auto", "torch", "triton")
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _use_triton(h: torch.Tensor, backend: str) -> bool:
+    """Resolve ``backend`` for this h; raise if a forced Triton backend cannot run."""
+    if backend not in _BACKENDS:
+        raise ValueError(f"Unknown backend {backend!r}. Available: {', '.join(_BACKENDS)}")
+    if backend == "torch":
+        return False
+    from bon_sr.kernels import triton_available
+
+    if backend == "auto":
+        # the interpreter is for tests only: auto never picks Triton for a CPU tensor
+        return (isinstance(h, torch.Tensor) and h.is_cuda and h.dtype in _TRITON_DTYPES
+                and triton_available())
+    if not triton_available():
+        raise ImportError(
+            "backend='triton' needs the triton package (it ships with CUDA builds of "
+            "PyTorch; or pip install triton), or use backend='torch'"
+        )
+    if isinstance(h, torch.Tensor) and not h.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            f"backend='triton' needs h on a CUDA device, got a {h.device.type} tensor; use "
+            "backend='torch' or 'auto' (TRITON_INTERPRET=1 runs the kernel on the CPU, for tests)"
+        )
+    if isinstance(h, torch.Tensor) and h.dtype not in _TRITON_DTYPES:
+        raise ValueError(
+            f"backend='triton' takes float16, bfloat16 or float32 h, got {h.dtype}; "
+            "use backend='torch' (float64 input is computed in float64 there)"
+        )
+    return True
 
 
 def _subspace_iteration(

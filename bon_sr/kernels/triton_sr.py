@@ -1,0 +1,357 @@
+"""Stable rank on CUDA with a fused Triton kernel: one read of H per subspace-iteration pass.
+
+This module is imported only when the Triton backend is asked for (``stable_rank(...,
+backend="triton")`` or ``"auto"`` on a CUDA tensor); it imports triton at the top, so
+``import bon_sr`` never does. It knows nothing about models or what the rows mean: like
+``bon_sr.stable_rank`` it sees a tensor and a row mask.
+
+Input layout: the padded batch exactly as the model returns it, ``h: (B, T, d)`` with any
+strides, float16/bfloat16/float32, plus an optional ``mask: (B, T)`` (nonzero = row counts).
+No packing and no padding copy: rows whose mask is 0 are never loaded (their loads are
+masked off, so NaN padding cannot leak), and row tiles past an item's last counted row
+exit at once, so a short candidate in a long batch costs what its own rows cost.
+
+The kernel computes Z = H^T (H Y) for a d x k block Y (k = block_size, 16 by default),
+one program per (item, tile of rows): it forms P = H_tile Y over the row tile, then
+re-reads the same tile (from L2) to add H_tile^T P into Z with atomics, so HBM sees each
+counted row of H once per pass. The first pass also sums ||H||_F^2. Entries are upcast to
+float32 in registers; the dots run as 3xTF32 on tensor cores (float32-grade products, the
+accuracy contract needs better than TF32's 1e-3), accumulation is float32. Atomic adds
+make the last bits depend on scheduling (run-to-run differences ~1e-7 relative).
+
+The small steps stay in torch, with no batched QR/SVD on the GPU: Cholesky-QR of the
+d x k block and Rayleigh-Ritz on the k x k matrix, whose factorisations run in float64
+on the CPU (a few KiB each way per pass). Convergence rule, give-up rule and exact
+float64 fallback are those of ``bon_sr.stable_rank.stable_rank``; items whose
+||H||_F^2 falls outside the range float32 handles safely are computed by that torch path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from bon_sr.stable_rank import (
+    _MIN_PASSES_BEFORE_GIVING_UP,
+    _START_SEED,
+    StableRankResult,
+    _exact_top_eig,
+    _finish,
+    stable_rank,
+)
+
+__all__ = ["SUPPORTED_DTYPES", "hthy", "stable_rank_triton"]
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Row tile x column chunk of H held by one program. 64 x 64 keeps P (64 x 16), the tile
+# and the Frobenius accumulator in registers; a larger row tile means fewer atomic adds
+# into Z (d x k per tile) per byte of H read.
+BLOCK_T = 64
+BLOCK_D = 64
+# 3xTF32: float32-grade products on tensor cores. Plain "tf32" costs ~1e-3 relative.
+DOT_PRECISION = "tf32x3"
+# ||H||_F^2 inside this range means no float32 square, product or sum in the kernel can
+# overflow (||Z|| <= s_1^2 <= ||H||_F^2) or lose digits to underflow; items outside it
+# (and NaN/inf) go to the torch path, which rescales or raises.
+_FROB_LO, _FROB_HI = 2.0**-60, 2.0**100
+
+
+@triton.jit
+def _hthy_kernel(
+    h_ptr, keep_ptr, row_end_ptr, y_ptr, z_ptr, frob_ptr,
+    d, K,
+    s_hb, s_ht, s_hd, s_kb, s_kt, s_yb, s_yd, s_yk, s_zb, s_zd, s_zk,
+    HAS_MASK: tl.constexpr, WITH_FROB: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    b = tl.program_id(0)
+    t0 = tl.program_id(1) * BLOCK_T
+    end = tl.load(row_end_ptr + b)
+    if t0 < end:
+        rows = t0 + tl.arange(0, BLOCK_T)
+        row_ok = rows < end
+        if HAS_MASK:
+            keep = tl.load(keep_ptr + b.to(tl.int64) * s_kb + rows * s_kt, mask=row_ok, other=0)
+            row_ok = row_ok & (keep != 0)
+        ks = tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        # int64 offsets: B * T * d passes 2^31 at real sizes
+        h_rows = h_ptr + b.to(tl.int64) * s_hb + rows.to(tl.int64)[:, None] * s_ht
+        y_item = y_ptr + b.to(tl.int64) * s_yb
+        z_item = z_ptr + b.to(tl.int64) * s_zb
+        p = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
+        if WITH_FROB:
+            sq = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+        for d0 in range(0, d, BLOCK_D):
+            cols = d0 + tl.arange(0, BLOCK_D)
+            c_ok = cols < d
+            ht = tl.load(h_rows + cols[None, :] * s_hd, mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+            ht = ht.to(tl.float32)
+            if WITH_FROB:
+                sq += ht * ht
+            yt = tl.load(y_item + cols[:, None] * s_yd + ks[None, :] * s_yk,
+                         mask=c_ok[:, None] & k_ok[None, :], other=0.0)
+            p = tl.dot(ht, yt, p, input_precision=PRECISION)
+        # second sweep over the same tile: it was just read, so it comes from L2
+        for d0 in range(0, d, BLOCK_D):
+            cols = d0 + tl.arange(0, BLOCK_D)
+            c_ok = cols < d
+            ht = tl.load(h_rows + cols[None, :] * s_hd, mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+            zt = tl.dot(tl.trans(ht.to(tl.float32)), p, input_precision=PRECISION)
+            tl.atomic_add(z_item + cols[:, None] * s_zd + ks[None, :] * s_zk, zt,
+                          mask=c_ok[:, None] & k_ok[None, :])
+        if WITH_FROB:
+            tl.atomic_add(frob_ptr + b, tl.sum(tl.sum(sq, axis=1), axis=0))
+
+
+def _row_end(keep: torch.Tensor | None, B: int, T: int, device: torch.device) -> torch.Tensor:
+    """(B,) int32: one past each item's last counted row (0 when it has none)."""
+    if keep is None or T == 0:
+        return torch.full((B,), T, dtype=torch.int32, device=device)
+    pos = torch.arange(1, T + 1, dtype=torch.int32, device=device)
+    return torch.where(keep, pos, 0).amax(dim=1).to(torch.int32)
+
+
+def hthy(
+    h: torch.Tensor,
+    y: torch.Tensor,
+    keep: torch.Tensor | None = None,
+    row_end: torch.Tensor | None = None,
+    *,
+    with_frob: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Z = H^T (H Y) per item, reading each counted row of H once; optionally ||H||_F^2.
+
+    h: (B, T, d) float16/bfloat16/float32, any strides. y: (B, d, k) float32 (a batch
+    stride of 0, i.e. one block expanded over the batch, is fine). keep: None or (B, T)
+    bool, True = row counts; rows that do not count are never loaded. row_end: None or
+    (B,) int32, rows at or past it are skipped (0 skips the item: its Z stays 0).
+    Returns (z: (B, d, k) float32, frob: (B,) float32 or None).
+    """
+    if h.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"the Triton kernel takes float16, bfloat16 or float32 h, got {h.dtype}")
+    if y.dtype != torch.float32 or y.ndim != 3 or y.shape[0] != h.shape[0] or y.shape[1] != h.shape[2]:
+        raise ValueError(f"y must be float32 (B, d, k) matching h {tuple(h.shape)}, got {y.dtype} {tuple(y.shape)}")
+    B, T, d = h.shape
+    k = y.shape[2]
+    device = h.device
+    if row_end is None:
+        row_end = _row_end(keep, B, T, device)
+    z = torch.zeros(B, d, k, dtype=torch.float32, device=device)
+    frob = torch.zeros(B, dtype=torch.float32, device=device) if with_frob else None
+    if B == 0 or T == 0 or d == 0 or k == 0:
+        return z, frob
+    # a bool tensor viewed as bytes: no copy, and the kernel compares with 0
+    keep_u8 = keep.view(torch.uint8) if keep is not None else row_end
+    s_kb, s_kt = keep_u8.stride() if keep is not None else (0, 0)
+    grid = (B, triton.cdiv(T, BLOCK_T))
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        _hthy_kernel[grid](
+            h, keep_u8, row_end, y, z, frob if frob is not None else z,
+            d, k,
+            *h.stride(), s_kb, s_kt, *y.stride(), *z.stride(),
+            HAS_MASK=keep is not None, WITH_FROB=with_frob,
+            BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D, BLOCK_K=max(16, triton.next_power_of_2(k)),
+            PRECISION=DOT_PRECISION,
+        )
+    return z, frob
+
+
+# --------------------------------------------------------------------------- estimator
+
+
+def _inputs(h: torch.Tensor, mask: torch.Tensor | None):
+    """Validate like ``stable_rank``'s, without copying h. Returns (h3, keep, n, unbatched)."""
+    if not isinstance(h, torch.Tensor):
+        raise ValueError(f"h must be a torch.Tensor of shape (T, d) or (B, T, d), got {type(h).__name__}")
+    if h.ndim not in (2, 3):
+        raise ValueError(
+            f"h must have shape (T, d) or (B, T, d), got {h.ndim} dimension(s) {tuple(h.shape)}"
+        )
+    if not h.is_floating_point():
+        raise ValueError(f"h must be a floating-point tensor, got dtype {h.dtype}")
+    if h.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(
+            f"backend='triton' takes float16, bfloat16 or float32 h, got {h.dtype}; "
+            "use backend='torch' (float64 input is computed in float64 there)"
+        )
+    unbatched = h.ndim == 2
+    given_shape = tuple(h.shape)
+    h3 = h.unsqueeze(0) if unbatched else h
+    B, T, _ = h3.shape
+    if mask is None:
+        return h3, None, torch.full((B,), T, dtype=torch.int64, device=h.device), unbatched
+    if not isinstance(mask, torch.Tensor):
+        raise ValueError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
+    if mask.is_floating_point() or mask.is_complex():
+        raise ValueError(f"mask must be bool or integer (True = row counts), got dtype {mask.dtype}")
+    expected = (T,) if unbatched else (B, T)
+    if tuple(mask.shape) != expected:
+        raise ValueError(
+            f"mask shape {tuple(mask.shape)} does not match h shape {given_shape}: "
+            f"expected {expected} (one entry per row of h)"
+        )
+    keep = (mask.to(device=h.device) != 0).reshape(B, T).contiguous()
+    return h3, keep, keep.sum(dim=1, dtype=torch.int64), unbatched
+
+
+def _masked64(h3: torch.Tensor, keep: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor:
+    """float64 copy of items idx with non-counted rows zeroed (for the few odd items)."""
+    sub = h3[idx].to(torch.float64)
+    if keep is not None:
+        sub = torch.where(keep[idx].unsqueeze(-1), sub, sub.new_zeros(()))
+    return sub
+
+
+def _cholesky_qr(y: torch.Tensor) -> torch.Tensor:
+    """Orthonormal basis of the columns of y: (B, d, k), by two shifted Cholesky-QR rounds.
+
+    As ``bon_sr.stable_rank._orthonormalise``, but the k x k Cholesky and triangular
+    inverse run in float64 on the CPU: batched small factorisations are slow on a GPU,
+    and the k x k Gram is a few KiB.
+    """
+    for shift in (1e-6, 1e-9):
+        y = y / y.norm(dim=1, keepdim=True).clamp_min(torch.finfo(y.dtype).tiny)
+        g = (y.mT @ y).to(device="cpu", dtype=torch.float64)
+        g = 0.5 * (g + g.mT)
+        g.diagonal(dim1=-2, dim2=-1).add_(shift)
+        chol, _ = torch.linalg.cholesky_ex(g)
+        eye = torch.eye(chol.shape[-1], dtype=chol.dtype)
+        chol_inv = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False)
+        y = y @ chol_inv.mT.to(device=y.device, dtype=y.dtype)
+    return y
+
+
+def stable_rank_triton(
+    h: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    tol: float = 1e-6,
+    max_iter: int = 100,
+    block_size: int = 16,
+    exact_fallback: bool = True,
+) -> StableRankResult:
+    """``stable_rank`` with each pass's H^T (H Y) (and ||H||_F^2) from the fused kernel.
+
+    Same arguments, conventions and result as :func:`bon_sr.stable_rank.stable_rank`
+    (call it as ``stable_rank(h, mask, backend="triton")``); h must be float16, bfloat16
+    or float32 on CUDA (or on the CPU under ``TRITON_INTERPRET=1``, for tests). The
+    iteration always runs on H^T H with a d x k block (the kernel reads H once either
+    way), k = min(block_size, d).
+    """
+    h3, keep, n, unbatched = _inputs(h, mask)
+    B, T, d = h3.shape
+    device = h3.device
+    frob = torch.zeros(B, dtype=torch.float32, device=device)
+    spec = torch.zeros(B, dtype=torch.float64, device=device)
+    iters = torch.zeros(B, dtype=torch.int64, device=device)
+    if B == 0 or T == 0 or d == 0:
+        return _finish(frob, spec, n, iters, d, unbatched)
+
+    row_end = _row_end(keep, B, T, device)
+    k = min(block_size, d)
+    gen = torch.Generator(device="cpu").manual_seed(_START_SEED)
+    start = torch.randn(d, k, generator=gen, dtype=torch.float64)
+    q0 = _cholesky_qr(start.float().unsqueeze(0)).to(device)
+    q = q0.expand(B, d, k)
+    z, frob = hthy(h3, q, keep, row_end, with_frob=True)
+
+    n_cpu, frob_cpu = n.cpu(), frob.cpu()
+    odd = (n_cpu > 0) & ~((frob_cpu >= _FROB_LO) & (frob_cpu <= _FROB_HI))
+    odd_idx = torch.nonzero(odd).flatten()
+    odd_res = None
+    if odd_idx.numel():
+        sub = _masked64(h3, keep, odd_idx.to(device))
+        finite = torch.isfinite(sub).flatten(1).all(dim=1).cpu() if sub.numel() else torch.ones(0, dtype=torch.bool)
+        if not bool(finite.all()):
+            bad = odd_idx[~finite].tolist()
+            shown = ", ".join(map(str, bad[:10])) + (" ..." if len(bad) > 10 else "")
+            raise ValueError(
+                f"h has NaN or inf in counted rows of batch item(s) {shown}; "
+                "fix the hidden states or mask those rows out"
+            )
+        # zero, tiny or huge items: the torch path rescales (SR is scale invariant)
+        odd_keep = keep[odd_idx.to(device)] if keep is not None else None
+        odd_res = stable_rank(sub, odd_keep, tol=tol, max_iter=max_iter, block_size=block_size,
+                              exact_fallback=exact_fallback, backend="torch")
+
+    live = (n_cpu >= 2) & ~odd & (frob_cpu > 0) if d >= 2 else torch.zeros(B, dtype=torch.bool)
+    theta_out = torch.zeros(B, dtype=torch.float64)
+    iters_out = torch.zeros(B, dtype=torch.int64)
+    unconverged = torch.zeros(B, dtype=torch.bool)
+    prev = torch.full((B,), float("nan"), dtype=torch.float64)
+    prev_change = torch.full_like(prev, float("nan"))
+    it = 0
+    while bool(live.any()):
+        it += 1
+        if it > 1:
+            z, _ = hthy(h3, q, keep, row_end * live.to(device=device, dtype=row_end.dtype))
+        live_dev = live.to(device)
+        rr = (q.mT @ z).to(device="cpu", dtype=torch.float64)
+        # finished or skipped items (zero, NaN) must not reach the eigensolver
+        rr = torch.where(live[:, None, None], 0.5 * (rr + rr.mT), torch.zeros(()).double())
+        evals, evecs = torch.linalg.eigh(rr)
+        evals, evecs = evals.flip(-1), evecs.flip(-1)
+        theta = evals[:, 0]
+        s = evecs.to(device=device, dtype=torch.float32)
+        y = z @ s
+        resid = (y[:, :, 0] - theta.to(device, torch.float32)[:, None] * (q @ s[:, :, :1]).squeeze(-1)).norm(dim=1)
+        resid = resid.to(device="cpu", dtype=torch.float64)
+        gap = (evals[:, 0] - evals[:, 1]) if k > 1 else torch.zeros_like(theta)
+        quad = torch.where(gap > 0, resid.square() / gap.clamp_min(1e-300), torch.full_like(resid, math.inf))
+        bound = torch.minimum(resid, quad) / theta.clamp_min(1e-300)
+        change = (theta - prev).abs() / theta.clamp_min(1e-300)
+        leave = live & (change <= tol) & (bound <= tol)
+        if it == max_iter:
+            unconverged |= live & ~leave
+            leave = live.clone()
+        elif exact_fallback and it >= _MIN_PASSES_BEFORE_GIVING_UP:
+            # the give-up rule of stable_rank's GPU path: the budget is max_iter
+            rate = (change / prev_change).clamp(max=1.0)
+            needed = torch.log(tol / change.clamp_min(1e-300)) / torch.log(rate.clamp(1e-12, 1 - 1e-12))
+            stalled = (rate >= 1 - 1e-12) | (needed > max_iter - it)
+            hopeless = live & ~leave & stalled & (change > 10 * tol)
+            unconverged |= hopeless
+            leave |= hopeless
+        theta_out[leave] = theta[leave]
+        iters_out[leave] = it
+        live &= ~leave
+        if not bool(live.any()):
+            break
+        prev, prev_change = theta, change
+        # dead items keep a clean block so no NaN/inf rides through the small matmuls
+        q = _cholesky_qr(torch.where(live_dev[:, None, None], y, q0))
+
+    unc_idx = torch.nonzero(unconverged).flatten()
+    if unc_idx.numel():
+        if exact_fallback:
+            theta_out[unc_idx] = _exact_top_eig(_masked64(h3, keep, unc_idx.to(device))).cpu()
+        else:
+            logger.warning(
+                "stable_rank: %d of %d item(s) did not converge to tol=%g within "
+                "max_iter=%d passes; returning the last estimate (raise max_iter or "
+                "set exact_fallback=True)",
+                unc_idx.numel(), B, tol, max_iter,
+            )
+    spec = theta_out.to(device)
+    iters = iters_out.to(device)
+    res = _finish(frob, spec, n, iters, d, False)
+    if odd_res is not None:
+        fields = []
+        for name in ("stable_rank", "frobenius_sq", "spectral_sq", "num_tokens", "iterations"):
+            t = getattr(res, name).clone()
+            t[odd_idx.to(device)] = getattr(odd_res, name).to(t.dtype)
+            fields.append(t)
+        res = StableRankResult(*fields)
+    if unbatched:
+        res = StableRankResult(*(getattr(res, f).squeeze(0) for f in
+                                 ("stable_rank", "frobenius_sq", "spectral_sq", "num_tokens", "iterations")))
+    return res
