@@ -105,6 +105,7 @@ class BestOfN:
         layer: int = -1,
         norm: str = "post",
         window: int | None = None,
+        transform: str = "raw",
         max_batch_tokens: int = 8192,
         device: str | None = None,
         dtype: str = "auto",
@@ -114,7 +115,7 @@ class BestOfN:
         self.sampling = SamplingConfig(n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                                        stop=tuple(stop), greedy=greedy, seed=seed)
         self.scoring = HiddenStateConfig(token_set=token_set, layer=layer, norm=norm, window=window,
-                                         max_batch_tokens=max_batch_tokens)
+                                         transform=transform, max_batch_tokens=max_batch_tokens)
         self.selector_name = selector
         self.selector = get_selector(selector)
         self.backend = _resolve_backend(backend)

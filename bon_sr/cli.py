@@ -43,6 +43,11 @@ def main(verbose: bool) -> None:
     """Best-of-N selection by the stable rank of a frozen LLM's hidden states."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
+    if not verbose:
+        # vLLM logs every engine step at INFO; keep the progress bar readable unless asked.
+        import os
+
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
 
 def _model_progress(console: Any) -> Any:
@@ -77,8 +82,12 @@ def _model_progress(console: Any) -> Any:
               help="Run seed; each prompt's seed derives from it and the prompt id.")
 @click.option("--selector", default="stable-rank", show_default=True,
               help="stable-rank, random, first, shortest or longest.")
-@click.option("--token-set", type=click.Choice(["response", "full"]), default="response", show_default=True,
-              help="Score response tokens only, or the chat-formatted prompt + response.")
+@click.option("--token-set", type=click.Choice(["response", "response+eot", "full"]), default="response",
+              show_default=True, help="Score response tokens only, response + end-of-turn token, or the "
+                                      "chat-formatted prompt + response.")
+@click.option("--transform", default="raw", show_default=True,
+              help="Transform of H before stable rank (raw = the paper; e.g. center, drop-first, drop-special, "
+                   "drop-massive-seq; join with '+'). Needs --scorer hf.")
 @click.option("--layer", type=int, default=-1, show_default=True, help="Decoder layer to score (-1 = last).")
 @click.option("--norm", type=click.Choice(["post", "pre"]), default="post", show_default=True,
               help="Hidden states after (post) or before (pre) the final norm.")
@@ -98,11 +107,12 @@ def _model_progress(console: Any) -> Any:
                    "pooling_gpu_memory_utilization=0.2, kv_cache_memory_bytes=2147483648, max_model_len=4096.")
 def generate(prompts: str, output: str, model: str, backend: str, scorer: str, n: int, temperature: float,
              top_p: float, max_new_tokens: int, stop: tuple[str, ...], greedy: bool, seed: int, selector: str,
-             token_set: str, layer: int, norm: str, window: int | None, batch_tokens: int,
+             token_set: str, transform: str, layer: int, norm: str, window: int | None, batch_tokens: int,
              chunk_size: int | None, keep_candidates: bool, resume: bool, overwrite: bool,
              device: str | None, dtype: str, vllm_opts: tuple[str, ...]) -> None:
     """Sample N candidates per prompt in PROMPTS and keep the one with the highest stable rank."""
     from .errors import BonSRError
+    from .hidden_states import HiddenStateConfig
     from .jsonl import JsonlWriter
     from .prompts import read_prompt_file
     from .samplers import SamplingConfig
@@ -116,6 +126,8 @@ def generate(prompts: str, output: str, model: str, backend: str, scorer: str, n
         SamplingConfig(n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                        stop=stop, greedy=greedy, seed=seed)
         get_selector(selector)
+        HiddenStateConfig(token_set=token_set, layer=layer, norm=norm, window=window, transform=transform,
+                          max_batch_tokens=batch_tokens)
         if chunk_size is not None and chunk_size < 1:
             raise click.BadParameter("must be >= 1", param_hint="--chunk-size")
         vllm_options = _parse_options(vllm_opts)
@@ -136,7 +148,7 @@ def generate(prompts: str, output: str, model: str, backend: str, scorer: str, n
         _run_generate(console, writer, todo, skipped, keep_candidates, chunk_size, dict(
             model=model, backend=backend, scorer=scorer, n=n, temperature=temperature, top_p=top_p,
             max_new_tokens=max_new_tokens, stop=stop, greedy=greedy, seed=seed, selector=selector,
-            token_set=token_set, layer=layer, norm=norm, window=window, max_batch_tokens=batch_tokens,
+            token_set=token_set, transform=transform, layer=layer, norm=norm, window=window, max_batch_tokens=batch_tokens,
             device=device, dtype=dtype, vllm_options=vllm_options))
 
 
@@ -212,7 +224,7 @@ def _register_optional_commands() -> None:
     """Commands that live in their own subpackages (bench, training)."""
     import importlib
 
-    for module, names in (("bon_sr.bench.cli", ("bench", "rank_eval")), ("bon_sr.train.cli", ("train",))):
+    for module, names in (("bon_sr.bench.cli", ("bench", "rank_eval", "ablate")), ("bon_sr.train.cli", ("train",))):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:

@@ -347,6 +347,10 @@ class VLLMBackend:
         if scoring.norm != "post":
             raise ConfigError("The vLLM pooling scorer gives post-final-norm states only; "
                               "for norm='pre' use scorer='hf'.")
+        if getattr(scoring, "transform", "raw") not in ("raw", "paper") or scoring.token_set not in ("response", "full"):
+            raise ConfigError(f"The vLLM pooling scorer supports the raw transform and the token sets response/full "
+                              f"only (got transform={getattr(scoring, 'transform', 'raw')!r}, "
+                              f"token_set={scoring.token_set!r}); use scorer='hf'.")
         layers = getattr(self._text_config(), "num_hidden_layers", None)
         if scoring.layer != -1 and not (layers is not None and scoring.layer == layers - 1):
             raise ConfigError(f"The vLLM pooling scorer gives the last layer only (layer=-1); for "

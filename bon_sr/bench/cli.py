@@ -165,3 +165,4 @@ def rank_eval(pairs_file: str | None, rewardbench: bool, model: str, limit: int 
         click.echo(f"  {s:15s} {100 * row[s]['accuracy']:5.1f}%  [{100 * row[s]['ci95'][0]:.1f}, "
                    f"{100 * row[s]['ci95'][1]:.1f}]")
     click.echo(f"Reports: {out_dir}/rank_eval.md, .json, .png")
+from .ablate_cli import ablate  # noqa: F401

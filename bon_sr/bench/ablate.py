@@ -1,0 +1,518 @@
+"""Scorer ablation over cached bench samples: variants x norms x layers, no regeneration.
+
+Reads one task's cache written by ``bon-sr bench`` (``DIR/cache/<task>.jsonl``), re-runs a
+frozen *scoring* model over the cached candidates and, for every cell (variant, norm,
+layer), computes each candidate's score, then the within-prompt AUC, pairwise accuracy
+and Best-of-N accuracy (``bench.metrics``) next to greedy, random, majority vote, the
+oracle and the cache's own reference scores (mean log-prob, self-certainty, length).
+
+- Scoring model: the generator (``meta.json``'s model) by default; then the cached token
+  ids are used exactly. Another model gets the cached *texts* re-encoded with its own
+  tokenizer and chat template (token ids do not cross tokenizers).
+- ``random_init``: a randomly initialised copy of the scoring model's architecture (seeded),
+  the control: it knows nothing about the answers, so its cells must show no signal.
+- One teacher-forced pass per micro-batch captures every requested layer at once (hooks),
+  with the same layer/norm semantics as ``hidden_states.iter_hidden_states``; the cell
+  (``paper``, post, last layer) is always added as the reference.
+- Calibrated variants (``drop-massive``, ``standardize``) take per-dimension statistics
+  from the candidates of the first ``calibration_problems`` problems, at the same layer
+  and norm, before any transform. Correctness labels are never used for calibration.
+- Resumable: each finished cell is written to ``OUT/cells/<variant>__<norm>__L<layer>.json``
+  (and calibration statistics next to them); a rerun computes only missing cells.
+  ``OUT/cells/meta.json`` pins what the cells were made from; a mismatch is refused.
+
+Reports: ``OUT/ablate.json``, ``OUT/ablate.md`` and ``OUT/ablate.png`` (layer x variant
+heat map of the within-prompt AUC, one panel per norm). This module draws no progress
+bars (it calls ``progress``) and knows nothing about the CLI.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError, InputError
+from ..hidden_states import (NORMS, TOKEN_SETS, HiddenStateConfig, _decoder_parts, _first_tensor, end_of_turn_id,
+                             model_special_ids, padded_batches, scored_span, scored_token_ids, with_end_of_turn)
+from ..models import ProgressFn
+from ..stable_rank import stable_rank
+from ..variants import CalibrationAccumulator, CalibrationStats, TransformContext, length_corrected, parse_variant
+from .metrics import bon_accuracy, mean_ci, pairwise_accuracy, within_prompt_auc
+from .report import bootstrap_ci, bootstrap_indices
+from .runner import _scored, cache_paths, read_cache
+from .selectors import get_bench_selector
+
+logger = logging.getLogger(__name__)
+
+PAPER = "paper"
+DEFAULT_VARIANTS = ("paper", "center", "drop-first", "drop-special", "drop-massive-seq", "drop-massive",
+                    "standardize", "center+drop-massive", "paper+length", "center+length")
+#: cached scores reported as reference rows (name -> cache key)
+REFERENCE_SCORES = {"sr-response (cached)": "sr_response", "mean-logprob": "mean_logprob",
+                    "self-certainty": "self_certainty", "length (longer)": "num_tokens"}
+NOTE = ("AUC = within-prompt Mann-Whitney AUC of the score for right vs wrong candidates, mean over prompts "
+        "with mixed correctness (0.5 = no signal, < 0.5 = the score prefers wrong answers); BoN = accuracy of "
+        "the max-score candidate over all N, ties split; 95% CI = percentile bootstrap over prompts "
+        "(paired for the difference with the paper's cell). Many cells are compared: about 1 in 20 is expected "
+        "to clear 0.5 by chance, and the best cell's AUC is optimistic.")
+
+
+@dataclass(frozen=True)
+class AblateConfig:
+    """One ablation run over one task's cache. ``layers=None`` means every layer."""
+
+    cache_dir: str
+    task: str | None = None
+    variants: tuple[str, ...] = DEFAULT_VARIANTS
+    layers: tuple[int, ...] | None = (-1,)
+    norms: tuple[str, ...] = ("post",)
+    token_set: str = "response"
+    scoring_model: str | None = None
+    random_init: bool = False
+    calibration_problems: int = 16
+    limit: int | None = None
+    dtype: str = "auto"
+    device: str | None = None
+    max_batch_tokens: int = 8192
+    bootstrap: int = 1000
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for v in self.variants:
+            parse_variant(v)
+        for n in self.norms:
+            if n not in NORMS:
+                raise ConfigError(f"Unknown norm '{n}'. Available: {', '.join(NORMS)}")
+        if self.token_set not in TOKEN_SETS:
+            raise ConfigError(f"Unknown token set '{self.token_set}'. Available: {', '.join(TOKEN_SETS)}")
+        if self.calibration_problems < 1:
+            raise ConfigError(f"calibration_problems must be >= 1, got {self.calibration_problems}")
+        if self.bootstrap < 100:
+            raise ConfigError(f"bootstrap must be >= 100 resamples, got {self.bootstrap}")
+        if not self.variants or not self.norms:
+            raise ConfigError("Give at least one variant and one norm.")
+
+
+Cell = tuple[str, str, int]   # (variant spec, norm, layer index >= 0)
+
+
+def _cell_name(cell: Cell) -> str:
+    return f"{cell[0]}__{cell[1]}__L{cell[2]}"
+
+
+# -- inputs ----------------------------------------------------------------------------------
+
+def find_cache(cache_dir: str | Path, task: str | None) -> tuple[str, Path, dict[str, Any]]:
+    """(task name, cache path, meta) of the bench cache in ``cache_dir``."""
+    base = Path(cache_dir) / "cache"
+    tasks = sorted(p.stem for p in base.glob("*.jsonl") if p.stem != "rank_eval") if base.is_dir() else []
+    if task is None:
+        if len(tasks) != 1:
+            found = ", ".join(tasks) or "none"
+            raise InputError(f"{base} must hold exactly one task cache to pick it implicitly (found: {found}); "
+                             "pass --task.")
+        task = tasks[0]
+    path, meta_path = cache_paths(Path(cache_dir), task)
+    if not path.is_file():
+        raise InputError(f"No bench cache {path}; run `bon-sr bench --task {task} -o {cache_dir}` first.")
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    return task, path, meta
+
+
+def _load_scoring_model(name: str, config: AblateConfig, progress: ProgressFn | None) -> tuple[Any, Any]:
+    from ..api import load_hf_model
+    from ..models import resolve_model
+
+    model, tokenizer = load_hf_model(resolve_model(name, progress=progress), device=config.device,
+                                     dtype=config.dtype)
+    if config.random_init:
+        from transformers import AutoModelForCausalLM
+
+        # Same architecture, tokenizer and dtype; only the weights are noise.
+        torch.manual_seed(config.seed)
+        dtype = next(model.parameters()).dtype
+        device = next(model.parameters()).device
+        rand = AutoModelForCausalLM.from_config(model.config, dtype=dtype)
+        rand.generation_config = model.generation_config
+        del model
+        model = rand.to(device).eval()
+        model.requires_grad_(False)
+    return model, tokenizer
+
+
+def _token_ids(records: Sequence[Mapping[str, Any]], tokenizer: Any, reuse: bool) -> tuple[list, list, list]:
+    """Flat (prompt ids, response ids, problem index) over every problem's candidates."""
+    from ..prompts import encode_prompt, encode_response
+
+    prompts, responses, owner = [], [], []
+    for k, rec in enumerate(records):
+        p = list(rec["prompt_token_ids"]) if reuse else encode_prompt(tokenizer, rec["prompt"])
+        for c in rec["candidates"]:
+            prompts.append(p)
+            responses.append(list(c["token_ids"]) if reuse else encode_response(tokenizer, c["text"]))
+            owner.append(k)
+    return prompts, responses, owner
+
+
+# -- hidden states of many layers in one pass ------------------------------------------------
+
+def iter_layer_states(
+    model: torch.nn.Module,
+    prompt_ids: Sequence[Sequence[int]],
+    response_ids: Sequence[Sequence[int]],
+    wanted: Sequence[tuple[str, int]],
+    token_set: str,
+    max_batch_tokens: int,
+):
+    """Yield ``(indices, {(norm, layer): h (b, S, d)}, mask (b, S))`` per micro-batch; the
+    same rows as ``iter_hidden_states`` with each (norm, layer), from one forward pass."""
+    base, layers, final_norm = _decoder_parts(model)
+    last = len(layers) - 1
+    device = next(model.parameters()).device
+    span_cfg = HiddenStateConfig(token_set=token_set)
+    captured: dict[int, torch.Tensor] = {}
+    hooks = []
+    for layer in sorted({lay for norm, lay in wanted if not (lay == last and norm == "post")}):
+        if layer == last:
+            hooks.append(final_norm.register_forward_pre_hook(
+                lambda mod, args: captured.__setitem__(last, args[0])))
+        else:
+            hooks.append(layers[layer].register_forward_hook(
+                lambda mod, args, out, _l=layer: captured.__setitem__(_l, _first_tensor(out))))
+    try:
+        for batch, ids, attn in padded_batches(prompt_ids, response_ids, max_batch_tokens):
+            captured.clear()
+            with torch.inference_mode():
+                out = base(input_ids=ids.to(device), attention_mask=attn.to(device), use_cache=False)
+                states = {}
+                for norm, layer in wanted:
+                    if layer == last and norm == "post":
+                        states[(norm, layer)] = out.last_hidden_state
+                    elif norm == "post":
+                        states[(norm, layer)] = final_norm(captured[layer])
+                    else:
+                        states[(norm, layer)] = captured[layer]
+            spans = [scored_span(len(prompt_ids[i]), len(response_ids[i]), span_cfg) for i in batch]
+            span_len = max([e - s for s, e in spans] + [1])
+            mask = torch.zeros(len(batch), span_len, dtype=torch.bool, device=device)
+            for row, (s, e) in enumerate(spans):
+                mask[row, : max(e - s, 0)] = True
+            picked = {}
+            for key, h_all in states.items():
+                h = h_all.new_zeros(len(batch), span_len, h_all.shape[-1])
+                for row, (s, e) in enumerate(spans):
+                    if e > s:
+                        h[row, : e - s] = h_all[row, s:e]
+                picked[key] = h
+            yield batch, picked, mask
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+# -- the run ---------------------------------------------------------------------------------
+
+@dataclass
+class _Inputs:
+    prompts: list
+    responses: list
+    owner: list
+    special_ids: frozenset = field(default_factory=frozenset)
+
+
+def _calibrate(model: Any, inputs: _Inputs, keys: Sequence[tuple[str, int]], config: AblateConfig,
+               report: ProgressFn) -> dict[tuple[str, int], CalibrationStats]:
+    sel = [i for i, k in enumerate(inputs.owner) if k < config.calibration_problems]
+    accs = {key: CalibrationAccumulator() for key in keys}
+    done = 0
+    for batch, states, mask in iter_layer_states(model, [inputs.prompts[i] for i in sel],
+                                                 [inputs.responses[i] for i in sel], keys, config.token_set,
+                                                 config.max_batch_tokens):
+        for key, h in states.items():
+            accs[key].update(h, mask)
+        done += len(batch)
+        report("calibrating", done, len(sel))
+    return {key: acc.finish() for key, acc in accs.items()}
+
+
+def _score_cells(model: Any, inputs: _Inputs, cells: Sequence[Cell],
+                 stats: Mapping[tuple[str, int], CalibrationStats], config: AblateConfig,
+                 report: ProgressFn) -> dict[Cell, list[float]]:
+    """Per-candidate SR of each cell's row transforms (length correction comes later)."""
+    keys = sorted({(n, lay) for _, n, lay in cells})
+    row_specs = {cell: "+".join(p.name for p in parse_variant(cell[0]).row_parts) or "raw" for cell in cells}
+    sr: dict[tuple[str, str, int], list[float]] = {}
+    span_cfg = HiddenStateConfig(token_set=config.token_set)
+    done = 0
+    for batch, states, mask in iter_layer_states(model, inputs.prompts, inputs.responses, keys, config.token_set,
+                                                 config.max_batch_tokens):
+        ids = scored_token_ids(inputs.prompts, inputs.responses, batch, mask.shape[1], span_cfg)
+        for (norm, layer), h in states.items():
+            for spec in sorted({row_specs[c] for c in cells if c[1] == norm and c[2] == layer}):
+                variant = parse_variant(spec)
+                ctx = TransformContext(stats=stats.get((norm, layer)), token_ids=ids, special_ids=inputs.special_ids)
+                hv, mv = variant.apply(h, mask, ctx)
+                values = stable_rank(hv, mv).stable_rank.tolist()
+                out = sr.setdefault((spec, norm, layer), [math.nan] * len(inputs.owner))
+                for row, i in enumerate(batch):
+                    out[i] = float(values[row]) if len(inputs.responses[i]) else math.nan
+        done += len(batch)
+        report("scoring cells", done, len(inputs.owner))
+    return {cell: sr[(row_specs[cell], cell[1], cell[2])] for cell in cells}
+
+
+def _groups(records: Sequence[Mapping[str, Any]], values: Sequence[float], owner: Sequence[int],
+            length: bool) -> list[tuple[list[float], list[bool]]]:
+    groups: list[tuple[list[float], list[bool]]] = [([], []) for _ in records]
+    for v, k in zip(values, owner):
+        groups[k][0].append(v)
+    for k, rec in enumerate(records):
+        groups[k][1].extend(bool(c["correct"]) for c in rec["candidates"])
+        if length:
+            lengths = [len(c["token_ids"]) for c in rec["candidates"]]
+            groups[k] = (length_corrected(groups[k][0], lengths), groups[k][1])
+    return groups
+
+
+def _metrics(groups: Sequence[tuple[Sequence[float], Sequence[bool]]], config: AblateConfig) -> dict[str, Any]:
+    kw = {"bootstrap": config.bootstrap, "seed": config.seed}
+    auc = within_prompt_auc(groups, **kw)
+    bon = bon_accuracy(groups, **kw)
+    return {"auc": auc["auc"], "auc_ci95": auc["ci95"], "prompts": auc["prompts"],
+            "pairwise": pairwise_accuracy(groups, **kw), "bon": {k: v for k, v in bon.items() if k != "per_problem"},
+            "_bon_per_problem": bon["per_problem"]}
+
+
+def _per_prompt_auc(groups: Sequence[tuple[Sequence[float], Sequence[bool]]]) -> list[float | None]:
+    from .metrics import prompt_auc
+
+    return [prompt_auc(s, c) for s, c in groups]
+
+
+def _baselines(records: Sequence[Mapping[str, Any]], config: AblateConfig) -> dict[str, Any]:
+    kw = {"bootstrap": config.bootstrap, "seed": config.seed}
+    majority = get_bench_selector("majority").fn
+    per: dict[str, list[float]] = {"greedy": [], "random": [], "majority": [], "oracle": []}
+    for rec in records:
+        correct = [bool(c["correct"]) for c in rec["candidates"]]
+        per["greedy"].append(float(rec["greedy"]["correct"]) if "greedy" in rec else math.nan)
+        per["random"].append(sum(correct) / len(correct))
+        w = majority([_scored(c) for c in rec["candidates"]])
+        per["majority"].append(float(sum(wi * c for wi, c in zip(w, correct))))
+        per["oracle"].append(float(any(correct)))
+    if any(math.isnan(x) for x in per["greedy"]):
+        del per["greedy"]
+    return {name: mean_ci(values, **kw) for name, values in per.items()}
+
+
+def run_ablate(config: AblateConfig, out_dir: str | Path, *, progress: ProgressFn | None = None) -> dict[str, Any]:
+    """Compute the missing cells, write ``OUT/ablate.{json,md,png}``, return the summary."""
+    report = progress or (lambda msg, done, total: None)
+    out_dir = Path(out_dir)
+    task, cache_path, meta = find_cache(config.cache_dir, config.task)
+    all_records = read_cache(cache_path)
+    records = list(all_records.values())[: config.limit] if config.limit else list(all_records.values())
+    records = [r for r in records if r.get("candidates")]
+    if not records:
+        raise InputError(f"{cache_path} holds no problems with candidates.")
+    generator = meta.get("model")
+    scorer_name = config.scoring_model or generator
+    if not scorer_name:
+        raise ConfigError(f"{cache_path.parent} has no meta.json naming the generator; pass --scoring-model.")
+    reuse_ids = scorer_name == generator
+
+    cells_dir = out_dir / "cells"
+    cells_dir.mkdir(parents=True, exist_ok=True)
+    identity = {"cache": str(cache_path.resolve()), "task": task, "generator": generator,
+                "scoring_model": scorer_name, "random_init": config.random_init, "token_set": config.token_set,
+                "dtype": config.dtype, "seed": config.seed, "calibration_problems": config.calibration_problems,
+                "problem_ids": [str(r["id"]) for r in records]}
+    meta_path = cells_dir / "meta.json"
+    if meta_path.is_file():
+        old = json.loads(meta_path.read_text())
+        diff = [k for k in identity if old.get(k) != identity[k]]
+        if diff:
+            raise ConfigError(f"{out_dir} holds cells made with other settings ({', '.join(diff)} differ); "
+                              "use another output directory, or the same settings to resume.")
+    meta_path.write_text(json.dumps(identity, indent=2))
+
+    report(f"loading {scorer_name}{' (random init)' if config.random_init else ''}", None, None)
+    model, tokenizer = _load_scoring_model(scorer_name, config, progress)
+    num_layers = len(_decoder_parts(model)[1])
+    if config.layers is None:
+        layers = list(range(num_layers))
+    else:
+        for lay in config.layers:
+            if not -num_layers <= lay < num_layers:
+                raise ConfigError(f"layer {lay} is out of range for a model with {num_layers} layers "
+                                  f"(use -{num_layers}..{num_layers - 1} or 'all')")
+        layers = sorted({lay % num_layers for lay in config.layers})
+    reference: Cell = (PAPER, "post", num_layers - 1)
+    cells: list[Cell] = [(v, n, lay) for v in config.variants for n in config.norms for lay in layers]
+    if reference not in cells:
+        cells.insert(0, reference)
+
+    results: dict[Cell, list[float]] = {}
+    for cell in cells:
+        path = cells_dir / f"{_cell_name(cell)}.json"
+        if path.is_file():
+            results[cell] = [math.nan if v is None else v for v in json.loads(path.read_text())["scores"]]
+    todo = [c for c in cells if c not in results]
+    if todo:
+        prompts, responses, owner = _token_ids(records, tokenizer, reuse_ids)
+        if config.token_set == "response+eot":
+            responses = with_end_of_turn(responses, end_of_turn_id(model))
+        special = frozenset(getattr(tokenizer, "all_special_ids", []) or []) | model_special_ids(model)
+        inputs = _Inputs(prompts, responses, owner, special)
+        stats: dict[tuple[str, int], CalibrationStats] = {}
+        need = sorted({(n, lay) for v, n, lay in todo if parse_variant(v).needs_calibration})
+        missing = []
+        for key in need:
+            path = cells_dir / f"calibration__{key[0]}__L{key[1]}.json"
+            if path.is_file():
+                stats[key] = CalibrationStats.from_dict(json.loads(path.read_text()))
+            else:
+                missing.append(key)
+        if missing:
+            for key, st in _calibrate(model, inputs, missing, config, report).items():
+                stats[key] = st
+                (cells_dir / f"calibration__{key[0]}__L{key[1]}.json").write_text(json.dumps(st.to_dict()))
+        for cell, values in _score_cells(model, inputs, todo, stats, config, report).items():
+            results[cell] = values
+            clean = [None if math.isnan(v) else v for v in values]
+            (cells_dir / f"{_cell_name(cell)}.json").write_text(json.dumps({"cell": list(cell), "scores": clean}))
+    del model
+
+    owner = [k for k, rec in enumerate(records) for _ in rec["candidates"]]
+    report("evaluating", None, None)
+    summary_cells = []
+    ref_groups = _groups(records, results[reference], owner, False)
+    ref_auc = _per_prompt_auc(ref_groups)
+    mixed = [i for i, a in enumerate(ref_auc) if a is not None]
+    idx = bootstrap_indices(len(mixed), config.bootstrap, config.seed) if mixed else None
+    for cell in cells:
+        groups = _groups(records, results[cell], owner, parse_variant(cell[0]).length_correction)
+        m = _metrics(groups, config)
+        m.pop("_bon_per_problem")
+        entry = {"variant": cell[0], "norm": cell[1], "layer": cell[2], **m}
+        if idx is not None and cell != reference:
+            aucs = _per_prompt_auc(groups)
+            diff = np.array([aucs[i] - ref_auc[i] for i in mixed], dtype=float)
+            lo, hi = bootstrap_ci(diff, idx)
+            entry["auc_vs_paper"] = {"diff": float(diff.mean()), "ci95": [lo, hi]}
+        summary_cells.append(entry)
+    refs = {}
+    for name, key in REFERENCE_SCORES.items():
+        values = [float(c["scores"].get(key, math.nan)) if c.get("scores") else math.nan
+                  for rec in records for c in rec["candidates"]]
+        m = _metrics(_groups(records, values, owner, False), config)
+        m.pop("_bon_per_problem")
+        refs[name] = m
+    summary = {
+        "task": task, "cache": str(cache_path), "generator": generator, "scoring_model": scorer_name,
+        "random_init": config.random_init, "token_set": config.token_set, "reused_token_ids": reuse_ids,
+        "problems": len(records), "mixed_problems": len(mixed),
+        "n_samples": min(len(r["candidates"]) for r in records), "num_layers": num_layers, "layers": layers,
+        "norms": list(config.norms), "variants": list(dict.fromkeys([PAPER, *config.variants])),
+        "reference_cell": list(reference), "cells": summary_cells, "reference_scores": refs,
+        "baselines": _baselines(records, config), "config": asdict(config), "note": NOTE,
+    }
+    write_ablate_report(summary, out_dir)
+    return summary
+
+
+# -- reports ---------------------------------------------------------------------------------
+
+def _fmt(x: float | None, pct: bool = False) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    return f"{100 * x:.1f}%" if pct else f"{x:.3f}"
+
+
+def _fmt_ci(ci: Sequence[float | None], pct: bool = False) -> str:
+    return f"[{_fmt(ci[0], pct)}, {_fmt(ci[1], pct)}]"
+
+
+def ablate_markdown(summary: Mapping[str, Any]) -> str:
+    scorer = summary["scoring_model"] + (" (RANDOM INIT: control, must show no signal)"
+                                         if summary["random_init"] else "")
+    lines = [f"# Scorer ablation: {summary['task']}", "",
+             f"- samples: {summary['cache']} (generator {summary['generator']}), {summary['problems']} problems, "
+             f"N = {summary['n_samples']}, {summary['mixed_problems']} with mixed correctness",
+             f"- scoring model: {scorer}; token set {summary['token_set']}; "
+             f"{'cached token ids' if summary['reused_token_ids'] else 'texts re-encoded with its tokenizer'}",
+             f"- reference cell: {summary['reference_cell'][0]}, {summary['reference_cell'][1]}-norm, layer "
+             f"{summary['reference_cell'][2]} (the paper's definition)", "",
+             "## Baselines (Best-of-N at N, accuracy with 95% CI)", "", "| selector | accuracy | 95% CI |",
+             "|---|---|---|"]
+    for name, b in summary["baselines"].items():
+        lines.append(f"| {name} | {_fmt(b['accuracy'], True)} | {_fmt_ci(b['ci95'], True)} |")
+    lines += ["", "## Reference scores from the cache", "",
+              "| score | AUC | 95% CI | pairwise | BoN | BoN 95% CI |", "|---|---|---|---|---|---|"]
+    for name, m in summary["reference_scores"].items():
+        lines.append(f"| {name} | {_fmt(m['auc'])} | {_fmt_ci(m['auc_ci95'])} | {_fmt(m['pairwise']['accuracy'], True)}"
+                     f" | {_fmt(m['bon']['accuracy'], True)} | {_fmt_ci(m['bon']['ci95'], True)} |")
+    lines += ["", "## Cells, best AUC first", "",
+              "| variant | norm | layer | AUC | 95% CI | AUC - paper [95% CI] | pairwise | BoN | BoN 95% CI |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    ordered = sorted(summary["cells"], key=lambda c: -(c["auc"] if c["auc"] is not None else -1))
+    for c in ordered:
+        vs = c.get("auc_vs_paper")
+        vs_s = f"{vs['diff']:+.3f} {_fmt_ci(vs['ci95'])}" if vs else "(reference)"
+        lines.append(f"| {c['variant']} | {c['norm']} | {c['layer']} | {_fmt(c['auc'])} | {_fmt_ci(c['auc_ci95'])} | "
+                     f"{vs_s} | {_fmt(c['pairwise']['accuracy'], True)} | {_fmt(c['bon']['accuracy'], True)} | "
+                     f"{_fmt_ci(c['bon']['ci95'], True)} |")
+    lines += ["", summary["note"]]
+    return "\n".join(lines)
+
+
+def plot_ablate(summary: Mapping[str, Any], path: Path) -> None:
+    """Heat map of AUC: rows = variants, columns = layers, one panel per norm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants, layers, norms = summary["variants"], summary["layers"], summary["norms"]
+    grids = {n: np.full((len(variants), len(layers)), np.nan) for n in norms}
+    for c in summary["cells"]:
+        if c["norm"] in grids and c["layer"] in layers and c["auc"] is not None:
+            grids[c["norm"]][variants.index(c["variant"]), layers.index(c["layer"])] = c["auc"]
+    finite = [abs(v - 0.5) for g in grids.values() for v in g.ravel() if not np.isnan(v)]
+    half = max([0.1, *finite])
+    fig, axes = plt.subplots(1, len(norms), figsize=(max(4.0, 0.45 * len(layers) + 3) * len(norms),
+                                                     0.45 * len(variants) + 2), squeeze=False)
+    for ax, norm in zip(axes[0], norms):
+        im = ax.imshow(grids[norm], cmap="RdBu_r", vmin=0.5 - half, vmax=0.5 + half, aspect="auto")
+        ax.set_xticks(range(len(layers)), [str(x) for x in layers], fontsize=7)
+        ax.set_yticks(range(len(variants)), variants, fontsize=8)
+        ax.set_xlabel("layer")
+        ax.set_title(f"{norm}-norm", fontsize=9)
+        if len(layers) * len(variants) <= 300:
+            for i in range(len(variants)):
+                for j in range(len(layers)):
+                    if not np.isnan(grids[norm][i, j]):
+                        ax.text(j, i, f"{grids[norm][i, j]:.2f}", ha="center", va="center", fontsize=6)
+    fig.colorbar(im, ax=list(axes[0]), label="within-prompt AUC (0.5 = no signal)")
+    scorer = summary["scoring_model"] + (" [random init]" if summary["random_init"] else "")
+    fig.suptitle(f"{summary['task']}: {Path(str(scorer)).name}, {summary['mixed_problems']} mixed prompts",
+                 fontsize=10)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def write_ablate_report(summary: Mapping[str, Any], out_dir: str | Path, stem: str = "ablate") -> dict[str, Path]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / f"{stem}.json", "markdown": out_dir / f"{stem}.md", "png": out_dir / f"{stem}.png"}
+    paths["json"].write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    paths["markdown"].write_text(ablate_markdown(summary) + "\n")
+    plot_ablate(summary, paths["png"])
+    return paths
