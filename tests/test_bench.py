@@ -504,3 +504,12 @@ def test_real_rank_eval(tmp_path, one_thread):
     for s in ("sr-response", "sr-full", "mean-logprob", "self-certainty", "length"):
         assert 0.0 <= summary["categories"]["all"][s]["accuracy"] <= 1.0
     assert (tmp_path / "r" / "rank_eval.png").is_file() and (tmp_path / "r" / "rank_eval.md").is_file()
+
+
+def test_extract_number_boxed_without_digits_falls_back():
+    from bon_sr.bench.checkers import extract_number
+
+    # A \boxed{} with no number (seen on GSM8K from Qwen2.5-Coder-0.5B) must not crash:
+    # the next rule (last number of the response) applies.
+    assert extract_number("So x = 7.\n\\boxed{x}") == "7"
+    assert extract_number("\\boxed{\\text{none}}") is None

@@ -95,7 +95,7 @@ def extract_number(response: str) -> str | None:
         found = _numbers(text)
         # In a boxed expression such as "5 \times 3 = 15" the result is the last number;
         # after "answer is" the first number is the answer (text may follow it).
-        pick = found[-1] if text is boxed else (found[0] if found else None)
+        pick = (found[-1] if text is boxed else found[0]) if found else None
         value = parse_number(pick) if pick else None
         if value is not None:
             return _canonical(value)
