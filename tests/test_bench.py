@@ -513,3 +513,11 @@ def test_extract_number_boxed_without_digits_falls_back():
     # the next rule (last number of the response) applies.
     assert extract_number("So x = 7.\n\\boxed{x}") == "7"
     assert extract_number("\\boxed{\\text{none}}") is None
+
+
+def test_bench_chunk_size_must_be_positive():
+    from bon_sr.bench.runner import BenchConfig
+    from bon_sr.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--chunk-size must be >= 1"):
+        BenchConfig(task="gsm8k", chunk_size=0)

@@ -81,6 +81,9 @@ def _errors() -> tuple[type[BaseException], ...]:
 @click.option("--device", default=None, help="Torch device for transformers (default: cuda if available).")
 @click.option("--max-batch-tokens", type=int, default=8192, show_default=True,
               help="Padded tokens per scoring forward pass (bounds memory).")
+@click.option("--chunk-size", type=int, default=None,
+              help="Problems sampled together before scoring and caching (default: 1 for hf, 16 for vllm); "
+                   "smaller loses less on interruption, larger batches vLLM better.")
 @click.option("--recheck", is_flag=True, help="Re-extract and re-check cached answers with the current checkers.")
 @click.option("--no-generate", is_flag=True, help="Report from the cache only; never load the model.")
 @click.option("--bootstrap", type=int, default=1000, show_default=True, help="Bootstrap resamples for the CIs.")
@@ -89,7 +92,8 @@ def _errors() -> tuple[type[BaseException], ...]:
 def bench(tasks: tuple[str, ...], model: str, n_values: str, limit: int | None, backend: str,
           max_new_tokens: int | None, temperature: float, top_p: float, seed: int, subsets: int,
           selectors: str | None, data_source: str, checker: str | None, dtype: str, device: str | None,
-          max_batch_tokens: int, recheck: bool, no_generate: bool, bootstrap: int, out_dir: str) -> None:
+          max_batch_tokens: int, chunk_size: int | None, recheck: bool, no_generate: bool, bootstrap: int,
+          out_dir: str) -> None:
     """Best-of-N benchmark: stable rank against greedy, random@n, majority vote,
     self-certainty, mean log-prob and the oracle. Interrupted runs resume from DIR/cache."""
     from .runner import BenchConfig, run_bench
@@ -104,7 +108,7 @@ def bench(tasks: tuple[str, ...], model: str, n_values: str, limit: int | None, 
                                  max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                                  subsets=subsets, data_source=data_source, checker=checker, dtype=dtype,
                                  device=device, max_batch_tokens=max_batch_tokens, recheck=recheck,
-                                 bootstrap=bootstrap, **extra)
+                                 bootstrap=bootstrap, chunk_size=chunk_size, **extra)
             with _progress() as progress:
                 summary = run_bench(config, out_dir, progress=progress, generate=not no_generate)
             _echo_summary(summary, out_dir)

@@ -83,6 +83,8 @@ class BenchConfig:
         object.__setattr__(self, "n", n)
         if self.subsets < 1:
             raise ConfigError(f"subsets must be >= 1, got {self.subsets}")
+        if self.chunk_size is not None and self.chunk_size < 1:
+            raise ConfigError(f"--chunk-size must be >= 1, got {self.chunk_size}")
         if self.bootstrap < 100:
             raise ConfigError(f"bootstrap must be >= 100 resamples, got {self.bootstrap}")
         for name in self.selectors:
