@@ -21,7 +21,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from .errors import ConfigError
-from .stable_rank import stable_rank
+from .stable_rank import StableRankResult, stable_rank
 from .variants import CalibrationStats, TransformContext, parse_variant
 
 logger = logging.getLogger(__name__)
@@ -229,6 +229,18 @@ def model_special_ids(model: torch.nn.Module) -> frozenset[int]:
     return frozenset(ids)
 
 
+
+def store_scores(results: list[dict[str, float]], batch: Sequence[int], res: StableRankResult) -> None:
+    """Write one micro-batch's stable-rank parts into ``results`` at the pairs' positions
+    (the score dict every scorer returns)."""
+    for row, i in enumerate(batch):
+        results[i] = {
+            "stable_rank": float(res.stable_rank[row]),
+            "frobenius_sq": float(res.frobenius_sq[row]),
+            "spectral_sq": float(res.spectral_sq[row]),
+            "scored_tokens": float(res.num_tokens[row]),
+        }
+
 class HFScorer:
     """Stable rank of a transformers model's hidden states for each (prompt, response) pair.
 
@@ -261,11 +273,5 @@ class HFScorer:
                 ctx = TransformContext(stats=self.calibration, token_ids=ids, special_ids=self.special_ids)
                 h, mask = self.variant.apply(h, mask, ctx)
             res = stable_rank(h, mask)
-            for row, i in enumerate(batch):
-                results[i] = {
-                    "stable_rank": float(res.stable_rank[row]),
-                    "frobenius_sq": float(res.frobenius_sq[row]),
-                    "spectral_sq": float(res.spectral_sq[row]),
-                    "scored_tokens": float(res.num_tokens[row]),
-                }
+            store_scores(results, batch, res)
         return results

@@ -72,14 +72,13 @@ class StableRankResult:
 # --------------------------------------------------------------------------- inputs
 
 
-def _prepare(
+def _validate(
     h: torch.Tensor, mask: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
-    """Validate, mask and upcast.
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, bool]:
+    """Check ``h`` and ``mask`` without copying h.
 
-    Returns ``(hm, n, amax, unbatched)``: hm (B, T, d) in float32 (float64 for float64
-    input) with non-counted rows zeroed, n (B,) int64 counted rows, amax (B,) the largest
-    |entry| of each item (0 when it has none).
+    Returns ``(h3, keep, n, unbatched)``: h3 (B, T, d) (a view of h), keep (B, T) bool or
+    None (every row counts), n (B,) int64 counted rows, and whether h was 2-D.
     """
     if not isinstance(h, torch.Tensor):
         raise ValueError(f"h must be a torch.Tensor of shape (T, d) or (B, T, d), got {type(h).__name__}")
@@ -95,23 +94,32 @@ def _prepare(
         h = h.unsqueeze(0)
     B, T, _ = h.shape
     if mask is None:
-        keep = None
-        n = torch.full((B,), T, dtype=torch.int64, device=h.device)
-    else:
-        if not isinstance(mask, torch.Tensor):
-            raise ValueError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
-        if mask.is_floating_point() or mask.is_complex():
-            raise ValueError(f"mask must be bool or integer (True = row counts), got dtype {mask.dtype}")
-        expected = (T,) if unbatched else (B, T)
-        if tuple(mask.shape) != expected:
-            raise ValueError(
-                f"mask shape {tuple(mask.shape)} does not match h shape {given_shape}: "
-                f"expected {expected} (one entry per row of h)"
-            )
-        keep = mask.to(device=h.device) != 0
-        if unbatched:
-            keep = keep.unsqueeze(0)
-        n = keep.sum(dim=1, dtype=torch.int64)
+        return h, None, torch.full((B,), T, dtype=torch.int64, device=h.device), unbatched
+    if not isinstance(mask, torch.Tensor):
+        raise ValueError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
+    if mask.is_floating_point() or mask.is_complex():
+        raise ValueError(f"mask must be bool or integer (True = row counts), got dtype {mask.dtype}")
+    expected = (T,) if unbatched else (B, T)
+    if tuple(mask.shape) != expected:
+        raise ValueError(
+            f"mask shape {tuple(mask.shape)} does not match h shape {given_shape}: "
+            f"expected {expected} (one entry per row of h)"
+        )
+    keep = (mask.to(device=h.device) != 0).reshape(B, T)
+    return h, keep, keep.sum(dim=1, dtype=torch.int64), unbatched
+
+
+def _prepare(
+    h: torch.Tensor, mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """Validate, mask and upcast.
+
+    Returns ``(hm, n, amax, unbatched)``: hm (B, T, d) in float32 (float64 for float64
+    input) with non-counted rows zeroed, n (B,) int64 counted rows, amax (B,) the largest
+    |entry| of each item (0 when it has none).
+    """
+    h, keep, n, unbatched = _validate(h, mask)
+    B = h.shape[0]
     cdtype = torch.float64 if h.dtype == torch.float64 else torch.float32
     hm = h.to(cdtype)
     if keep is not None:

@@ -42,7 +42,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 
 from .errors import ConfigError, InputError, MissingExtraError, ModelError
-from .hidden_states import HiddenStateConfig, scored_span
+from .hidden_states import HiddenStateConfig, scored_span, store_scores
 from .samplers import SamplingConfig
 from .stable_rank import stable_rank
 
@@ -218,13 +218,7 @@ class VLLMScorer:
         for batch, h, mask in iter_pooled_hidden_states(self.llm, prompt_token_ids, response_token_ids,
                                                         self.config, max_model_len=self.max_model_len):
             res = stable_rank(h, mask)
-            for row, i in enumerate(batch):
-                results[i] = {
-                    "stable_rank": float(res.stable_rank[row]),
-                    "frobenius_sq": float(res.frobenius_sq[row]),
-                    "spectral_sq": float(res.spectral_sq[row]),
-                    "scored_tokens": float(res.num_tokens[row]),
-                }
+            store_scores(results, batch, res)
         return results
 
 

@@ -43,6 +43,7 @@ from bon_sr.stable_rank import (
     _exact_top_eig,
     _finish,
     stable_rank,
+    _validate,
 )
 
 __all__ = ["SUPPORTED_DTYPES", "hthy", "stable_rank_triton"]
@@ -170,37 +171,16 @@ def hthy(
 
 def _inputs(h: torch.Tensor, mask: torch.Tensor | None):
     """Validate like ``stable_rank``'s, without copying h. Returns (h3, keep, n, unbatched)."""
-    if not isinstance(h, torch.Tensor):
-        raise ValueError(f"h must be a torch.Tensor of shape (T, d) or (B, T, d), got {type(h).__name__}")
-    if h.ndim not in (2, 3):
-        raise ValueError(
-            f"h must have shape (T, d) or (B, T, d), got {h.ndim} dimension(s) {tuple(h.shape)}"
-        )
-    if not h.is_floating_point():
-        raise ValueError(f"h must be a floating-point tensor, got dtype {h.dtype}")
-    if h.dtype not in SUPPORTED_DTYPES:
+    # The dtype rule is the kernel's own; it is checked where stable_rank's validation would
+    # have let a float64 h through, so the error order matches the torch path's.
+    if (isinstance(h, torch.Tensor) and h.ndim in (2, 3) and h.is_floating_point()
+            and h.dtype not in SUPPORTED_DTYPES):
         raise ValueError(
             f"backend='triton' takes float16, bfloat16 or float32 h, got {h.dtype}; "
             "use backend='torch' (float64 input is computed in float64 there)"
         )
-    unbatched = h.ndim == 2
-    given_shape = tuple(h.shape)
-    h3 = h.unsqueeze(0) if unbatched else h
-    B, T, _ = h3.shape
-    if mask is None:
-        return h3, None, torch.full((B,), T, dtype=torch.int64, device=h.device), unbatched
-    if not isinstance(mask, torch.Tensor):
-        raise ValueError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
-    if mask.is_floating_point() or mask.is_complex():
-        raise ValueError(f"mask must be bool or integer (True = row counts), got dtype {mask.dtype}")
-    expected = (T,) if unbatched else (B, T)
-    if tuple(mask.shape) != expected:
-        raise ValueError(
-            f"mask shape {tuple(mask.shape)} does not match h shape {given_shape}: "
-            f"expected {expected} (one entry per row of h)"
-        )
-    keep = (mask.to(device=h.device) != 0).reshape(B, T).contiguous()
-    return h3, keep, keep.sum(dim=1, dtype=torch.int64), unbatched
+    h3, keep, n, unbatched = _validate(h, mask)
+    return h3, (keep.contiguous() if keep is not None else None), n, unbatched
 
 
 def _masked64(h3: torch.Tensor, keep: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor:
