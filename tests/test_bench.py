@@ -243,6 +243,21 @@ def test_evaluate_records_by_hand():
     assert ev["mixed_problems"] == 2
 
 
+def test_truncation_share_by_hand():
+    rec = _record("a", [True, False, False, False], [0, 1, 1, 2], [1.0, 2.0, 3.0, 4.0], True)
+    for c, reason in zip(rec["candidates"], ["stop", "length", "stop", "length"]):
+        c["finish_reason"] = reason
+    rec["greedy"]["finish_reason"] = "length"
+    ev = runner.evaluate_records([rec], [1, 4], ["greedy", "random", "sr-response"])
+    assert ev["truncated"]["sr-response"][4] == [1.0]  # picks index 3, cut at the limit
+    assert ev["truncated"]["random"][4] == [0.5]  # 2 of 4 were cut
+    assert ev["truncated"]["greedy"][1] == [1.0]
+    summary = report.summarize(ev, bootstrap=50)
+    assert summary["results"]["4"]["random"]["truncated"] == 0.5
+    summary.update(task="t", problems=1, n_samples=4, subsets=32)
+    assert "| cut at max tokens % |" in report.bench_markdown(summary)
+
+
 def test_read_cache_cuts_torn_line(tmp_path):
     path = tmp_path / "t.jsonl"
     path.write_text(json.dumps({"id": "1", "x": 1}) + "\n" + '{"id": "2", "x"')

@@ -52,8 +52,9 @@ def _compare(values: np.ndarray, base: np.ndarray, idx: np.ndarray) -> dict[str,
 
 
 def summarize(evaluation: Mapping[str, Any], *, bootstrap: int = 1000, seed: int = 0) -> dict[str, Any]:
-    """Per n and selector: accuracy with CI, mean selected length, and the comparisons with
-    greedy and with random@n (when those selectors were evaluated)."""
+    """Per n and selector: accuracy with CI, mean selected length, the share of selected
+    responses cut by the token limit, and the comparisons with greedy and with random@n
+    (when those selectors were evaluated)."""
     num = len(evaluation["ids"])
     idx = bootstrap_indices(num, bootstrap, seed)
     acc, length = evaluation["accuracy"], evaluation["length"]
@@ -67,6 +68,8 @@ def summarize(evaluation: Mapping[str, Any], *, bootstrap: int = 1000, seed: int
             lo, hi = bootstrap_ci(values, idx)
             entry: dict[str, Any] = {"accuracy": float(values.mean()), "ci95": [lo, hi],
                                      "mean_length": float(np.mean(length[sel][n]))}
+            if "truncated" in evaluation:
+                entry["truncated"] = float(np.mean(evaluation["truncated"][sel][n]))
             if greedy is not None and sel != GREEDY:
                 entry["vs_greedy"] = _compare(values, greedy, idx)
             if rand is not None and sel != RANDOM:
@@ -112,8 +115,9 @@ def bench_markdown(summary: Mapping[str, Any]) -> str:
     for n in summary["results"]:
         lines += [f"## n = {n}", "",
                   "| selector | accuracy % [95% CI] | vs greedy: points [95% CI] | vs greedy: relative % "
-                  "| vs random@n: points [95% CI] | vs random@n: relative % | mean length (tokens) |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| vs random@n: points [95% CI] | vs random@n: relative % | mean length (tokens) "
+                  "| cut at max tokens % |",
+                  "|---|---|---|---|---|---|---|---|"]
         for sel in _order(summary, n):
             e = summary["results"][n][sel]
             g, r = e.get("vs_greedy"), e.get("vs_random")
@@ -122,7 +126,8 @@ def bench_markdown(summary: Mapping[str, Any]) -> str:
                      _pct(g["relative_pct"], True) if g else "-",
                      f"{_pct(r['points'], True)} {_ci(r['points_ci95'], 1.0, True)}" if r else "-",
                      _pct(r["relative_pct"], True) if r else "-",
-                     f"{e['mean_length']:.0f}"]
+                     f"{e['mean_length']:.0f}",
+                     _pct(100 * e["truncated"]) if "truncated" in e else "n/a"]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)

@@ -245,7 +245,7 @@ def subsets_for(n_samples: int, n: int, k: int, seed: int, problem_id: str) -> l
 
 def _scored(c: Mapping[str, Any]) -> Scored:
     return Scored(correct=bool(c["correct"]), group=int(c.get("group", -1)),
-                  num_tokens=len(c["token_ids"]), scores=c["scores"])
+                  num_tokens=len(c["token_ids"]), scores=c["scores"], truncated=c.get("finish_reason") == "length")
 
 
 def evaluate_records(
@@ -256,33 +256,38 @@ def evaluate_records(
     subsets: int = 32,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Per-problem accuracy and selected length of every selector at every n.
+    """Per-problem accuracy, selected length and truncation of every selector at every n.
 
     Returns ``{"ids": [...], "n": [...], "accuracy": {sel: {n: [per problem]}},
-    "length": {sel: {n: [...]}}, "mixed": {n: count}}``; greedy is the same at every n.
+    "length": {sel: {n: [...]}}, "truncated": {sel: {n: [...]}}, "mixed": {n: count}}``;
+    greedy is the same at every n. ``truncated``: the selected response hit the token limit.
     """
     fns = {s: get_bench_selector(s).fn for s in selectors if s != GREEDY}
     acc: dict[str, dict[int, list[float]]] = {s: {n: [] for n in n_values} for s in selectors}
     length: dict[str, dict[int, list[float]]] = {s: {n: [] for n in n_values} for s in selectors}
+    cut: dict[str, dict[int, list[float]]] = {s: {n: [] for n in n_values} for s in selectors}
     for rec in records:
         cands = [_scored(c) for c in rec["candidates"]]
         for n in n_values:
             subs = subsets_for(len(cands), n, subsets, seed, str(rec["id"]))
             for name, fn in fns.items():
-                a = ln = 0.0
+                a = ln = tr = 0.0
                 for sub in subs:
                     view = [cands[i] for i in sub]
                     w = fn(view)
                     a += sum(wi * c.correct for wi, c in zip(w, view))
                     ln += sum(wi * c.num_tokens for wi, c in zip(w, view))
+                    tr += sum(wi * c.truncated for wi, c in zip(w, view))
                 acc[name][n].append(a / len(subs))
                 length[name][n].append(ln / len(subs))
+                cut[name][n].append(tr / len(subs))
             if GREEDY in acc:
                 acc[GREEDY][n].append(float(rec["greedy"]["correct"]))
                 length[GREEDY][n].append(float(len(rec["greedy"]["token_ids"])))
+                cut[GREEDY][n].append(float(rec["greedy"].get("finish_reason") == "length"))
     mixed = sum(1 for r in records if 0 < sum(c["correct"] for c in r["candidates"]) < len(r["candidates"]))
     return {"ids": [str(r["id"]) for r in records], "n": list(n_values), "accuracy": acc, "length": length,
-            "mixed_problems": mixed}
+            "truncated": cut, "mixed_problems": mixed}
 
 
 # -- the whole run ------------------------------------------------------------------------

@@ -37,6 +37,7 @@ class Scored:
     group: int
     num_tokens: int
     scores: Mapping[str, float] = field(default_factory=dict)
+    truncated: bool = False  # stopped by the token limit, not by end-of-turn
 
 
 Weights = list[float]
