@@ -63,6 +63,24 @@ def test_fallback_used_only_for_uncovered_rows():
     assert seen == [2]  # the two flat rows (batch // 4)
 
 
+def test_rows_at_the_boundary_take_vllms_path():
+    # Row 0: the third token's above-mass is 0.9 - 2e-6, where float32 rounding decides.
+    probs = torch.full((2, 1000), 0.05 / 997)
+    probs[:, :3] = torch.tensor([0.5, 0.4 - 2e-6, 0.05 + 2e-6])
+    probs[1, :3] = torch.tensor([0.6, 0.25, 0.1])
+    x = probs.log()
+    seen: list[int] = []
+
+    def spy(rows, p_rows):
+        seen.append(rows.shape[0])
+        return _reference(rows, p_rows)
+
+    p = torch.full((2,), 0.9)
+    ours = vllm_plugin.top_p_mask(x, p, spy)
+    assert seen == [1]
+    assert torch.equal(torch.isinf(ours), torch.isinf(_reference(x, p)))
+
+
 def test_register_patches_only_when_enabled(monkeypatch):
     original = topk_topp_sampler.apply_top_k_top_p
     monkeypatch.setattr(topk_topp_sampler, "apply_top_k_top_p", original)
