@@ -392,15 +392,22 @@ class _LazySampler:
         self.logprobs = logprobs
         self._inner: Any = None
 
-    def sample(self, prompt_token_ids: Sequence[Sequence[int]], *, n: int | None = None,
-               seeds: Sequence[int]) -> list[list[Any]]:
+    def _sampler(self) -> Any:
         if self._inner is None:
             from .samplers.vllm import VLLMSampler
 
             llm = self.backend.generate_llm
             self._inner = VLLMSampler(llm, self.config, logprobs=self.logprobs,
                                       per_request_seeds=self.backend.per_request_seeds())
-        return self._inner.sample(prompt_token_ids, n=n, seeds=seeds)
+        return self._inner
+
+    def sample(self, prompt_token_ids: Sequence[Sequence[int]], *, n: int | None = None,
+               seeds: Sequence[int]) -> list[list[Any]]:
+        return self._sampler().sample(prompt_token_ids, n=n, seeds=seeds)
+
+    def sample_and_greedy(self, prompt_token_ids: Sequence[Sequence[int]], *, n: int | None = None,
+                          seeds: Sequence[int]) -> tuple[list[list[Any]], list[Any]]:
+        return self._sampler().sample_and_greedy(prompt_token_ids, n=n, seeds=seeds)
 
 
 class _LazyScorer:

@@ -206,7 +206,10 @@ def generate_records(
     """Sample, decode greedily, score and check; yield one finished record per problem."""
     from ..hidden_states import HiddenStateConfig
 
-    greedy = _greedy_sampler(bon, max_new_tokens)
+    # vLLM decodes the greedy answer in the same call as the samples (a lone greedy pass is
+    # a small batch that costs as much wall time); other samplers run it separately.
+    both = getattr(bon.sampler, "sample_and_greedy", None)
+    greedy = None if both is not None else _greedy_sampler(bon, max_new_tokens)
     model = bon.scorer.model
     scoring = HiddenStateConfig(max_batch_tokens=config.max_batch_tokens)
     size = config.chunk_size or (1 if bon.backend == "hf" else 16)
@@ -218,8 +221,12 @@ def generate_records(
         # Seeds derive from the problem id, not its position: a resumed or re-limited run
         # draws exactly the samples an uninterrupted run would have drawn.
         seeds = [derive_seed(config.seed, f"{task_name}:{p.id}") for p in chunk]
-        samples = bon.sampler.sample(prompt_ids, n=n_samples, seeds=seeds)
-        greedies = greedy.sample(prompt_ids, n=1, seeds=seeds)
+        if both is not None:
+            samples, lone = both(prompt_ids, n=n_samples, seeds=seeds)
+            greedies = [[g] for g in lone]
+        else:
+            samples = bon.sampler.sample(prompt_ids, n=n_samples, seeds=seeds)
+            greedies = greedy.sample(prompt_ids, n=1, seeds=seeds)
         flat_p = [ids for ids, group in zip(prompt_ids, samples) for _ in range(len(group) + 1)]
         flat_r = [c.token_ids for group, g in zip(samples, greedies) for c in [*group, g[0]]]
         scores = iter(score_candidates(model, flat_p, flat_r, config=scoring))

@@ -45,39 +45,60 @@ class VLLMSampler:
         self.logprobs = bool(logprobs)
         self.per_request_seeds = per_request_seeds
 
-    def _params(self, n: int, seed: int) -> Any:
+    def _params(self, n: int, seed: int, greedy: bool | None = None) -> Any:
         from vllm import SamplingParams
 
         cfg = self.config
+        greedy = cfg.greedy if greedy is None else greedy
         return SamplingParams(
             n=n,
-            temperature=0.0 if cfg.greedy else cfg.temperature,
-            top_p=1.0 if cfg.greedy else cfg.top_p,
+            temperature=0.0 if greedy else cfg.temperature,
+            top_p=1.0 if greedy else cfg.top_p,
             max_tokens=cfg.max_new_tokens,
             stop=list(cfg.stop) or None,
-            seed=int(seed) if self.per_request_seeds and not cfg.greedy else None,
+            seed=int(seed) if self.per_request_seeds and not greedy else None,
             logprobs=0 if self.logprobs else None,
             skip_special_tokens=True,
         )
 
-    def sample(
-        self, prompt_token_ids: Sequence[Sequence[int]], *, n: int | None = None, seeds: Sequence[int]
-    ) -> list[list[Candidate]]:
+    def _generate(self, prompt_token_ids: Sequence[Sequence[int]], params: Sequence[Any]) -> list[list[Candidate]]:
         from vllm.inputs import TokensPrompt
 
-        n = self.config.n if n is None else n
-        if len(seeds) != len(prompt_token_ids):
-            raise ValueError("seeds must have one entry per prompt")
-        if not prompt_token_ids:
-            return []
         prompts = [TokensPrompt(prompt_token_ids=[int(t) for t in ids]) for ids in prompt_token_ids]
-        params = [self._params(n, seed) for seed in seeds]
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        outputs = self.llm.generate(prompts, list(params), use_tqdm=False)
         groups = []
         for out in outputs:
             completions = sorted(out.outputs, key=lambda c: c.index)
             groups.append([self._to_candidate(i, c) for i, c in enumerate(completions)])
         return groups
+
+    def sample(
+        self, prompt_token_ids: Sequence[Sequence[int]], *, n: int | None = None, seeds: Sequence[int]
+    ) -> list[list[Candidate]]:
+        n = self.config.n if n is None else n
+        if len(seeds) != len(prompt_token_ids):
+            raise ValueError("seeds must have one entry per prompt")
+        if not prompt_token_ids:
+            return []
+        return self._generate(prompt_token_ids, [self._params(n, seed) for seed in seeds])
+
+    def sample_and_greedy(
+        self, prompt_token_ids: Sequence[Sequence[int]], *, n: int | None = None, seeds: Sequence[int]
+    ) -> tuple[list[list[Candidate]], list[Candidate]]:
+        """``sample`` plus one greedy decode per prompt, all in ONE ``generate`` call.
+
+        A separate greedy pass decodes one sequence per prompt, a small batch that keeps a
+        CPU busy for as long as the large sampled one; riding along costs little. The
+        seeded samples are the same requests as ``sample``'s (batch-independent seeds)."""
+        n = self.config.n if n is None else n
+        if len(seeds) != len(prompt_token_ids):
+            raise ValueError("seeds must have one entry per prompt")
+        if not prompt_token_ids:
+            return [], []
+        params = [self._params(n, seed) for seed in seeds] + [self._params(1, 0, greedy=True) for _ in seeds]
+        groups = self._generate([*prompt_token_ids, *prompt_token_ids], params)
+        k = len(prompt_token_ids)
+        return groups[:k], [g[0] for g in groups[k:]]
 
     def _to_candidate(self, index: int, completion: Any) -> Candidate:
         ids = [int(t) for t in completion.token_ids]
