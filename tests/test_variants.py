@@ -224,7 +224,7 @@ def test_bon_accuracy():
 
 # -- ablate end to end -------------------------------------------------------------------------
 
-def _synthetic_cache(root, tok, model_dir, problems=10, n=4, seed=0):
+def _synthetic_cache(root, tok, model_dir, problems=10, n=4, seed=0, uniform=()):
     """A bench cache as runner.py writes it: random responses, random correctness."""
     from bon_sr.prompts import encode_prompt, encode_response
 
@@ -244,6 +244,9 @@ def _synthetic_cache(root, tok, model_dir, problems=10, n=4, seed=0):
                                      "self_certainty": rng.random(), "sr_response": 1 + rng.random()}})
         if all(c["correct"] for c in cands) or not any(c["correct"] for c in cands):
             cands[0]["correct"] = not cands[0]["correct"]
+        if k in uniform:  # all right on even problems, all wrong on odd ones
+            for c in cands:
+                c["correct"] = k % 2 == 0
         rec = {"version": 1, "id": str(k), "prompt": prompt, "prompt_token_ids": encode_prompt(tok, prompt),
                "gold": str(2 * k), "checker": "numeric", "meta": {}, "seed": k, "candidates": cands,
                "greedy": {**cands[0]}}
@@ -305,6 +308,34 @@ def test_ablate_end_to_end_resumes_and_random_init(tmp_path, tiny_model_dir, tin
     # the control really has other weights: its paper cell differs from the trained one
     ctrl_cell = json.loads((ctrl / "cells" / "paper__post__L2.json").read_text())["scores"]
     assert ctrl_cell != pytest.approx(json.loads((out / "cells" / "paper__post__L2.json").read_text())["scores"])
+
+
+def test_ablate_runs_only_mixed_problems_through_the_model(tmp_path, tiny_model_dir, tiny_tokenizer, monkeypatch):
+    from bon_sr.bench import ablate
+
+    _synthetic_cache(tmp_path / "bench", tiny_tokenizer, tiny_model_dir, uniform=(2, 5))
+    seen = []
+    real = ablate._score_cells
+
+    def spy(model, inputs, *args, **kwargs):
+        seen.append(sorted(set(inputs.owner)))
+        return real(model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(ablate, "_score_cells", spy)
+    summary = ablate.run_ablate(ablate.AblateConfig(cache_dir=str(tmp_path / "bench"), variants=("paper",),
+                                                    bootstrap=100), tmp_path / "abl")
+    assert seen == [[0, 1, 3, 4, 6, 7, 8, 9]]
+    scores = json.loads((tmp_path / "abl" / "cells" / "paper__post__L2.json").read_text())["scores"]
+    assert scores[8:12] == [0.0] * 4 and scores[20:24] == [0.0] * 4  # problems 2 and 5: not scored
+    assert summary["mixed_problems"] == 8
+    cell = summary["cells"][0]
+    # BoN over all 10 problems: problem 2 (all right) counts 1, problem 5 (all wrong) 0
+    from bon_sr.bench.metrics import bon_pick
+
+    recs = [json.loads(x) for x in (tmp_path / "bench" / "cache" / "gsm8k.jsonl").read_text().splitlines()]
+    per = [bon_pick(scores[4 * k:4 * k + 4], [c["correct"] for c in r["candidates"]]) for k, r in enumerate(recs)]
+    assert per[2] == 1.0 and per[5] == 0.0
+    assert cell["bon"]["accuracy"] == pytest.approx(sum(per) / 10)
 
 
 def test_ablate_errors(tmp_path, tiny_model_dir, tiny_tokenizer):

@@ -17,6 +17,11 @@ oracle and the cache's own reference scores (mean log-prob, self-certainty, leng
 - Calibrated variants (``drop-massive``, ``standardize``) take per-dimension statistics
   from the candidates of the first ``calibration_problems`` problems, at the same layer
   and norm, before any transform. Correctness labels are never used for calibration.
+- Only problems with mixed correctness are run through the model: the AUC and pairwise
+  accuracy use only them, and on an all-right or all-wrong problem every pick scores the
+  same, so those candidates get a constant score (0.0) and BoN accuracy is unchanged. On
+  the GSM8K cache this skips about 40% of the forward passes. Calibration still reads the
+  first ``calibration_problems`` problems whatever their labels.
 - Resumable: each finished cell is written to ``OUT/cells/<variant>__<norm>__L<layer>.json``
   (and calibration statistics next to them); a rerun computes only missing cells.
   ``OUT/cells/meta.json`` pins what the cells were made from; a mismatch is refused.
@@ -268,6 +273,11 @@ def _score_cells(model: Any, inputs: _Inputs, cells: Sequence[Cell],
     return {cell: sr[(row_specs[cell], cell[1], cell[2])] for cell in cells}
 
 
+def _is_mixed(rec: Mapping[str, Any]) -> bool:
+    right = sum(bool(c["correct"]) for c in rec["candidates"])
+    return 0 < right < len(rec["candidates"])
+
+
 def _groups(records: Sequence[Mapping[str, Any]], values: Sequence[float], owner: Sequence[int],
             length: bool) -> list[tuple[list[float], list[bool]]]:
     groups: list[tuple[list[float], list[bool]]] = [([], []) for _ in records]
@@ -333,7 +343,7 @@ def run_ablate(config: AblateConfig, out_dir: str | Path, *, progress: ProgressF
     identity = {"cache": str(cache_path.resolve()), "task": task, "generator": generator,
                 "scoring_model": scorer_name, "random_init": config.random_init, "token_set": config.token_set,
                 "dtype": config.dtype, "seed": config.seed, "calibration_problems": config.calibration_problems,
-                "problem_ids": [str(r["id"]) for r in records]}
+                "problem_ids": [str(r["id"]) for r in records], "uniform_problems": "constant score"}
     meta_path = cells_dir / "meta.json"
     if meta_path.is_file():
         old = json.loads(meta_path.read_text())
@@ -384,7 +394,13 @@ def run_ablate(config: AblateConfig, out_dir: str | Path, *, progress: ProgressF
             for key, st in _calibrate(model, inputs, missing, config, report).items():
                 stats[key] = st
                 (cells_dir / f"calibration__{key[0]}__L{key[1]}.json").write_text(json.dumps(st.to_dict()))
-        for cell, values in _score_cells(model, inputs, todo, stats, config, report).items():
+        mixed_problems = {k for k, rec in enumerate(records) if _is_mixed(rec)}
+        sel = [i for i, k in enumerate(owner) if k in mixed_problems]
+        scored = _Inputs([prompts[i] for i in sel], [responses[i] for i in sel], [owner[i] for i in sel], special)
+        for cell, part in _score_cells(model, scored, todo, stats, config, report).items():
+            values = [0.0] * len(owner)
+            for j, i in enumerate(sel):
+                values[i] = part[j]
             results[cell] = values
             clean = [None if math.isnan(v) else v for v in values]
             (cells_dir / f"{_cell_name(cell)}.json").write_text(json.dumps({"cell": list(cell), "scores": clean}))
