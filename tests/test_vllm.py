@@ -96,8 +96,11 @@ def reuse_engines(monkeypatch, bon):
     """Make any new VLLMBackend hand out ``bon``'s engines instead of starting its own;
     returns the roles that were asked for."""
     asked: list[str] = []
+    original = VLLMBackend._start
 
     def start(self, role):
+        if self is bon._vllm:  # the shared pair itself starts for real (when run alone)
+            return original(self, role)
         asked.append(role)
         return bon._vllm.generate_llm if role == "generate" else bon._vllm.pooling_llm
 
@@ -283,8 +286,9 @@ def test_from_vllm_wraps_an_existing_engine(bon, reuse_engines):
 
 @slow
 def test_cli_generate_backend_vllm(tmp_path, reuse_engines):
-    cli = pytest.importorskip("bon_sr.cli", reason="bon_sr/cli.py not written yet")
     from click.testing import CliRunner
+
+    from bon_sr import cli
 
     examples = os.path.join(os.path.dirname(__file__), "..", "examples", "prompts.jsonl")
     out = tmp_path / "out.jsonl"
@@ -297,3 +301,33 @@ def test_cli_generate_backend_vllm(tmp_path, reuse_engines):
         assert row["config"]["backend"] == "vllm" and row["config"]["scorer"] == "vllm"
         assert row["num_candidates"] == 2 and "stable_rank" in row["scores"]
     assert sorted(set(reuse_engines)) == ["generate", "pooling"]
+
+
+@slow
+def test_bench_backend_vllm_samples_and_greedy_in_one_call(tmp_path, reuse_engines, monkeypatch):
+    from click.testing import CliRunner
+
+    from bon_sr.bench.cli import bench
+    from bon_sr.samplers.vllm import VLLMSampler
+
+    calls = []
+    real = VLLMSampler._generate
+
+    def counting(self, prompts, params):
+        calls.append(len(prompts))
+        return real(self, prompts, params)
+
+    monkeypatch.setattr(VLLMSampler, "_generate", counting)
+    args = ["--task", "gsm8k", "--limit", "2", "--n", "1,2", "--max-new-tokens", "24", "--backend", "vllm",
+            "--bootstrap", "100", "-o", str(tmp_path)]
+    result = CliRunner().invoke(bench, args)
+    assert result.exit_code == 0, result.output
+    assert calls == [4], "2 prompts x (samples + greedy) in one generate call"
+    records = [json.loads(line) for line in (tmp_path / "cache" / "gsm8k.jsonl").read_text().splitlines()]
+    assert len(records) == 2
+    for rec in records:
+        assert len(rec["candidates"]) == 2 and rec["greedy"]["token_ids"]
+        assert rec["greedy"]["finish_reason"] in ("stop", "length")
+        assert all(math.isfinite(c["scores"]["sr_response"]) for c in rec["candidates"])
+    assert "| cut at max tokens % |" in (tmp_path / "gsm8k.md").read_text()
+    assert reuse_engines == ["generate"]  # the bench scores with HF: no pooling engine
