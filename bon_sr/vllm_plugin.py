@@ -75,6 +75,7 @@ def _patch(module: Any) -> None:
         return top_p_mask(logits, p, lambda rows, p_rows: original(rows, None, p_rows))
 
     apply_top_k_top_p._bon_sr_fast_top_p = True  # type: ignore[attr-defined]
+    apply_top_k_top_p.__wrapped__ = original  # type: ignore[attr-defined]
     module.apply_top_k_top_p = apply_top_k_top_p
 
 

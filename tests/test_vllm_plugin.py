@@ -82,7 +82,9 @@ def test_rows_at_the_boundary_take_vllms_path():
 
 
 def test_register_patches_only_when_enabled(monkeypatch):
-    original = topk_topp_sampler.apply_top_k_top_p
+    # An engine started earlier in this process (tests/test_vllm.py) may have patched it already.
+    current = topk_topp_sampler.apply_top_k_top_p
+    original = getattr(current, "__wrapped__", current)
     monkeypatch.setattr(topk_topp_sampler, "apply_top_k_top_p", original)
     monkeypatch.delenv(vllm_plugin.ENV, raising=False)
     vllm_plugin.register()
@@ -93,7 +95,7 @@ def test_register_patches_only_when_enabled(monkeypatch):
     patched = topk_topp_sampler.apply_top_k_top_p
     assert patched is not original
     vllm_plugin.register()  # loading twice (vLLM may) does not wrap twice
-    assert topk_topp_sampler.apply_top_k_top_p is patched
+    assert topk_topp_sampler.apply_top_k_top_p is patched and patched.__wrapped__ is original
 
     x = _decode_like_logits(8, 3000, seed=3)
     p = torch.full((8,), 0.8)
