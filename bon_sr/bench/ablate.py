@@ -183,19 +183,30 @@ def iter_layer_states(
     device = next(model.parameters()).device
     span_cfg = HiddenStateConfig(token_set=token_set)
     captured: dict[int, torch.Tensor] = {}
+    # Hooks record only during the model's own forward: the post-norm states of other
+    # layers below call ``final_norm`` again, which would overwrite the last layer's input.
+    live = [False]
+
+    def keep(layer: int, value: torch.Tensor) -> None:
+        if live[0]:
+            captured[layer] = value
+
     hooks = []
     for layer in sorted({lay for norm, lay in wanted if not (lay == last and norm == "post")}):
         if layer == last:
-            hooks.append(final_norm.register_forward_pre_hook(
-                lambda mod, args: captured.__setitem__(last, args[0])))
+            hooks.append(final_norm.register_forward_pre_hook(lambda mod, args: keep(last, args[0])))
         else:
             hooks.append(layers[layer].register_forward_hook(
-                lambda mod, args, out, _l=layer: captured.__setitem__(_l, _first_tensor(out))))
+                lambda mod, args, out, _l=layer: keep(_l, _first_tensor(out))))
     try:
         for batch, ids, attn in padded_batches(prompt_ids, response_ids, max_batch_tokens):
             captured.clear()
             with torch.inference_mode():
-                out = base(input_ids=ids.to(device), attention_mask=attn.to(device), use_cache=False)
+                live[0] = True
+                try:
+                    out = base(input_ids=ids.to(device), attention_mask=attn.to(device), use_cache=False)
+                finally:
+                    live[0] = False
                 states = {}
                 for norm, layer in wanted:
                     if layer == last and norm == "post":
