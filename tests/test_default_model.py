@@ -113,8 +113,11 @@ def test_cli_ctrl_c_keeps_finished_records_and_resume_completes(tmp_path, defaul
     out = tmp_path / "out.jsonl"
     args = ["generate", str(prompts), "-o", str(out), "--backend", "hf", "--n", "2", "--max-new-tokens", "32"]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # A shell without job control (nohup ... &, some CI runners) starts us with SIGINT ignored,
+    # and a child Python would inherit that and never see Ctrl-C: give it the default back.
     proc = subprocess.Popen([sys.executable, "-m", "bon_sr.cli", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if out.exists() and len(out.read_text().splitlines()) >= 2:
