@@ -10,11 +10,12 @@ more than the model's forward pass. Sampling candidates is exactly that workload
 When the ``K`` most probable tokens of a row already hold at least p of its mass, every
 token outside them is dropped, so ``torch.topk`` over K tokens decides the row. Rows that
 are not covered (flat distributions), and rows where a token's above-mass lies within
-1e-4 of p (float32 rounding of either method could decide it), go through vLLM's own sort. The masked logits feed vLLM's unchanged, seeded Gumbel-max sampler.
-tests/test_vllm_plugin.py checks the mask equals vLLM's, bit for bit, on float32 and bf16 logits. On real runs (GSM8K, Qwen2.5-Coder-0.5B,
-2 problems x 16 seeded samples) the candidates matched vLLM's sorted path token for token in
-31 of 32 sequences; the sorted path itself reproduced only 30 of 32 of a run with another
-batch size, so the remaining differences are bf16 batch numerics, not the mask.
+1e-4 of p (float32 rounding of either method could decide it), go through vLLM's own sort.
+The masked logits feed vLLM's unchanged, seeded Gumbel-max sampler. tests/test_vllm_plugin.py
+checks the mask equals vLLM's, bit for bit, on float32 and bf16 logits. On real runs (GSM8K,
+Qwen2.5-Coder-0.5B, 2 problems x 16 seeded samples) the candidates matched vLLM's sorted path
+token for token in 31 of 32 sequences; the sorted path itself reproduced only 30 of 32 of a
+run with another batch size, so the remaining differences are bf16 batch numerics, not the mask.
 
 The plugin registers through the ``vllm.general_plugins`` entry point, so vLLM loads it in
 every process it starts (engine core, workers). It changes nothing unless

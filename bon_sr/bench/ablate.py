@@ -51,7 +51,7 @@ from ..stable_rank import stable_rank
 from ..variants import CalibrationAccumulator, CalibrationStats, TransformContext, length_corrected, parse_variant
 from .metrics import bon_accuracy, mean_ci, pairwise_accuracy, within_prompt_auc
 from .report import bootstrap_ci, bootstrap_indices
-from .runner import _scored, cache_paths, read_cache
+from .runner import _scored, cache_paths, is_mixed, read_cache
 from .selectors import get_bench_selector
 
 logger = logging.getLogger(__name__)
@@ -284,11 +284,6 @@ def _score_cells(model: Any, inputs: _Inputs, cells: Sequence[Cell],
     return {cell: sr[(row_specs[cell], cell[1], cell[2])] for cell in cells}
 
 
-def _is_mixed(rec: Mapping[str, Any]) -> bool:
-    right = sum(bool(c["correct"]) for c in rec["candidates"])
-    return 0 < right < len(rec["candidates"])
-
-
 def _groups(records: Sequence[Mapping[str, Any]], values: Sequence[float], owner: Sequence[int],
             length: bool) -> list[tuple[list[float], list[bool]]]:
     groups: list[tuple[list[float], list[bool]]] = [([], []) for _ in records]
@@ -405,7 +400,7 @@ def run_ablate(config: AblateConfig, out_dir: str | Path, *, progress: ProgressF
             for key, st in _calibrate(model, inputs, missing, config, report).items():
                 stats[key] = st
                 (cells_dir / f"calibration__{key[0]}__L{key[1]}.json").write_text(json.dumps(st.to_dict()))
-        mixed_problems = {k for k, rec in enumerate(records) if _is_mixed(rec)}
+        mixed_problems = {k for k, rec in enumerate(records) if is_mixed(rec)}
         sel = [i for i, k in enumerate(owner) if k in mixed_problems]
         scored = _Inputs([prompts[i] for i in sel], [responses[i] for i in sel], [owner[i] for i in sel], special)
         for cell, part in _score_cells(model, scored, todo, stats, config, report).items():

@@ -250,6 +250,12 @@ def subsets_for(n_samples: int, n: int, k: int, seed: int, problem_id: str) -> l
     return [tuple(sorted(rng.sample(range(n_samples), n))) for _ in range(k)]
 
 
+def is_mixed(rec: Mapping[str, Any]) -> bool:
+    """Both right and wrong candidates: the only problems where a selector can matter."""
+    right = sum(bool(c["correct"]) for c in rec["candidates"])
+    return 0 < right < len(rec["candidates"])
+
+
 def _scored(c: Mapping[str, Any]) -> Scored:
     return Scored(correct=bool(c["correct"]), group=int(c.get("group", -1)),
                   num_tokens=len(c["token_ids"]), scores=c["scores"], truncated=c.get("finish_reason") == "length")
@@ -292,7 +298,7 @@ def evaluate_records(
                 acc[GREEDY][n].append(float(rec["greedy"]["correct"]))
                 length[GREEDY][n].append(float(len(rec["greedy"]["token_ids"])))
                 cut[GREEDY][n].append(float(rec["greedy"].get("finish_reason") == "length"))
-    mixed = sum(1 for r in records if 0 < sum(c["correct"] for c in r["candidates"]) < len(r["candidates"]))
+    mixed = sum(1 for r in records if is_mixed(r))
     return {"ids": [str(r["id"]) for r in records], "n": list(n_values), "accuracy": acc, "length": length,
             "truncated": cut, "mixed_problems": mixed}
 

@@ -72,12 +72,15 @@ class VLLMSampler:
             groups.append([self._to_candidate(i, c) for i, c in enumerate(completions)])
         return groups
 
+    def _checked_n(self, prompt_token_ids: Sequence[Sequence[int]], n: int | None, seeds: Sequence[int]) -> int:
+        if len(seeds) != len(prompt_token_ids):
+            raise ValueError("seeds must have one entry per prompt")
+        return self.config.n if n is None else n
+
     def sample(
         self, prompt_token_ids: Sequence[Sequence[int]], *, n: int | None = None, seeds: Sequence[int]
     ) -> list[list[Candidate]]:
-        n = self.config.n if n is None else n
-        if len(seeds) != len(prompt_token_ids):
-            raise ValueError("seeds must have one entry per prompt")
+        n = self._checked_n(prompt_token_ids, n, seeds)
         if not prompt_token_ids:
             return []
         return self._generate(prompt_token_ids, [self._params(n, seed) for seed in seeds])
@@ -90,9 +93,7 @@ class VLLMSampler:
         A separate greedy pass decodes one sequence per prompt, a small batch that keeps a
         CPU busy for as long as the large sampled one; riding along costs little. The
         seeded samples are the same requests as ``sample``'s (batch-independent seeds)."""
-        n = self.config.n if n is None else n
-        if len(seeds) != len(prompt_token_ids):
-            raise ValueError("seeds must have one entry per prompt")
+        n = self._checked_n(prompt_token_ids, n, seeds)
         if not prompt_token_ids:
             return [], []
         params = [self._params(n, seed) for seed in seeds] + [self._params(1, 0, greedy=True) for _ in seeds]
