@@ -511,10 +511,11 @@ def plot_ablate(summary: Mapping[str, Any], path: Path) -> None:
     half = max([0.1, *finite])
     fig, axes = plt.subplots(1, len(norms), figsize=(max(4.0, 0.45 * len(layers) + 3) * len(norms),
                                                      0.45 * len(variants) + 2), squeeze=False)
-    for ax, norm in zip(axes[0], norms):
+    for k, (ax, norm) in enumerate(zip(axes[0], norms)):
         im = ax.imshow(grids[norm], cmap="RdBu_r", vmin=0.5 - half, vmax=0.5 + half, aspect="auto")
         ax.set_xticks(range(len(layers)), [str(x) for x in layers], fontsize=7)
-        ax.set_yticks(range(len(variants)), variants, fontsize=8)
+        # Variant names only on the first panel: long names would run into the panel before.
+        ax.set_yticks(range(len(variants)), variants if k == 0 else [""] * len(variants), fontsize=8)
         ax.set_xlabel("layer")
         ax.set_title(f"{norm}-norm", fontsize=9)
         if len(layers) * len(variants) <= 300:
