@@ -25,7 +25,7 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=10, help="cells to list, by their worst AUC across tasks")
     args = parser.parse_args()
     runs = [json.loads(p.read_text()) for p in args.reports]
-    names = [f"{r['task']}" for r in runs]
+    names = [r["task"] for r in runs]
     tables = [_cells(r) for r in runs]
     common = set(tables[0]).intersection(*tables[1:])
     if not common:
