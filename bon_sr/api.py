@@ -1,7 +1,10 @@
 """The Python API: ``select_best()`` for one prompt, ``BestOfN`` for many.
 
-Wires a sampler, a hidden-state scorer and a selector together. Backends are built here
-from names; the math, sampling and scoring live in their own modules.
+Wires a sampler, a scorer and a selector together. Backends are built here from names;
+the math, sampling, scoring and selection live in their own modules. Every option is
+checked when ``BestOfN`` is built, before a model is loaded, an engine starts or a token
+is sampled: a selector that needs answers without an extractor, a score the chosen
+scorer cannot compute, a scoring option the scorer does not support.
 """
 
 from __future__ import annotations
@@ -11,18 +14,24 @@ from dataclasses import replace
 from importlib.util import find_spec
 from typing import Any, Iterable, Iterator, Mapping, Sequence, Union
 
-from .errors import ConfigError, InputError, MissingExtraError, ModelError
-from .hidden_states import HFScorer, HiddenStateConfig
-from .models import DEFAULT_MODEL, ProgressFn, resolve_model
+from .answers import AnswerInput, get_extractor
+from .errors import ConfigError, InputError, MissingExtraError
+from .hidden_states import HiddenStateConfig
+from .models import DEFAULT_MODEL, ProgressFn, load_hf_model, model_context, resolve_model
 from .prompts import check_fits, derive_seed, encode_prompt, encode_response, validate_prompt
 from .samplers import SamplingConfig
-from .selectors import get_selector
+from .scoring import SCORE_SOURCES, SR_KEYS, STAT_KEYS, HFScorer, check_scores
+from .selectors import SelectorFn, get_selector, select
 from .types import Candidate, PromptInput, Selection
 
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "hf", "vllm")
+#: scorer names; "vllm" is the old name of "pooling"
+SCORER_CHOICES = ("auto", "hf", "hook", "pooling", "vllm")
 CandidateInput = Union[str, Candidate, Mapping[str, Any]]
+
+__all__ = ["BestOfN", "load_hf_model", "model_context", "select_best", "vllm_available"]
 
 
 def vllm_available() -> bool:
@@ -39,42 +48,43 @@ def _resolve_backend(backend: str) -> str:
     return backend
 
 
-def _torch_device(device: str | None) -> str:
-    import torch
+def _hook_supported() -> bool:
+    from . import vllm_backend
 
-    if device in (None, "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
+    return hasattr(vllm_backend, "HOOK_SCORER")
 
 
-def load_hf_model(path: str, *, device: str | None = None, dtype: str = "auto") -> tuple[Any, Any]:
-    """Load a causal LM and its tokenizer with transformers, frozen, in eval mode."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    torch_dtype: Any = dtype if dtype == "auto" else getattr(torch, dtype, None)
-    if torch_dtype is None:
-        raise ConfigError(f"Unknown dtype '{dtype}'. Use auto, bfloat16, float16 or float32.")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
-    except (OSError, ValueError) as exc:
-        raise ModelError(
-            f"Could not load model '{path}': {exc}. Check the name, or use a local directory "
-            "(offline machines: the built-in 'smollm2-135m-instruct')."
-        ) from exc
-    model.to(_torch_device(device)).eval()
-    model.requires_grad_(False)
-    return model, tokenizer
+def _resolve_scorer(scorer: str, backend: str) -> str:
+    if scorer not in SCORER_CHOICES:
+        raise ConfigError(f"Unknown scorer '{scorer}'. Available: {', '.join(SCORER_CHOICES[:4])}")
+    if scorer == "vllm":
+        scorer = "pooling"
+    if scorer == "auto":
+        return ("hook" if _hook_supported() else "pooling") if backend == "vllm" else "hf"
+    if scorer in ("hook", "pooling") and not vllm_available():
+        raise MissingExtraError("vllm", "vllm", f"the vLLM {scorer} scorer")
+    if scorer == "hook":
+        if backend != "vllm":
+            raise ConfigError("The hook scorer computes stable rank inside vLLM's sampling pass, so it needs "
+                              "backend='vllm' (--backend vllm); with the transformers sampler use scorer='hf'.")
+        if not _hook_supported():
+            raise ConfigError("This bon-sr build has no vLLM hook scorer; use scorer='pooling' or 'hf'.")
+    return scorer
 
 
-def model_context(model_or_config: Any) -> int | None:
-    config = getattr(model_or_config, "config", model_or_config)
-    for name in ("max_position_embeddings", "max_model_len", "n_positions"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
+def _check_vllm_scoring(scorer: str, scoring: HiddenStateConfig) -> None:
+    """What the vLLM scorers can compute: the raw last-layer post-norm states."""
+    if scoring.norm != "post" or scoring.layer != -1 or parse_transform(scoring) != "raw":
+        raise ConfigError(f"The vLLM {scorer} scorer gives the raw last-layer post-norm states only "
+                          f"(got layer={scoring.layer}, norm={scoring.norm!r}, transform={scoring.transform!r}); "
+                          "use scorer='hf' (--scorer hf) for other layers, norms and transforms.")
+    if scoring.token_set not in ("response", "full"):
+        raise ConfigError(f"The vLLM {scorer} scorer supports the token sets response and full, not "
+                          f"{scoring.token_set!r}; use scorer='hf'.")
+
+
+def parse_transform(scoring: HiddenStateConfig) -> str:
+    return "raw" if scoring.transform in ("raw", "paper") else scoring.transform
 
 
 class BestOfN:
@@ -82,7 +92,20 @@ class BestOfN:
 
     >>> bon = BestOfN("smollm2-135m-instruct", n=4, seed=0)          # doctest: +SKIP
     >>> bon.select("Name a prime number.").response                   # doctest: +SKIP
+    >>> BestOfN(n=16, selector="majority", answer="numeric")          # doctest: +SKIP
 
+    backend: ``auto`` (vLLM when importable, else transformers), ``hf`` or ``vllm``.
+    scorer: ``auto`` (the vLLM hook with the vLLM backend, else ``hf``), ``hook`` (inside
+        vLLM's sampling pass, one engine), ``pooling`` (a second vLLM engine) or ``hf``.
+    selector: a name from ``bon_sr.selectors.SELECTORS`` or a callable
+        ``fn(candidates, *, seed, groups, **kwargs) -> int``.
+    answer / answer_regex: the answer extractor voting selectors need (``numeric``,
+        ``math``, ``choice``, ``exact``, a callable, or a regex); with any selector, each
+        candidate's answer and vote share are reported.
+    score: None (default) scores only what the selector needs (``majority`` or ``random``
+        run no hidden-state pass); True always computes stable rank; False never scores.
+    logit_stats: also compute ``mean_logprob`` and ``self_certainty`` (automatic when the
+        selector needs them).
     Sampling options follow the paper's defaults (temperature 0.7, top-p 0.9); scoring
     options follow ``HiddenStateConfig`` (response tokens, last layer, post-norm).
     """
@@ -91,7 +114,7 @@ class BestOfN:
         self,
         model: str = DEFAULT_MODEL,
         *,
-        backend: str = "hf",
+        backend: str = "auto",
         scorer: str = "auto",
         n: int = 8,
         temperature: float = 0.7,
@@ -100,7 +123,11 @@ class BestOfN:
         stop: Sequence[str] = (),
         greedy: bool = False,
         seed: int = 0,
-        selector: str = "stable-rank",
+        selector: str | SelectorFn = "stable-rank",
+        answer: AnswerInput = None,
+        answer_regex: str | None = None,
+        score: bool | None = None,
+        logit_stats: bool = False,
         token_set: str = "response",
         layer: int = -1,
         norm: str = "post",
@@ -112,23 +139,42 @@ class BestOfN:
         vllm_options: Mapping[str, Any] | None = None,
         progress: ProgressFn | None = None,
     ):
+        # -- everything that can be checked without a model, first ----------------------
         self.sampling = SamplingConfig(n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                                        stop=tuple(stop), greedy=greedy, seed=seed)
         self.scoring = HiddenStateConfig(token_set=token_set, layer=layer, norm=norm, window=window,
                                          transform=transform, max_batch_tokens=max_batch_tokens)
-        self.selector_name = selector
-        self.selector = get_selector(selector)
+        self.selector_spec = get_selector(selector)
+        self.selector_name = self.selector_spec.name
+        self.answers = get_extractor(answer, regex=answer_regex)
+        if self.selector_spec.needs_answers and self.answers is None:
+            raise ConfigError(f"Selector '{self.selector_name}' votes over answers: pass an answer extractor "
+                              "(--answer numeric|math|choice|exact or --answer-regex PATTERN; API: answer=, "
+                              "answer_regex=).")
         self.backend = _resolve_backend(backend)
-        if scorer not in ("auto", "hf", "vllm"):
-            raise ConfigError(f"Unknown scorer '{scorer}'. Available: auto, hf, vllm")
-        self.scorer_name = scorer if scorer != "auto" else self.backend
-        if self.scorer_name == "vllm" and self.backend != "vllm" and not vllm_available():
-            raise MissingExtraError("vllm", "vllm", "the vLLM scorer")
+        self.scorer_name = _resolve_scorer(scorer, self.backend)
+        needed = self.selector_spec.needs_scores
+        if score is False and needed:
+            raise ConfigError(f"Selector '{self.selector_name}' needs the scores {', '.join(sorted(needed))}; "
+                              "drop score=False (--no-score).")
+        wants_stats = bool(logit_stats) or bool(needed and needed & set(STAT_KEYS))
+        self.score_keys: frozenset[str] = frozenset()
+        if score is True or needed is None or (needed and score is not False):
+            self.score_keys = frozenset(SR_KEYS) | (frozenset(STAT_KEYS) if wants_stats else frozenset())
+            if needed:
+                self.score_keys |= needed
+        elif wants_stats and score is not False:
+            self.score_keys = frozenset(STAT_KEYS)
+        check_scores(self.scorer_name, self.score_keys)
+        if self.scorer_name in ("hook", "pooling"):
+            _check_vllm_scoring(self.scorer_name, self.scoring)
+        self.logit_stats = bool(self.score_keys & set(STAT_KEYS))
         self.model_name = str(model)
-        self.model_path = resolve_model(model, progress=progress)
         self.device = device
         self.dtype = dtype
         self.vllm_options = dict(vllm_options or {})
+        # -- then the model -------------------------------------------------------------
+        self.model_path = resolve_model(model, progress=progress)
         self._sampler: Any = None
         self._scorer: Any = None
         self._hf_model: Any = None
@@ -139,34 +185,53 @@ class BestOfN:
 
     # -- construction -------------------------------------------------------------------
 
+    @property
+    def scores_needed(self) -> bool:
+        return bool(self.score_keys)
+
     def _load(self) -> None:
-        if self.backend == "hf" or self.scorer_name == "hf":
+        hf_scores = self.scorer_name == "hf" and self.scores_needed
+        if self.backend == "hf" or hf_scores:
             self._hf_model, self.tokenizer = load_hf_model(self.model_path, device=self.device, dtype=self.dtype)
             self.context = model_context(self._hf_model)
-        if self.backend == "vllm" or self.scorer_name == "vllm":
+        if self.backend == "vllm" or (self.scorer_name in ("hook", "pooling") and self.scores_needed):
             from . import vllm_backend
 
+            options = dict(self.vllm_options)
+            if self.scorer_name == "hook":
+                options.setdefault("hook", True)
             self._vllm = vllm_backend.VLLMBackend(self.model_path, dtype=self.dtype, seed=self.sampling.seed,
-                                                  **self.vllm_options)
+                                                  **options)
             if self.tokenizer is None:
                 self.tokenizer = self._vllm.tokenizer
                 self.context = self._vllm.context
 
     @classmethod
     def from_vllm(cls, llm: Any, **kwargs: Any) -> "BestOfN":
-        """Wrap an existing ``vllm.LLM`` (used as the sampler; the scorer is built beside it)."""
-        from . import vllm_backend
-
-        return vllm_backend.best_of_n_from_llm(cls, llm, **kwargs)
+        """Wrap an existing ``vllm.LLM``: it samples (and, built with bon-sr's hook, scores);
+        otherwise use ``scorer='pooling'`` (a pooling engine beside it) or ``scorer='hf'``."""
+        backend = kwargs.pop("backend", "vllm")
+        if backend != "vllm":
+            raise ConfigError(f"BestOfN.from_vllm samples with the given vllm.LLM, so backend must be 'vllm', "
+                              f"not '{backend}'.")
+        model_config = llm.llm_engine.model_config
+        model = kwargs.pop("model", model_config.model)
+        kwargs.setdefault("dtype", str(model_config.dtype).removeprefix("torch."))
+        options: Mapping[str, Any] = kwargs.pop("vllm_options", None) or {}
+        return cls(model, backend="vllm", vllm_options={**options, "generate_llm": llm}, **kwargs)
 
     def make_sampler(self, config: SamplingConfig | None = None) -> Any:
-        """A sampler on this object's backend with other sampling options (e.g. greedy)."""
+        """A sampler on this object's backend with other sampling options (e.g. greedy).
+        With the hook scorer its candidates come back already scored."""
         config = config or self.sampling
         if self.backend == "hf":
             from .samplers.hf import HFSampler
 
             return HFSampler(self._hf_model, self.tokenizer, config)
-        return self._vllm.sampler(config)
+        if self.scorer_name == "hook" and self.scores_needed:
+            return self._vllm.sampler(config, scoring=self.scoring, logit_stats=self.logit_stats)
+        logprobs = self.scorer_name == "pooling" and "mean_logprob" in self.score_keys
+        return self._vllm.sampler(config, logprobs=True) if logprobs else self._vllm.sampler(config)
 
     @property
     def sampler(self) -> Any:
@@ -176,17 +241,26 @@ class BestOfN:
 
     @property
     def scorer(self) -> Any:
+        """The scorer for caller-supplied candidates (and for sampled ones unless the hook
+        scored them in the sampling pass): ``score(prompt_ids, response_ids) -> [dict]``."""
         if self._scorer is None:
             if self.scorer_name == "hf":
-                self._scorer = HFScorer(self._hf_model, self.scoring)
+                if self._hf_model is None:
+                    self._hf_model, _ = load_hf_model(self.model_path, device=self.device, dtype=self.dtype)
+                self._scorer = HFScorer(self._hf_model, self.scoring, logit_stats=self.logit_stats,
+                                        tokenizer=self.tokenizer)
+            elif self.scorer_name == "hook":
+                self._scorer = self._vllm.hook_scorer(self.scoring, logit_stats=self.logit_stats)
             else:
                 self._scorer = self._vllm.scorer(self.scoring)
         return self._scorer
 
     def config_dict(self) -> dict[str, Any]:
+        sources = SCORE_SOURCES[self.scorer_name]
         return {"model": self.model_name, "backend": self.backend, "scorer": self.scorer_name,
-                "selector": self.selector_name, "sampling": self.sampling.to_dict(),
-                "scoring": self.scoring.to_dict()}
+                "selector": self.selector_name, "answer": self.answers.name if self.answers else None,
+                "sampling": self.sampling.to_dict(), "scoring": self.scoring.to_dict(),
+                "score_sources": {k: sources[k] for k in sorted(self.score_keys)}}
 
     def close(self) -> None:
         """Shut down the vLLM engines this BestOfN started (frees their RAM / GPU memory)."""
@@ -202,8 +276,7 @@ class BestOfN:
     # -- selection ----------------------------------------------------------------------
 
     def encode(self, prompt: PromptInput, where: str = "prompt") -> list[int]:
-        ids = encode_prompt(self.tokenizer, validate_prompt(prompt, where))
-        return ids
+        return encode_prompt(self.tokenizer, validate_prompt(prompt, where))
 
     def _candidates_from_input(self, items: Sequence[CandidateInput], where: str) -> list[Candidate]:
         if not items:
@@ -219,7 +292,11 @@ class BestOfN:
                 text, ids = item["text"], item.get("token_ids")
             else:
                 raise InputError(f"{where}: candidate {i} must be a string, a Candidate or a dict with 'text'.")
-            token_ids = tuple(int(t) for t in ids) if ids is not None else tuple(encode_response(self.tokenizer, text))
+            try:
+                token_ids = (tuple(int(t) for t in ids) if ids is not None
+                             else tuple(encode_response(self.tokenizer, text)))
+            except (TypeError, ValueError):
+                raise InputError(f"{where}: candidate {i} 'token_ids' must be a list of integers.") from None
             out.append(Candidate(text=text, token_ids=token_ids, index=i))
         return out
 
@@ -229,9 +306,13 @@ class BestOfN:
         *,
         candidates: Sequence[CandidateInput] | None = None,
         seed: int | None = None,
+        id: str | int = 0,
     ) -> Selection:
-        """Best-of-N for one prompt; with ``candidates`` only scores and selects them."""
-        seeds = [self.sampling.seed if seed is None else seed]
+        """Best-of-N for one prompt; with ``candidates`` only scores and selects them.
+
+        The prompt's seed derives from the run seed and ``id`` exactly as in
+        ``select_many`` (so ``select(p)`` equals ``select_many([p])``); ``seed`` overrides it."""
+        seeds = [derive_seed(self.sampling.seed, str(id)) if seed is None else int(seed)]
         return next(self._run([prompt], seeds, [candidates] if candidates is not None else None, ["prompt"]))
 
     def select_many(
@@ -257,6 +338,50 @@ class BestOfN:
             yield from self._run(prompts[part], seeds, candidates[part] if candidates is not None else None,
                                  [f"prompt {k}" for k in keys[part]])
 
+    def _score(self, prompt_ids: Sequence[Sequence[int]], groups: list[list[Candidate]],
+               sampled: bool) -> list[list[Candidate]]:
+        """Attach the scores the selector needs (the hook already did for sampled ones)."""
+        if not self.scores_needed:
+            return groups
+        if sampled and self.scorer_name == "hook":
+            return groups
+        if self.scorer_name == "pooling" and self.score_keys & set(STAT_KEYS):
+            if any(c.logprobs is None for g in groups for c in g):
+                raise ConfigError("The pooling scorer takes mean_logprob from vLLM's sampled-token logprobs, "
+                                  "which caller-supplied candidates do not have; use scorer='hf' or 'hook'.")
+        flat_p = [ids for ids, group in zip(prompt_ids, groups) for _ in group]
+        flat_r = [c.token_ids for group in groups for c in group]
+        # The pooling engine gives stable rank only; its mean_logprob is the sampler's.
+        from_logprobs = self.scorer_name == "pooling" and "mean_logprob" in self.score_keys
+        run_scorer = self.scorer_name != "pooling" or bool(self.score_keys & set(SR_KEYS))
+        scores = iter(self.scorer.score(flat_p, flat_r) if run_scorer else [{} for _ in flat_r])
+        out = []
+        for group in groups:
+            scored = []
+            for c in group:
+                extra = dict(next(scores))
+                if from_logprobs:
+                    extra["mean_logprob"] = sum(c.logprobs) / len(c.logprobs) if c.logprobs else float("nan")
+                scored.append(c.with_scores(**extra))
+            out.append(scored)
+        return out
+
+    def _vote(self, group: list[Candidate]) -> tuple[list[Candidate], list[int] | None, dict[str, int] | None]:
+        if self.answers is None:
+            return group, None, None
+        answers = [self.answers.extract(c.text) for c in group]
+        classes = self.answers.group(answers)
+        size: dict[int, int] = {}
+        label: dict[int, str] = {}
+        for a, g in zip(answers, classes):
+            if g >= 0:
+                size[g] = size.get(g, 0) + 1
+                label.setdefault(g, str(a))
+        answered = sum(size.values())
+        cands = [replace(c, answer=a, vote_share=(size[g] / answered if g >= 0 else 0.0) if answered else None)
+                 for c, a, g in zip(group, answers, classes)]
+        return cands, classes, {label[g]: size[g] for g in sorted(size, key=lambda g: (-size[g], g))}
+
     def _run(
         self,
         prompts: Sequence[PromptInput],
@@ -272,16 +397,14 @@ class BestOfN:
         else:
             groups = [self._candidates_from_input(c or [], w) for c, w in zip(given, wheres)]
             for ids, group, where in zip(prompt_ids, groups, wheres):
-                longest = max(c.num_tokens for c in group)
-                check_fits(ids, longest, self.context, where)
-        flat_p = [ids for ids, group in zip(prompt_ids, groups) for _ in group]
-        flat_r = [c.token_ids for group in groups for c in group]
-        scores = iter(self.scorer.score(flat_p, flat_r))
+                check_fits(ids, max(c.num_tokens for c in group), self.context, where)
+        groups = self._score(prompt_ids, groups, sampled=given is None)
         for prompt, ids, group, seed in zip(prompts, prompt_ids, groups, seeds):
-            scored = tuple(c.with_scores(**next(scores)) for c in group)
-            best = self.selector(scored, seed=seed)
-            yield Selection(prompt=prompt, prompt_token_ids=tuple(ids), candidates=scored, best_index=best,
-                            selector=self.selector_name, model=self.model_name)
+            cands, classes, votes = self._vote(group)
+            pick = select(self.selector_spec, cands, seed=seed, groups=classes)
+            yield Selection(prompt=prompt, prompt_token_ids=tuple(ids), candidates=tuple(cands),
+                            best_index=pick.index, selector=self.selector_name, model=self.model_name,
+                            rule=pick.rule, votes=votes)
 
 
 def select_best(
@@ -291,9 +414,11 @@ def select_best(
     model: str = DEFAULT_MODEL,
     **options: Any,
 ) -> Selection:
-    """Sample ``n`` candidates for ``prompt`` (or take the caller's ``candidates``), score each
-    by the stable rank of the frozen model's hidden states, and return the best.
+    """Sample ``n`` candidates for ``prompt`` (or take the caller's ``candidates``), score
+    them, and return the one the selector picks (default: the highest stable rank of the
+    frozen model's hidden states). Options are ``BestOfN``'s.
 
     Loads the model on every call: use ``BestOfN`` for many prompts.
     """
-    return BestOfN(model, **options).select(prompt, candidates=candidates)
+    with BestOfN(model, **options) as bon:
+        return bon.select(prompt, candidates=candidates)

@@ -62,16 +62,69 @@ def _model_progress(console: Any) -> Any:
     return report
 
 
+def _selection_options(fn: Any) -> Any:
+    """Options shared by ``generate`` and ``score``: model, scorer, selector, answers, scoring."""
+    from .bench.checkers import CHECKERS
+    from .selectors import SELECTORS
+
+    options = [
+        click.option("-m", "--model", default=DEFAULT_MODEL, show_default=True,
+                     help="Built-in alias, local HF model directory, or Hugging Face id."),
+        click.option("--scorer", type=click.Choice(["auto", "hook", "pooling", "hf", "vllm"]), default="auto",
+                     show_default=True,
+                     help="Who computes the scores: hook = inside vLLM's sampling pass (one engine), pooling = a "
+                          "second vLLM engine ('vllm' is its old name), hf = transformers; auto = hook with the "
+                          "vLLM backend, else hf."),
+        click.option("--selector", type=click.Choice(sorted(SELECTORS)), default="stable-rank", show_default=True,
+                     help="How the best candidate is chosen. majority (self-consistency) measured best here "
+                          "(README, 'Does it work?'); stable-rank is the paper's."),
+        click.option("--answer", type=click.Choice(sorted(CHECKERS)), default=None,
+                     help="Extract each candidate's final answer (needed by majority, majority-sr, "
+                          "sr-weighted-vote; reported with any selector)."),
+        click.option("--answer-regex", default=None, metavar="PATTERN",
+                     help="Extract answers with a regex instead (last match; its first group if it has one), "
+                          "e.g. 'answer is (.*)'."),
+        click.option("--score/--no-score", "score", default=None,
+                     help="Always compute stable rank / never score. Default: only what the selector needs "
+                          "(majority and random skip the hidden-state pass)."),
+        click.option("--logit-stats", is_flag=True,
+                     help="Also compute mean token log-prob and self-certainty (automatic for the selectors "
+                          "that use them)."),
+        click.option("--token-set", type=click.Choice(["response", "response+eot", "full"]), default="response",
+                     show_default=True, help="Score response tokens only, response + end-of-turn token, or the "
+                                             "chat-formatted prompt + response."),
+        click.option("--transform", default="raw", show_default=True,
+                     help="Transform of H before stable rank (raw = the paper; e.g. center, drop-first, "
+                          "drop-special, drop-massive-seq; join with '+'). Needs --scorer hf."),
+        click.option("--layer", type=int, default=-1, show_default=True, help="Decoder layer to score (-1 = last)."),
+        click.option("--norm", type=click.Choice(["post", "pre"]), default="post", show_default=True,
+                     help="Hidden states after (post) or before (pre) the final norm."),
+        click.option("--window", type=int, default=None, help="Score only the first WINDOW tokens of the token set."),
+        click.option("--batch-tokens", type=int, default=8192, show_default=True,
+                     help="Padded tokens per scoring forward pass (bounds memory)."),
+        click.option("--chunk-size", type=int, default=None,
+                     help="Prompts submitted together (default: 1 for hf, 32 for vllm)."),
+        click.option("--candidates/--no-candidates", "keep_candidates", default=True, show_default=True,
+                     help="Keep every candidate (text, token ids, scores) in the output."),
+        click.option("--resume", is_flag=True, help="Skip ids already in OUTPUT and append the rest."),
+        click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists."),
+        click.option("--device", default=None, help="torch device for the HF backend (default: cuda if available)."),
+        click.option("--dtype", default="auto", show_default=True, help="auto, bfloat16, float16 or float32."),
+        click.option("--vllm-opt", "vllm_opts", multiple=True, metavar="KEY=VALUE",
+                     help="vLLM backend option (repeatable), e.g. gpu_memory_utilization=0.4, "
+                          "kv_cache_memory_bytes=2147483648, max_model_len=4096."),
+        click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=str),
+                     help="Output JSONL file; one line per prompt, appended as each prompt finishes."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
 @main.command(epilog=GENERATE_EXAMPLE)
 @click.argument("prompts", type=click.Path(dir_okay=False, path_type=str))
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=str),
-              help="Output JSONL file; one line per prompt, appended as each prompt finishes.")
-@click.option("-m", "--model", default=DEFAULT_MODEL, show_default=True,
-              help="Built-in alias, local HF model directory, or Hugging Face id.")
 @click.option("--backend", type=click.Choice(["auto", "hf", "vllm"]), default="auto", show_default=True,
               help="Sampling backend; auto = vLLM when importable, else transformers.")
-@click.option("--scorer", type=click.Choice(["auto", "hf", "vllm"]), default="auto", show_default=True,
-              help="Hidden-state scorer; auto = same as the backend.")
 @click.option("-n", "--n", "n", type=int, default=8, show_default=True, help="Candidates per prompt.")
 @click.option("--temperature", type=float, default=0.7, show_default=True, help="Sampling temperature.")
 @click.option("--top-p", type=float, default=0.9, show_default=True, help="Nucleus sampling top-p.")
@@ -80,37 +133,43 @@ def _model_progress(console: Any) -> Any:
 @click.option("--greedy", is_flag=True, help="Greedy decoding (requires --n 1).")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Run seed; each prompt's seed derives from it and the prompt id.")
-@click.option("--selector", default="stable-rank", show_default=True,
-              help="stable-rank, random, first, shortest or longest.")
-@click.option("--token-set", type=click.Choice(["response", "response+eot", "full"]), default="response",
-              show_default=True, help="Score response tokens only, response + end-of-turn token, or the "
-                                      "chat-formatted prompt + response.")
-@click.option("--transform", default="raw", show_default=True,
-              help="Transform of H before stable rank (raw = the paper; e.g. center, drop-first, drop-special, "
-                   "drop-massive-seq; join with '+'). Needs --scorer hf.")
-@click.option("--layer", type=int, default=-1, show_default=True, help="Decoder layer to score (-1 = last).")
-@click.option("--norm", type=click.Choice(["post", "pre"]), default="post", show_default=True,
-              help="Hidden states after (post) or before (pre) the final norm.")
-@click.option("--window", type=int, default=None, help="Score only the first WINDOW tokens of the token set.")
-@click.option("--batch-tokens", type=int, default=8192, show_default=True,
-              help="Padded tokens per scoring forward pass (bounds memory).")
-@click.option("--chunk-size", type=int, default=None,
-              help="Prompts submitted together (default: 1 for hf, 32 for vllm).")
-@click.option("--candidates/--no-candidates", "keep_candidates", default=True, show_default=True,
-              help="Keep every candidate (text, token ids, scores) in the output.")
-@click.option("--resume", is_flag=True, help="Skip ids already in OUTPUT and append the rest.")
-@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
-@click.option("--device", default=None, help="torch device for the HF backend (default: cuda if available).")
-@click.option("--dtype", default="auto", show_default=True, help="auto, bfloat16, float16 or float32.")
-@click.option("--vllm-opt", "vllm_opts", multiple=True, metavar="KEY=VALUE",
-              help="vLLM backend option (repeatable), e.g. gpu_memory_utilization=0.4, "
-                   "pooling_gpu_memory_utilization=0.2, kv_cache_memory_bytes=2147483648, max_model_len=4096.")
-def generate(prompts: str, output: str, model: str, backend: str, scorer: str, n: int, temperature: float,
-             top_p: float, max_new_tokens: int, stop: tuple[str, ...], greedy: bool, seed: int, selector: str,
-             token_set: str, transform: str, layer: int, norm: str, window: int | None, batch_tokens: int,
-             chunk_size: int | None, keep_candidates: bool, resume: bool, overwrite: bool,
-             device: str | None, dtype: str, vllm_opts: tuple[str, ...]) -> None:
-    """Sample N candidates per prompt in PROMPTS and keep the one with the highest stable rank."""
+@_selection_options
+def generate(prompts: str, backend: str, n: int, temperature: float, top_p: float, max_new_tokens: int,
+             stop: tuple[str, ...], greedy: bool, seed: int, **common: Any) -> None:
+    """Sample N candidates per prompt in PROMPTS and keep the one the selector picks."""
+    _run_command(prompts, common, dict(backend=backend, n=n, temperature=temperature, top_p=top_p,
+                                       max_new_tokens=max_new_tokens, stop=stop, greedy=greedy, seed=seed),
+                 candidates="forbid")
+
+
+SCORE_EXAMPLE = """
+\b
+Example:
+  bon-sr score answers.jsonl -o picked.jsonl --selector majority --answer numeric
+
+\b
+FILE is a .jsonl file with one {"id": ..., "prompt": "...", "candidates": [...]} object per
+line ("messages" instead of "prompt" for chats); each candidate is a string or
+{"text": "...", "token_ids": [...]} (token ids are scored as given, else the text is
+tokenised). Nothing is sampled: no generate engine starts.
+"""
+
+
+@main.command(epilog=SCORE_EXAMPLE)
+@click.argument("file", type=click.Path(dir_okay=False, path_type=str))
+@click.option("--backend", type=click.Choice(["auto", "hf", "vllm"]), default="hf", show_default=True,
+              help="Engine that scores: hf = transformers; vllm = the vLLM hook or pooling scorer.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Run seed (the random selector's per-prompt seed derives from it and the id).")
+@_selection_options
+def score(file: str, backend: str, seed: int, **common: Any) -> None:
+    """Score and select the candidates each line of FILE brings (rerank your own samples)."""
+    _run_command(file, common, dict(backend=backend, seed=seed), candidates="require")
+
+
+def _run_command(path: str, common: dict[str, Any], sampling: dict[str, Any], *, candidates: str) -> None:
+    from .api import BestOfN  # noqa: F401  (import errors surface before the model loads)
+    from .answers import get_extractor
     from .errors import BonSRError
     from .hidden_states import HiddenStateConfig
     from .jsonl import JsonlWriter
@@ -118,23 +177,32 @@ def generate(prompts: str, output: str, model: str, backend: str, scorer: str, n
     from .samplers import SamplingConfig
     from .selectors import get_selector
 
+    output, resume, overwrite = common.pop("output"), common.pop("resume"), common.pop("overwrite")
+    keep_candidates, chunk_size = common.pop("keep_candidates"), common.pop("chunk_size")
     if resume and overwrite:
         raise click.UsageError("--resume and --overwrite exclude each other.")
     console = _console()
     try:
         # Validate everything cheap before loading a model: bad input fails in a second.
-        SamplingConfig(n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                       stop=stop, greedy=greedy, seed=seed)
-        get_selector(selector)
-        HiddenStateConfig(token_set=token_set, layer=layer, norm=norm, window=window, transform=transform,
-                          max_batch_tokens=batch_tokens)
+        if "n" in sampling:
+            SamplingConfig(**{k: v for k, v in sampling.items() if k != "backend"})
+        spec = get_selector(common["selector"])
+        extractor = get_extractor(common["answer"], regex=common["answer_regex"])
+        if spec.needs_answers and extractor is None:
+            raise click.UsageError(f"--selector {spec.name} votes over answers: add --answer "
+                                   "numeric|math|choice|exact or --answer-regex PATTERN.")
+        HiddenStateConfig(token_set=common["token_set"], layer=common["layer"], norm=common["norm"],
+                          window=common["window"], transform=common["transform"],
+                          max_batch_tokens=common["batch_tokens"])
         if chunk_size is not None and chunk_size < 1:
             raise click.BadParameter("must be >= 1", param_hint="--chunk-size")
-        vllm_options = _parse_options(vllm_opts)
-        records = read_prompt_file(prompts)
+        vllm_options = _parse_options(common.pop("vllm_opts"))
+        records = read_prompt_file(path, candidates=candidates)
         writer = JsonlWriter(output, mode="resume" if resume else "overwrite" if overwrite else "new")
     except BonSRError as exc:
         raise click.ClickException(str(exc)) from exc
+    common["max_batch_tokens"] = common.pop("batch_tokens")
+    options = dict(common, **sampling, vllm_options=vllm_options)
     with writer:
         todo = [r for r in records if r.id not in writer.finished_ids]
         skipped = len(records) - len(todo)
@@ -145,11 +213,8 @@ def generate(prompts: str, output: str, model: str, backend: str, scorer: str, n
         if not todo:
             console.print("Nothing to do: every prompt is already in the output.")
             return
-        _run_generate(console, writer, todo, skipped, keep_candidates, chunk_size, dict(
-            model=model, backend=backend, scorer=scorer, n=n, temperature=temperature, top_p=top_p,
-            max_new_tokens=max_new_tokens, stop=stop, greedy=greedy, seed=seed, selector=selector,
-            token_set=token_set, transform=transform, layer=layer, norm=norm, window=window, max_batch_tokens=batch_tokens,
-            device=device, dtype=dtype, vllm_options=vllm_options))
+        _run_generate(console, writer, todo, skipped, keep_candidates, chunk_size, options,
+                      given=candidates == "require")
 
 
 def _parse_options(items: tuple[str, ...]) -> dict[str, Any]:
@@ -169,7 +234,7 @@ def _parse_options(items: tuple[str, ...]) -> dict[str, Any]:
 
 
 def _run_generate(console: Any, writer: Any, todo: list[Any], skipped: int, keep_candidates: bool,
-                  chunk_size: int | None, options: dict[str, Any]) -> None:
+                  chunk_size: int | None, options: dict[str, Any], *, given: bool = False) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
         TimeRemainingColumn
 
@@ -187,12 +252,14 @@ def _run_generate(console: Any, writer: Any, todo: list[Any], skipped: int, keep
     done = tokens = 0
     best_sr: list[float] = []
     t0 = time.perf_counter()
-    columns = (TextColumn("[bold]generate"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+    label = "score" if given else "generate"
+    columns = (TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn(), TextColumn("{task.fields[rate]}"))
     with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task("generate", total=len(todo), rate="")
+        task = progress.add_task(label, total=len(todo), rate="")
         try:
-            selections = bon.select_many([r.prompt for r in todo], ids=[r.id for r in todo], chunk_size=chunk_size)
+            selections = bon.select_many([r.prompt for r in todo], ids=[r.id for r in todo], chunk_size=chunk_size,
+                                         candidates=[list(r.candidates or ()) for r in todo] if given else None)
             for record, sel in zip(todo, selections):
                 out = {"id": record.id}
                 out.update(sel.to_dict(keep_candidates=keep_candidates))
@@ -212,11 +279,11 @@ def _run_generate(console: Any, writer: Any, todo: list[Any], skipped: int, keep
                           "rerun with --resume to continue.[/]")
             raise SystemExit(130) from None
     elapsed = time.perf_counter() - t0
-    mean_sr = sum(best_sr) / len(best_sr) if best_sr else float("nan")
+    sr_note = (f"; mean stable rank of the selected responses {sum(best_sr) / len(best_sr):.3f}"
+               if best_sr else "")
     console.print(
         f"[green]Done:[/] {done} prompts written to {writer.path} ({skipped} skipped as already done); "
-        f"{tokens} candidate tokens in {elapsed:.1f}s ({tokens / max(elapsed, 1e-9):.0f} tok/s); "
-        f"mean stable rank of the selected responses {mean_sr:.3f}."
+        f"{tokens} candidate tokens in {elapsed:.1f}s ({tokens / max(elapsed, 1e-9):.0f} tok/s){sr_note}."
     )
 
 

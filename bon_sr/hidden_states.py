@@ -7,22 +7,25 @@ memory stays bounded however many candidates come in. The token set ``response+e
 appends the model's end-of-turn token (:func:`end_of_turn_id`) to every response that does
 not already end with it, since sampled responses are stored without it.
 
-This module knows nothing about sampling or selection, and nothing about stable rank
-beyond the ``HFScorer`` convenience that applies the configured transform of H
-(:mod:`bon_sr.variants`) and feeds the rows to ``stable_rank``.
+``extract`` is the one extraction path: several (norm, layer) views from ONE forward
+pass, the scored token set and window, and optionally each pair's token log-prob and
+self-certainty from the same pass's last-layer logits. The HF scorer (``bon_sr.scoring``),
+the benchmark, the ablation and the SR reward all read hidden states through it.
+
+This module knows nothing about sampling, stable rank or selection.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import asdict, dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
 from .errors import ConfigError
-from .stable_rank import StableRankResult, stable_rank
-from .variants import CalibrationStats, TransformContext, parse_variant
+from .variants import parse_variant
 
 logger = logging.getLogger(__name__)
 
@@ -80,16 +83,36 @@ def scored_span(prompt_len: int, response_len: int, config: HiddenStateConfig) -
     return start, end
 
 
-def end_of_turn_id(model: torch.nn.Module) -> int:
-    """The token that ends an assistant turn: the first of the generation config's
-    ``eos_token_id`` (chat models list their end-of-turn token there), else the config's."""
+def _eos_ids(model: torch.nn.Module) -> list[int]:
     for source in (getattr(model, "generation_config", None), getattr(model, "config", None)):
         eos = getattr(source, "eos_token_id", None)
-        if isinstance(eos, (list, tuple)):
-            eos = eos[0] if eos else None
-        if isinstance(eos, int):
-            return eos
-    raise ConfigError(f"{type(model).__name__} declares no eos_token_id; token set 'response+eot' needs one.")
+        ids = [e for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if isinstance(e, int)]
+        if ids:
+            return ids
+    return []
+
+
+def end_of_turn_id(model: torch.nn.Module, tokenizer: Any = None) -> int:
+    """The token that ends an assistant turn.
+
+    Models that list several end-of-sequence ids (Llama-3 Instruct: ``<|end_of_text|>``,
+    ``<|eom_id|>``, ``<|eot_id|>``) end a turn with only one of them, so with a tokenizer
+    the chat template decides: the first of the eos ids that the template writes after an
+    assistant message. Otherwise (or when the template shows none) the first eos id."""
+    eos = _eos_ids(model)
+    if not eos:
+        raise ConfigError(f"{type(model).__name__} declares no eos_token_id; token set 'response+eot' needs one.")
+    if len(eos) > 1 and tokenizer is not None and getattr(tokenizer, "chat_template", None):
+        try:
+            chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
+            ids = tokenizer.apply_chat_template(chat, tokenize=True)
+            ids = list(ids["input_ids"] if isinstance(ids, Mapping) else ids)
+        except Exception:  # a template that cannot render this chat: keep the config's order
+            ids = []
+        for t in ids:
+            if t in eos:
+                return int(t)
+    return eos[0]
 
 
 def with_end_of_turn(response_token_ids: Sequence[Sequence[int]], eot: int) -> list[list[int]]:
@@ -159,62 +182,163 @@ def _first_tensor(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
+@dataclass
+class StateBatch:
+    """One micro-batch from ``extract``.
+
+    indices: positions of its pairs in the input (pairs are length-sorted, so batches come
+        out of order). states: ``{(norm, layer): h (b, S, d)}`` in the model's dtype, the
+        scored span's rows left-aligned. mask: ``(b, S)`` bool, True where a row is real.
+    token_stats: when asked, per pair ``(mean log p(token), mean KL(uniform || p))`` over
+        its response tokens under the model's own distribution (temperature 1), from this
+        pass's last-layer logits; NaN for an empty response.
+    """
+
+    indices: list[int]
+    states: dict[tuple[str, int], torch.Tensor]
+    mask: torch.Tensor
+    token_stats: list[tuple[float, float]] | None = None
+
+
+#: logit rows turned into log-softmax at once: bounds memory at rows x vocab x 4 bytes
+_LOGIT_CHUNK = 256
+
+
+def token_log_stats(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of ``logits: (R, V)``: log p(``targets: (R,)``) and KL(uniform || p)
+    = -log V - mean_j log p_j (self-certainty, Kang et al. 2025), both float32 ``(R,)``."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return (logp.gather(-1, targets[:, None].to(logp.device)).squeeze(-1),
+            -math.log(logp.shape[-1]) - logp.mean(dim=-1))
+
+
+def _mean_token_stats(lm_head: torch.nn.Module, h: torch.Tensor, targets: torch.Tensor) -> tuple[float, float]:
+    """Means over rows ``h: (R, d)`` that predict ``targets: (R,)``, chunked over rows."""
+    total_lp = total_kl = 0.0
+    for start in range(0, h.shape[0], _LOGIT_CHUNK):
+        lp, kl = token_log_stats(lm_head(h[start:start + _LOGIT_CHUNK]), targets[start:start + _LOGIT_CHUNK])
+        total_lp += float(lp.sum())
+        total_kl += float(kl.sum())
+    return total_lp / h.shape[0], total_kl / h.shape[0]
+
+
+def _layer_index(layer: int, num_layers: int) -> int:
+    if not -num_layers <= layer < num_layers:
+        raise ConfigError(f"layer {layer} is out of range for a model with {num_layers} layers "
+                          f"(use -{num_layers}..{num_layers - 1})")
+    return layer % num_layers
+
+
+def extract(
+    model: torch.nn.Module,
+    prompt_token_ids: Sequence[Sequence[int]],
+    response_token_ids: Sequence[Sequence[int]],
+    *,
+    views: Sequence[tuple[str, int]] = (("post", -1),),
+    token_set: str = "response",
+    window: int | None = None,
+    max_batch_tokens: int = 8192,
+    token_stats: bool = False,
+    stat_lengths: Sequence[int] | None = None,
+) -> Iterator[StateBatch]:
+    """Hidden states of every ``(norm, layer)`` view for each (prompt, response) pair, from
+    one forward pass per micro-batch (see ``StateBatch``).
+
+    ``norm="post"`` applies the final norm (for the last layer: HF ``hidden_states[-1]``),
+    ``"pre"`` is the decoder layer's raw output. ``token_set`` is ``response`` or ``full``
+    (callers append the end-of-turn token for ``response+eot``). ``stat_lengths``: score the
+    token statistics over only the first k response tokens of each pair (default: all).
+    """
+    if len(prompt_token_ids) != len(response_token_ids):
+        raise ValueError("prompt_token_ids and response_token_ids must have the same length")
+    for norm, _ in views:
+        if norm not in NORMS:
+            raise ConfigError(f"Unknown norm '{norm}'. Available: {', '.join(NORMS)}")
+    base, layers, final_norm = _decoder_parts(model)
+    last = len(layers) - 1
+    index = {view: _layer_index(view[1], len(layers)) for view in views}
+    span_cfg = HiddenStateConfig(token_set="full" if token_set == "full" else "response", window=window)
+    lm_head = model.get_output_embeddings() if token_stats else None
+    device = next(model.parameters()).device
+    captured: dict[int, torch.Tensor] = {}
+    # Hooks record only during the model's own forward: the post-norm states of other
+    # layers below call ``final_norm`` again, which would overwrite the last layer's input.
+    live = [False]
+
+    def keep(layer: int, value: torch.Tensor) -> None:
+        if live[0]:
+            captured[layer] = value
+
+    hooks = []
+    for layer in sorted({index[v] for v in views if not (index[v] == last and v[0] == "post")}):
+        if layer == last:
+            hooks.append(final_norm.register_forward_pre_hook(lambda mod, args: keep(last, args[0])))
+        else:
+            hooks.append(layers[layer].register_forward_hook(
+                lambda mod, args, out, _l=layer: keep(_l, _first_tensor(out))))
+    try:
+        for batch, ids, attn in padded_batches(prompt_token_ids, response_token_ids, max_batch_tokens):
+            captured.clear()
+            with torch.inference_mode():
+                live[0] = True
+                try:
+                    out = base(input_ids=ids.to(device), attention_mask=attn.to(device), use_cache=False)
+                finally:
+                    live[0] = False
+                full: dict[tuple[str, int], torch.Tensor] = {}
+                for view in views:
+                    layer = index[view]
+                    if layer == last and view[0] == "post":
+                        full[view] = out.last_hidden_state
+                    elif view[0] == "post":
+                        full[view] = final_norm(captured[layer])
+                    else:
+                        full[view] = captured[layer]
+                stats = None
+                if lm_head is not None:
+                    stats = []
+                    for row, i in enumerate(batch):
+                        p, r = len(prompt_token_ids[i]), len(response_token_ids[i])
+                        r = r if stat_lengths is None else min(r, stat_lengths[i])
+                        if r and p:
+                            targets = torch.tensor(list(response_token_ids[i][:r]), dtype=torch.long)
+                            stats.append(_mean_token_stats(lm_head, out.last_hidden_state[row, p - 1:p + r - 1],
+                                                           targets))
+                        else:
+                            stats.append((math.nan, math.nan))
+            spans = [scored_span(len(prompt_token_ids[i]), len(response_token_ids[i]), span_cfg) for i in batch]
+            span_len = max([e - s for s, e in spans] + [1])
+            mask = torch.zeros(len(batch), span_len, dtype=torch.bool, device=out.last_hidden_state.device)
+            for row, (s, e) in enumerate(spans):
+                mask[row, : max(e - s, 0)] = True
+            picked = {}
+            for view, h_all in full.items():
+                h = h_all.new_zeros(len(batch), span_len, h_all.shape[-1])
+                for row, (s, e) in enumerate(spans):
+                    if e > s:
+                        h[row, : e - s] = h_all[row, s:e]
+                picked[view] = h
+            yield StateBatch(list(batch), picked, mask, stats)
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 def iter_hidden_states(
     model: torch.nn.Module,
     prompt_token_ids: Sequence[Sequence[int]],
     response_token_ids: Sequence[Sequence[int]],
     config: HiddenStateConfig,
+    tokenizer: Any = None,
 ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
-    """Yield ``(indices, h, mask)`` per micro-batch.
-
-    indices: positions of the pairs in this batch (pairs are length-sorted, so batches
-        come out of order). h: ``(b, S, d)`` in the model's dtype, rows of the scored
-        span left-aligned; mask: ``(b, S)`` bool, True where a row is real.
-    """
-    if len(prompt_token_ids) != len(response_token_ids):
-        raise ValueError("prompt_token_ids and response_token_ids must have the same length")
-    base, layers, final_norm = _decoder_parts(model)
-    num_layers = len(layers)
-    if not -num_layers <= config.layer < num_layers:
-        raise ConfigError(f"layer {config.layer} is out of range for a model with {num_layers} layers "
-                          f"(use -{num_layers}..{num_layers - 1})")
-    layer_idx = config.layer % num_layers
+    """Yield ``(indices, h, mask)`` per micro-batch for the config's one layer and norm
+    (``extract`` with a single view; ``response+eot`` appends the end-of-turn token)."""
     if config.token_set == "response+eot":
-        response_token_ids = with_end_of_turn(response_token_ids, end_of_turn_id(model))
-    device = next(model.parameters()).device
-
-    captured: dict[str, torch.Tensor] = {}
-    hooks = []
-    use_last = layer_idx == num_layers - 1 and config.norm == "post"
-    if not use_last:
-        if layer_idx == num_layers - 1:
-            hooks.append(final_norm.register_forward_pre_hook(
-                lambda mod, args: captured.__setitem__("h", args[0])))
-        else:
-            hooks.append(layers[layer_idx].register_forward_hook(
-                lambda mod, args, out: captured.__setitem__("h", _first_tensor(out))))
-    try:
-        for batch, ids, attn in padded_batches(prompt_token_ids, response_token_ids, config.max_batch_tokens):
-            with torch.inference_mode():
-                out = base(input_ids=ids.to(device), attention_mask=attn.to(device), use_cache=False)
-                if use_last:
-                    h_all = out.last_hidden_state
-                else:
-                    h_all = captured.pop("h")
-                    if config.norm == "post" and layer_idx != num_layers - 1:
-                        h_all = final_norm(h_all)
-            spans = [scored_span(len(prompt_token_ids[i]), len(response_token_ids[i]), config) for i in batch]
-            span_len = max([e - s for s, e in spans] + [1])
-            h = h_all.new_zeros(len(batch), span_len, h_all.shape[-1])
-            mask = torch.zeros(len(batch), span_len, dtype=torch.bool, device=h_all.device)
-            for row, (s, e) in enumerate(spans):
-                if e > s:
-                    h[row, : e - s] = h_all[row, s:e]
-                    mask[row, : e - s] = True
-            yield batch, h, mask
-    finally:
-        for hook in hooks:
-            hook.remove()
+        response_token_ids = with_end_of_turn(response_token_ids, end_of_turn_id(model, tokenizer))
+    view = (config.norm, config.layer)
+    for b in extract(model, prompt_token_ids, response_token_ids, views=[view], token_set=config.token_set,
+                     window=config.window, max_batch_tokens=config.max_batch_tokens):
+        yield b.indices, b.states[view], b.mask
 
 
 def model_special_ids(model: torch.nn.Module) -> frozenset[int]:
@@ -230,48 +354,18 @@ def model_special_ids(model: torch.nn.Module) -> frozenset[int]:
 
 
 
-def store_scores(results: list[dict[str, float]], batch: Sequence[int], res: StableRankResult) -> None:
-    """Write one micro-batch's stable-rank parts into ``results`` at the pairs' positions
-    (the score dict every scorer returns)."""
-    for row, i in enumerate(batch):
-        results[i] = {
-            "stable_rank": float(res.stable_rank[row]),
-            "frobenius_sq": float(res.frobenius_sq[row]),
-            "spectral_sq": float(res.spectral_sq[row]),
-            "scored_tokens": float(res.num_tokens[row]),
-        }
+def store_scores(*args: Any, **kwargs: Any) -> None:
+    """Moved to ``bon_sr.scoring.store_scores`` (kept until every caller imports it there)."""
+    from .scoring import store_scores as store
 
-class HFScorer:
-    """Stable rank of a transformers model's hidden states for each (prompt, response) pair.
+    store(*args, **kwargs)
 
-    calibration: statistics for calibrated transforms (``drop-massive``, ``standardize``)
-        at the config's layer and norm. special_ids: rows ``drop-special`` removes
-        (default: the model config's BOS/EOS/pad ids).
-    """
 
-    def __init__(self, model: torch.nn.Module, config: HiddenStateConfig | None = None, *,
-                 calibration: CalibrationStats | None = None, special_ids: frozenset[int] | None = None):
-        self.model = model
-        self.config = config or HiddenStateConfig()
-        self.variant = parse_variant(self.config.transform)
-        if self.variant.needs_calibration and calibration is None:
-            raise ConfigError(f"Transform '{self.config.transform}' needs calibration statistics: pass "
-                              "HFScorer(..., calibration=CalibrationAccumulator().finish()) from a calibration set.")
-        self.calibration = calibration
-        self.special_ids = model_special_ids(model) if special_ids is None else frozenset(special_ids)
+def __getattr__(name: str) -> Any:
+    # HFScorer moved to bon_sr.scoring (extraction knows nothing about stable rank); the
+    # old import path keeps working.
+    if name == "HFScorer":
+        from .scoring import HFScorer
 
-    def score(
-        self, prompt_token_ids: Sequence[Sequence[int]], response_token_ids: Sequence[Sequence[int]]
-    ) -> list[dict[str, float]]:
-        results: list[dict[str, float]] = [{} for _ in prompt_token_ids]
-        if self.config.token_set == "response+eot":
-            response_token_ids = with_end_of_turn(response_token_ids, end_of_turn_id(self.model))
-        for batch, h, mask in iter_hidden_states(self.model, prompt_token_ids, response_token_ids, self.config):
-            if not self.variant.is_identity:
-                ids = (scored_token_ids(prompt_token_ids, response_token_ids, batch, h.shape[1], self.config)
-                       if self.variant.needs_token_ids else None)
-                ctx = TransformContext(stats=self.calibration, token_ids=ids, special_ids=self.special_ids)
-                h, mask = self.variant.apply(h, mask, ctx)
-            res = stable_rank(h, mask)
-            store_scores(results, batch, res)
-        return results
+        return HFScorer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

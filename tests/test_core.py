@@ -105,17 +105,17 @@ def _cands(srs, lens=None):
 
 def test_selectors_pick_and_break_ties_low_index():
     c = _cands([1.5, 2.5, 2.5, 1.0], lens=[4, 2, 9, 2])
-    assert get_selector("stable-rank")(c) == 1          # tie 2.5/2.5 -> lower index
-    assert get_selector("shortest")(c) == 1             # tie 2/2 -> lower index
-    assert get_selector("longest")(c) == 2
-    assert get_selector("first")(c) == 0
-    picks = {get_selector("random")(c, seed=s) for s in range(50)}
+    assert get_selector("stable-rank").fn(c) == 1          # tie 2.5/2.5 -> lower index
+    assert get_selector("shortest").fn(c) == 1             # tie 2/2 -> lower index
+    assert get_selector("longest").fn(c) == 2
+    assert get_selector("first").fn(c) == 0
+    picks = {get_selector("random").fn(c, seed=s) for s in range(50)}
     assert picks == {0, 1, 2, 3}
-    assert get_selector("random")(c, seed=3) == get_selector("random")(c, seed=3)
+    assert get_selector("random").fn(c, seed=3) == get_selector("random").fn(c, seed=3)
 
 
 def test_unknown_selector_lists_available():
-    with pytest.raises(ConfigError, match="Unknown selector 'best'. Available: first, longest, random"):
+    with pytest.raises(ConfigError, match="Unknown selector 'best'. Available: first, longest, majority"):
         get_selector("best")
     assert list(SELECTORS) == sorted(SELECTORS)
 
@@ -365,7 +365,10 @@ def test_cli_version_and_help():
 @pytest.mark.parametrize("extra,content,needle", [
     ([], '{"id": 1, "prompt": "a"}\n{"id": 2\n', "p.jsonl:2: malformed JSON"),
     (["--n", "0"], '{"id": 1, "prompt": "a"}\n', "n must be an integer >= 1"),
-    (["--selector", "best"], '{"id": 1, "prompt": "a"}\n', "Unknown selector 'best'"),
+    (["--selector", "best"], '{"id": 1, "prompt": "a"}\n', "Invalid value for '--selector'"),
+    (["--selector", "majority"], '{"id": 1, "prompt": "a"}\n', "--selector majority votes over answers"),
+    (["--answer-regex", "("], '{"id": 1, "prompt": "a"}\n', "not a valid regular expression"),
+    ([], '{"id": 1, "prompt": "a", "candidates": ["x"]}\n', "use `bon-sr score`"),
     ([], '{"id": 1, "prompt": ""}\n', "prompt is empty"),
     ([], '{"id": 1, "prompt": "a"}\n{"id": 1, "prompt": "b"}\n', "duplicate id"),
     (["--model", "no-such-model"], '{"id": 1, "prompt": "a"}\n', "Unknown model 'no-such-model'"),

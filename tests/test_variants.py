@@ -342,13 +342,13 @@ def test_layer_states_match_single_layer_scorer(tiny_model):
     """Every (norm, layer) from one pass equals iter_hidden_states for that layer alone, in any
     request order (regression: a post-norm intermediate layer once overwrote the last
     layer's pre-norm input, because it calls the final norm again)."""
-    from bon_sr.bench.ablate import iter_layer_states
-    from bon_sr.hidden_states import iter_hidden_states
+    from bon_sr.hidden_states import extract, iter_hidden_states
 
     prompts, responses = [[1, 2, 3], [4, 5]], [[6, 7, 8, 9], [10, 11, 12]]
     wanted = [("post", 0), ("pre", 2), ("post", 1), ("pre", 0), ("post", 2), ("pre", 1)]
     for order in (wanted, sorted(wanted), wanted[::-1]):
-        for batch, states, mask in iter_layer_states(tiny_model, prompts, responses, order, "response", 4096):
+        for b in extract(tiny_model, prompts, responses, views=order, token_set="response", max_batch_tokens=4096):
+            batch, states, mask = b.indices, b.states, b.mask
             for (norm, layer), h in states.items():
                 cfg = HiddenStateConfig(layer=layer, norm=norm)
                 for b2, h2, m2 in iter_hidden_states(tiny_model, [prompts[i] for i in batch],

@@ -44,8 +44,8 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, InputError
-from ..hidden_states import (NORMS, TOKEN_SETS, HiddenStateConfig, _decoder_parts, _first_tensor, end_of_turn_id,
-                             model_special_ids, padded_batches, scored_span, scored_token_ids, with_end_of_turn)
+from ..hidden_states import (NORMS, TOKEN_SETS, HiddenStateConfig, _decoder_parts, end_of_turn_id, extract,
+                             model_special_ids, scored_token_ids, with_end_of_turn)
 from ..models import ProgressFn
 from ..stable_rank import stable_rank
 from ..variants import CalibrationAccumulator, CalibrationStats, TransformContext, length_corrected, parse_variant
@@ -166,73 +166,6 @@ def _token_ids(records: Sequence[Mapping[str, Any]], tokenizer: Any, reuse: bool
     return prompts, responses, owner
 
 
-# -- hidden states of many layers in one pass ------------------------------------------------
-
-def iter_layer_states(
-    model: torch.nn.Module,
-    prompt_ids: Sequence[Sequence[int]],
-    response_ids: Sequence[Sequence[int]],
-    wanted: Sequence[tuple[str, int]],
-    token_set: str,
-    max_batch_tokens: int,
-):
-    """Yield ``(indices, {(norm, layer): h (b, S, d)}, mask (b, S))`` per micro-batch; the
-    same rows as ``iter_hidden_states`` with each (norm, layer), from one forward pass."""
-    base, layers, final_norm = _decoder_parts(model)
-    last = len(layers) - 1
-    device = next(model.parameters()).device
-    span_cfg = HiddenStateConfig(token_set=token_set)
-    captured: dict[int, torch.Tensor] = {}
-    # Hooks record only during the model's own forward: the post-norm states of other
-    # layers below call ``final_norm`` again, which would overwrite the last layer's input.
-    live = [False]
-
-    def keep(layer: int, value: torch.Tensor) -> None:
-        if live[0]:
-            captured[layer] = value
-
-    hooks = []
-    for layer in sorted({lay for norm, lay in wanted if not (lay == last and norm == "post")}):
-        if layer == last:
-            hooks.append(final_norm.register_forward_pre_hook(lambda mod, args: keep(last, args[0])))
-        else:
-            hooks.append(layers[layer].register_forward_hook(
-                lambda mod, args, out, _l=layer: keep(_l, _first_tensor(out))))
-    try:
-        for batch, ids, attn in padded_batches(prompt_ids, response_ids, max_batch_tokens):
-            captured.clear()
-            with torch.inference_mode():
-                live[0] = True
-                try:
-                    out = base(input_ids=ids.to(device), attention_mask=attn.to(device), use_cache=False)
-                finally:
-                    live[0] = False
-                states = {}
-                for norm, layer in wanted:
-                    if layer == last and norm == "post":
-                        states[(norm, layer)] = out.last_hidden_state
-                    elif norm == "post":
-                        states[(norm, layer)] = final_norm(captured[layer])
-                    else:
-                        states[(norm, layer)] = captured[layer]
-            spans = [scored_span(len(prompt_ids[i]), len(response_ids[i]), span_cfg) for i in batch]
-            span_len = max([e - s for s, e in spans] + [1])
-            mask = torch.zeros(len(batch), span_len, dtype=torch.bool, device=device)
-            for row, (s, e) in enumerate(spans):
-                mask[row, : max(e - s, 0)] = True
-            picked = {}
-            for key, h_all in states.items():
-                h = h_all.new_zeros(len(batch), span_len, h_all.shape[-1])
-                for row, (s, e) in enumerate(spans):
-                    if e > s:
-                        h[row, : e - s] = h_all[row, s:e]
-                picked[key] = h
-            yield batch, picked, mask
-    finally:
-        for hook in hooks:
-            hook.remove()
-
-
 # -- the run ---------------------------------------------------------------------------------
 
 @dataclass
@@ -248,12 +181,11 @@ def _calibrate(model: Any, inputs: _Inputs, keys: Sequence[tuple[str, int]], con
     sel = [i for i, k in enumerate(inputs.owner) if k < config.calibration_problems]
     accs = {key: CalibrationAccumulator() for key in keys}
     done = 0
-    for batch, states, mask in iter_layer_states(model, [inputs.prompts[i] for i in sel],
-                                                 [inputs.responses[i] for i in sel], keys, config.token_set,
-                                                 config.max_batch_tokens):
-        for key, h in states.items():
-            accs[key].update(h, mask)
-        done += len(batch)
+    for b in extract(model, [inputs.prompts[i] for i in sel], [inputs.responses[i] for i in sel], views=keys,
+                     token_set=config.token_set, max_batch_tokens=config.max_batch_tokens):
+        for key, h in b.states.items():
+            accs[key].update(h, b.mask)
+        done += len(b.indices)
         report("calibrating", done, len(sel))
     return {key: acc.finish() for key, acc in accs.items()}
 
@@ -267,8 +199,9 @@ def _score_cells(model: Any, inputs: _Inputs, cells: Sequence[Cell],
     sr: dict[tuple[str, str, int], list[float]] = {}
     span_cfg = HiddenStateConfig(token_set=config.token_set)
     done = 0
-    for batch, states, mask in iter_layer_states(model, inputs.prompts, inputs.responses, keys, config.token_set,
-                                                 config.max_batch_tokens):
+    for b in extract(model, inputs.prompts, inputs.responses, views=keys, token_set=config.token_set,
+                     max_batch_tokens=config.max_batch_tokens):
+        batch, states, mask = b.indices, b.states, b.mask
         ids = scored_token_ids(inputs.prompts, inputs.responses, batch, mask.shape[1], span_cfg)
         for (norm, layer), h in states.items():
             for spec in sorted({row_specs[c] for c in cells if c[1] == norm and c[2] == layer}):
@@ -384,7 +317,7 @@ def run_ablate(config: AblateConfig, out_dir: str | Path, *, progress: ProgressF
     if todo:
         prompts, responses, owner = _token_ids(records, tokenizer, reuse_ids)
         if config.token_set == "response+eot":
-            responses = with_end_of_turn(responses, end_of_turn_id(model))
+            responses = with_end_of_turn(responses, end_of_turn_id(model, tokenizer))
         special = frozenset(getattr(tokenizer, "all_special_ids", []) or []) | model_special_ids(model)
         inputs = _Inputs(prompts, responses, owner, special)
         stats: dict[tuple[str, int], CalibrationStats] = {}

@@ -19,36 +19,14 @@ sampling, answers or selection.
 
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 from typing import Any, Sequence
 
 import torch
 
-from ..hidden_states import HFScorer, HiddenStateConfig, iter_hidden_states
+from ..hidden_states import HiddenStateConfig, extract
+from ..scoring import HFScorer
 from ..stable_rank import stable_rank
-
-#: logits rows turned into log-softmax at once: bounds memory at rows x vocab x 4 bytes
-_LOGIT_CHUNK = 256
-
-
-def _token_stats(lm_head: torch.nn.Module, h: torch.Tensor, targets: torch.Tensor) -> tuple[float, float]:
-    """(mean log p(target), mean KL(U || p)) for rows ``h: (R, d)`` predicting ``targets: (R,)``."""
-    total_lp = 0.0
-    total_kl = 0.0
-    for start in range(0, h.shape[0], _LOGIT_CHUNK):
-        with torch.inference_mode():
-            lp, kl = _chunk_stats(lm_head, h[start:start + _LOGIT_CHUNK], targets[start:start + _LOGIT_CHUNK])
-        total_lp += lp
-        total_kl += kl
-    return total_lp / h.shape[0], total_kl / h.shape[0]
-
-
-def _chunk_stats(lm_head: torch.nn.Module, h: torch.Tensor, targets: torch.Tensor) -> tuple[float, float]:
-    logp = torch.log_softmax(lm_head(h).float(), dim=-1)
-    vocab = logp.shape[-1]
-    return (float(logp.gather(-1, targets[:, None].to(logp.device)).sum()),
-            float((-math.log(vocab) - logp.mean(dim=-1)).sum()))
 
 
 def score_candidates(
@@ -63,31 +41,26 @@ def score_candidates(
     if len(prompt_token_ids) != len(response_token_ids):
         raise ValueError("prompt_token_ids and response_token_ids must have the same length")
     config = config or HiddenStateConfig()
-    full = replace(config, token_set="full", layer=-1, norm="post", window=None)
     one_pass = config.layer == -1 and config.norm == "post" and config.window is None
-    lm_head = model.get_output_embeddings()
     nan = float("nan")
     out: list[dict[str, Any]] = [{} for _ in prompt_token_ids]
-    for batch, h, mask in iter_hidden_states(model, prompt_token_ids, response_token_ids, full):
-        # h: (b, S, d) rows 0..P+R of each pair, left-aligned; mask: (b, S)
+    view = ("post", -1)
+    for b in extract(model, prompt_token_ids, response_token_ids, views=[view], token_set="full",
+                     max_batch_tokens=config.max_batch_tokens, token_stats=True):
+        # states: (b, S, d) rows 0..P+R of each pair, left-aligned; mask: (b, S)
+        h, mask = b.states[view], b.mask
         if one_pass:
             resp_mask = mask.clone()
-            for row, i in enumerate(batch):
+            for row, i in enumerate(b.indices):
                 resp_mask[row, : len(prompt_token_ids[i])] = False
             sr_full = stable_rank(h, mask).stable_rank
             sr_resp = stable_rank(h, resp_mask).stable_rank
-        for row, i in enumerate(batch):
-            p, r = len(prompt_token_ids[i]), len(response_token_ids[i])
-            scores: dict[str, float] = {"num_tokens": float(r)}
+        for row, (i, (lp, sc)) in enumerate(zip(b.indices, b.token_stats or [])):
+            r = len(response_token_ids[i])
+            scores: dict[str, float] = {"num_tokens": float(r), "mean_logprob": lp, "self_certainty": sc}
             if one_pass:
                 scores["sr_full"] = float(sr_full[row])
                 scores["sr_response"] = float(sr_resp[row]) if r else nan
-            if r and p:
-                targets = torch.tensor(list(response_token_ids[i]), dtype=torch.long)
-                lp, sc = _token_stats(lm_head, h[row, p - 1:p + r - 1], targets)
-                scores.update(mean_logprob=lp, self_certainty=sc)
-            else:
-                scores.update(mean_logprob=nan, self_certainty=nan)
             out[i] = scores
     if not one_pass:
         for token_set, key in (("response", "sr_response"), ("full", "sr_full")):

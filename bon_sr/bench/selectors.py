@@ -6,12 +6,14 @@ returns uniform weights, so its accuracy is the EXPECTED correctness of a random
 (mean correctness over the candidates), not one noisy draw. The accuracy of a selector
 on a subset is then ``sum(w_i * correct_i)`` and its selected length ``sum(w_i * len_i)``.
 
-Ties always go to the EARLIEST candidate in the subset (subsets keep sampling order), so
-the same cache always gives the same numbers; since sampling order is random, that is a
-random tie-break in expectation. Majority vote: the answer class with most votes; equal
-counts go to the class whose first member comes earliest; the pick is that first member.
-Candidates with no extractable answer (group -1) do not vote; if none has an answer the
-first candidate is picked. A NaN score ranks below every number.
+Every pick is made by the product's own selector (``bon_sr.selectors``, wrapped by
+``picks``): the same function ``bon-sr generate`` runs, with its tie rule (the EARLIEST
+candidate in the subset: subsets keep sampling order, so the same cache always gives the
+same numbers, a random tie-break in expectation) and its NaN rule (NaN ranks last). The
+cache's score keys are ``sr_response`` / ``sr_full`` where the product says
+``stable_rank``. Candidates with no extractable answer (group -1) do not vote; if none
+in the subset has an answer the first candidate is picked. Only the oracle and the
+expected-value random@n are bench-only: they are not picks a user could make.
 
 Greedy is not here: it is a separate decode, not a pick from the samples. Selectors know
 nothing about models, sampling or answer checking beyond the cached ``group``/``correct``.
@@ -19,11 +21,11 @@ nothing about models, sampling or answer checking beyond the cached ``group``/``
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from ..errors import ConfigError
+from ..selectors import get_selector, select
 
 #: score names written by ``bench.scores`` into every cached candidate
 SCORE_KEYS = ("sr_response", "sr_full", "mean_logprob", "self_certainty")
@@ -50,81 +52,24 @@ def _one_hot(n: int, i: int) -> Weights:
     return w
 
 
-def _value(x: float) -> float:
-    return -math.inf if x is None or math.isnan(x) else x
-
-
-def _argmax(values: Sequence[float]) -> int:
-    best = 0
-    for i, v in enumerate(values):
-        if _value(v) > _value(values[best]):
-            best = i
-    return best
-
-
 def _need(cands: Sequence[Scored]) -> None:
     if not cands:
         raise ConfigError("cannot select from zero candidates")
 
 
-def score_max(key: str) -> BenchSelectorFn:
-    def select(cands: Sequence[Scored]) -> Weights:
+def picks(selector: str, **options: Any) -> BenchSelectorFn:
+    """The product selector ``selector`` (``bon_sr.selectors``) as one-hot weights: the
+    same function the API and CLI run, on the cache's score keys, falling back to the first
+    candidate when no candidate of the subset has an answer."""
+    spec = get_selector(selector)
+
+    def weights(cands: Sequence[Scored]) -> Weights:
         _need(cands)
-        missing = [i for i, c in enumerate(cands) if key not in c.scores]
-        if missing:
-            raise ConfigError(f"candidates {missing} have no '{key}' score; the cache predates this score.")
-        return _one_hot(len(cands), _argmax([c.scores[key] for c in cands]))
-    select.__doc__ = f"Highest '{key}'."
-    return select
+        groups = [c.group for c in cands] if spec.needs_answers else None
+        return _one_hot(len(cands), select(spec, cands, groups=groups, **options).index)
 
-
-def _vote(cands: Sequence[Scored], weight: Callable[[Scored], float],
-          tie: Callable[[Scored], float] | None = None) -> Weights:
-    _need(cands)
-    totals: dict[int, float] = {}
-    first: dict[int, int] = {}
-    for i, c in enumerate(cands):
-        if c.group < 0:
-            continue
-        totals[c.group] = totals.get(c.group, 0.0) + weight(c)
-        first.setdefault(c.group, i)
-    if not totals:
-        return _one_hot(len(cands), 0)
-    top = max(totals.values())
-    tied = [g for g in totals if totals[g] == top]
-    if tie is not None and len(tied) > 1:
-        best_tie = {g: max(_value(tie(c)) for c in cands if c.group == g) for g in tied}
-        hi = max(best_tie.values())
-        tied = [g for g in tied if best_tie[g] == hi]
-    group = min(tied, key=lambda g: first[g])
-    return _one_hot(len(cands), first[group])
-
-
-def majority(cands: Sequence[Scored]) -> Weights:
-    """Self-consistency: the most frequent extracted answer."""
-    return _vote(cands, lambda c: 1.0)
-
-
-def majority_sr_tiebreak(cands: Sequence[Scored]) -> Weights:
-    """Majority vote; tied answer classes are split by their highest SR (response)."""
-    return _vote(cands, lambda c: 1.0, tie=lambda c: c.scores.get("sr_response", math.nan))
-
-
-def sr_weighted_vote(cands: Sequence[Scored]) -> Weights:
-    """Each answer class scores the sum of its members' SR (response); the winning class's
-    highest-SR member is picked (its answer is the class's answer either way)."""
-    def weight(c: Scored) -> float:
-        sr = c.scores.get("sr_response", math.nan)
-        return 0.0 if sr is None or math.isnan(sr) else sr
-
-    w = _vote(cands, weight)
-    chosen = w.index(1.0)
-    group = cands[chosen].group
-    if group < 0:
-        return w
-    members = [i for i, c in enumerate(cands) if c.group == group]
-    best = members[_argmax([cands[i].scores.get("sr_response", math.nan) for i in members])]
-    return _one_hot(len(cands), best)
+    weights.__doc__ = spec.description
+    return weights
 
 
 def oracle(cands: Sequence[Scored]) -> Weights:
@@ -139,12 +84,6 @@ def random_expected(cands: Sequence[Scored]) -> Weights:
     return [1.0 / len(cands)] * len(cands)
 
 
-def shortest(cands: Sequence[Scored]) -> Weights:
-    """Fewest response tokens (a length baseline: SR correlates with length)."""
-    _need(cands)
-    return _one_hot(len(cands), _argmax([-float(c.num_tokens) for c in cands]))
-
-
 @dataclass(frozen=True)
 class BenchSelector:
     name: str
@@ -157,16 +96,20 @@ RANDOM = "random"
 ORACLE = "oracle"
 
 BENCH_SELECTORS: dict[str, BenchSelector] = {s.name: s for s in [
-    BenchSelector("majority", majority, "majority vote over extracted answers (self-consistency)"),
-    BenchSelector("majority-sr-tiebreak", majority_sr_tiebreak, "majority vote, ties split by SR (response)"),
-    BenchSelector("mean-logprob", score_max("mean_logprob"), "highest mean token log-prob"),
+    BenchSelector("majority", picks("majority", fallback="first"),
+                  "majority vote over extracted answers (self-consistency)"),
+    BenchSelector("majority-sr-tiebreak", picks("majority-sr", sr_key="sr_response", fallback="first"),
+                  "majority vote, ties split by SR (response)"),
+    BenchSelector("mean-logprob", picks("mean-logprob"), "highest mean token log-prob"),
     BenchSelector(ORACLE, oracle, "pass@n: any candidate correct (ceiling)"),
     BenchSelector(RANDOM, random_expected, "random@n, expected value (mean correctness)"),
-    BenchSelector("self-certainty", score_max("self_certainty"), "highest self-certainty (Kang et al. 2025)"),
-    BenchSelector("shortest", shortest, "fewest response tokens"),
-    BenchSelector("sr-full", score_max("sr_full"), "highest stable rank, prompt + response tokens"),
-    BenchSelector("sr-response", score_max("sr_response"), "highest stable rank, response tokens (paper)"),
-    BenchSelector("sr-weighted-vote", sr_weighted_vote, "majority vote weighted by SR (response)"),
+    BenchSelector("self-certainty", picks("self-certainty"), "highest self-certainty (Kang et al. 2025)"),
+    BenchSelector("shortest", picks("shortest"), "fewest response tokens"),
+    BenchSelector("sr-full", picks("stable-rank", sr_key="sr_full"), "highest stable rank, prompt + response tokens"),
+    BenchSelector("sr-response", picks("stable-rank", sr_key="sr_response"),
+                  "highest stable rank, response tokens (paper)"),
+    BenchSelector("sr-weighted-vote", picks("sr-weighted-vote", sr_key="sr_response", fallback="first"),
+                  "majority vote weighted by SR (response)"),
 ]}
 
 
