@@ -273,6 +273,12 @@ def test_rank_eval_rewardbench_file_offline(tmp_path, tiny_model_dir, one_thread
     assert sr["sections"]["Reasoning"] == pytest.approx(reasoning)
     assert "RewardBench" in result.output and "overall" in result.output
     assert "| Chat | Chat Hard | Safety | Reasoning | overall |" in (out / "rewardbench.md").read_text()
+    # a pairs file of RewardBench subsets is scored the RewardBench way without the flag too
+    (out / "rewardbench.json").unlink()
+    again = CliRunner().invoke(rank_eval, ["--pairs", str(FIXTURES / "rewardbench.jsonl"), "--model", tiny_model_dir,
+                                           "--dtype", "float32", "--bootstrap", "100", "-o", str(out)])
+    assert again.exit_code == 0, again.output
+    assert json.loads((out / "rewardbench.json").read_text())["results"] == s["results"]
 
 
 def test_cli_preset_and_source_errors(tmp_path):

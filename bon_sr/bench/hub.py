@@ -145,7 +145,8 @@ def _fixture_rows(path: Path, name: str, spec: HubSpec) -> list[dict[str, Any]]:
         # route would have known from the config it was downloading.
         unknown = {r.get("_config") for r in rows} - set(spec.configs)
         if unknown:
-            raise InputError(f"{file}: rows need a '_config' among {spec.repo}'s configs; got {sorted(map(str, unknown))}.")
+            raise InputError(f"{file}: rows need a '_config' among {spec.repo}'s configs; "
+                             f"got {sorted(map(str, unknown))}.")
     return rows
 
 
