@@ -240,14 +240,35 @@ class BestOfN:
         return self._sampler
 
     @property
+    def hf_model(self) -> Any:
+        """The frozen transformers model (loaded on first use when the backend is vLLM)."""
+        if self._hf_model is None:
+            self._hf_model, _ = load_hf_model(self.model_path, device=self.device, dtype=self.dtype)
+        return self._hf_model
+
+    def sample(self, prompt_token_ids: Sequence[Sequence[int]], seeds: Sequence[int], *,
+               greedy: bool = False) -> tuple[list[list[Candidate]], list[Candidate] | None]:
+        """The configured ``n`` candidates per tokenised prompt (already scored when the hook
+        scores in the sampling pass) and, with ``greedy``, one greedy decode per prompt: in
+        the same vLLM call as the samples (a lone greedy pass is a small batch that costs
+        about as much wall time), else a separate greedy sampler."""
+        both = getattr(self.sampler, "sample_and_greedy", None)
+        if greedy and both is not None:
+            return both(prompt_token_ids, n=self.sampling.n, seeds=seeds)
+        groups = self.sampler.sample(prompt_token_ids, n=self.sampling.n, seeds=seeds)
+        if not greedy:
+            return groups, None
+        config = SamplingConfig(n=1, greedy=True, max_new_tokens=self.sampling.max_new_tokens,
+                                stop=self.sampling.stop, seed=self.sampling.seed)
+        return groups, [g[0] for g in self.make_sampler(config).sample(prompt_token_ids, n=1, seeds=seeds)]
+
+    @property
     def scorer(self) -> Any:
         """The scorer for caller-supplied candidates (and for sampled ones unless the hook
         scored them in the sampling pass): ``score(prompt_ids, response_ids) -> [dict]``."""
         if self._scorer is None:
             if self.scorer_name == "hf":
-                if self._hf_model is None:
-                    self._hf_model, _ = load_hf_model(self.model_path, device=self.device, dtype=self.dtype)
-                self._scorer = HFScorer(self._hf_model, self.scoring, logit_stats=self.logit_stats,
+                self._scorer = HFScorer(self.hf_model, self.scoring, logit_stats=self.logit_stats,
                                         tokenizer=self.tokenizer)
             elif self.scorer_name == "hook":
                 self._scorer = self._vllm.hook_scorer(self.scoring, logit_stats=self.logit_stats)
@@ -393,7 +414,7 @@ class BestOfN:
         if given is None:
             for ids, where in zip(prompt_ids, wheres):
                 check_fits(ids, self.sampling.max_new_tokens, self.context, where)
-            groups = self.sampler.sample(prompt_ids, n=self.sampling.n, seeds=seeds)
+            groups, _ = self.sample(prompt_ids, seeds)
         else:
             groups = [self._candidates_from_input(c or [], w) for c, w in zip(given, wheres)]
             for ids, group, where in zip(prompt_ids, groups, wheres):

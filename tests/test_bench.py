@@ -354,10 +354,15 @@ def fake_generator(tiny_model, calls):
 
     sampler = FakeSampler(tok, responses)
     greedy = FakeSampler(tok, lambda ids, n, seed: ["The answer is 5."])
-    return SimpleNamespace(backend="hf", context=None, tokenizer=tok, sampler=sampler,
-                           sampling=SamplingConfig(n=4), scorer=SimpleNamespace(model=tiny_model),
+
+    def sample(prompt_ids, seeds):
+        groups = sampler.sample(prompt_ids, n=4, seeds=seeds)
+        return groups, [g[0] for g in greedy.sample(prompt_ids, n=1, seeds=seeds)]
+
+    # the public surface the bench uses: encode, context, sample(..., greedy=True), hf_model
+    return SimpleNamespace(backend="hf", context=None, tokenizer=tok, hf_model=tiny_model,
                            encode=lambda prompt, where="": tok(prompt)["input_ids"],
-                           make_sampler=lambda config: greedy)
+                           sample=lambda prompt_ids, seeds, greedy=False: sample(prompt_ids, seeds))
 
 
 def test_run_bench_caches_and_resumes(tmp_path, monkeypatch, tiny_model):

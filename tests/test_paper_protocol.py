@@ -225,7 +225,8 @@ def test_bench_preset_paper_end_to_end(tmp_path, tiny_model_dir, one_thread):
 
     from bon_sr.bench.cli import bench
 
-    args = ["--preset", "paper", "--model", tiny_model_dir, "--data-source", SOURCE, "--max-new-tokens", "4",
+    args = ["--preset", "paper", "--model", tiny_model_dir, "--backend", "hf", "--data-source", SOURCE,
+            "--max-new-tokens", "4",
             "--dtype", "float32", "--bootstrap", "100", "--subsets", "4", "-o", str(tmp_path)]
     result = CliRunner().invoke(bench, args)
     assert result.exit_code == 0, result.output

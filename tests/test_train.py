@@ -105,6 +105,24 @@ def test_reward_keeps_eos_when_asked_and_logs_metrics() -> None:
     assert {"stable_rank/mean", "stable_rank/min", "stable_rank/max", "completions/repeated_4gram_frac"} <= set(logged)
 
 
+@needs_train
+def test_reward_refuses_a_policy_without_adapters_unless_given_a_frozen_model() -> None:
+    policy = _tiny_llama()                       # full fine-tuning: no LoRA adapters
+    reference = copy.deepcopy(policy)
+    kwargs = dict(prompts=["p"], completions=["c"], completion_ids=[COMPLETIONS[1]], prompt_ids=[PROMPTS[1]])
+    with pytest.raises(ConfigError, match="no LoRA adapters"):
+        StableRankReward(model=policy)(**kwargs)
+    frozen = copy.deepcopy(reference)
+    reward = StableRankReward(model=policy, reward_model=frozen)
+    before = reward(**kwargs)
+    with torch.no_grad():
+        for p in policy.parameters():            # training moves the policy ...
+            p.add_(0.1)
+    assert reward(**kwargs) == before            # ... but not the reward
+    core = HFScorer(reference).score([PROMPTS[1]], [COMPLETIONS[1]])[0]["stable_rank"]
+    torch.testing.assert_close(torch.tensor(before[0]), torch.tensor(core), rtol=1e-5, atol=1e-6)
+
+
 def test_reward_without_model_says_how_to_bind() -> None:
     with pytest.raises(ConfigError, match="bind"):
         StableRankReward()(prompts=["p"], completions=["c"], completion_ids=[[1]], prompt_ids=[[1]])

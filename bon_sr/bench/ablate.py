@@ -132,7 +132,7 @@ def find_cache(cache_dir: str | Path, task: str | None) -> tuple[str, Path, dict
 
 
 def _load_scoring_model(name: str, config: AblateConfig, progress: ProgressFn | None) -> tuple[Any, Any]:
-    from ..api import load_hf_model
+    from ..models import load_hf_model
     from ..models import resolve_model
 
     model, tokenizer = load_hf_model(resolve_model(name, progress=progress), device=config.device,

@@ -79,8 +79,9 @@ def _errors() -> tuple[type[BaseException], ...]:
 @click.option("--n", "n_values", default="1,2,4,8,16", show_default=True,
               help="Comma-separated n to evaluate; max(n) candidates are sampled once per problem.")
 @click.option("--limit", type=int, default=None, help="Use the first K problems of each task.")
-@click.option("--backend", type=click.Choice(["hf", "vllm", "auto"]), default="hf", show_default=True,
-              help="Sampling backend (scoring always runs the frozen model with transformers).")
+@click.option("--backend", type=click.Choice(["hf", "vllm", "auto"]), default="auto", show_default=True,
+              help="Sampling backend; auto = vLLM when importable, else transformers (scoring always runs "
+                   "the frozen model with transformers).")
 @click.option("--max-new-tokens", type=int, default=None,
               help="Generation budget per candidate (default: the task's, 512 or 1024 for math500).")
 @click.option("--temperature", type=float, default=0.7, show_default=True, help="Sampling temperature.")

@@ -60,7 +60,7 @@ class BenchConfig:
     model: str = DEFAULT_MODEL
     n: tuple[int, ...] = (1, 2, 4, 8, 16)
     limit: int | None = None
-    backend: str = "hf"
+    backend: str = "auto"
     max_new_tokens: int | None = None
     temperature: float = 0.7
     top_p: float = 0.9
@@ -130,7 +130,10 @@ def read_cache(path: Path) -> dict[str, dict[str, Any]]:
 
 
 def _identity(config: BenchConfig, max_new_tokens: int) -> dict[str, Any]:
-    return {"model": config.model, "backend": config.backend, "n_samples": config.n_max,
+    from ..api import _resolve_backend
+
+    # The resolved backend: "auto" samples with vLLM on one machine and HF on another.
+    return {"model": config.model, "backend": _resolve_backend(config.backend), "n_samples": config.n_max,
             "temperature": config.temperature, "top_p": config.top_p, "max_new_tokens": max_new_tokens,
             "seed": config.seed, "dtype": config.dtype}
 
@@ -179,17 +182,12 @@ def check_record(rec: dict[str, Any]) -> dict[str, Any]:
 
 # -- generation ---------------------------------------------------------------------------
 
-def _greedy_sampler(bon: Any, max_new_tokens: int) -> Any:
-    config = SamplingConfig(n=1, greedy=True, max_new_tokens=max_new_tokens, seed=bon.sampling.seed)
-    return bon.make_sampler(config)
-
-
 def _load_generator(config: BenchConfig, max_new_tokens: int, n_samples: int, progress: ProgressFn | None) -> Any:
     from ..api import BestOfN
 
-    # The scorer is always HF: the bench also needs logits (log-prob, self-certainty) and
-    # any layer/norm, which the vLLM pooling engine cannot give.
-    return BestOfN(config.model, backend=config.backend, scorer="hf", n=n_samples,
+    # Sampling only: the bench scores every candidate itself (bench.scores: both token sets,
+    # log-prob and self-certainty from one HF pass), so BestOfN scores nothing.
+    return BestOfN(config.model, backend=config.backend, scorer="hf", n=n_samples, selector="first", score=False,
                    temperature=config.temperature, top_p=config.top_p, max_new_tokens=max_new_tokens,
                    seed=config.seed, dtype=config.dtype, device=config.device,
                    max_batch_tokens=config.max_batch_tokens, progress=progress)
@@ -206,11 +204,6 @@ def generate_records(
     """Sample, decode greedily, score and check; yield one finished record per problem."""
     from ..hidden_states import HiddenStateConfig
 
-    # vLLM decodes the greedy answer in the same call as the samples (a lone greedy pass is
-    # a small batch that costs as much wall time); other samplers run it separately.
-    both = getattr(bon.sampler, "sample_and_greedy", None)
-    greedy = None if both is not None else _greedy_sampler(bon, max_new_tokens)
-    model = bon.scorer.model
     scoring = HiddenStateConfig(max_batch_tokens=config.max_batch_tokens)
     size = config.chunk_size or (1 if bon.backend == "hf" else 16)
     for start in range(0, len(problems), size):
@@ -221,15 +214,11 @@ def generate_records(
         # Seeds derive from the problem id, not its position: a resumed or re-limited run
         # draws exactly the samples an uninterrupted run would have drawn.
         seeds = [derive_seed(config.seed, f"{task_name}:{p.id}") for p in chunk]
-        if both is not None:
-            samples, lone = both(prompt_ids, n=n_samples, seeds=seeds)
-            greedies = [[g] for g in lone]
-        else:
-            samples = bon.sampler.sample(prompt_ids, n=n_samples, seeds=seeds)
-            greedies = greedy.sample(prompt_ids, n=1, seeds=seeds)
+        samples, lone = bon.sample(prompt_ids, seeds, greedy=True)
+        greedies = [[g] for g in lone]
         flat_p = [ids for ids, group in zip(prompt_ids, samples) for _ in range(len(group) + 1)]
         flat_r = [c.token_ids for group, g in zip(samples, greedies) for c in [*group, g[0]]]
-        scores = iter(score_candidates(model, flat_p, flat_r, config=scoring))
+        scores = iter(score_candidates(bon.hf_model, flat_p, flat_r, config=scoring))
         for p, ids, seed, group, g in zip(chunk, prompt_ids, seeds, samples, greedies):
             cands = [_candidate_record(c, next(scores), None, False, None) for c in group]
             rec = {"version": CACHE_VERSION, "id": p.id, "prompt": p.prompt, "prompt_token_ids": list(ids),
@@ -395,9 +384,8 @@ def run_rank_eval(
 ) -> dict[str, Any]:
     """Score both responses of every pair with the frozen model (cached, resumable), then
     report each scorer's pairwise accuracy overall and per category."""
-    from ..api import load_hf_model
     from ..hidden_states import HiddenStateConfig
-    from ..models import resolve_model
+    from ..models import load_hf_model, resolve_model
     from ..prompts import encode_prompt, encode_response
     from .report import summarize_pairs, write_rank_report
 

@@ -22,9 +22,10 @@ What is scored, per completion:
 - by the policy with its LoRA adapters DISABLED (``peft``'s ``disable_adapter()``) and in
   eval mode (no dropout), so the reward is a function of the frozen base weights only and
   the policy cannot reshape the geometry it is rewarded on;
-- through ``bon_sr.hidden_states.iter_hidden_states`` (token set, layer, norm, window and
-  the padded-token budget that bounds memory, as in ``HiddenStateConfig``) and
-  ``bon_sr.stable_rank.stable_rank``, under ``torch.inference_mode``.
+- or by ``reward_model``, a separate frozen copy, when the policy has no adapters (full
+  fine-tuning); a policy without adapters and no reward model is refused;
+- through ``bon_sr.scoring.HFScorer``, the Best-of-N scorer itself (token set, layer, norm,
+  window and the padded-token budget that bounds memory, as in ``HiddenStateConfig``).
 
 An empty scored span gets SR 0.0 (the core convention), below any real completion.
 
@@ -43,8 +44,8 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from ..errors import ConfigError
-from ..hidden_states import HiddenStateConfig, iter_hidden_states
-from ..stable_rank import stable_rank
+from ..hidden_states import HiddenStateConfig
+from ..scoring import HFScorer
 
 logger = logging.getLogger(__name__)
 
@@ -76,15 +77,20 @@ def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
     return ids
 
 
+def has_adapters(model: torch.nn.Module) -> bool:
+    """A peft model whose adapters can be switched off (``disable_adapter``)."""
+    return callable(getattr(model, "disable_adapter", None))
+
+
 @contextmanager
 def frozen_base(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     """The base model inside ``model``: LoRA adapters disabled, eval mode, restored after.
 
-    A model without adapters (not a peft model) is used as it is.
+    A model without adapters (not a peft model, e.g. a separate frozen reward model) is
+    used as it is; ``StableRankReward`` refuses a policy without adapters.
     """
     was_training = model.training
-    disable = getattr(model, "disable_adapter", None)
-    ctx = disable() if callable(disable) else nullcontext()
+    ctx = model.disable_adapter() if has_adapters(model) else nullcontext()
     model.eval()
     try:
         with ctx:
@@ -101,6 +107,11 @@ class StableRankReward:
     >>> reward.bind(trainer)        # after the trainer has wrapped the model with peft
 
     ``SRGRPOTrainer`` binds itself. ``model`` and ``tokenizer`` may also be set directly.
+
+    The reward must come from FROZEN weights: the policy's base with its LoRA adapters
+    disabled, or ``reward_model``, a separate frozen copy (full fine-tuning). A policy
+    without adapters and no ``reward_model`` is refused: it would reward the policy with
+    the geometry it is itself reshaping.
     """
 
     __name__ = "stable_rank"
@@ -113,9 +124,13 @@ class StableRankReward:
         tokenizer: Any = None,
         strip_eos: bool = True,
         chat_template_kwargs: dict[str, Any] | None = None,
+        reward_model: torch.nn.Module | None = None,
     ):
         self.config = config or HiddenStateConfig()
         self.model = model
+        self.reward_model = reward_model
+        if reward_model is not None:
+            reward_model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.strip_eos = strip_eos
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
@@ -160,16 +175,17 @@ class StableRankReward:
     # -- pieces -------------------------------------------------------------------------
 
     def score(self, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]]) -> list[float]:
-        """SR per (prompt, response) pair under the frozen base model, in input order."""
-        if self.model is None:
+        """SR per (prompt, response) pair under the frozen model, in input order."""
+        model = self.reward_model if self.reward_model is not None else self.model
+        if model is None:
             raise ConfigError("StableRankReward has no model; set reward.model or call reward.bind(trainer).")
-        out = [0.0] * len(response_ids)
-        with frozen_base(self.model) as base, torch.inference_mode():
-            for batch, h, mask in iter_hidden_states(base, prompt_ids, response_ids, self.config):
-                res = stable_rank(h, mask)
-                for row, i in enumerate(batch):
-                    out[i] = float(res.stable_rank[row])
-        return out
+        if self.reward_model is None and not has_adapters(model):
+            raise ConfigError("The policy has no LoRA adapters, so its own (trained) weights would compute the "
+                              "reward. Train with LoRA (bon-sr train does), or pass a separate frozen copy: "
+                              "StableRankReward(..., reward_model=AutoModelForCausalLM.from_pretrained(base)).")
+        with frozen_base(model) as base, torch.inference_mode():
+            return [s["stable_rank"] for s in HFScorer(base, self.config, tokenizer=self.tokenizer)
+                    .score(prompt_ids, response_ids)]
 
     def _response_ids(self, ids: Sequence[int]) -> list[int]:
         ids = [int(t) for t in ids]

@@ -333,7 +333,7 @@ def build_trainer(
     prompt_set = prompts if isinstance(prompts, PromptSet) else load_prompts(prompts)
     from transformers import AutoConfig, AutoTokenizer
 
-    from ..api import load_hf_model
+    from ..models import load_hf_model
 
     model_path = resolve_model(config.model, progress=progress)
     try:
