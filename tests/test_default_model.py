@@ -136,3 +136,33 @@ def test_cli_ctrl_c_keeps_finished_records_and_resume_completes(tmp_path, defaul
     final = [json.loads(x) for x in out.read_text().splitlines()]
     assert [x["id"] for x in final] == [str(i) for i in range(1, 7)]
     assert final[: len(kept)] == kept
+
+
+def test_cli_generate_majority_vote_on_math_prompts(tmp_path, default_model_dir):
+    """The selector that measured best here, end to end on the real model: answers are
+    extracted, the votes are in the output, and the pick carries the most-voted answer."""
+    p = tmp_path / "math.jsonl"
+    p.write_text("".join(json.dumps({"id": f"q{a}", "prompt": f"What is {a} + {a}? Answer with the number."}) + "\n"
+                         for a in (2, 7, 12)))
+    out = tmp_path / "out.jsonl"
+    r = _run_cli("generate", str(p), "-o", str(out), "--backend", "hf", "--n", "5", "--max-new-tokens", "32",
+                 "--selector", "majority", "--answer", "numeric")
+    assert r.returncode == 0, r.stderr
+    recs = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(recs) == 3
+    voted = 0
+    for rec in recs:
+        answers = [c.get("answer") for c in rec["candidates"]]
+        assert rec["selector"] == "majority" and rec["config"]["answer"] == "numeric"
+        assert not rec["scores"]                                   # majority needs no hidden-state pass
+        if not any(a is not None for a in answers):
+            assert rec["rule"].startswith("fallback: first") and rec["best_index"] == 0
+            continue
+        voted += 1
+        counts = {a: answers.count(a) for a in answers if a is not None}
+        assert rec["votes"] == counts
+        top = max(counts.values())
+        winner = next(a for a in answers if a is not None and counts[a] == top)   # earliest of the tied
+        assert rec["answer"] == winner == answers[rec["best_index"]]
+        assert rec["best_index"] == answers.index(winner) and rec["rule"] == "majority"
+    assert voted >= 2, recs                                        # the model answers simple sums
