@@ -1,7 +1,15 @@
-"""The vLLM backend: a generate engine for sampling, a pooling engine for hidden states.
+"""The vLLM backend: a generate engine for sampling; stable rank from a hook in that
+engine (``hook=True``) or from a second, pooling engine (the fallback).
 
-vLLM's ``generate`` returns no hidden states, and one engine cannot both generate and
-encode, so scoring uses a SECOND engine with the pooling runner (``runner="pooling"``,
+The hook (``bon_sr.vllm_hook``): the generate engine starts with bon-sr's worker extension
+and prefix caching on; the worker keeps each candidate's last-layer post-norm rows as
+decoding computes them and returns only the stable rank (and optionally mean log-prob and
+self-certainty) per candidate. One engine, so on CUDA it gets vLLM's usual memory share
+(``gpu_memory_utilization`` 0.9). ``check_scorer`` says, without starting anything,
+whether the hook or the pooling engine can compute a given ``HiddenStateConfig``.
+
+The pooling fallback: vLLM's ``generate`` returns no hidden states, and one engine cannot
+both generate and encode, so it uses a SECOND engine with the pooling runner (``runner="pooling"``,
 ``convert="embed"``, token-wise ``ALL`` pooling, activation off). It returns the last
 layer's post-final-norm states (HF ``hidden_states[-1]``; 2e-6 relative in float32), one
 row per token, for exactly the prompt+response ids it is given. That is the only layer
@@ -13,7 +21,8 @@ a generate engine, and sampling with the HF scorer never starts a pooling engine
 Memory. The engines (and an HF scorer, if chosen) share one device, so each engine gets
 its own budget instead of vLLM's default of "most of the device" (the first engine would
 take everything and the second would not start):
-- CUDA: ``gpu_memory_utilization`` 0.45 for the generate engine and
+- CUDA: ``gpu_memory_utilization`` 0.45 for the generate engine (0.9 with the hook, when no
+  pooling engine is started) and
   ``pooling_gpu_memory_utilization`` 0.2 for the pooling engine (fractions of the whole
   GPU; what is left serves an HF scorer or other work).
 - CPU: KV-cache bytes per engine, ``kv_cache_memory_bytes`` (default 2 GiB) and
@@ -38,27 +47,36 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import replace
 from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
 from .errors import ConfigError, InputError, MissingExtraError, ModelError
-from .hidden_states import HiddenStateConfig, scored_span, store_scores
+from .hidden_states import HiddenStateConfig, scored_span
 from .samplers import SamplingConfig
+from .scoring import store_scores
 from .stable_rank import stable_rank
+from .vllm_hook import (WORKER_EXTENSION, check_hook_config, has_hook_extension, hook_missing_message,
+                        install_hook)
 
 logger = logging.getLogger(__name__)
 
 GiB = 1 << 30
 CPU_KV_CACHE_BYTES = {"generate": 2 * GiB, "pooling": 1 * GiB}
 CUDA_MEMORY_UTILIZATION = {"generate": 0.45, "pooling": 0.2}
+#: vLLM's own default: with the hook the generate engine is the only one.
+CUDA_MEMORY_UTILIZATION_HOOK = 0.9
+SCORER_KINDS = ("hook", "pooling")
+#: The in-pass hook scorer's name; its presence tells the API this build has the hook.
+HOOK_SCORER = "hook"
 
 #: vllm_options understood by VLLMBackend (everything else is a ConfigError).
 OPTIONS = {
     "generate_llm": "an existing vllm.LLM to sample with (no generate engine is started)",
     "max_model_len": "context length of both engines (default: the model's)",
     "enforce_eager": "eager mode (default: True on CPU, vLLM's default on CUDA)",
-    "gpu_memory_utilization": "generate engine's fraction of the GPU (default 0.45)",
+    "gpu_memory_utilization": "generate engine's fraction of the GPU (default 0.45; 0.9 with the hook)",
     "pooling_gpu_memory_utilization": "pooling engine's fraction of the GPU (default 0.2)",
     "kv_cache_memory_bytes": "generate engine's KV cache in bytes (CPU default 2 GiB)",
     "pooling_kv_cache_memory_bytes": "pooling engine's KV cache in bytes (CPU default 1 GiB)",
@@ -235,7 +253,8 @@ class VLLMBackend:
     first ``sampler(...).sample`` / ``scorer(...).score`` that needs them.
     """
 
-    def __init__(self, model_path: str, *, dtype: str = "auto", seed: int = 0, **options: Any):
+    def __init__(self, model_path: str, *, dtype: str = "auto", seed: int = 0, hook: bool = False,
+                 **options: Any):
         unknown = sorted(set(options) - set(OPTIONS))
         if unknown:
             raise ConfigError(f"Unknown vllm_options {', '.join(map(repr, unknown))}. "
@@ -248,6 +267,8 @@ class VLLMBackend:
         self.dtype = dtype
         self.seed = int(seed)
         self.options = dict(options)
+        self.hook = bool(hook)
+        self._hook_installed = False
         self._generate_llm: Any = options.get("generate_llm")
         self._pooling_llm: Any = None
         self._hf_config: Any = None
@@ -266,7 +287,7 @@ class VLLMBackend:
     # -- engines ------------------------------------------------------------------------
 
     def _model_context(self) -> int | None:
-        from .api import model_context
+        from .models import model_context
 
         return model_context(self._config())
 
@@ -295,24 +316,35 @@ class VLLMBackend:
         elif kv_bytes:
             kwargs["kv_cache_memory_bytes"] = int(kv_bytes)
         else:
-            kwargs["gpu_memory_utilization"] = float(opts.get(f"{prefix}gpu_memory_utilization")
-                                                     or CUDA_MEMORY_UTILIZATION[role])
+            default = (CUDA_MEMORY_UTILIZATION_HOOK if self.hook and role == "generate"
+                       else CUDA_MEMORY_UTILIZATION[role])
+            kwargs["gpu_memory_utilization"] = float(opts.get(f"{prefix}gpu_memory_utilization") or default)
         if role == "pooling":
             from vllm.config import PoolerConfig
 
             kwargs.update(runner="pooling", convert="embed", enable_prefix_caching=False,
                           pooler_config=PoolerConfig(task="token_embed", pooling_type="ALL", use_activation=False))
-        elif self.cpu:
-            # Per-request seeds need it (see samplers.vllm); without chunking a prompt must
-            # fit one scheduler step.
-            kwargs.update(enable_chunked_prefill=False,
-                          max_num_batched_tokens=max(int(self.context or 0), 2048))
+        else:
+            if self.cpu:
+                # Per-request seeds need it (see samplers.vllm); without chunking a prompt must
+                # fit one scheduler step.
+                kwargs.update(enable_chunked_prefill=False,
+                              max_num_batched_tokens=max(int(self.context or 0), 2048))
+            if self.hook:
+                # Prefix caching turns the hook's fill step into a one-block prefill.
+                kwargs.update(worker_extension_cls=WORKER_EXTENSION, enable_prefix_caching=True)
         kwargs.update(opts.get(f"{prefix}engine_kwargs") or {})
         return kwargs
 
     def _start(self, role: str) -> Any:
         vllm = import_vllm()
         kwargs = self._engine_kwargs(role)
+        if self.hook and role == "generate":
+            # The hook wraps the V1 model runner; on CUDA vLLM would pick Model Runner V2.
+            if os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "0") not in ("0", "false", "False"):
+                raise ConfigError("The bon-sr hook needs vLLM's V1 model runner, but VLLM_USE_V2_MODEL_RUNNER is "
+                                  f"{os.environ['VLLM_USE_V2_MODEL_RUNNER']!r}; unset it or use scorer='pooling'.")
+            os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
         logger.info("starting the vLLM %s engine for %s", role, self.model_path)
         try:
             return vllm.LLM(**kwargs)
@@ -326,6 +358,10 @@ class VLLMBackend:
     def generate_llm(self) -> Any:
         if self._generate_llm is None:
             self._generate_llm = self._start("generate")
+        if self.hook and not self._hook_installed:
+            info = install_hook(self._generate_llm)  # a caller's engine without it: ConfigError
+            logger.info("bon-sr hook active in the generate engine (%s)", info)
+            self._hook_installed = True
         return self._generate_llm
 
     @property
@@ -336,11 +372,42 @@ class VLLMBackend:
 
     # -- components ---------------------------------------------------------------------
 
-    def sampler(self, sampling: SamplingConfig, *, logprobs: bool | None = None) -> Any:
+    def sampler(self, sampling: SamplingConfig, scoring: HiddenStateConfig | None = None, *,
+                logit_stats: bool = False, logprobs: bool | None = None) -> Any:
+        """Candidates of ``sample`` / ``sample_and_greedy``; with ``scoring`` (needs
+        ``hook=True``) their ``scores`` already hold the hook's score dict."""
+        if scoring is not None:
+            self.check_scorer("hook", scoring)
         return _LazySampler(self, sampling, bool(self.options.get("logprobs", False) if logprobs is None
-                                                 else logprobs))
+                                                 else logprobs), scoring, logit_stats)
+
+    def hook_scorer(self, scoring: HiddenStateConfig, *, logit_stats: bool = False) -> "_LazyHookScorer":
+        """Scores caller-supplied candidates with the hook (teacher-forced prefill in the
+        generate engine; no pooling engine)."""
+        self.check_scorer("hook", scoring)
+        return _LazyHookScorer(self, scoring, logit_stats)
+
+    def check_scorer(self, kind: str, scoring: HiddenStateConfig) -> None:
+        """ConfigError unless ``kind`` ('hook' or 'pooling') can compute ``scoring``; starts
+        no engine (a caller's own engine is only inspected)."""
+        if kind not in SCORER_KINDS:
+            raise ConfigError(f"Unknown vLLM scorer '{kind}'. Available: {', '.join(SCORER_KINDS)}")
+        if kind == "pooling":
+            self.scorer(scoring)
+            return
+        if not self.hook:
+            raise ConfigError("This VLLMBackend was built without the hook (hook=False); use scorer='pooling'.")
+        given = self.options.get("generate_llm")
+        if given is not None and not has_hook_extension(given):
+            raise ConfigError(hook_missing_message())
+        if scoring.layer != -1:
+            layers = getattr(self._text_config(), "num_hidden_layers", None)
+            if layers is not None and scoring.layer == layers - 1:
+                scoring = replace(scoring, layer=-1)
+        check_hook_config(scoring)
 
     def scorer(self, scoring: HiddenStateConfig) -> "_LazyScorer":
+        """The pooling-engine scorer (the fallback)."""
         if scoring.norm != "post":
             raise ConfigError("The vLLM pooling scorer gives post-final-norm states only; "
                               "for norm='pre' use scorer='hf'.")
@@ -386,19 +453,28 @@ class VLLMBackend:
 class _LazySampler:
     """Starts the generate engine on the first ``sample`` call, then delegates."""
 
-    def __init__(self, backend: VLLMBackend, config: SamplingConfig, logprobs: bool):
+    def __init__(self, backend: VLLMBackend, config: SamplingConfig, logprobs: bool,
+                 scoring: HiddenStateConfig | None = None, logit_stats: bool = False):
         self.backend = backend
         self.config = config
         self.logprobs = logprobs
+        self.scoring = scoring
+        self.logit_stats = logit_stats
         self._inner: Any = None
 
     def _sampler(self) -> Any:
         if self._inner is None:
-            from .samplers.vllm import VLLMSampler
-
             llm = self.backend.generate_llm
-            self._inner = VLLMSampler(llm, self.config, logprobs=self.logprobs,
-                                      per_request_seeds=self.backend.per_request_seeds())
+            seeds = self.backend.per_request_seeds()
+            if self.scoring is not None:
+                from .vllm_hook import HookSampler
+
+                self._inner = HookSampler(llm, self.config, _last_layer(self.scoring), logit_stats=self.logit_stats,
+                                          logprobs=self.logprobs, per_request_seeds=seeds)
+            else:
+                from .samplers.vllm import VLLMSampler
+
+                self._inner = VLLMSampler(llm, self.config, logprobs=self.logprobs, per_request_seeds=seeds)
         return self._inner
 
     def sample(self, prompt_token_ids: Sequence[Sequence[int]], *, n: int | None = None,
@@ -408,6 +484,29 @@ class _LazySampler:
     def sample_and_greedy(self, prompt_token_ids: Sequence[Sequence[int]], *, n: int | None = None,
                           seeds: Sequence[int]) -> tuple[list[list[Any]], list[Any]]:
         return self._sampler().sample_and_greedy(prompt_token_ids, n=n, seeds=seeds)
+
+
+def _last_layer(scoring: HiddenStateConfig) -> HiddenStateConfig:
+    """The last layer spelled positively (check_scorer accepted it) as -1, which the hook knows."""
+    return scoring if scoring.layer == -1 else replace(scoring, layer=-1)
+
+
+class _LazyHookScorer:
+    """Starts the (hooked) generate engine on the first ``score`` call, then delegates."""
+
+    def __init__(self, backend: VLLMBackend, config: HiddenStateConfig, logit_stats: bool):
+        self.backend = backend
+        self.config = config
+        self.logit_stats = logit_stats
+        self._inner: Any = None
+
+    def score(self, prompt_token_ids: Sequence[Sequence[int]],
+              response_token_ids: Sequence[Sequence[int]]) -> list[dict[str, float]]:
+        if self._inner is None:
+            from .vllm_hook import HookScorer
+
+            self._inner = HookScorer(self.backend.generate_llm, _last_layer(self.config), logit_stats=self.logit_stats)
+        return self._inner.score(prompt_token_ids, response_token_ids)
 
 
 class _LazyScorer:
@@ -423,18 +522,3 @@ class _LazyScorer:
         if self._inner is None:
             self._inner = VLLMScorer(self.backend.pooling_llm, self.config, max_model_len=self.backend.context)
         return self._inner.score(prompt_token_ids, response_token_ids)
-
-
-def best_of_n_from_llm(cls: Any, llm: Any, **kwargs: Any) -> Any:
-    """Build ``cls`` (``BestOfN``) around an existing ``vllm.LLM``: it samples; the scorer
-    (``scorer='vllm'``, the default: a pooling engine beside it; or ``scorer='hf'``) is
-    built for the same model and dtype."""
-    backend = kwargs.pop("backend", "vllm")
-    if backend != "vllm":
-        raise ConfigError(f"BestOfN.from_vllm samples with the given vllm.LLM, so backend must be 'vllm', "
-                          f"not '{backend}'.")
-    model_config = llm.llm_engine.model_config
-    model = kwargs.pop("model", model_config.model)
-    kwargs.setdefault("dtype", _dtype_name(model_config.dtype))
-    options: Mapping[str, Any] = kwargs.pop("vllm_options", None) or {}
-    return cls(model, backend="vllm", vllm_options={**options, "generate_llm": llm}, **kwargs)
