@@ -20,8 +20,9 @@ from .hidden_states import HiddenStateConfig
 from .models import DEFAULT_MODEL, ProgressFn, load_hf_model, model_context, resolve_model
 from .prompts import check_fits, derive_seed, encode_prompt, encode_response, validate_prompt
 from .samplers import SamplingConfig
-from .scoring import SCORE_SOURCES, SR_KEYS, STAT_KEYS, HFScorer, check_scores
-from .selectors import SelectorFn, get_selector, select
+from .scoring import SCORE_SOURCES, SR_KEYS, STAT_KEYS, HFScorer, check_scores, score_keys
+from .selection import decide
+from .selectors import SelectorFn, get_selector
 from .types import Candidate, PromptInput, Selection
 
 logger = logging.getLogger(__name__)
@@ -153,18 +154,7 @@ class BestOfN:
                               "answer_regex=).")
         self.backend = _resolve_backend(backend)
         self.scorer_name = _resolve_scorer(scorer, self.backend)
-        needed = self.selector_spec.needs_scores
-        if score is False and needed:
-            raise ConfigError(f"Selector '{self.selector_name}' needs the scores {', '.join(sorted(needed))}; "
-                              "drop score=False (--no-score).")
-        wants_stats = bool(logit_stats) or bool(needed and needed & set(STAT_KEYS))
-        self.score_keys: frozenset[str] = frozenset()
-        if score is True or needed is None or (needed and score is not False):
-            self.score_keys = frozenset(SR_KEYS) | (frozenset(STAT_KEYS) if wants_stats else frozenset())
-            if needed:
-                self.score_keys |= needed
-        elif wants_stats and score is not False:
-            self.score_keys = frozenset(STAT_KEYS)
+        self.score_keys = score_keys(self.selector_spec, score=score, logit_stats=logit_stats)
         check_scores(self.scorer_name, self.score_keys)
         if self.scorer_name in ("hook", "pooling"):
             _check_vllm_scoring(self.scorer_name, self.scoring)
@@ -387,22 +377,6 @@ class BestOfN:
             out.append(scored)
         return out
 
-    def _vote(self, group: list[Candidate]) -> tuple[list[Candidate], list[int] | None, dict[str, int] | None]:
-        if self.answers is None:
-            return group, None, None
-        answers = [self.answers.extract(c.text) for c in group]
-        classes = self.answers.group(answers)
-        size: dict[int, int] = {}
-        label: dict[int, str] = {}
-        for a, g in zip(answers, classes):
-            if g >= 0:
-                size[g] = size.get(g, 0) + 1
-                label.setdefault(g, str(a))
-        answered = sum(size.values())
-        cands = [replace(c, answer=a, vote_share=(size[g] / answered if g >= 0 else 0.0) if answered else None)
-                 for c, a, g in zip(group, answers, classes)]
-        return cands, classes, {label[g]: size[g] for g in sorted(size, key=lambda g: (-size[g], g))}
-
     def _run(
         self,
         prompts: Sequence[PromptInput],
@@ -421,11 +395,10 @@ class BestOfN:
                 check_fits(ids, max(c.num_tokens for c in group), self.context, where)
         groups = self._score(prompt_ids, groups, sampled=given is None)
         for prompt, ids, group, seed in zip(prompts, prompt_ids, groups, seeds):
-            cands, classes, votes = self._vote(group)
-            pick = select(self.selector_spec, cands, seed=seed, groups=classes)
-            yield Selection(prompt=prompt, prompt_token_ids=tuple(ids), candidates=tuple(cands),
-                            best_index=pick.index, selector=self.selector_name, model=self.model_name,
-                            rule=pick.rule, votes=votes)
+            d = decide(group, self.selector_spec, self.answers, seed=seed)
+            yield Selection(prompt=prompt, prompt_token_ids=tuple(ids), candidates=d.candidates,
+                            best_index=d.pick.index, selector=self.selector_name, model=self.model_name,
+                            rule=d.pick.rule, votes=d.votes)
 
 
 def select_best(

@@ -291,7 +291,8 @@ def _register_optional_commands() -> None:
     """Commands that live in their own subpackages (bench, training)."""
     import importlib
 
-    for module, names in (("bon_sr.bench.cli", ("bench", "rank_eval", "ablate")), ("bon_sr.train.cli", ("train",))):
+    for module, names in (("bon_sr.bench.cli", ("bench", "rank_eval", "ablate")), ("bon_sr.train.cli", ("train",)),
+                          ("bon_sr.serve.cli", ("serve",))):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:

@@ -18,7 +18,7 @@ This module knows nothing about sampling or selection.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
@@ -27,6 +27,9 @@ from .hidden_states import HiddenStateConfig, end_of_turn_id, extract, model_spe
     with_end_of_turn
 from .stable_rank import StableRankResult, stable_rank
 from .variants import CalibrationStats, TransformContext, parse_variant
+
+if TYPE_CHECKING:
+    from .selectors import SelectorSpec
 
 SR_KEYS = ("stable_rank", "frobenius_sq", "spectral_sq", "scored_tokens")
 STAT_KEYS = ("mean_logprob", "self_certainty")
@@ -60,6 +63,25 @@ def store_scores(results: list[dict[str, float]], batch: Sequence[int], res: Sta
     """Merge one micro-batch's stable-rank parts into ``results`` at the pairs' positions."""
     for row, i in enumerate(batch):
         results[i].update(sr_scores(res, row))
+
+
+def score_keys(selector: "SelectorSpec", *, score: bool | None = None, logit_stats: bool = False) -> frozenset[str]:
+    """The scores to compute for ``selector``: what it needs (a user callable without
+    ``needs_scores``: stable rank), plus stable rank when ``score`` is True, plus the logit
+    statistics when asked; nothing when ``score`` is False (refused if the selector needs
+    scores). An empty set means no scoring pass at all."""
+    needed = selector.needs_scores
+    if score is False:
+        if needed:
+            raise ConfigError(f"Selector '{selector.name}' needs the scores {', '.join(sorted(needed))}; "
+                              "drop score=False (--no-score).")
+        return frozenset()
+    keys = set(needed or ())
+    if score is True or needed is None or keys & set(SR_KEYS):
+        keys |= set(SR_KEYS)
+    if logit_stats or keys & set(STAT_KEYS):
+        keys |= set(STAT_KEYS)
+    return frozenset(keys)
 
 
 def check_scores(scorer: str, keys: frozenset[str] | set[str]) -> None:

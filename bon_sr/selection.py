@@ -1,0 +1,47 @@
+"""One prompt's decision: answers and vote shares, then the selector's pick.
+
+``decide`` is what ``BestOfN`` (and the OpenAI server) run on a prompt's scored candidates:
+it extracts each candidate's answer when an extractor is given, groups equal answers,
+records each candidate's vote share and the vote count per answer, and runs the selector.
+This module knows nothing about models, sampling or scoring.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Mapping, Sequence
+
+from .answers import AnswerExtractor
+from .selectors import Pick, SelectorSpec, select
+from .types import Candidate
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The candidates (with ``answer``/``vote_share`` set when answers were extracted), the
+    pick, and ``votes`` (answer -> number of candidates; None without an extractor)."""
+
+    candidates: tuple[Candidate, ...]
+    pick: Pick
+    votes: Mapping[str, int] | None
+
+
+def decide(candidates: Sequence[Candidate], selector: SelectorSpec, answers: AnswerExtractor | None = None, *,
+           seed: int = 0) -> Decision:
+    classes = None
+    votes = None
+    cands = list(candidates)
+    if answers is not None:
+        found = [answers.extract(c.text) for c in cands]
+        classes = answers.group(found)
+        size: dict[int, int] = {}
+        label: dict[int, str] = {}
+        for a, g in zip(found, classes):
+            if g >= 0:
+                size[g] = size.get(g, 0) + 1
+                label.setdefault(g, str(a))
+        answered = sum(size.values())
+        cands = [replace(c, answer=a, vote_share=(size[g] / answered if g >= 0 else 0.0) if answered else None)
+                 for c, a, g in zip(cands, found, classes)]
+        votes = {label[g]: size[g] for g in sorted(size, key=lambda g: (-size[g], g))}
+    return Decision(tuple(cands), select(selector, cands, seed=seed, groups=classes), votes)
