@@ -168,7 +168,6 @@ def score(file: str, backend: str, seed: int, **common: Any) -> None:
 
 
 def _run_command(path: str, common: dict[str, Any], sampling: dict[str, Any], *, candidates: str) -> None:
-    from .api import BestOfN  # noqa: F401  (import errors surface before the model loads)
     from .answers import get_extractor
     from .errors import BonSRError
     from .hidden_states import HiddenStateConfig

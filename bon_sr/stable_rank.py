@@ -33,6 +33,7 @@ import logging
 import math
 import os
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -60,6 +61,9 @@ class StableRankResult:
     iterations:   int64, subspace-iteration passes run; 0 for the exact reference and
                   for degenerate items (empty, zero, rank <= 1). An item handed to the
                   exact fallback reports the passes run before it was handed over.
+    fell_back:    bool, True where s_1^2 came from the exact float64 fallback (slow
+                  convergence, or a Cholesky factorisation that failed) instead of the
+                  iteration; always False for the exact reference.
     """
 
     stable_rank: torch.Tensor
@@ -67,6 +71,9 @@ class StableRankResult:
     spectral_sq: torch.Tensor
     num_tokens: torch.Tensor
     iterations: torch.Tensor
+    fell_back: torch.Tensor
+
+    FIELDS = ("stable_rank", "frobenius_sq", "spectral_sq", "num_tokens", "iterations", "fell_back")
 
 
 # --------------------------------------------------------------------------- inputs
@@ -165,6 +172,7 @@ def _finish(
     iters: torch.Tensor,
     d: int,
     unbatched: bool,
+    fell_back: torch.Tensor | None = None,
 ) -> StableRankResult:
     """Apply the degenerate-input conventions and package the result."""
     frob = frob.to(torch.float64)
@@ -177,7 +185,8 @@ def _finish(
     safe = torch.where(zero, torch.ones_like(spec), spec)
     sr = torch.where(zero, torch.zeros_like(frob), (frob / safe).clamp_min(1.0))
     iters = torch.where(zero | rank_one, torch.zeros_like(iters), iters)
-    out = [sr.float(), frob.float(), spec.float(), n, iters]
+    fell = torch.zeros_like(n, dtype=torch.bool) if fell_back is None else fell_back.to(n.device) & ~(zero | rank_one)
+    out = [sr.float(), frob.float(), spec.float(), n, iters, fell]
     if unbatched:
         out = [t.squeeze(0) for t in out]
     return StableRankResult(*out)
@@ -205,29 +214,39 @@ def stable_rank_exact(h: torch.Tensor, mask: torch.Tensor | None = None) -> Stab
 # --------------------------------------------------------------------------- fast
 
 
-def _orthonormalise(y: torch.Tensor) -> torch.Tensor:
-    """Orthonormal basis of the columns of y: (b, m, k), by two shifted Cholesky-QR rounds.
+def _orthonormalise(y: torch.Tensor, small_device: torch.device | str | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Orthonormal basis of the columns of y: (b, m, k), by two shifted Cholesky-QR rounds;
+    returns ``(basis, failed)`` with ``failed: (b,)`` bool where a factorisation failed.
 
     Matmuls and a k x k Cholesky only (no batched Householder QR in the loop). Columns
     are normalised first; the small shift keeps Cholesky alive when the block has more
     columns than the item has rank (zero columns stay zero and only add Ritz values 0),
     and the second round removes the loss of orthogonality the first one leaves.
     The first column of the result is the first input column normalised, so the
-    leading Ritz direction passes through untouched.
+    leading Ritz direction passes through untouched. ``small_device``: where the k x k
+    factorisations run (the Triton path puts them on the CPU: batched small solves are
+    slow on a GPU); default y's device. A failed item's basis is garbage: the caller must
+    hand it to the exact fallback.
     """
+    small = y.device if small_device is None else torch.device(small_device)
+    failed = torch.zeros(y.shape[0], dtype=torch.bool, device=small)
     for shift in (1e-6, 1e-9):
         norms = y.norm(dim=1, keepdim=True)
         y = y / norms.clamp_min(torch.finfo(y.dtype).tiny)
-        g = (y.mT @ y).to(torch.float64)
+        g = (y.mT @ y).to(device=small, dtype=torch.float64)
         g = 0.5 * (g + g.mT)
         g.diagonal(dim1=-2, dim2=-1).add_(shift)
-        chol, _ = torch.linalg.cholesky_ex(g)
+        chol, info = torch.linalg.cholesky_ex(g)
+        failed |= (info != 0) | ~torch.isfinite(chol).flatten(1).all(dim=1)
+        # a failed factor is replaced by the identity so the rest of the batch stays finite
+        eye = torch.eye(chol.shape[-1], dtype=chol.dtype, device=small)
+        chol = torch.where(failed[:, None, None], eye, chol)
         # Inverting the k x k factor and multiplying is one batched matmul; a batched
         # triangular solve against the tall block is an order of magnitude slower on CPU.
-        eye = torch.eye(chol.shape[-1], dtype=chol.dtype, device=chol.device)
         chol_inv = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False)
-        y = y @ chol_inv.mT.to(y.dtype)
-    return y
+        y = y @ chol_inv.mT.to(device=y.device, dtype=y.dtype)
+    return y, failed
 
 
 def _exact_top_eig(hs: torch.Tensor) -> torch.Tensor:
@@ -305,31 +324,40 @@ def stable_rank(
     frob = hs.square().sum(dim=(1, 2))
     spec = torch.zeros_like(frob)
     iters = torch.zeros(B, dtype=torch.int64, device=hm.device)
+    fell = torch.zeros(B, dtype=torch.bool, device=hm.device)
 
     todo = torch.nonzero((n >= 2) & (frob > 0)).flatten() if d >= 2 else n.new_zeros(0)
     if todo.numel():
         # indexing copies the whole batch; skip it in the usual all-items case
         h_todo = hs if todo.numel() == B else hs[todo]
-        spec_todo, it_todo, unconverged = _subspace_iteration(
-            h_todo, tol=tol, max_iter=max_iter, block_size=block_size,
-            give_up_early=exact_fallback,
-        )
-        if unconverged.numel():
-            if exact_fallback:
-                spec_todo[unconverged] = _exact_top_eig(h_todo[unconverged]).to(spec_todo.dtype)
-            else:
-                logger.warning(
-                    "stable_rank: %d of %d item(s) did not converge to tol=%g within "
-                    "max_iter=%d passes; returning the last estimate (raise max_iter or "
-                    "set exact_fallback=True)",
-                    unconverged.numel(), B, tol, max_iter,
-                )
+        spec_todo, it_todo, unconverged = _torch_top_eig(h_todo, tol=tol, max_iter=max_iter,
+                                                         block_size=block_size, give_up_early=exact_fallback)
+        spec_todo = finish_unconverged(spec_todo, unconverged, lambda idx: _exact_top_eig(h_todo[idx]),
+                                       exact_fallback=exact_fallback, tol=tol, max_iter=max_iter)
         spec[todo] = spec_todo.to(spec.dtype)
         iters[todo] = it_todo
+        fell[todo] = unconverged & exact_fallback
     # float64 for the unscaling: SR stays right even where the norms overflow float32
     scale_sq = scale.to(torch.float64).square()
     frob64, spec64 = frob.to(torch.float64) * scale_sq, spec.to(torch.float64) * scale_sq
-    return _finish(frob64, spec64, n, iters, d, unbatched)
+    return _finish(frob64, spec64, n, iters, d, unbatched, fell)
+
+
+def finish_unconverged(theta: torch.Tensor, unconverged: torch.Tensor, exact: Callable[[torch.Tensor], torch.Tensor],
+                       *, exact_fallback: bool, tol: float, max_iter: int) -> torch.Tensor:
+    """theta with the unconverged items' values from ``exact(indices)`` (float64 Gram
+    eigenvalues), or left as they are with a warning when ``exact_fallback`` is off."""
+    idx = torch.nonzero(unconverged).flatten()
+    if not idx.numel():
+        return theta
+    if not exact_fallback:
+        logger.warning("stable_rank: %d of %d item(s) did not converge to tol=%g within max_iter=%d passes; "
+                       "returning the last estimate (raise max_iter or set exact_fallback=True)",
+                       idx.numel(), theta.numel(), tol, max_iter)
+        return theta
+    theta = theta.clone()
+    theta[idx] = exact(idx.to(theta.device)).to(device=theta.device, dtype=theta.dtype)
+    return theta
 
 
 _BACKENDS = ("auto", "torch", "triton")
@@ -366,61 +394,76 @@ def _use_triton(h: torch.Tensor, backend: str) -> bool:
     return True
 
 
-def _subspace_iteration(
-    hs: torch.Tensor, *, tol: float, max_iter: int, block_size: int, give_up_early: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top eigenvalue of H H^T (or H^T H) for every item of hs: (b, T, d), all nonzero.
-
-    Returns (theta (b,), passes (b,) int64, indices of items that did not converge).
-    """
-    b, T, d = hs.shape
-    device, dtype = hs.device, hs.dtype
-    small_side_is_t = T <= d
-    m = T if small_side_is_t else d
-    k = min(block_size, m)
-
+def start_block(m: int, k: int, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
+    """The fixed-seed orthonormal (1, m, k) start block every item shares, so that an item's
+    estimate does not depend on its batch."""
     gen = torch.Generator(device="cpu").manual_seed(_START_SEED)
     start = torch.randn(m, k, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
-    q = _orthonormalise(start.unsqueeze(0)).expand(b, m, k)
+    return _orthonormalise(start.unsqueeze(0))[0]
 
-    theta_out = torch.zeros(b, dtype=dtype, device=device)
-    iters_out = torch.zeros(b, dtype=torch.int64, device=device)
-    # Passes worth one exact fallback (float64 Gram on the smaller side + eigvalsh, counted
-    # as ~4 m^3 because it is BLAS2-bound). On CPU a slowly converging item is handed
-    # over once its predicted passes cost more than that; GPUs run the float64
-    # eigensolver comparatively slowly, so there only max_iter bounds the iteration.
-    if device.type == "cpu":
-        budget = min(max_iter, int((2 * T * d * m + 4 * m**3) / (4 * T * d * k)))
-    else:
-        budget = max_iter
-    rows = torch.arange(b, device=device)  # original item index of each row still in ha
-    live = torch.ones(b, dtype=torch.bool, device=device)  # rows whose answer is still open
-    ha = hs
-    prev = torch.full((b,), float("nan"), dtype=torch.float64, device=device)
+
+ApplyFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def subspace_iteration(
+    apply: ApplyFn,
+    q: torch.Tensor,
+    *,
+    tol: float,
+    max_iter: int,
+    budget: int,
+    give_up_early: bool,
+    small_device: torch.device | str | None = None,
+    first: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top eigenvalue of a PSD operator A for each of b items: the one iteration driver of
+    both backends (the torch code below and the Triton kernel supply only the product).
+
+    apply(q, rows) -> A q for the items ``rows`` (original indices, on q's device), with
+        q: (len(rows), m, k); rows only ever shrink. first: A q for the first pass when the
+        caller already has it. small_device: where Rayleigh-Ritz and the k x k
+        factorisations run (default q's device).
+    Returns (theta (b,) float64, passes (b,) int64, unconverged (b,) bool) on
+    ``small_device``; unconverged items (slow, predicted hopeless within ``budget``
+    passes when ``give_up_early``, or a failed Cholesky factorisation) need the exact
+    fallback.
+    """
+    b, _, k = q.shape
+    device, dtype = q.device, q.dtype
+    small = device if small_device is None else torch.device(small_device)
+    theta_out = torch.zeros(b, dtype=torch.float64, device=small)
+    iters_out = torch.zeros(b, dtype=torch.int64, device=small)
+    unconverged = torch.zeros(b, dtype=torch.bool, device=small)
+    rows = torch.arange(b, device=small)  # original item index of each row still in play
+    live = torch.ones(b, dtype=torch.bool, device=small)  # rows whose answer is still open
+    prev = torch.full((b,), float("nan"), dtype=torch.float64, device=small)
     prev_change = torch.full_like(prev, float("nan"))
-    unconverged: list[torch.Tensor] = []
 
     for it in range(1, max_iter + 1):
-        if small_side_is_t:
-            w = ha @ (ha.mT @ q)
-        else:
-            w = ha.mT @ (ha @ q)
-        rr = (q.mT @ w).to(torch.float64)
+        w = first if it == 1 and first is not None else apply(q, rows.to(device))
+        rr = (q.mT @ w).to(device=small, dtype=torch.float64)
+        # a non-finite product is a breakdown (overflow in the iteration): exact fallback
+        # (rows that already left may still ride along with it: keep them out of eigh too)
+        bad = ~torch.isfinite(rr).flatten(1).all(dim=1)
+        broken = live & bad
+        rr = torch.where(bad[:, None, None], torch.eye(k, dtype=rr.dtype, device=small), rr)
         evals, evecs = torch.linalg.eigh(0.5 * (rr + rr.mT))
         evals, evecs = evals.flip(-1), evecs.flip(-1)
         theta = evals[:, 0]
-        s = evecs.to(dtype)
+        s = evecs.to(device=device, dtype=dtype)
         y = w @ s
-        resid = (y[:, :, 0] - theta.to(dtype)[:, None] * (q @ s[:, :, :1]).squeeze(-1)).norm(dim=1)
-        resid = resid.to(torch.float64)
+        resid = (y[:, :, 0] - theta.to(device, dtype)[:, None] * (q @ s[:, :, :1]).squeeze(-1)).norm(dim=1)
+        resid = resid.to(device=small, dtype=torch.float64)
         gap = (evals[:, 0] - evals[:, 1]) if k > 1 else torch.zeros_like(theta)
         quad = torch.where(gap > 0, resid.square() / gap.clamp_min(1e-300), torch.full_like(resid, math.inf))
         bound = torch.minimum(resid, quad) / theta.clamp_min(1e-300)
         change = (theta - prev).abs() / theta.clamp_min(1e-300)
         leave = live & (change <= tol) & (bound <= tol)
+        unconverged[rows[broken]] = True
+        leave |= broken
 
         if it == max_iter:
-            unconverged.append(rows[live & ~leave])
+            unconverged[rows[live & ~leave]] = True
             leave = live.clone()
         elif give_up_early and it >= _MIN_PASSES_BEFORE_GIVING_UP:
             # Ritz values approach s_1^2 geometrically; from the last two changes predict
@@ -431,23 +474,58 @@ def _subspace_iteration(
             stalled = (rate >= 1 - 1e-12) | (needed > budget - it)
             # a change at rounding level is noise, not a rate: judge only real movement
             hopeless = live & ~leave & stalled & (change > 10 * tol)
-            if bool(hopeless.any()):
-                unconverged.append(rows[hopeless])
-                leave |= hopeless
+            unconverged[rows[hopeless]] = True
+            leave |= hopeless
 
-        theta_out[rows[leave]] = theta[leave].to(dtype)
+        theta_out[rows[leave]] = theta[leave]
         iters_out[rows[leave]] = it
         live &= ~leave
-        n_live = int(live.sum())
-        if n_live == 0:
+        if not bool(live.any()):
             break
         prev, prev_change = theta, change
         # Finished rows keep riding along until they are half the batch: one extra pass
         # over them is cheaper than copying the rest of the batch at every departure.
-        if 2 * n_live <= rows.numel():
+        if 2 * int(live.sum()) <= rows.numel():
             keep = live
-            rows, ha, y, prev, prev_change = rows[keep], ha[keep], y[keep], prev[keep], prev_change[keep]
-            live = live[keep]
-        q = _orthonormalise(y)
+            rows, y, theta = rows[keep], y[keep.to(device)], theta[keep]
+            prev, prev_change, live = prev[keep], prev_change[keep], live[keep]
+        q, failed = _orthonormalise(y, small)
+        failed &= live
+        if bool(failed.any()):
+            # a breakdown of the block (not seen on real hidden states): the exact fallback
+            # (or, without it, the last Ritz value)
+            unconverged[rows[failed]] = True
+            theta_out[rows[failed]] = theta[failed]
+            iters_out[rows[failed]] = it
+            live &= ~failed
+            if not bool(live.any()):
+                break
+    return theta_out, iters_out, unconverged
 
-    return theta_out, iters_out, torch.cat(unconverged) if unconverged else rows.new_zeros(0)
+
+def _torch_top_eig(hs: torch.Tensor, *, tol: float, max_iter: int, block_size: int,
+                   give_up_early: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top eigenvalue of H H^T (or H^T H) for every item of hs: (b, T, d), all nonzero,
+    by ``subspace_iteration`` with two thin torch products per pass."""
+    b, T, d = hs.shape
+    small_side_is_t = T <= d
+    m = T if small_side_is_t else d
+    k = min(block_size, m)
+    # Passes worth one exact fallback (float64 Gram on the smaller side + eigvalsh, counted
+    # as ~4 m^3 because it is BLAS2-bound). On CPU a slowly converging item is handed
+    # over once its predicted passes cost more than that; GPUs run the float64
+    # eigensolver comparatively slowly, so there only max_iter bounds the iteration.
+    if hs.device.type == "cpu":
+        budget = min(max_iter, int((2 * T * d * m + 4 * m**3) / (4 * T * d * k)))
+    else:
+        budget = max_iter
+    state = {"n": b, "h": hs}
+
+    def apply(q: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        if rows.numel() != state["n"]:  # rows only shrink: re-index once per shrink
+            state["n"], state["h"] = rows.numel(), hs[rows]
+        ha = state["h"]
+        return ha @ (ha.mT @ q) if small_side_is_t else ha.mT @ (ha @ q)
+
+    q = start_block(m, k, hs.device, hs.dtype).expand(b, m, k)
+    return subspace_iteration(apply, q, tol=tol, max_iter=max_iter, budget=budget, give_up_early=give_up_early)

@@ -20,7 +20,6 @@ from bon_sr.bench.checkers import get_checker, group_answers, last_boxed
 from bon_sr.bench.selectors import BENCH_SELECTORS, Scored, get_bench_selector
 from bon_sr.bench.tasks import Task, load_task
 from bon_sr.errors import ConfigError, InputError
-from bon_sr.samplers import SamplingConfig
 from bon_sr.samplers.fake import FakeSampler
 
 needs_math_verify = pytest.mark.skipif(importlib.util.find_spec("math_verify") is None,
@@ -439,16 +438,6 @@ def test_cli_errors_are_click_exceptions(tmp_path):
 
 
 # -- real data and the real default model (slow) -------------------------------------------------
-
-@pytest.fixture
-def one_thread():
-    # On a 2-core machine shared with other jobs, two OpenMP threads made HF generate about
-    # 15x slower than one (measured: 4x16 tokens 42 s vs 3 s); one thread keeps CI lean.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.mark.slow
 def test_data_package_loads_real_sets():

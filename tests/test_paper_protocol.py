@@ -18,7 +18,6 @@ from bon_sr.bench import data, hub, paper, rewardbench
 from bon_sr.bench.paper_figures import PAPER_PRESET, figures_for
 from bon_sr.bench.tasks import BUILTIN_TASKS, load_task
 from bon_sr.errors import ConfigError, InputError, MissingExtraError
-from test_bench import one_thread  # noqa: F401  (a fixture; better in conftest.py)
 
 FIXTURES = Path(__file__).parent / "fixtures" / "hub"
 SOURCE = f"fixtures:{FIXTURES}"

@@ -291,3 +291,46 @@ def test_bad_inputs_raise_value_error(fn, h, mask, match):
 def test_bad_options_raise_value_error(kwargs):
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         stable_rank(torch.randn(4, 3), **kwargs)
+
+
+# -- fallbacks are reported -------------------------------------------------------------------
+
+def test_fell_back_flags_the_exact_fallback():
+    gen = torch.Generator().manual_seed(0)
+    flat = torch.randn(3, 256, 64, generator=gen)           # Gaussian: no spectral gap, slow
+    r = stable_rank(flat, max_iter=5)
+    assert r.fell_back.tolist() == [True, True, True]
+    torch.testing.assert_close(r.stable_rank, stable_rank_exact(flat).stable_rank, rtol=1e-5, atol=0)
+    # a clear top direction (as in real hidden states) converges without the fallback
+    u = torch.randn(3, 256, 1, generator=gen) * 30 @ torch.randn(3, 1, 64, generator=gen)
+    r = stable_rank(u + torch.randn(3, 256, 64, generator=gen))
+    assert r.fell_back.tolist() == [False, False, False] and (r.iterations >= 2).all()
+    assert stable_rank_exact(flat).fell_back.tolist() == [False] * 3
+    # degenerate items never "fall back": they need no iteration
+    assert stable_rank(torch.zeros(2, 4, 8)).fell_back.tolist() == [False, False]
+    assert not bool(stable_rank(flat[0], max_iter=5, exact_fallback=False).fell_back)
+
+
+def test_a_failed_cholesky_goes_to_the_fallback_and_is_reported():
+    from bon_sr.stable_rank import _orthonormalise, start_block, subspace_iteration
+
+    y = torch.randn(3, 8, 4)
+    y[1, 2, 1] = float("nan")
+    q, failed = _orthonormalise(y)
+    assert failed.tolist() == [False, True, False] and torch.isfinite(q[[0, 2]]).all()
+    # A = diag(10, 1, ..., 1) for every item; item 1's product turns NaN on the 2nd pass
+    a = torch.diag(torch.tensor([10.0] + [1.0] * 7)).expand(3, 8, 8)
+    calls = [0]
+
+    def apply(q, rows):
+        calls[0] += 1
+        w = a[rows] @ q
+        if calls[0] == 2:
+            w[(rows == 1).nonzero().flatten()] = float("nan")
+        return w
+
+    q0 = start_block(8, 4, "cpu", torch.float32).expand(3, 8, 4)
+    theta, passes, unconverged = subspace_iteration(apply, q0, tol=1e-6, max_iter=50, budget=50,
+                                                    give_up_early=True)
+    assert unconverged.tolist() == [False, True, False]
+    torch.testing.assert_close(theta[[0, 2]], torch.tensor([10.0, 10.0], dtype=torch.float64), rtol=1e-6, atol=0)

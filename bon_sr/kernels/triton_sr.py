@@ -19,31 +19,32 @@ float32 in registers; the dots run as 3xTF32 on tensor cores (float32-grade prod
 accuracy contract needs better than TF32's 1e-3), accumulation is float32. Atomic adds
 make the last bits depend on scheduling (run-to-run differences ~1e-7 relative).
 
-The small steps stay in torch, with no batched QR/SVD on the GPU: Cholesky-QR of the
-d x k block and Rayleigh-Ritz on the k x k matrix, whose factorisations run in float64
-on the CPU (a few KiB each way per pass). Convergence rule, give-up rule and exact
-float64 fallback are those of ``bon_sr.stable_rank.stable_rank``; items whose
-||H||_F^2 falls outside the range float32 handles safely are computed by that torch path.
+The iteration itself is ``bon_sr.stable_rank.subspace_iteration``, the driver the torch
+path runs too (one convergence rule, give-up rule, Cholesky-failure detection and exact
+float64 fallback); this module supplies only the product. Its small steps, Cholesky-QR
+of the d x k block and Rayleigh-Ritz on the k x k matrix, run in float64 on the CPU (a
+few KiB each way per pass; no batched QR/SVD on the GPU). Items whose ||H||_F^2 falls
+outside the range float32 handles safely are computed by the torch path.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import math
 
 import torch
 import triton
 import triton.language as tl
 
 from bon_sr.stable_rank import (
-    _MIN_PASSES_BEFORE_GIVING_UP,
-    _START_SEED,
     StableRankResult,
     _exact_top_eig,
     _finish,
-    stable_rank,
     _validate,
+    finish_unconverged,
+    stable_rank,
+    start_block,
+    subspace_iteration,
 )
 
 __all__ = ["SUPPORTED_DTYPES", "hthy", "stable_rank_triton"]
@@ -191,25 +192,6 @@ def _masked64(h3: torch.Tensor, keep: torch.Tensor | None, idx: torch.Tensor) ->
     return sub
 
 
-def _cholesky_qr(y: torch.Tensor) -> torch.Tensor:
-    """Orthonormal basis of the columns of y: (B, d, k), by two shifted Cholesky-QR rounds.
-
-    As ``bon_sr.stable_rank._orthonormalise``, but the k x k Cholesky and triangular
-    inverse run in float64 on the CPU: batched small factorisations are slow on a GPU,
-    and the k x k Gram is a few KiB.
-    """
-    for shift in (1e-6, 1e-9):
-        y = y / y.norm(dim=1, keepdim=True).clamp_min(torch.finfo(y.dtype).tiny)
-        g = (y.mT @ y).to(device="cpu", dtype=torch.float64)
-        g = 0.5 * (g + g.mT)
-        g.diagonal(dim1=-2, dim2=-1).add_(shift)
-        chol, _ = torch.linalg.cholesky_ex(g)
-        eye = torch.eye(chol.shape[-1], dtype=chol.dtype)
-        chol_inv = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False)
-        y = y @ chol_inv.mT.to(device=y.device, dtype=y.dtype)
-    return y
-
-
 def stable_rank_triton(
     h: torch.Tensor,
     mask: torch.Tensor | None = None,
@@ -238,11 +220,8 @@ def stable_rank_triton(
 
     row_end = _row_end(keep, B, T, device)
     k = min(block_size, d)
-    gen = torch.Generator(device="cpu").manual_seed(_START_SEED)
-    start = torch.randn(d, k, generator=gen, dtype=torch.float64)
-    q0 = _cholesky_qr(start.float().unsqueeze(0)).to(device)
-    q = q0.expand(B, d, k)
-    z, frob = hthy(h3, q, keep, row_end, with_frob=True)
+    q0 = start_block(d, k, "cpu", torch.float32).to(device)
+    z, frob = hthy(h3, q0.expand(B, d, k), keep, row_end, with_frob=True)
 
     n_cpu, frob_cpu = n.cpu(), frob.cpu()
     odd = (n_cpu > 0) & ~((frob_cpu >= _FROB_LO) & (frob_cpu <= _FROB_HI))
@@ -263,75 +242,39 @@ def stable_rank_triton(
         odd_res = stable_rank(sub, odd_keep, tol=tol, max_iter=max_iter, block_size=block_size,
                               exact_fallback=exact_fallback, backend="torch")
 
-    live = (n_cpu >= 2) & ~odd & (frob_cpu > 0) if d >= 2 else torch.zeros(B, dtype=torch.bool)
-    theta_out = torch.zeros(B, dtype=torch.float64)
-    iters_out = torch.zeros(B, dtype=torch.int64)
-    unconverged = torch.zeros(B, dtype=torch.bool)
-    prev = torch.full((B,), float("nan"), dtype=torch.float64)
-    prev_change = torch.full_like(prev, float("nan"))
-    it = 0
-    while bool(live.any()):
-        it += 1
-        if it > 1:
-            z, _ = hthy(h3, q, keep, row_end * live.to(device=device, dtype=row_end.dtype))
-        live_dev = live.to(device)
-        rr = (q.mT @ z).to(device="cpu", dtype=torch.float64)
-        # finished or skipped items (zero, NaN) must not reach the eigensolver
-        rr = torch.where(live[:, None, None], 0.5 * (rr + rr.mT), torch.zeros(()).double())
-        evals, evecs = torch.linalg.eigh(rr)
-        evals, evecs = evals.flip(-1), evecs.flip(-1)
-        theta = evals[:, 0]
-        s = evecs.to(device=device, dtype=torch.float32)
-        y = z @ s
-        resid = (y[:, :, 0] - theta.to(device, torch.float32)[:, None] * (q @ s[:, :, :1]).squeeze(-1)).norm(dim=1)
-        resid = resid.to(device="cpu", dtype=torch.float64)
-        gap = (evals[:, 0] - evals[:, 1]) if k > 1 else torch.zeros_like(theta)
-        quad = torch.where(gap > 0, resid.square() / gap.clamp_min(1e-300), torch.full_like(resid, math.inf))
-        bound = torch.minimum(resid, quad) / theta.clamp_min(1e-300)
-        change = (theta - prev).abs() / theta.clamp_min(1e-300)
-        leave = live & (change <= tol) & (bound <= tol)
-        if it == max_iter:
-            unconverged |= live & ~leave
-            leave = live.clone()
-        elif exact_fallback and it >= _MIN_PASSES_BEFORE_GIVING_UP:
-            # the give-up rule of stable_rank's GPU path: the budget is max_iter
-            rate = (change / prev_change).clamp(max=1.0)
-            needed = torch.log(tol / change.clamp_min(1e-300)) / torch.log(rate.clamp(1e-12, 1 - 1e-12))
-            stalled = (rate >= 1 - 1e-12) | (needed > max_iter - it)
-            hopeless = live & ~leave & stalled & (change > 10 * tol)
-            unconverged |= hopeless
-            leave |= hopeless
-        theta_out[leave] = theta[leave]
-        iters_out[leave] = it
-        live &= ~leave
-        if not bool(live.any()):
-            break
-        prev, prev_change = theta, change
-        # dead items keep a clean block so no NaN/inf rides through the small matmuls
-        q = _cholesky_qr(torch.where(live_dev[:, None, None], y, q0))
+    todo = torch.nonzero((n_cpu >= 2) & ~odd & (frob_cpu > 0)).flatten() if d >= 2 else n_cpu.new_zeros(0)
+    spec = torch.zeros(B, dtype=torch.float64)
+    iters = torch.zeros(B, dtype=torch.int64)
+    fell = torch.zeros(B, dtype=torch.bool)
+    if todo.numel():
+        todo_dev = todo.to(device)
 
-    unc_idx = torch.nonzero(unconverged).flatten()
-    if unc_idx.numel():
-        if exact_fallback:
-            theta_out[unc_idx] = _exact_top_eig(_masked64(h3, keep, unc_idx.to(device))).cpu()
-        else:
-            logger.warning(
-                "stable_rank: %d of %d item(s) did not converge to tol=%g within "
-                "max_iter=%d passes; returning the last estimate (raise max_iter or "
-                "set exact_fallback=True)",
-                unc_idx.numel(), B, tol, max_iter,
-            )
-    spec = theta_out.to(device)
-    iters = iters_out.to(device)
-    res = _finish(frob, spec, n, iters, d, False)
+        def apply(q: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+            # Items that left keep a zero row_end, so the kernel skips them at once.
+            items = todo_dev[rows]
+            full_q = q0.expand(B, d, k).clone()
+            full_q[items] = q
+            live_end = torch.zeros_like(row_end)
+            live_end[items] = row_end[items]
+            return hthy(h3, full_q, keep, live_end)[0][items]
+
+        # The k x k steps run in float64 on the CPU (a few KiB each way per pass); on a GPU
+        # only max_iter bounds the iteration (its float64 fallback is comparatively slow).
+        theta, it_todo, unconverged = subspace_iteration(
+            apply, q0.expand(todo.numel(), d, k), tol=tol, max_iter=max_iter, budget=max_iter,
+            give_up_early=exact_fallback, small_device="cpu", first=z[todo_dev])
+        theta = finish_unconverged(theta, unconverged,
+                                   lambda idx: _exact_top_eig(_masked64(h3, keep, todo_dev[idx.to(device)])).cpu(),
+                                   exact_fallback=exact_fallback, tol=tol, max_iter=max_iter)
+        spec[todo], iters[todo], fell[todo] = theta, it_todo, unconverged & exact_fallback
+    res = _finish(frob, spec.to(device), n, iters.to(device), d, False, fell.to(device))
     if odd_res is not None:
         fields = []
-        for name in ("stable_rank", "frobenius_sq", "spectral_sq", "num_tokens", "iterations"):
+        for name in StableRankResult.FIELDS:
             t = getattr(res, name).clone()
             t[odd_idx.to(device)] = getattr(odd_res, name).to(t.dtype)
             fields.append(t)
         res = StableRankResult(*fields)
     if unbatched:
-        res = StableRankResult(*(getattr(res, f).squeeze(0) for f in
-                                 ("stable_rank", "frobenius_sq", "spectral_sq", "num_tokens", "iterations")))
+        res = StableRankResult(*(getattr(res, f).squeeze(0) for f in StableRankResult.FIELDS))
     return res
