@@ -92,6 +92,10 @@ def _eos_ids(model: torch.nn.Module) -> list[int]:
     return []
 
 
+def _ids(rendered: Any) -> list[int]:
+    return list(rendered["input_ids"] if isinstance(rendered, Mapping) else rendered)
+
+
 def end_of_turn_id(model: torch.nn.Module, tokenizer: Any = None) -> int:
     """The token that ends an assistant turn.
 
@@ -104,14 +108,16 @@ def end_of_turn_id(model: torch.nn.Module, tokenizer: Any = None) -> int:
         raise ConfigError(f"{type(model).__name__} declares no eos_token_id; token set 'response+eot' needs one.")
     if len(eos) > 1 and tokenizer is not None and getattr(tokenizer, "chat_template", None):
         try:
-            chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
-            ids = tokenizer.apply_chat_template(chat, tokenize=True)
-            ids = list(ids["input_ids"] if isinstance(ids, Mapping) else ids)
+            user = [{"role": "user", "content": "hi"}]
+            head = _ids(tokenizer.apply_chat_template(user, tokenize=True, add_generation_prompt=True))
+            full = _ids(tokenizer.apply_chat_template(user + [{"role": "assistant", "content": "ok"}],
+                                                      tokenize=True))
         except Exception:  # a template that cannot render this chat: keep the config's order
-            ids = []
-        for t in ids:
-            if t in eos:
-                return int(t)
+            head, full = [], []
+        if full[:len(head)] == head:
+            for t in full[len(head):]:      # what the template writes after the reply starts
+                if t in eos:
+                    return int(t)
     return eos[0]
 
 

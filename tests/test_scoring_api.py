@@ -149,3 +149,17 @@ def test_prompt_file_with_a_byte_order_mark(tmp_path):
     p = tmp_path / "bom.jsonl"
     p.write_bytes(b"\xef\xbb\xbf" + b'{"id": "x", "prompt": "hi"}\n')
     assert [r.id for r in read_prompt_file(p)] == ["x"]
+
+
+def test_end_of_turn_of_a_multi_eos_model_comes_from_the_chat_template(tiny_model, tiny_tokenizer):
+    """Llama-3 Instruct lists <|end_of_text|> first and ends turns with <|eot_id|>: the
+    template, not the order of the eos list, decides (here: <|im_end|>, id 2)."""
+    import copy
+
+    from bon_sr.hidden_states import end_of_turn_id
+
+    model = copy.deepcopy(tiny_model)
+    im_start, im_end = tiny_tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    model.generation_config.eos_token_id = [im_start, im_end]     # the wrong one first
+    assert end_of_turn_id(model) == im_start                     # without a tokenizer: the first
+    assert end_of_turn_id(model, tiny_tokenizer) == im_end
