@@ -1,0 +1,89 @@
+"""``bon-sr serve``: parse the flags, build the settings and the app, run uvicorn.
+
+Heavy imports (FastAPI, uvicorn, vLLM) happen inside the command; ``bon_sr.cli`` imports
+this module on every start to register the command.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from ..bench.checkers import CHECKERS
+from ..models import DEFAULT_MODEL
+from ..selectors import SELECTORS
+
+SERVE_EXAMPLE = """
+\b
+Example:
+  bon-sr serve --model smollm2-135m-instruct --port 8000 --n 8 --max-n 32
+
+\b
+  from openai import OpenAI
+  client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="none")
+  r = client.chat.completions.create(model="smollm2-135m-instruct",
+        messages=[{"role": "user", "content": "What is 12 * 7?"}], max_tokens=64,
+        extra_body={"bon_sr": {"n": 8, "selector": "majority", "answer": "numeric"}})
+  print(r.choices[0].message.content, r.model_extra["bon_sr"]["selected_index"])
+
+\b
+GET /health answers 503 while the model loads, then 200. Streamed replies (stream=true)
+start after Best-of-N has finished: the selected answer is sent as SSE chunks.
+"""
+
+
+@click.command(epilog=SERVE_EXAMPLE)
+@click.option("-m", "--model", default=DEFAULT_MODEL, show_default=True,
+              help="Built-in alias, local HF model directory, or Hugging Face id.")
+@click.option("--served-model-name", default=None, help="The name clients send as 'model' (default: --model).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
+@click.option("--port", type=int, default=8000, show_default=True, help="Port to bind.")
+@click.option("--api-key", envvar="BON_SR_API_KEY", default=None,
+              help="Require 'Authorization: Bearer KEY' on /v1/* (also read from BON_SR_API_KEY).")
+@click.option("-n", "--n", "n", type=int, default=4, show_default=True,
+              help="Candidates per request unless the request sets bon_sr.n.")
+@click.option("--max-n", type=int, default=64, show_default=True, help="Largest bon_sr.n a request may ask for.")
+@click.option("--selector", type=click.Choice(sorted(SELECTORS)), default="stable-rank", show_default=True,
+              help="Default selector (a request may set bon_sr.selector).")
+@click.option("--answer", type=click.Choice(sorted(CHECKERS)), default=None,
+              help="Default answer extractor (needed by the voting selectors).")
+@click.option("--answer-regex", default=None, metavar="PATTERN", help="Default answer regex instead of --answer.")
+@click.option("--token-set", type=click.Choice(["response", "full"]), default="response", show_default=True,
+              help="Default tokens whose hidden states are scored.")
+@click.option("--temperature", type=float, default=0.7, show_default=True, help="Default sampling temperature.")
+@click.option("--top-p", type=float, default=0.9, show_default=True, help="Default nucleus sampling top-p.")
+@click.option("--max-tokens", type=int, default=256, show_default=True, help="Default tokens per candidate.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Run seed: a request without 'seed' samples with one derived from it and the request's id.")
+@click.option("--max-body-bytes", type=int, default=1 << 20, show_default=True,
+              help="Larger request bodies are refused with 413.")
+@click.option("--dtype", default="auto", show_default=True, help="auto, bfloat16, float16 or float32.")
+@click.option("--vllm-opt", "vllm_opts", multiple=True, metavar="KEY=VALUE",
+              help="vLLM backend option (repeatable), as for generate: kv_cache_memory_bytes=2147483648, "
+                   "max_model_len=4096, engine_kwargs='{\"max_num_seqs\": 64}'.")
+@click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
+              show_default=True, help="uvicorn's log level.")
+def serve(host: str, port: int, vllm_opts: tuple[str, ...], log_level: str, **options: Any) -> None:
+    """Serve Best-of-N behind an OpenAI-compatible API (/v1/chat/completions, /v1/completions)."""
+    from ..cli import _parse_options
+    from ..errors import BonSRError
+    from .settings import ServeSettings
+
+    try:
+        settings = ServeSettings(vllm_options=_parse_options(vllm_opts), **options)
+    except BonSRError as exc:
+        raise click.ClickException(str(exc)) from exc
+    import uvicorn
+
+    from .app import create_app
+    from .engine import BonEngine
+
+    engine = BonEngine(settings)
+    # timeout_graceful_shutdown=None: on SIGTERM, in-flight Best-of-N requests finish.
+    config = uvicorn.Config(None, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=None)
+    server = uvicorn.Server(config)
+    config.app = create_app(engine, settings, on_failure=lambda: setattr(server, "should_exit", True))
+    server.run()
+    if engine.state == "failed":
+        raise click.ClickException(f"The model did not load: {engine.error}")

@@ -1,0 +1,124 @@
+"""The async Best-of-N engine: one vLLM ``AsyncLLM`` with bon-sr's hook, shared by every request.
+
+Concurrent HTTP requests submit their candidates to the same ``AsyncLLM``, which batches
+them in one engine step loop: no lock, no synchronous ``vllm.LLM`` inside ``async def``.
+Sampling and scoring are ``bon_sr.vllm_hook.sample_scored_async``: the same fan-out,
+seeds, fill step and collect as ``BestOfN(backend="vllm", scorer="hook")``, so a request
+with seed S samples and scores what ``BestOfN.select(prompt, seed=S)`` does. A job that
+needs no scores (``majority``, ``random``, ...) runs one plain ``n=N`` request, as
+``BestOfN``'s unscored vLLM sampler does.
+
+Life cycle: ``start()`` (run as a background task by the app) resolves the model, builds
+the engine in a worker thread (tens of seconds on CPU; the event loop keeps answering
+``/health`` with 503 meanwhile) and installs the hook; ``state`` goes ``loading`` ->
+``ready`` (or ``failed`` with ``error``). ``close()`` shuts the engine down. A cancelled
+``sample`` (the client went away) cancels its ``AsyncLLM.generate`` calls, and vLLM aborts
+those requests.
+
+This module knows nothing about HTTP, selection or answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+import uuid
+from typing import TYPE_CHECKING, Any, Sequence
+
+from ..types import Candidate
+
+if TYPE_CHECKING:
+    from .service import Job
+    from .settings import ServeSettings
+
+logger = logging.getLogger(__name__)
+
+
+class BonEngine:
+    """What the app needs from an engine (tests substitute a fake with the same surface):
+    ``state``, ``error``, ``tokenizer``, ``context``, ``await start()``,
+    ``await sample(job) -> list[Candidate]``, ``close()``."""
+
+    def __init__(self, settings: "ServeSettings"):
+        self.settings = settings
+        self.state = "loading"
+        self.error: str | None = None
+        self.tokenizer: Any = None
+        self.context: int | None = None
+        self.started_at = time.monotonic()
+        self._llm: Any = None
+        self._closed = False
+
+    # -- life cycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        try:
+            llm = await asyncio.to_thread(self._build)
+            if self._closed:  # shut down while loading
+                llm.shutdown()
+                return
+            self._llm = llm
+            await llm.collective_rpc("bon_sr_install_hook", args=({},))
+            self.state = "ready"
+            logger.info("bon-sr serve: %s ready in %.1f s", self.settings.model, time.monotonic() - self.started_at)
+        except Exception as exc:  # a failed start is reported by /health, not raised into the loop
+            self.state = "failed"
+            self.error = f"{type(exc).__name__}: {exc}"
+            logger.error("bon-sr serve: the engine did not start: %s", self.error)
+
+    def _build(self) -> Any:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        from ..models import resolve_model
+        from ..vllm_backend import VLLMBackend
+
+        s = self.settings
+        path = resolve_model(s.model)
+        # VLLMBackend starts no engine here: it loads the tokenizer, applies the CPU
+        # environment defaults and knows the generate engine's arguments (KV bytes, eager,
+        # chunked prefill off for per-request seeds, the hook extension, prefix caching).
+        backend = VLLMBackend(path, dtype=s.dtype, seed=s.seed, hook=True, **dict(s.vllm_options))
+        self.tokenizer = backend.tokenizer
+        self.context = backend.context
+        kwargs = backend._engine_kwargs("generate")
+        # The hook wraps the V1 model runner (see VLLMBackend._start).
+        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+        return AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
+
+    def close(self) -> None:
+        self._closed = True
+        if self._llm is not None:
+            self._llm.shutdown()
+            self._llm = None
+        if self.state == "ready":
+            self.state = "stopped"
+
+    # -- work ---------------------------------------------------------------------------
+
+    async def sample(self, job: "Job") -> list[Candidate]:
+        from ..vllm_hook import sample_scored_async
+
+        if job.score_keys:
+            return await sample_scored_async(self._llm, job.prompt_ids, job.sampling, seed=job.seed,
+                                             scoring=job.scoring, logit_stats=job.logit_stats)
+        return await self._sample_unscored(job.prompt_ids, job.sampling, job.seed)
+
+    async def _sample_unscored(self, prompt_ids: Sequence[int], sampling: Any, seed: int) -> list[Candidate]:
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        from ..samplers.vllm import VLLMSampler
+
+        # BestOfN's unscored vLLM sampler: one request with n=N, children seeded seed+i.
+        base = VLLMSampler(None, sampling)
+        params = base._params(sampling.n, seed)
+        params.output_kind = RequestOutputKind.FINAL_ONLY  # all N completions in one output
+        final = None
+        async for out in self._llm.generate(TokensPrompt(prompt_token_ids=[int(t) for t in prompt_ids]), params,
+                                            request_id=f"bon-sr-{uuid.uuid4().hex}"):
+            final = out
+        completions = sorted(final.outputs, key=lambda c: c.index)
+        return [base._to_candidate(i, c) for i, c in enumerate(completions)]

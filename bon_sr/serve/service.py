@@ -1,0 +1,280 @@
+"""One request's Best-of-N: OpenAI request -> ``Job`` -> candidates -> decision -> OpenAI reply.
+
+``plan`` checks and resolves a request against the server's settings with the functions
+``BestOfN`` uses (``get_selector``, ``get_extractor``, ``score_keys``/``check_scores``,
+``validate_prompt``/``encode_prompt``/``check_fits``, ``derive_seed``), so a bad field
+fails here with a 400 naming it, before anything is sampled. ``complete`` samples through
+the engine, decides with ``bon_sr.selection.decide``, and renders the ChatCompletion /
+Completion (or its SSE chunks) with the ``bon_sr`` object that explains the choice.
+
+Choices (OpenAI ``n``): the top ``n`` candidates in the selector's order, defined by
+selecting repeatedly: choice 0 is the selector's pick among all N candidates, choice 1 its
+pick among the other N-1, and so on (for ``stable-rank``: descending stable rank; for
+``majority``: the pick, then the majority answer among the rest, whose ties go to the
+earlier candidate). Any selector, a user's too, has such an order.
+
+Seeds: a request's ``seed`` is its sampling seed (``BestOfN.select(prompt, seed=S)``);
+without one the seed derives from the server's run seed and ``bon_sr.id`` (as
+``bon-sr generate`` derives it from a prompt id), or else from the request id.
+
+Prompts: chat messages go through the model's chat template (``encode_prompt``, as
+``BestOfN``); a /v1/completions ``prompt`` is raw text (OpenAI's meaning) or token ids.
+
+This module knows nothing about HTTP or how the engine batches.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from ..answers import AnswerExtractor, get_extractor
+from ..errors import BonSRError
+from ..hidden_states import HiddenStateConfig
+from ..prompts import check_fits, derive_seed, encode_prompt, validate_prompt
+from ..samplers import SamplingConfig
+from ..scoring import STAT_KEYS, check_scores, score_keys
+from ..selection import Decision, decide
+from ..selectors import SelectorSpec, get_selector
+from ..types import Candidate
+from ..vllm_hook import check_hook_config
+from .errors import ApiError, bad_field
+from .protocol import (AssistantMessage, BonSROptions, ChatChoice, ChatChunkChoice, ChatCompletion,
+                       ChatCompletionChunk, ChatCompletionRequest, Completion, CompletionChoice, CompletionRequest,
+                       Delta, Usage, new_id)
+from .settings import SCORER, ServeSettings
+
+MAX_SEED = 2**62
+
+
+@dataclass(frozen=True)
+class Job:
+    """Everything one request's Best-of-N needs, resolved and checked."""
+
+    request_id: str
+    kind: str  # "chat" | "completion"
+    prompt_ids: tuple[int, ...]
+    sampling: SamplingConfig
+    seed: int
+    selector: SelectorSpec
+    answers: AnswerExtractor | None
+    scoring: HiddenStateConfig
+    score_keys: frozenset[str]
+    choices: int
+    return_candidates: bool
+    stream: bool
+    include_usage: bool
+
+    @property
+    def logit_stats(self) -> bool:
+        return bool(self.score_keys & set(STAT_KEYS))
+
+
+@dataclass(frozen=True)
+class Reply:
+    """The rendered answer: ``body`` (the whole object), or ``chunks`` when streamed."""
+
+    body: ChatCompletion | Completion
+    chunks: list[str] | None = None
+
+
+def _check(param: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    try:
+        return fn(*args, **kwargs)
+    except BonSRError as exc:
+        raise bad_field(param, exc) from None
+
+
+def require_ready(engine: Any) -> None:
+    if engine.state == "ready":
+        return
+    if engine.state == "failed":
+        raise ApiError(503, f"The model failed to load: {engine.error}")
+    raise ApiError(503, "The model is still loading; retry when GET /health answers 200.")
+
+
+def plan(request: ChatCompletionRequest | CompletionRequest, settings: ServeSettings, engine: Any) -> Job:
+    """Resolve ``request`` against the server's defaults; ApiError (400/404/503) if it cannot run."""
+    require_ready(engine)
+    for field, why in request.unsupported():
+        raise ApiError(400, f"'{field}' is not supported by bon-sr serve: {why}.", param=field)
+    if request.model != settings.name:
+        raise ApiError(404, f"The model '{request.model}' does not exist; this server serves '{settings.name}' "
+                            "(GET /v1/models).", param="model")
+    kind = "chat" if isinstance(request, ChatCompletionRequest) else "completion"
+    bon = request.bon_sr or BonSROptions()
+    n = settings.n if bon.n is None else bon.n
+    if not 1 <= n <= settings.max_n:
+        raise ApiError(400, f"bon_sr.n must be between 1 and this server's cap {settings.max_n} (--max-n), got {n}.",
+                       param="bon_sr.n")
+    choices = 1 if request.n is None else request.n
+    if not 1 <= choices <= n:
+        raise ApiError(400, f"n (choices returned) must be between 1 and the number of candidates bon_sr.n={n}, "
+                            f"got {choices}.", param="n")
+    spec = _check("bon_sr.selector", get_selector, bon.selector or settings.selector)
+    if bon.answer is not None or bon.answer_regex is not None:
+        answers = _check("bon_sr.answer", get_extractor, bon.answer, regex=bon.answer_regex)
+    else:
+        answers = get_extractor(settings.answer, regex=settings.answer_regex)
+    if spec.needs_answers and answers is None:
+        raise ApiError(400, f"Selector '{spec.name}' votes over answers: set bon_sr.answer (numeric, math, choice, "
+                            "exact) or bon_sr.answer_regex.", param="bon_sr.answer")
+    keys = _check("bon_sr.selector", score_keys, spec)
+    _check("bon_sr.selector", check_scores, SCORER, keys)
+    scoring = _check("bon_sr.token_set", HiddenStateConfig, token_set=bon.token_set or settings.token_set)
+    _check("bon_sr.token_set", check_hook_config, scoring)
+    sampling = _sampling(request, settings, n)
+    request_id = new_id("chatcmpl" if kind == "chat" else "cmpl")
+    prompt_ids, where = _encode(request, engine.tokenizer)
+    _check(where, check_fits, prompt_ids, sampling.max_new_tokens, engine.context, where)
+    if request.seed is not None:
+        if not 0 <= request.seed < MAX_SEED:
+            raise ApiError(400, f"seed must be between 0 and 2**62, got {request.seed}.", param="seed")
+        seed = request.seed
+    else:
+        seed = derive_seed(settings.seed, str(bon.id if bon.id is not None else request_id))
+    stream = bool(request.stream)
+    return Job(request_id=request_id, kind=kind, prompt_ids=tuple(prompt_ids), sampling=sampling, seed=seed,
+               selector=spec, answers=answers, scoring=scoring, score_keys=keys, choices=choices,
+               return_candidates=bon.return_candidates, stream=stream,
+               include_usage=stream and request.stream_options is not None and request.stream_options.include_usage)
+
+
+def _sampling(request: ChatCompletionRequest | CompletionRequest, settings: ServeSettings, n: int) -> SamplingConfig:
+    max_tokens = getattr(request, "max_completion_tokens", None) or request.max_tokens
+    param = "max_completion_tokens" if getattr(request, "max_completion_tokens", None) else "max_tokens"
+    max_tokens = settings.max_tokens if max_tokens is None else max_tokens
+    if max_tokens < 1:
+        raise ApiError(400, f"{param} must be >= 1, got {max_tokens}.", param=param)
+    temperature = settings.temperature if request.temperature is None else request.temperature
+    if temperature < 0:
+        raise ApiError(400, f"temperature must be >= 0, got {temperature}.", param="temperature")
+    greedy = temperature == 0
+    if greedy and n > 1:
+        raise ApiError(400, f"temperature 0 is greedy decoding: all {n} candidates would be the same. Set "
+                            "temperature > 0, or bon_sr.n to 1.", param="temperature")
+    top_p = settings.top_p if request.top_p is None else request.top_p
+    if not 0 < top_p <= 1:
+        raise ApiError(400, f"top_p must be in (0, 1], got {top_p}.", param="top_p")
+    stop = request.stop_list()
+    if any(not s for s in stop):
+        raise ApiError(400, "stop strings must be non-empty.", param="stop")
+    return _check("bon_sr", SamplingConfig, n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_tokens,
+                  stop=stop, greedy=greedy, seed=settings.seed)
+
+
+def _encode(request: ChatCompletionRequest | CompletionRequest, tokenizer: Any) -> tuple[list[int], str]:
+    if isinstance(request, ChatCompletionRequest):
+        messages = [{"role": m.role, "content": m.text()} for m in request.messages]
+        prompt = _check("messages", validate_prompt, messages, "messages")
+        return _check("messages", encode_prompt, tokenizer, prompt), "messages"
+    prompt = request.prompt
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        if len(prompt) != 1:
+            raise ApiError(400, f"One prompt per request (got {len(prompt)}); send one request per prompt.",
+                           param="prompt")
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        _check("prompt", validate_prompt, prompt, "prompt")
+        return list(tokenizer(prompt)["input_ids"]), "prompt"
+    vocab = len(tokenizer)
+    if not prompt or any(not 0 <= t < vocab for t in prompt):
+        raise ApiError(400, f"prompt token ids must be a non-empty list of ids in [0, {vocab}).", param="prompt")
+    return list(prompt), "prompt"
+
+
+# --------------------------------------------------------------------------- selection
+
+
+def rank(candidates: Sequence[Candidate], job: Job) -> tuple[Decision, list[int]]:
+    """The decision over all candidates, and the first ``job.choices`` candidate indices in
+    the selector's order (see the module docstring)."""
+    first = decide(candidates, job.selector, job.answers, seed=job.seed)
+    order = [first.candidates[first.pick.index].index]
+    rest = [c for c in first.candidates if c.index != order[0]]
+    while len(order) < job.choices:
+        d = decide(rest, job.selector, job.answers, seed=job.seed)
+        order.append(rest[d.pick.index].index)
+        rest = [c for c in rest if c.index != order[-1]]
+    return first, order
+
+
+async def complete(request: ChatCompletionRequest | CompletionRequest, settings: ServeSettings,
+                   engine: Any) -> Reply:
+    job = plan(request, settings, engine)
+    candidates = await engine.sample(job)
+    decision, order = rank(candidates, job)
+    return render(job, settings, decision, order)
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def explain(job: Job, decision: Decision, order: list[int]) -> dict[str, Any]:
+    """The response's ``bon_sr`` object."""
+    cands = decision.candidates
+    by_index = {c.index: c for c in cands}
+    info: dict[str, Any] = {
+        "n": len(cands),
+        "selected_index": order[0],
+        "choice_indices": order,
+        "selector": job.selector.name,
+        "rule": decision.pick.rule,
+        "scorer": SCORER if job.score_keys else None,
+        "seed": job.seed,
+        "scores": [dict(c.scores) for c in cands],
+        "num_tokens": [c.num_tokens for c in cands],
+        "finish_reasons": [c.finish_reason for c in cands],
+    }
+    if decision.votes is not None:
+        info.update(answer=by_index[order[0]].answer, answers=[c.answer for c in cands],
+                    vote_shares=[c.vote_share for c in cands], votes=dict(decision.votes))
+    if job.return_candidates:
+        info["candidates"] = [c.to_dict(include_token_ids=False) for c in cands]
+    return info
+
+
+def render(job: Job, settings: ServeSettings, decision: Decision, order: list[int]) -> Reply:
+    by_index = {c.index: c for c in decision.candidates}
+    picked = [by_index[i] for i in order]
+    completion_tokens = sum(c.num_tokens for c in decision.candidates)
+    usage = Usage(prompt_tokens=len(job.prompt_ids), completion_tokens=completion_tokens,
+                  total_tokens=len(job.prompt_ids) + completion_tokens)
+    info = explain(job, decision, order)
+    common = dict(id=job.request_id, model=settings.name)
+    body: ChatCompletion | Completion
+    if job.kind == "chat":
+        body = ChatCompletion(**common, usage=usage, bon_sr=info, choices=[
+            ChatChoice(index=k, message=AssistantMessage(content=c.text), finish_reason=c.finish_reason)
+            for k, c in enumerate(picked)])
+    else:
+        body = Completion(**common, usage=usage, bon_sr=info, choices=[
+            CompletionChoice(index=k, text=c.text, finish_reason=c.finish_reason) for k, c in enumerate(picked)])
+    if not job.stream:
+        return Reply(body)
+    return Reply(body, _chunks(job, body, picked, usage, info))
+
+
+def _chunks(job: Job, body: Any, picked: list[Candidate], usage: Usage, info: dict[str, Any]) -> list[str]:
+    """SSE events of an already finished Best-of-N: per choice its text, then its finish
+    reason; the ``bon_sr`` object rides on the last event (the usage event when asked)."""
+    common = dict(id=body.id, created=body.created, model=body.model)
+    events: list[Any] = []
+    for k, c in enumerate(picked):
+        if job.kind == "chat":
+            events.append(ChatCompletionChunk(**common, choices=[
+                ChatChunkChoice(index=k, delta=Delta(role="assistant", content=""))]))
+            events.append(ChatCompletionChunk(**common, choices=[ChatChunkChoice(index=k, delta=Delta(content=c.text))]))
+            events.append(ChatCompletionChunk(**common, choices=[
+                ChatChunkChoice(index=k, delta=Delta(), finish_reason=c.finish_reason)]))
+        else:
+            events.append(Completion(**common, choices=[CompletionChoice(index=k, text=c.text,
+                                                                              finish_reason=None)]))
+            events.append(Completion(**common, choices=[CompletionChoice(index=k, text="",
+                                                                              finish_reason=c.finish_reason)]))
+    if job.include_usage:
+        cls = ChatCompletionChunk if job.kind == "chat" else Completion
+        events.append(cls(**common, choices=[], usage=usage))
+    events[-1] = events[-1].model_copy(update={"bon_sr": info})
+    return [f"data: {json.dumps(e.model_dump())}\n\n" for e in events] + ["data: [DONE]\n\n"]

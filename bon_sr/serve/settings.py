@@ -1,0 +1,72 @@
+"""Server-wide settings: the model, the defaults each request may override, and the limits.
+
+Every default is checked when the settings are built (before a model loads), with the same
+functions ``BestOfN`` uses, so ``bon-sr serve --selector majority`` without ``--answer``
+fails at once with the message ``bon-sr generate`` would give.
+
+This module knows nothing about HTTP or engines.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from ..answers import get_extractor
+from ..errors import ConfigError
+from ..hidden_states import HiddenStateConfig
+from ..models import DEFAULT_MODEL
+from ..samplers import SamplingConfig
+from ..scoring import check_scores, score_keys
+from ..selectors import get_selector
+from ..vllm_hook import check_hook_config
+
+#: The server scores inside vLLM's sampling pass (one AsyncLLM engine).
+SCORER = "hook"
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """model: alias, local directory or HF id; served_model_name: the name clients send as
+    ``model`` (default: ``model`` as given). n, selector, answer, answer_regex, token_set,
+    temperature, top_p, max_tokens: the defaults of a request that does not set them.
+    max_n: the largest ``bon_sr.n`` a request may ask for. seed: the run seed a request's
+    seed derives from when it gives none. max_body_bytes: larger bodies get a 413.
+    vllm_options: ``bon_sr.vllm_backend.OPTIONS`` (as ``--vllm-opt`` of ``generate``)."""
+
+    model: str = DEFAULT_MODEL
+    served_model_name: str | None = None
+    api_key: str | None = None
+    n: int = 4
+    max_n: int = 64
+    selector: str = "stable-rank"
+    answer: str | None = None
+    answer_regex: str | None = None
+    token_set: str = "response"
+    temperature: float = 0.7
+    top_p: float = 0.9
+    max_tokens: int = 256
+    seed: int = 0
+    max_body_bytes: int = 1 << 20
+    dtype: str = "auto"
+    vllm_options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_n, int) or self.max_n < 1:
+            raise ConfigError(f"--max-n must be an integer >= 1, got {self.max_n!r}")
+        if self.n > self.max_n:
+            raise ConfigError(f"--n {self.n} is above --max-n {self.max_n}; raise --max-n or lower --n.")
+        if self.max_body_bytes < 1024:
+            raise ConfigError(f"--max-body-bytes must be at least 1024, got {self.max_body_bytes}")
+        SamplingConfig(n=self.n, temperature=self.temperature, top_p=self.top_p, max_new_tokens=self.max_tokens)
+        spec = get_selector(self.selector)
+        answers = get_extractor(self.answer, regex=self.answer_regex)
+        if spec.needs_answers and answers is None:
+            raise ConfigError(f"--selector {spec.name} votes over answers: add --answer numeric|math|choice|exact "
+                              "or --answer-regex PATTERN.")
+        check_scores(SCORER, score_keys(spec))
+        check_hook_config(HiddenStateConfig(token_set=self.token_set))
+
+    @property
+    def name(self) -> str:
+        return self.served_model_name or self.model

@@ -1,0 +1,285 @@
+"""``bon-sr serve``: the OpenAI-compatible server.
+
+Fast tests (no vLLM, no model): the app from ``create_app`` with a fake engine and
+FastAPI's TestClient: request models, every error case, choices in the selector's order,
+streaming chunks, the loading state.
+
+Real tests (marked vllm + slow, as tests/test_vllm.py): ONE ``bon-sr serve`` process on
+127.0.0.1 and a free port with the offline default model, driven by the official
+``openai`` client: chat, completions, streaming, return_candidates, seeds, errors, 32
+concurrent requests, a client that disconnects mid-request, SIGTERM while a request is in
+flight. The comparison with ``BestOfN`` runs after that server has exited (never two
+vLLM engines at once: RAM is shared).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from bon_sr.types import Candidate
+
+fastapi = pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from bon_sr.serve.app import create_app  # noqa: E402
+from bon_sr.serve.settings import ServeSettings  # noqa: E402
+
+MODEL = "smollm2-135m-instruct"
+
+
+# =========================================================================== fast: fake engine
+
+
+class FakeEngine:
+    """BonEngine's surface; candidate i says 'answer <i % 2>' and has stable rank i + 1,
+    so stable-rank picks the last and majority picks answer 0 or 1 by count."""
+
+    def __init__(self, tokenizer, *, context=512, load_s=0.0, fail=None, delay_s=0.0):
+        self.tokenizer = tokenizer
+        self.context = context
+        self.state = "loading"
+        self.error = None
+        self.load_s = load_s
+        self.fail = fail
+        self.delay_s = delay_s
+        self.jobs = []
+        self.cancelled = 0
+        self.closed = False
+
+    async def start(self):
+        await asyncio.sleep(self.load_s)
+        if self.fail:
+            self.state, self.error = "failed", self.fail
+        else:
+            self.state = "ready"
+
+    async def sample(self, job):
+        self.jobs.append(job)
+        try:
+            await asyncio.sleep(self.delay_s)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        n = job.sampling.n
+        return [Candidate(text=f"The answer is {i % 2}.", token_ids=tuple(range(3 + i)), index=i,
+                          finish_reason="stop", scores={"stable_rank": float(i + 1)} if job.score_keys else {})
+                for i in range(n)]
+
+    def close(self):
+        self.closed = True
+
+
+def _client(tiny_tokenizer, settings=None, **engine_kwargs):
+    settings = settings or ServeSettings(model=MODEL, n=4, max_n=8, max_tokens=16)
+    engine = FakeEngine(tiny_tokenizer, **engine_kwargs)
+    return TestClient(create_app(engine, settings)), engine
+
+
+@pytest.fixture
+def client(tiny_tokenizer):
+    c, engine = _client(tiny_tokenizer)
+    with c:
+        c.engine = engine
+        yield c
+
+
+def chat(**kw):
+    return {"model": MODEL, "messages": [{"role": "user", "content": "Pick a number."}], **kw}
+
+
+def test_chat_reply_is_openai_shaped_with_bon_sr_object(client):
+    r = client.post("/v1/chat/completions", json=chat(seed=3, bon_sr={"return_candidates": True}))
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "chat.completion" and body["model"] == MODEL
+    assert body["id"].startswith("chatcmpl-")
+    (choice,) = body["choices"]
+    # stable rank i + 1: the last of 4 wins
+    assert choice["message"] == {"role": "assistant", "content": "The answer is 1."}
+    assert choice["finish_reason"] == "stop"
+    info = body["bon_sr"]
+    assert info["selected_index"] == 3 and info["selector"] == "stable-rank" and info["n"] == 4
+    assert [s["stable_rank"] for s in info["scores"]] == [1.0, 2.0, 3.0, 4.0]
+    assert info["seed"] == 3 and info["scorer"] == "hook"
+    assert [c["text"] for c in info["candidates"]] == [f"The answer is {i % 2}." for i in range(4)]
+    # usage counts every candidate's tokens: 3 + 4 + 5 + 6
+    assert body["usage"]["completion_tokens"] == 18
+    assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + 18
+    job = client.engine.jobs[-1]
+    assert job.sampling.max_new_tokens == 16 and job.sampling.temperature == 0.7 and job.seed == 3
+
+
+def test_choices_follow_the_selector_order_and_voting_reports_answers(client):
+    r = client.post("/v1/chat/completions", json=chat(n=3, bon_sr={"n": 5, "selector": "majority",
+                                                                  "answer": "numeric"}))
+    assert r.status_code == 200, r.text
+    body = r.json()
+    info = body["bon_sr"]
+    # answers 0,1,0,1,0: answer 0 has 3 votes, candidate 0 first; among 1-4 the answers tie
+    # 2:2 and the earlier class (candidate 1's) wins; among 2-4 answer 0 leads again
+    assert info["votes"] == {"0": 3, "1": 2} and info["answer"] == "0"
+    assert info["choice_indices"] == [0, 1, 2]
+    assert info["scorer"] is None and info["scores"] == [{}] * 5  # majority runs no scoring pass
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2]
+    r = client.post("/v1/chat/completions", json=chat(n=2))
+    assert r.json()["bon_sr"]["choice_indices"] == [3, 2]  # descending stable rank
+
+
+def test_completions_take_raw_text_and_token_ids(client, tiny_tokenizer):
+    r = client.post("/v1/completions", json={"model": MODEL, "prompt": "abc", "max_tokens": 4})
+    assert r.status_code == 200, r.text
+    assert r.json()["object"] == "text_completion" and r.json()["choices"][0]["text"] == "The answer is 1."
+    assert list(client.engine.jobs[-1].prompt_ids) == tiny_tokenizer("abc")["input_ids"]  # no chat template
+    r = client.post("/v1/completions", json={"model": MODEL, "prompt": [5, 6, 7]})
+    assert r.status_code == 200 and client.engine.jobs[-1].prompt_ids == (5, 6, 7)
+
+
+def test_seed_derives_from_run_seed_and_id_like_generate(client):
+    from bon_sr.prompts import derive_seed
+
+    client.post("/v1/chat/completions", json=chat(bon_sr={"id": "q7"}))
+    assert client.engine.jobs[-1].seed == derive_seed(0, "q7")
+    client.post("/v1/chat/completions", json=chat())
+    client.post("/v1/chat/completions", json=chat())
+    assert client.engine.jobs[-1].seed != client.engine.jobs[-2].seed  # no seed: a fresh one per request
+
+
+def test_stream_sends_the_selected_answer_then_done(client):
+    with client.stream("POST", "/v1/chat/completions",
+                       json=chat(stream=True, stream_options={"include_usage": True})) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    events = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+    assert all(e["object"] == "chat.completion.chunk" for e in events)
+    text = "".join(e["choices"][0]["delta"]["content"] or "" for e in events if e["choices"])
+    assert text == "The answer is 1."
+    assert events[-1]["usage"]["completion_tokens"] == 18 and events[-1]["bon_sr"]["selected_index"] == 3
+    assert [e["choices"][0]["finish_reason"] for e in events if e["choices"]][-1] == "stop"
+
+
+ERROR_CASES = [
+    # (body changes, status, param, words in the message)
+    (dict(bon_sr={"n": 0}), 400, "bon_sr.n", "between 1 and this server's cap 8"),
+    (dict(bon_sr={"n": 9}), 400, "bon_sr.n", "cap 8"),
+    (dict(n=5), 400, "n", "bon_sr.n=4"),
+    (dict(n=0), 400, "n", "between 1"),
+    (dict(bon_sr={"selector": "nope"}), 400, "bon_sr.selector", "Unknown selector 'nope'. Available:"),
+    (dict(bon_sr={"selector": "majority"}), 400, "bon_sr.answer", "votes over answers"),
+    (dict(bon_sr={"answer": "roman"}), 400, "bon_sr.answer", "Unknown answer extractor"),
+    (dict(bon_sr={"token_set": "response+eot"}), 400, "bon_sr.token_set", "token sets response and full"),
+    (dict(bon_sr={"nn": 4}), 400, "bon_sr.nn", "unknown field"),
+    (dict(max_tokens="16"), 400, "max_tokens", "valid integer"),
+    (dict(max_tokens=0), 400, "max_tokens", ">= 1"),
+    (dict(temperature=True), 400, "temperature", "number"),
+    (dict(temperature=0), 400, "temperature", "greedy"),
+    (dict(top_p=1.5), 400, "top_p", "(0, 1]"),
+    (dict(seed=-1), 400, "seed", "between 0"),
+    (dict(stop=[""]), 400, "stop", "non-empty"),
+    (dict(messages=[]), 400, "messages", "empty list"),
+    (dict(messages=[{"role": "robot", "content": "hi"}]), 400, "messages", "unknown role"),
+    (dict(messages=[{"content": "hi"}]), 400, "messages[0].role", "field required"),
+    (dict(messages=[{"role": "user", "content": "x" * 600}]), 400, "messages", "context is 512 tokens"),
+    (dict(max_tokens=600), 400, "messages", "600 new tokens"),
+    (dict(logprobs=True), 400, "logprobs", "not supported"),
+    (dict(model="gpt-4"), 404, "model", "does not exist"),
+]
+
+
+@pytest.mark.parametrize("change,status,param,words", ERROR_CASES, ids=[str(c[0])[:40] for c in ERROR_CASES])
+def test_bad_fields_get_openai_errors(client, change, status, param, words):
+    r = client.post("/v1/chat/completions", json=chat(**change))
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["code"] == status and err["param"] == param and words in err["message"], err
+    assert err["type"] == ("NotFoundError" if status == 404 else "BadRequestError")
+
+
+def test_malformed_bodies_and_unknown_routes(client):
+    for data, words in ((b"{not json", "not valid JSON"), (b"[1, 2]", "JSON object"), (b"\xff\xfe", "not valid")):
+        r = client.post("/v1/chat/completions", content=data, headers={"content-type": "application/json"})
+        assert r.status_code == 400 and words in r.json()["error"]["message"], r.text
+    r = client.post("/v1/completions", json={"model": MODEL})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    r = client.post("/v1/completions", json={"model": MODEL, "prompt": ["a", "b"]})
+    assert r.status_code == 400 and "One prompt per request" in r.json()["error"]["message"]
+    r = client.get("/v1/nothing")
+    assert r.status_code == 404 and r.json()["error"]["type"] == "NotFoundError"
+    r = client.get("/v1/chat/completions")
+    assert r.status_code == 405 and r.json()["error"]["code"] == 405
+
+
+def test_oversized_body_is_413(tiny_tokenizer):
+    c, _ = _client(tiny_tokenizer, ServeSettings(model=MODEL, max_body_bytes=2048))
+    with c:
+        r = c.post("/v1/chat/completions", json=chat(messages=[{"role": "user", "content": "x" * 4000}]))
+        assert r.status_code == 413 and "at most 2048" in r.json()["error"]["message"]
+        # no Content-Length (chunked): counted while reading
+        r = c.post("/v1/chat/completions", content=iter([b"{" + b" " * 3000 + b"}"]))
+        assert r.status_code == 413 and r.json()["error"]["type"] == "RequestTooLargeError"
+
+
+def test_api_key(tiny_tokenizer):
+    c, _ = _client(tiny_tokenizer, ServeSettings(model=MODEL, api_key="sekret"))
+    with c:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sekret"}):
+            r = c.post("/v1/chat/completions", json=chat(), headers=headers)
+            assert r.status_code == 401 and r.json()["error"]["type"] == "AuthenticationError"
+            assert c.get("/v1/models", headers=headers).status_code == 401
+        ok = {"Authorization": "Bearer sekret"}
+        assert c.post("/v1/chat/completions", json=chat(), headers=ok).status_code == 200
+        assert c.get("/v1/models", headers=ok).json()["data"][0]["id"] == MODEL
+        assert c.get("/health").status_code == 200  # health needs no key
+
+
+def test_health_is_503_while_loading_and_after_a_failed_load(tiny_tokenizer):
+    c, engine = _client(tiny_tokenizer, load_s=0.5)
+    with c:
+        r = c.get("/health")
+        assert r.status_code == 503 and "still loading" in r.json()["error"]["message"]
+        r = c.post("/v1/chat/completions", json=chat())
+        assert r.status_code == 503 and r.json()["error"]["type"] == "ServiceUnavailableError"
+        time.sleep(0.8)
+        assert c.get("/health").status_code == 200
+    assert engine.closed
+    c, _ = _client(tiny_tokenizer, fail="ModelError: no such model")
+    with c:
+        time.sleep(0.1)
+        r = c.get("/health")
+        assert r.status_code == 503 and "no such model" in r.json()["error"]["message"]
+
+
+def test_internal_errors_are_500_without_traceback(tiny_tokenizer):
+    c, engine = _client(tiny_tokenizer)
+
+    async def broken(job):
+        raise RuntimeError("secret internals /path/to/file.py")
+
+    engine.sample = broken
+    with TestClient(c.app, raise_server_exceptions=False) as c:
+        r = c.post("/v1/chat/completions", json=chat())
+    assert r.status_code == 500
+    assert r.json()["error"]["message"] == "Internal server error (RuntimeError); see the server log."
+
+
+def test_settings_are_checked_up_front():
+    from bon_sr.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="votes over answers"):
+        ServeSettings(selector="majority")
+    with pytest.raises(ConfigError, match="above --max-n"):
+        ServeSettings(n=8, max_n=4)
+    with pytest.raises(ConfigError, match="Unknown selector"):
+        ServeSettings(selector="best")
