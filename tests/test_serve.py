@@ -283,3 +283,255 @@ def test_settings_are_checked_up_front():
         ServeSettings(n=8, max_n=4)
     with pytest.raises(ConfigError, match="Unknown selector"):
         ServeSettings(selector="best")
+
+
+# =========================================================================== real server (vLLM)
+
+API_KEY = "test-key"
+SERVER = {"n": 3, "max_n": 8, "max_tokens": 16, "seed": 0, "max_body_bytes": 65536}
+CHAT = [{"role": "user", "content": "What is 12 * 7? Answer briefly."}]
+#: results the BestOfN comparison needs once the server has exited
+SEEN: dict[str, object] = {}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """One ``bon-sr serve`` process; ``stop()`` sends SIGTERM and waits (idempotent)."""
+
+    def __init__(self, log_path: Path):
+        self.port = _free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        exe = Path(sys.executable).with_name("bon-sr")
+        cmd = [str(exe), "serve", "--model", MODEL, "--port", str(self.port), "--api-key", API_KEY,
+               "--n", str(SERVER["n"]), "--max-n", str(SERVER["max_n"]), "--max-tokens", str(SERVER["max_tokens"]),
+               "--seed", str(SERVER["seed"]), "--max-body-bytes", str(SERVER["max_body_bytes"])]
+        env = dict(os.environ, VLLM_LOGGING_LEVEL="WARNING")
+        self.log = open(log_path, "w")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        self.health: list[int] = []
+
+    def wait_ready(self, timeout: float = 600.0) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"bon-sr serve exited with {self.proc.returncode}:\n{self.tail()}")
+            try:
+                code = httpx.get(self.base + "/health", timeout=5).status_code
+                self.health.append(code)
+                if code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"bon-sr serve not ready after {timeout} s:\n{self.tail()}")
+
+    def tail(self, n: int = 4000) -> str:
+        self.log.flush()
+        return self.log_path.read_text(errors="replace")[-n:]
+
+    def stop(self, timeout: float = 120.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close() if not self.log.closed else None
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    if os.environ.get("BON_SR_ALLOW_SKIP_VLLM") == "1":
+        pytest.importorskip("vllm")
+    import openai  # noqa: F401  (a vLLM dependency: the official client is the point)
+
+    srv = Server(tmp_path_factory.mktemp("serve") / "server.log")
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
+def oai(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=server.base + "/v1", api_key=API_KEY, max_retries=0, timeout=300)
+
+
+def _info(resp) -> dict:
+    return resp.model_extra["bon_sr"]
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_real_health_is_503_while_loading(server):
+    assert 503 in server.health and server.health[-1] == 200
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_real_chat_with_candidates_and_a_fixed_seed_reproduces(oai):
+    kw = dict(model=MODEL, messages=CHAT, max_tokens=16, seed=7, extra_body={"bon_sr": {"return_candidates": True}})
+    first = oai.chat.completions.create(**kw)
+    info = _info(first)
+    assert first.object == "chat.completion" and first.model == MODEL and len(first.choices) == 1
+    assert info["n"] == 3 and info["selector"] == "stable-rank" and info["seed"] == 7
+    srs = [s["stable_rank"] for s in info["scores"]]
+    assert info["selected_index"] == max(range(3), key=lambda i: (srs[i], -i))
+    texts = [c["text"] for c in info["candidates"]]
+    assert first.choices[0].message.content == texts[info["selected_index"]]
+    assert first.usage.completion_tokens == sum(info["num_tokens"]) and max(info["num_tokens"]) <= 16
+    again = oai.chat.completions.create(**kw)
+    assert [c["text"] for c in _info(again)["candidates"]] == texts
+    assert _info(again)["selected_index"] == info["selected_index"]
+    for a, b in zip(_info(again)["scores"], info["scores"]):
+        assert a["stable_rank"] == pytest.approx(b["stable_rank"], rel=1e-3)
+    SEEN["chat"] = info
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_real_stream_sends_the_same_selected_answer(oai):
+    kw = dict(model=MODEL, messages=CHAT, max_tokens=16, seed=7)
+    chunks = list(oai.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == SEEN["chat"]["candidates"][SEEN["chat"]["selected_index"]]["text"]
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == sum(SEEN["chat"]["num_tokens"])
+    assert chunks[-1].model_extra["bon_sr"]["selected_index"] == SEEN["chat"]["selected_index"]
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_real_completions_models_and_top_n_choices(oai):
+    assert [m.id for m in oai.models.list().data] == [MODEL]
+    r = oai.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=8, seed=3, n=2,
+                               extra_body={"bon_sr": {"n": 4, "selector": "majority", "answer": "exact"}})
+    info = _info(r)
+    assert r.object == "text_completion" and len(r.choices) == 2 and info["n"] == 4
+    assert info["scorer"] is None and sum(info["votes"].values()) <= 4  # no scoring pass for majority
+    assert len(set(info["choice_indices"])) == 2 and info["choice_indices"][0] == info["selected_index"]
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_real_errors(server, oai):
+    import httpx
+    import openai
+
+    cases = [
+        (openai.BadRequestError, dict(extra_body={"bon_sr": {"n": 9}}), "cap 8"),
+        (openai.BadRequestError, dict(extra_body={"bon_sr": {"selector": "best"}}), "Unknown selector 'best'"),
+        (openai.BadRequestError, dict(n=4), "bon_sr.n=3"),
+        (openai.BadRequestError, dict(messages=[{"role": "user", "content": "word " * 9000}]), "context is"),
+        (openai.BadRequestError, dict(max_tokens="many"), "valid integer"),
+        (openai.NotFoundError, dict(model="gpt-4"), "does not exist"),
+    ]
+    for error, change, words in cases:
+        kw = {"model": MODEL, "messages": CHAT, "max_tokens": 4, **change}
+        with pytest.raises(error, match=words.replace("*", r"\*")):
+            oai.chat.completions.create(**kw)
+    from openai import OpenAI
+
+    with pytest.raises(openai.AuthenticationError, match="API key"):
+        OpenAI(base_url=server.base + "/v1", api_key="wrong", max_retries=0).chat.completions.create(
+            model=MODEL, messages=CHAT)
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    url = server.base + "/v1/chat/completions"
+    r = httpx.post(url, content=b'{"model": ', headers={**auth, "content-type": "application/json"})
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    r = httpx.post(url, json={"model": MODEL, "messages": [{"role": "user", "content": "x" * 70000}]}, headers=auth)
+    assert r.status_code == 413 and "65536" in r.json()["error"]["message"]
+    assert "Traceback" not in server.tail(100000)
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_real_32_concurrent_requests(oai, server):
+    from openai import AsyncOpenAI
+
+    from bon_sr.prompts import derive_seed
+
+    async def run():
+        client = AsyncOpenAI(base_url=server.base + "/v1", api_key=API_KEY, max_retries=0, timeout=600)
+        return await asyncio.gather(*(client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": f"What is {i} + {i}?"}], max_tokens=12,
+            extra_body={"bon_sr": {"n": 2, "id": f"q{i}", "return_candidates": True}}) for i in range(32)),
+            return_exceptions=True)
+
+    replies = asyncio.run(run())
+    errors = [r for r in replies if isinstance(r, Exception)]
+    assert not errors, errors[:3]
+    for i, r in enumerate(replies):
+        info = _info(r)
+        # each reply is its own request's: the seed derives from its id, its choice is its pick
+        assert info["seed"] == derive_seed(0, f"q{i}") and info["n"] == 2
+        assert r.choices[0].message.content == info["candidates"][info["selected_index"]]["text"]
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_real_disconnect_mid_request_leaves_the_server_serving(oai, server):
+    import httpx
+
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Write a long story about a dragon."}],
+            "max_tokens": 200, "bon_sr": {"n": 8}}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.base + "/v1/chat/completions", json=body, timeout=2.0,
+                   headers={"Authorization": f"Bearer {API_KEY}"})
+    r = oai.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=4, seed=1)
+    assert r.choices[0].message.content
+    deadline = time.monotonic() + 30
+    while "client disconnected" not in server.tail(100000) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert "its vLLM requests aborted" in server.tail(100000)
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_real_sigterm_finishes_the_request_in_flight_then_exits(oai, server):
+    done = {}
+
+    def request():
+        done["reply"] = oai.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=16, seed=5)
+
+    worker = threading.Thread(target=request)
+    worker.start()
+    time.sleep(1.0)
+    server.proc.send_signal(signal.SIGTERM)
+    worker.join(300)
+    assert done["reply"].choices[0].message.content
+    # uvicorn re-raises the signal once it has shut down cleanly, so the status is -SIGTERM
+    assert server.stop() in (0, -signal.SIGTERM)
+    log = server.log_path.read_text()
+    assert "Application shutdown complete" in log and "Finished server process" in log
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_selected_choice_equals_bestofn(server):
+    """After the server is gone (one vLLM engine at a time): BestOfN with the server's
+    options and the request's seed selects the same candidate, with the same texts."""
+    from bon_sr.api import BestOfN
+
+    server.stop()
+    assert "chat" in SEEN
+    served = SEEN["chat"]
+    with BestOfN(MODEL, backend="vllm", scorer="hook", n=SERVER["n"], max_new_tokens=16, seed=SERVER["seed"],
+                 selector="stable-rank") as bon:
+        sel = bon.select(CHAT, seed=7)
+    assert [c.text for c in sel.candidates] == [c["text"] for c in served["candidates"]]
+    assert sel.best_index == served["selected_index"]
+    for c, s in zip(sel.candidates, served["scores"]):
+        assert c.scores["stable_rank"] == pytest.approx(s["stable_rank"], rel=1e-3)

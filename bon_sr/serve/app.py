@@ -103,7 +103,8 @@ async def until_disconnect(request: Request, work: Awaitable[Any]) -> Any:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
-    logger.info("client disconnected; its vLLM requests were aborted")
+    logger.info("client disconnected from %s; its Best-of-N was cancelled and its vLLM requests aborted",
+                request.url.path)
     return None
 
 

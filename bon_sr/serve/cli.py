@@ -74,7 +74,12 @@ def serve(host: str, port: int, vllm_opts: tuple[str, ...], log_level: str, **op
         settings = ServeSettings(vllm_options=_parse_options(vllm_opts), **options)
     except BonSRError as exc:
         raise click.ClickException(str(exc)) from exc
+    import logging
+
     import uvicorn
+
+    # bon_sr.cli keeps library logs at WARNING; the server's own lines follow --log-level.
+    logging.getLogger("bon_sr.serve").setLevel(log_level.upper())
 
     from .app import create_app
     from .engine import BonEngine

@@ -166,13 +166,13 @@ class _Response(BaseModel):
     id: str
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
-    usage: Usage | None = None
-    bon_sr: dict[str, Any] | None = None
 
 
 class ChatCompletion(_Response):
     object: Literal["chat.completion"] = "chat.completion"
     choices: list[ChatChoice]
+    usage: Usage | None = None
+    bon_sr: dict[str, Any] | None = None
 
 
 class Completion(_Response):
@@ -180,6 +180,8 @@ class Completion(_Response):
 
     object: Literal["text_completion"] = "text_completion"
     choices: list[CompletionChoice]
+    usage: Usage | None = None
+    bon_sr: dict[str, Any] | None = None
 
 
 class Delta(BaseModel):
@@ -197,6 +199,8 @@ class ChatChunkChoice(BaseModel):
 class ChatCompletionChunk(_Response):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+    bon_sr: dict[str, Any] | None = None
 
 
 class ModelCard(BaseModel):
