@@ -133,13 +133,30 @@ def _selection_options(fn: Any) -> Any:
 @click.option("--greedy", is_flag=True, help="Greedy decoding (requires --n 1).")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Run seed; each prompt's seed derives from it and the prompt id.")
+@click.option("--ray", "ray", is_flag=True,
+              help="Run on Ray (pip install 'bon-sr[ray]'): a Ray Data pipeline over --replicas model replicas; "
+                   "this process alone writes OUTPUT.")
+@click.option("--ray-address", default=None, metavar="ADDR",
+              help="Ray cluster to join (auto, HEAD:6379, ray://HEAD:10001); default: RAY_ADDRESS, else a local Ray.")
+@click.option("--replicas", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Ray actors, each holding one model (with --ray).")
+@click.option("--gpus-per-replica", type=click.FloatRange(min=0), default=None,
+              help="GPUs Ray gives each replica (with --ray; default: TP x PP when the cluster has GPUs, else 0).")
+@click.option("--tensor-parallel-size", type=click.IntRange(min=1), default=1, show_default=True,
+              help="vLLM tensor parallelism: devices one engine spans (vLLM backend).")
+@click.option("--pipeline-parallel-size", type=click.IntRange(min=1), default=1, show_default=True,
+              help="vLLM pipeline parallelism: stages one engine spans (vLLM backend).")
 @_selection_options
 def generate(prompts: str, backend: str, n: int, temperature: float, top_p: float, max_new_tokens: int,
-             stop: tuple[str, ...], greedy: bool, seed: int, **common: Any) -> None:
+             stop: tuple[str, ...], greedy: bool, seed: int, ray: bool, ray_address: str | None, replicas: int,
+             gpus_per_replica: float | None, tensor_parallel_size: int, pipeline_parallel_size: int,
+             **common: Any) -> None:
     """Sample N candidates per prompt in PROMPTS and keep the one the selector picks."""
+    scale = dict(ray=ray, ray_address=ray_address, replicas=replicas, gpus_per_replica=gpus_per_replica,
+                 tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size)
     _run_command(prompts, common, dict(backend=backend, n=n, temperature=temperature, top_p=top_p,
                                        max_new_tokens=max_new_tokens, stop=stop, greedy=greedy, seed=seed),
-                 candidates="forbid")
+                 candidates="forbid", scale=scale)
 
 
 SCORE_EXAMPLE = """
@@ -167,7 +184,8 @@ def score(file: str, backend: str, seed: int, **common: Any) -> None:
     _run_command(file, common, dict(backend=backend, seed=seed), candidates="require")
 
 
-def _run_command(path: str, common: dict[str, Any], sampling: dict[str, Any], *, candidates: str) -> None:
+def _run_command(path: str, common: dict[str, Any], sampling: dict[str, Any], *, candidates: str,
+                 scale: dict[str, Any] | None = None) -> None:
     from .answers import get_extractor
     from .errors import BonSRError
     from .hidden_states import HiddenStateConfig
@@ -196,6 +214,12 @@ def _run_command(path: str, common: dict[str, Any], sampling: dict[str, Any], *,
         if chunk_size is not None and chunk_size < 1:
             raise click.BadParameter("must be >= 1", param_hint="--chunk-size")
         vllm_options = _parse_options(common.pop("vllm_opts"))
+        ray_config = None
+        if scale is not None:
+            from .scale.cli import scale_options
+
+            vllm_options, ray_config = scale_options(scale, vllm_options, backend=sampling["backend"],
+                                                     scorer=common["scorer"])
         records = read_prompt_file(path, candidates=candidates)
         writer = JsonlWriter(output, mode="resume" if resume else "overwrite" if overwrite else "new")
     except BonSRError as exc:
@@ -212,6 +236,10 @@ def _run_command(path: str, common: dict[str, Any], sampling: dict[str, Any], *,
         if not todo:
             console.print("Nothing to do: every prompt is already in the output.")
             return
+        if ray_config is not None:
+            from .scale.cli import run_ray_generate
+
+            return run_ray_generate(console, writer, todo, skipped, keep_candidates, chunk_size, options, ray_config)
         _run_generate(console, writer, todo, skipped, keep_candidates, chunk_size, options,
                       given=candidates == "require")
 

