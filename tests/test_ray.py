@@ -177,3 +177,17 @@ def test_ray_resume_after_driver_kill_9(ray_address, prompt_file, reference, tmp
     final = _records(out)
     _assert_same_as(final, reference)
     assert out.read_text().startswith(kept[: kept.rfind("\n") + 1])   # finished lines untouched
+
+
+@pytest.mark.slow
+@needs_ray
+def test_ray_prompt_error_stops_the_run_with_the_resume_hint(ray_address, tmp_path):
+    p = tmp_path / "long.jsonl"
+    p.write_text(json.dumps({"id": "long", "prompt": "word " * 9000}) + "\n")
+    out = tmp_path / "out.jsonl"
+    r = _cli(str(p), "-o", str(out), *ARGS, "--ray", "--ray-address", ray_address)
+    assert r.returncode != 0
+    err = " ".join(r.stderr.split())
+    # A user error comes back as data, not as a task failure Ray would retry forever.
+    assert "context is 8192 tokens" in err and "rerun with --resume" in err
+    assert out.read_text() == ""

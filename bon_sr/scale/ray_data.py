@@ -13,7 +13,9 @@ number of replicas, on which replica got a prompt or on how Ray split the input.
 default batch is one prompt for the transformers backend, as in the single-process command,
 so its selections and scores are the same bit for bit (when the replicas use as many torch
 threads as that run); larger batches pad scoring passes differently, which moves scores by
-float rounding only.
+float rounding only. vLLM on CPU is not bit-reproducible from one process to the next even
+without Ray (two single-process runs of 4 prompts, n=2, differed in 2 prompts), so there the
+same holds only up to vLLM's own run-to-run variation.
 
 Faults: Ray Data restarts a dead replica actor and retries its batch (it sets
 ``max_restarts=-1`` and ``max_task_retries=-1`` on pool actors); a batch returns all its
