@@ -272,6 +272,8 @@ class VLLMBackend:
         self._generate_llm: Any = options.get("generate_llm")
         self._pooling_llm: Any = None
         self._hf_config: Any = None
+        if self._generate_llm is not None and self.hook and not has_hook_extension(self._generate_llm):
+            raise ConfigError(hook_missing_message())  # before anything is sampled
         if self._generate_llm is not None:
             self.tokenizer = self._generate_llm.get_tokenizer()
             self.context: int | None = int(self._generate_llm.llm_engine.model_config.max_model_len)

