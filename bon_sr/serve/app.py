@@ -131,9 +131,10 @@ def create_app(engine: Any, settings: ServeSettings, *, on_failure: Callable[[],
         try:
             yield
         finally:
+            # Stopped while loading: the build thread cannot be interrupted, so wait for it;
+            # start() then shuts the new engine down instead of leaving its process behind.
             engine.close()
-            if not loading.done():
-                loading.cancel()
+            await loading
 
     app = FastAPI(title="bon-sr", summary="OpenAI-compatible Best-of-N by stable rank", lifespan=lifespan)
     app.state.engine = engine
