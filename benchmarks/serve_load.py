@@ -38,16 +38,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-PROMPTS = [
-    "What is the capital of France? Answer in one sentence.",
-    "What is 12 * 7? Show your work briefly.",
-    "Write a haiku about the sea.",
-    "Give one tip for writing clear Python code.",
-    "A train travels 60 km in 45 minutes. What is its average speed in km/h?",
-    "Name three prime numbers greater than 20.",
-    "Explain in two sentences why the sky is blue.",
-    "If a shirt costs $20 after a 20% discount, what was the original price?",
-]
+# the prompts of benchmarks/throughput.py (this script's folder is on sys.path when run)
+from throughput import DEFAULT_PROMPTS as PROMPTS
 
 
 def _port() -> int:
