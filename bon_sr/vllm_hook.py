@@ -466,7 +466,15 @@ class _Rows:
         return where
 
     def gather(self, positions: Sequence[int], where: dict[int, tuple[int, int]]) -> torch.Tensor:
-        return torch.stack([self.chunks[where[q][0]][1][where[q][1]] for q in positions])
+        """Rows (len(positions), d) in the order asked: one cat and one index_select, not a
+        tensor op per row (a decoded candidate has one chunk per token)."""
+        starts, total = [], 0
+        for pos, _ in self.chunks:
+            starts.append(total)
+            total += len(pos)
+        idx = [starts[where[q][0]] + where[q][1] for q in positions]
+        flat = torch.cat([rows for _, rows in self.chunks])
+        return flat.index_select(0, torch.tensor(idx, dtype=torch.long, device=flat.device))
 
 
 class _Hook:
