@@ -50,18 +50,20 @@ Public interface (driver side is pure and shared by the sync and async paths):
             *, logit_stats=False) -> list[SamplingParams]
     cache_salt(tag: str, config, *, mode="sample", index=0) -> str | None
     needs_fill(candidate: Candidate, stop_string: bool) -> bool
-    fill_request(tag, index, prompt_ids, response_ids, config) -> (TokensPrompt, SamplingParams)
+    fill_request(tag, index, prompt_ids, response_ids, config, *, missing=None)
+        -> (TokensPrompt, SamplingParams)
     score_request(tag, index, prompt_ids, response_ids, config, *, logit_stats=False)
         -> (TokensPrompt, SamplingParams)
     collect_spec(tag, index, prompt_len, response_len, config, *, logit_stats=False,
-                 release_group=False) -> dict
+                 release_group=False, group=True) -> dict
     scores_from_results(results: list[dict]) -> list[dict[str, float]]
     install_hook(llm) -> dict; has_hook_extension(llm) -> bool; require_hook(llm) -> None
     async install_hook_async(engine: AsyncLLM) -> dict
-    class HookSampler(llm, config, scoring, *, logit_stats=False, per_request_seeds=True)
+    class HookSampler(llm, config: SamplingConfig, scoring=None, *, logit_stats=False,
+                      logprobs=False, per_request_seeds=True)
         .sample(prompt_ids, *, n=None, seeds) -> list[list[Candidate]]
         .sample_and_greedy(prompt_ids, *, n=None, seeds) -> (groups, greedy list)
-    class HookScorer(llm, scoring, *, logit_stats=False)
+    class HookScorer(llm, scoring=None, *, logit_stats=False)
         .score(prompt_ids, response_ids) -> list[dict[str, float]]
     async sample_scored_async(engine: AsyncLLM, prompt_ids, sampling: SamplingConfig, *,
                               seed, scoring, n=None, logit_stats=False) -> list[Candidate]
