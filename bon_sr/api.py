@@ -73,21 +73,6 @@ def _resolve_scorer(scorer: str, backend: str) -> str:
     return scorer
 
 
-def _check_vllm_scoring(scorer: str, scoring: HiddenStateConfig) -> None:
-    """What the vLLM scorers can compute: the raw last-layer post-norm states."""
-    if scoring.norm != "post" or scoring.layer != -1 or parse_transform(scoring) != "raw":
-        raise ConfigError(f"The vLLM {scorer} scorer gives the raw last-layer post-norm states only "
-                          f"(got layer={scoring.layer}, norm={scoring.norm!r}, transform={scoring.transform!r}); "
-                          "use scorer='hf' (--scorer hf) for other layers, norms and transforms.")
-    if scoring.token_set not in ("response", "full"):
-        raise ConfigError(f"The vLLM {scorer} scorer supports the token sets response and full, not "
-                          f"{scoring.token_set!r}; use scorer='hf'.")
-
-
-def parse_transform(scoring: HiddenStateConfig) -> str:
-    return "raw" if scoring.transform in ("raw", "paper") else scoring.transform
-
-
 class BestOfN:
     """Loads a model once, then samples N candidates per prompt and keeps the best.
 
@@ -156,8 +141,11 @@ class BestOfN:
         self.scorer_name = _resolve_scorer(scorer, self.backend)
         self.score_keys = score_keys(self.selector_spec, score=score, logit_stats=logit_stats)
         check_scores(self.scorer_name, self.score_keys)
-        if self.scorer_name in ("hook", "pooling"):
-            _check_vllm_scoring(self.scorer_name, self.scoring)
+        if self.scorer_name in ("hook", "pooling") and self.scores_needed:
+            from .vllm_hook import check_hook_config
+
+            # norm, transform, token set now; the layer once the model's depth is known (_load)
+            check_hook_config(replace(self.scoring, layer=-1), scorer=self.scorer_name)
         self.logit_stats = bool(self.score_keys & set(STAT_KEYS))
         self.model_name = str(model)
         self.device = device
@@ -192,6 +180,9 @@ class BestOfN:
                 options.setdefault("hook", True)
             self._vllm = vllm_backend.VLLMBackend(self.model_path, dtype=self.dtype, seed=self.sampling.seed,
                                                   **options)
+            if self.scorer_name in ("hook", "pooling") and self.scores_needed:
+                # before any engine starts: e.g. a caller's engine without the hook extension
+                self._vllm.check_scorer(self.scorer_name, self.scoring)
             if self.tokenizer is None:
                 self.tokenizer = self._vllm.tokenizer
                 self.context = self._vllm.context
@@ -204,6 +195,13 @@ class BestOfN:
         if backend != "vllm":
             raise ConfigError(f"BestOfN.from_vllm samples with the given vllm.LLM, so backend must be 'vllm', "
                               f"not '{backend}'.")
+        if kwargs.get("scorer", "auto") == "auto":
+            from .vllm_hook import has_hook_extension, hook_missing_message
+
+            if not has_hook_extension(llm):
+                logger.warning("This vllm.LLM has no bon-sr hook, so a pooling engine will score beside it. %s",
+                               hook_missing_message())
+                kwargs["scorer"] = "pooling"
         model_config = llm.llm_engine.model_config
         model = kwargs.pop("model", model_config.model)
         kwargs.setdefault("dtype", str(model_config.dtype).removeprefix("torch."))

@@ -357,21 +357,3 @@ def model_special_ids(model: torch.nn.Module) -> frozenset[int]:
                 if isinstance(v, int):
                     ids.add(v)
     return frozenset(ids)
-
-
-
-def store_scores(*args: Any, **kwargs: Any) -> None:
-    """Moved to ``bon_sr.scoring.store_scores`` (kept until every caller imports it there)."""
-    from .scoring import store_scores as store
-
-    store(*args, **kwargs)
-
-
-def __getattr__(name: str) -> Any:
-    # HFScorer moved to bon_sr.scoring (extraction knows nothing about stable rank); the
-    # old import path keeps working.
-    if name == "HFScorer":
-        from .scoring import HFScorer
-
-        return HFScorer
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -402,25 +402,19 @@ class VLLMBackend:
         given = self.options.get("generate_llm")
         if given is not None and not has_hook_extension(given):
             raise ConfigError(hook_missing_message())
+        check_hook_config(self._last_layer_as_minus_one(scoring))
+
+    def _last_layer_as_minus_one(self, scoring: HiddenStateConfig) -> HiddenStateConfig:
+        """``layer=num_layers-1`` names the last layer too: the vLLM scorers accept it."""
         if scoring.layer != -1:
             layers = getattr(self._text_config(), "num_hidden_layers", None)
             if layers is not None and scoring.layer == layers - 1:
-                scoring = replace(scoring, layer=-1)
-        check_hook_config(scoring)
+                return replace(scoring, layer=-1)
+        return scoring
 
     def scorer(self, scoring: HiddenStateConfig) -> "_LazyScorer":
         """The pooling-engine scorer (the fallback)."""
-        if scoring.norm != "post":
-            raise ConfigError("The vLLM pooling scorer gives post-final-norm states only; "
-                              "for norm='pre' use scorer='hf'.")
-        if getattr(scoring, "transform", "raw") not in ("raw", "paper") or scoring.token_set not in ("response", "full"):
-            raise ConfigError(f"The vLLM pooling scorer supports the raw transform and the token sets response/full "
-                              f"only (got transform={getattr(scoring, 'transform', 'raw')!r}, "
-                              f"token_set={scoring.token_set!r}); use scorer='hf'.")
-        layers = getattr(self._text_config(), "num_hidden_layers", None)
-        if scoring.layer != -1 and not (layers is not None and scoring.layer == layers - 1):
-            raise ConfigError(f"The vLLM pooling scorer gives the last layer only (layer=-1); for "
-                              f"layer={scoring.layer} use scorer='hf'.")
+        check_hook_config(self._last_layer_as_minus_one(scoring), scorer="pooling")
         return _LazyScorer(self, scoring)
 
     def _text_config(self) -> Any:

@@ -42,7 +42,7 @@ Public interface (driver side is pure and shared by the sync and async paths):
         bon_sr_collect(specs: list[dict]) -> list[dict]
         bon_sr_hook_stats() -> dict
     WORKER_EXTENSION: str                     # "bon_sr.vllm_hook.HookWorkerExtension"
-    check_hook_config(config: HiddenStateConfig) -> None            # ConfigError
+    check_hook_config(config: HiddenStateConfig, scorer="hook") -> None   # ConfigError
     new_tag() -> str
     request_meta(tag, index, prompt_len, max_tokens, config, *, mode="sample",
                  logit_stats=False, lo=None, hi=None) -> dict
@@ -102,16 +102,18 @@ RESULT_KEYS = ("stable_rank", "frobenius_sq", "spectral_sq", "scored_tokens")
 # =========================================================================== driver side
 
 
-def check_hook_config(config: HiddenStateConfig) -> None:
-    """Raise ConfigError for what the hook cannot compute (no engine needed)."""
+def check_hook_config(config: HiddenStateConfig, scorer: str = "hook") -> None:
+    """Raise ConfigError for what a vLLM scorer (the hook, or the pooling engine: both see
+    the same states) cannot compute; no engine needed. ``layer`` must be -1 here: callers
+    that know the model map its last index to -1 first."""
     if config.norm != "post" or config.layer != -1:
-        raise ConfigError("The hook scorer sees the last layer's post-final-norm states only "
+        raise ConfigError(f"The vLLM {scorer} scorer sees the last layer's post-final-norm states only "
                           f"(got layer={config.layer}, norm={config.norm!r}); use scorer='hf'.")
     if config.transform not in ("raw", "paper"):
-        raise ConfigError(f"The hook scorer supports the raw transform only (got {config.transform!r}); "
+        raise ConfigError(f"The vLLM {scorer} scorer supports the raw transform only (got {config.transform!r}); "
                           "use scorer='hf'.")
     if config.token_set not in ("response", "full"):
-        raise ConfigError(f"The hook scorer supports the token sets response and full (got "
+        raise ConfigError(f"The vLLM {scorer} scorer supports the token sets response and full (got "
                           f"{config.token_set!r}); use scorer='hf'.")
 
 

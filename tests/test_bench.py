@@ -304,7 +304,8 @@ def tiny_model():
 
 def test_scores_match_hfscorer_and_logits(tiny_model):
     from bon_sr.bench.scores import score_candidates
-    from bon_sr.hidden_states import HFScorer, HiddenStateConfig
+    from bon_sr.hidden_states import HiddenStateConfig
+    from bon_sr.scoring import HFScorer
 
     prompts = [[1, 2, 3, 4], [5, 6]]
     responses = [[7, 8, 9], [10, 11, 12, 13, 14]]

@@ -14,7 +14,8 @@ from click.testing import CliRunner
 
 import bon_sr
 from bon_sr import BestOfN, Candidate, ConfigError, InputError
-from bon_sr.hidden_states import HFScorer, HiddenStateConfig, iter_hidden_states, scored_span
+from bon_sr.hidden_states import HiddenStateConfig, iter_hidden_states, scored_span
+from bon_sr.scoring import HFScorer
 from bon_sr.jsonl import JsonlWriter
 from bon_sr.prompts import derive_seed, encode_prompt, read_prompt_file
 from bon_sr.samplers import SamplingConfig, truncate_at_stop

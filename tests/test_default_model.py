@@ -61,7 +61,8 @@ def test_hidden_states_equal_hf_output_on_real_model(bon):
     from bon_sr.stable_rank import stable_rank_exact
 
     for token_set, rows in (("response", ref[len(p):]), ("full", ref)):
-        from bon_sr.hidden_states import HFScorer, HiddenStateConfig
+        from bon_sr.hidden_states import HiddenStateConfig
+        from bon_sr.scoring import HFScorer
 
         score = HFScorer(bon._hf_model, HiddenStateConfig(token_set=token_set)).score([p], [r])[0]
         assert score["scored_tokens"] == rows.shape[0]

@@ -14,7 +14,8 @@ from torch.testing import assert_close
 
 from bon_sr.bench.metrics import bon_accuracy, bon_pick, pairwise_accuracy, prompt_auc, within_prompt_auc
 from bon_sr.errors import ConfigError
-from bon_sr.hidden_states import HFScorer, HiddenStateConfig, iter_hidden_states
+from bon_sr.hidden_states import HiddenStateConfig, iter_hidden_states
+from bon_sr.scoring import HFScorer
 from bon_sr.stable_rank import stable_rank_exact
 from bon_sr.variants import (MASSIVE_K, VARIANTS, CalibrationAccumulator, CalibrationStats, TransformContext,
                              length_corrected, parse_variant)
