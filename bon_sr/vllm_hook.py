@@ -40,6 +40,7 @@ Public interface (driver side is pure and shared by the sync and async paths):
     class HookWorkerExtension                 # worker_extension_cls
         bon_sr_install_hook(options: dict | None = None) -> dict
         bon_sr_collect(specs: list[dict]) -> list[dict]
+        bon_sr_release(tags: list[str]) -> int                  # free aborted requests' rows
         bon_sr_hook_stats() -> dict
     WORKER_EXTENSION: str                     # "bon_sr.vllm_hook.HookWorkerExtension"
     check_hook_config(config: HiddenStateConfig, scorer="hook") -> None   # ConfigError
@@ -297,6 +298,19 @@ class _Plan:
         return [fill_request(tag, i, p_ids, cand.token_ids, self.scoring, missing=res["missing"])
                 for (tag, i, p_ids), cand, res in zip(self.keys, candidates, results) if "missing" in res]
 
+    @staticmethod
+    def recollect(specs: Sequence[dict[str, Any]], results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Specs of the candidates whose rows a retry recomputed (under their own salt)."""
+        return [{**sp, "group": False} for sp, res in zip(specs, results) if "missing" in res]
+
+    @staticmethod
+    def merge(results: Sequence[dict[str, Any]], again: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        more = iter(again)
+        return [next(more) if "missing" in res else res for res in results]
+
+    def tags(self) -> list[str]:
+        return sorted({tag for tag, _, _ in self.keys})
+
     def specs(self, candidates: Sequence[Candidate]) -> list[dict[str, Any]]:
         return [collect_spec(tag, i, len(p_ids), cand.num_tokens, self.scoring, logit_stats=self.logit_stats,
                              release_group=True)
@@ -343,9 +357,7 @@ class HookSampler:
             logger.warning("bon-sr hook: %d candidates missed rows after the fill step; recomputing them",
                            len(retries))
             self.llm.generate([f[0] for f in retries], [f[1] for f in retries], use_tqdm=False)
-            again = iter(_collect(self.llm, [{**sp, "group": False} for sp, res in zip(specs, results)
-                                             if "missing" in res]))
-            results = [next(again) if "missing" in res else res for res in results]
+            results = plan.merge(results, _collect(self.llm, plan.recollect(specs, results)))
         scores = scores_from_results(results)
         flat = [c.with_scores(**s) for c, s in zip(flat, scores)]
         out, pos = [], 0
@@ -434,11 +446,24 @@ async def sample_scored_async(engine: Any, prompt_ids: Sequence[int], sampling: 
     ids = [int(t) for t in prompt_ids]
     prompts, params = plan.requests(ids, base_sampler._params(1, seed or 0), n,
                                     None if seed is None else int(seed))
-    outs = await asyncio.gather(*(_final(engine, p, sp) for p, sp in zip(prompts, params)))
-    cands = [base_sampler._to_candidate(i, o.outputs[0]) for i, o in enumerate(outs)]
-    fills = plan.fills(cands, [isinstance(o.outputs[0].stop_reason, str) for o in outs])
-    await asyncio.gather(*(_final(engine, p, sp) for p, sp in fills))
-    results = (await engine.collective_rpc("bon_sr_collect", args=(plan.specs(cands),)))[0]
+    try:
+        outs = await asyncio.gather(*(_final(engine, p, sp) for p, sp in zip(prompts, params)))
+        cands = [base_sampler._to_candidate(i, o.outputs[0]) for i, o in enumerate(outs)]
+        fills = plan.fills(cands, [isinstance(o.outputs[0].stop_reason, str) for o in outs])
+        await asyncio.gather(*(_final(engine, p, sp) for p, sp in fills))
+        specs = plan.specs(cands)
+        results = (await engine.collective_rpc("bon_sr_collect", args=(specs,)))[0]
+        retries = plan.retries(cands, results)
+        if retries:
+            logger.warning("bon-sr hook: %d candidates missed rows after the fill step; recomputing them",
+                           len(retries))
+            await asyncio.gather(*(_final(engine, p, sp) for p, sp in retries))
+            again = (await engine.collective_rpc("bon_sr_collect", args=(plan.recollect(specs, results),)))[0]
+            results = plan.merge(results, again)
+    except asyncio.CancelledError:
+        # the client went away: vLLM aborts the requests; free their rows in the worker now
+        await asyncio.shield(engine.collective_rpc("bon_sr_release", args=(plan.tags(),)))
+        raise
     return [c.with_scores(**s) for c, s in zip(cands, scores_from_results(results))]
 
 
@@ -617,6 +642,14 @@ class _Hook:
                 logger.warning("bon-sr hook: dropped %d uncollected entries older than %.0f s", len(old),
                                ORPHAN_SECONDS)
 
+    def release(self, tags: Sequence[str]) -> int:
+        """Drop every entry of ``tags`` (their requests were aborted); returns how many."""
+        wanted = set(tags)
+        dropped = [k for k in self.cands if k[0] in wanted] + [k for k in self.groups if k in wanted]
+        for k in dropped:
+            (self.cands if isinstance(k, tuple) else self.groups).pop(k, None)
+        return len(dropped)
+
     # -- collect ------------------------------------------------------------------
     def collect(self, specs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         results: list[dict[str, Any]] = [{} for _ in specs]
@@ -745,6 +778,11 @@ class HookWorkerExtension:
             return []
         with torch.inference_mode():
             return hook.collect(specs)
+
+    def bon_sr_release(self, tags: list[str]) -> int:
+        """Free the rows of aborted requests now instead of at the orphan sweep."""
+        hook = getattr(self.model_runner, "_bon_sr_hook", None)  # type: ignore[attr-defined]
+        return hook.release(tags) if hook is not None and hook.store else 0
 
     def bon_sr_hook_stats(self) -> dict[str, int]:
         hook = getattr(self.model_runner, "_bon_sr_hook", None)  # type: ignore[attr-defined]

@@ -271,11 +271,21 @@ def test_async_engine_gives_the_sync_candidates_and_scores(model_path, runs, ref
 
     async def run():
         await vllm_hook.install_hook_async(engine)
-        return await vllm_hook.sample_scored_async(engine, runs["prompt_ids"][0], sampling, seed=3,
-                                                   scoring=HiddenStateConfig(), logit_stats=True)
+        cands = await vllm_hook.sample_scored_async(engine, runs["prompt_ids"][0], sampling, seed=3,
+                                                    scoring=HiddenStateConfig(), logit_stats=True)
+        # a client that goes away mid-request: its requests abort and the worker frees their rows
+        long = SamplingConfig(n=4, temperature=0.8, top_p=0.9, max_new_tokens=400)
+        task = asyncio.ensure_future(vllm_hook.sample_scored_async(engine, runs["prompt_ids"][1], long, seed=5,
+                                                                   scoring=HiddenStateConfig(token_set="full")))
+        while not (await engine.collective_rpc("bon_sr_hook_stats"))[0].get("candidates"):
+            await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return cands, (await engine.collective_rpc("bon_sr_hook_stats"))[0]
 
     try:
-        cands = asyncio.run(run())
+        cands, stats = asyncio.run(run())
     finally:
         engine.shutdown()
         gc.collect()
@@ -284,6 +294,7 @@ def test_async_engine_gives_the_sync_candidates_and_scores(model_path, runs, ref
     for a, b in zip(cands, sync):
         assert _rel(a.scores["stable_rank"], b.scores["stable_rank"]) <= SR_TOL
         assert a.scores["mean_logprob"] == pytest.approx(b.scores["mean_logprob"], rel=1e-4, abs=1e-4)
+    assert stats["candidates"] == 0 and stats["groups"] == 0, stats      # nothing left for the sweep
 
 
 # ------------------------------------------------------------------ backend, in-process engine core
