@@ -45,3 +45,18 @@ def decide(candidates: Sequence[Candidate], selector: SelectorSpec, answers: Ans
                  for c, a, g in zip(cands, found, classes)]
         votes = {label[g]: size[g] for g in sorted(size, key=lambda g: (-size[g], g))}
     return Decision(tuple(cands), select(selector, cands, seed=seed, groups=classes), votes)
+
+
+def ranked(candidates: Sequence[Candidate], selector: SelectorSpec, answers: AnswerExtractor | None = None, *,
+           seed: int = 0, k: int = 1) -> tuple[Decision, list[int]]:
+    """The decision over all candidates, and the first ``k`` candidate indices in the
+    selector's order: its pick, then its pick among the rest, and so on (works for every
+    selector, voting and user callables included; OpenAI's ``n`` choices)."""
+    first = decide(candidates, selector, answers, seed=seed)
+    order = [first.candidates[first.pick.index].index]
+    rest = [c for c in first.candidates if c.index != order[0]]
+    while len(order) < min(k, len(first.candidates)):
+        d = decide(rest, selector, answers, seed=seed)
+        order.append(rest[d.pick.index].index)
+        rest = [c for c in rest if c.index != order[-1]]
+    return first, order

@@ -4,7 +4,7 @@
 ``BestOfN`` uses (``get_selector``, ``get_extractor``, ``score_keys``/``check_scores``,
 ``validate_prompt``/``encode_prompt``/``check_fits``, ``derive_seed``), so a bad field
 fails here with a 400 naming it, before anything is sampled. ``complete`` samples through
-the engine, decides with ``bon_sr.selection.decide``, and renders the ChatCompletion /
+the engine, decides with ``bon_sr.selection.ranked``, and renders the ChatCompletion /
 Completion (or its SSE chunks) with the ``bon_sr`` object that explains the choice.
 
 Choices (OpenAI ``n``): the top ``n`` candidates in the selector's order, defined by
@@ -35,7 +35,7 @@ from ..hidden_states import HiddenStateConfig
 from ..prompts import check_fits, derive_seed, encode_prompt, validate_prompt
 from ..samplers import SamplingConfig
 from ..scoring import STAT_KEYS, check_scores, score_keys
-from ..selection import Decision, decide
+from ..selection import Decision, ranked
 from ..selectors import SelectorSpec, get_selector
 from ..types import Candidate
 from ..vllm_hook import check_hook_config
@@ -188,16 +188,8 @@ def _encode(request: ChatCompletionRequest | CompletionRequest, tokenizer: Any) 
 
 
 def rank(candidates: Sequence[Candidate], job: Job) -> tuple[Decision, list[int]]:
-    """The decision over all candidates, and the first ``job.choices`` candidate indices in
-    the selector's order (see the module docstring)."""
-    first = decide(candidates, job.selector, job.answers, seed=job.seed)
-    order = [first.candidates[first.pick.index].index]
-    rest = [c for c in first.candidates if c.index != order[0]]
-    while len(order) < job.choices:
-        d = decide(rest, job.selector, job.answers, seed=job.seed)
-        order.append(rest[d.pick.index].index)
-        rest = [c for c in rest if c.index != order[-1]]
-    return first, order
+    """The decision over all candidates and the first ``job.choices`` in the selector's order."""
+    return ranked(candidates, job.selector, job.answers, seed=job.seed, k=job.choices)
 
 
 async def complete(request: ChatCompletionRequest | CompletionRequest, settings: ServeSettings,
