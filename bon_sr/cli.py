@@ -7,9 +7,21 @@ stderr so stdout stays clean for pipes.
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import sys
+import threading
 import time
-from typing import Any
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+if os.environ.get("BON_SR_ENGINE_PARENT"):
+    # A vLLM engine process spawned by `bon-sr` imports this module first (multiprocessing
+    # re-imports the main module): arm die-with-parent before anything slow (see vllm_plugin).
+    from .vllm_plugin import die_with_parent
+
+    die_with_parent()
 
 import click
 
@@ -43,11 +55,96 @@ def main(verbose: bool) -> None:
     """Best-of-N selection by the stable rank of a frozen LLM's hidden states."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
+    # vLLM logs to stdout by default (in every engine process): stdout stays clean for pipes.
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     if not verbose:
         # vLLM logs every engine step at INFO; keep the progress bar readable unless asked.
-        import os
-
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+
+class Stopped(BaseException):
+    """SIGINT (Ctrl-C) or SIGTERM, raised in the main thread so that a run stops cleanly: the
+    finished records stay, the engines are shut down, the exit status is 128 + the signal.
+    Not a KeyboardInterrupt: vLLM 0.32 swallows KeyboardInterrupt while its engine starts
+    (``zmq_socket_ctx``), and the run would carry on as if nothing had been asked."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+        self.code = 128 + signum
+        self.what = "Interrupted" if signum == signal.SIGINT else f"Stopped by {signal.Signals(signum).name}"
+
+
+@contextmanager
+def _stop_on_signals() -> Iterator[None]:
+    def stop(signum: int, frame: Any) -> None:
+        # A second signal during the shutdown acts at once (engines die with us, see vllm_plugin).
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        raise Stopped(signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig, handler in previous.items():
+        if handler is not signal.SIG_IGN:  # `nohup`-style ignoring stays ignored
+            signal.signal(sig, stop)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def engine_log_path(output: str) -> Path:
+    """Where a run's vLLM output goes unless --verbose: beside the output file."""
+    out = Path(output)
+    return out.with_name(out.stem + ".vllm.log")
+
+
+@contextmanager
+def _engine_output_to(log_path: Path | None, console: Any) -> Iterator[None]:
+    """Send everything written to file descriptor 2 (vLLM's logs from every engine process,
+    C++ warnings, loading bars) to ``log_path``, while ``console`` and bon-sr's own log
+    records keep the terminal. Engine processes started inside inherit the log file as
+    their stderr. ``None``: change nothing (--verbose, or no vLLM engine)."""
+    if log_path is None:
+        yield
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.write(log_fd, f"--- bon-sr {__version__} {time.strftime('%Y-%m-%d %H:%M:%S')} pid {os.getpid()}\n".encode())
+    saved = os.dup(2)
+    terminal = os.fdopen(saved, "w", buffering=1, encoding=sys.stderr.encoding or "utf-8",
+                         errors="backslashreplace")
+    console.file = terminal
+    own = _NotVLLM()
+    moved = [h for h in logging.getLogger().handlers
+             if type(h) is logging.StreamHandler and h.stream is sys.stderr]
+    for handler in moved:
+        handler.setStream(terminal)
+        handler.addFilter(own)
+    os.dup2(log_fd, 2)
+    os.close(log_fd)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        for handler in moved:
+            handler.setStream(sys.stderr)
+            handler.removeFilter(own)
+        console.file = sys.stderr
+        terminal.close()
+
+
+class _NotVLLM(logging.Filter):
+    """vLLM's records that reach the root logger belong in the engine log, not the terminal."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.name.startswith("vllm")
 
 
 def _model_progress(console: Any) -> Any:
@@ -260,8 +357,36 @@ def _parse_options(items: tuple[str, ...]) -> dict[str, Any]:
     return out
 
 
+def _uses_vllm(options: dict[str, Any]) -> bool:
+    from .api import _resolve_backend
+    from .errors import BonSRError
+
+    try:
+        backend = _resolve_backend(options["backend"])
+    except BonSRError:
+        return False  # BestOfN reports it
+    return backend == "vllm" or options.get("scorer") in ("hook", "pooling", "vllm")
+
+
 def _run_generate(console: Any, writer: Any, todo: list[Any], skipped: int, keep_candidates: bool,
                   chunk_size: int | None, options: dict[str, Any], *, given: bool = False) -> None:
+    verbose = bool(click.get_current_context().find_root().params.get("verbose"))
+    log_path = engine_log_path(str(writer.path)) if _uses_vllm(options) and not verbose else None
+    done = [0]
+    try:
+        with _stop_on_signals(), _engine_output_to(log_path, console):
+            _generate_loop(console, writer, todo, skipped, keep_candidates, chunk_size, options, given=given,
+                           done=done, log_path=log_path)
+    except (Stopped, KeyboardInterrupt) as exc:
+        what, code = (exc.what, exc.code) if isinstance(exc, Stopped) else ("Interrupted", 130)
+        console.print(f"[yellow]{what}: {done[0]} prompts written to {writer.path}; "
+                      "rerun with --resume to continue.[/]")
+        raise SystemExit(code) from None
+
+
+def _generate_loop(console: Any, writer: Any, todo: list[Any], skipped: int, keep_candidates: bool,
+                   chunk_size: int | None, options: dict[str, Any], *, given: bool, done: list[int],
+                   log_path: Path | None) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
         TimeRemainingColumn
 
@@ -274,42 +399,46 @@ def _run_generate(console: Any, writer: Any, todo: list[Any], skipped: int, keep
             bon = BestOfN(progress=_model_progress(console), **options)
     except BonSRError as exc:
         raise click.ClickException(str(exc)) from exc
-    load_s = time.perf_counter() - started
-    console.print(f"Loaded {bon.model_name} in {load_s:.1f}s (backend {bon.backend}, scorer {bon.scorer_name}).")
-    done = tokens = 0
-    best_sr: list[float] = []
-    t0 = time.perf_counter()
-    label = "score" if given else "generate"
-    columns = (TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TimeRemainingColumn(), TextColumn("{task.fields[rate]}"))
-    with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task(label, total=len(todo), rate="")
-        try:
-            selections = bon.select_many([r.prompt for r in todo], ids=[r.id for r in todo], chunk_size=chunk_size,
-                                         candidates=[list(r.candidates or ()) for r in todo] if given else None)
-            for record, sel in zip(todo, selections):
-                out = {"id": record.id}
-                out.update(sel.to_dict(keep_candidates=keep_candidates))
-                out["config"] = bon.config_dict()
-                writer.write(out)
-                done += 1
-                tokens += sum(c.num_tokens for c in sel.candidates)
-                if "stable_rank" in sel.best.scores:
-                    best_sr.append(sel.best.scores["stable_rank"])
-                elapsed = time.perf_counter() - t0
-                progress.update(task, advance=1, rate=f"{tokens / max(elapsed, 1e-9):.0f} tok/s")
-        except BonSRError as exc:
-            raise click.ClickException(f"{exc}\n{done} prompts were written to {writer.path}; "
-                                       "fix the problem and rerun with --resume.") from exc
-        except KeyboardInterrupt:
-            console.print(f"[yellow]Interrupted: {done} prompts written to {writer.path}; "
-                          "rerun with --resume to continue.[/]")
-            raise SystemExit(130) from None
+    try:
+        load_s = time.perf_counter() - started
+        log_note = f"; vLLM's log: {log_path}" if log_path is not None else ""
+        console.print(f"Loaded {bon.model_name} in {load_s:.1f}s (backend {bon.backend}, scorer {bon.scorer_name})"
+                      f"{log_note}.")
+        tokens = 0
+        best_sr: list[float] = []
+        t0 = time.perf_counter()
+        label = "score" if given else "generate"
+        columns = (TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TimeRemainingColumn(), TextColumn("{task.fields[rate]}"))
+        with Progress(*columns, console=console, transient=False) as progress:
+            task = progress.add_task(label, total=len(todo), rate="")
+            try:
+                selections = bon.select_many([r.prompt for r in todo], ids=[r.id for r in todo],
+                                             chunk_size=chunk_size,
+                                             candidates=[list(r.candidates or ()) for r in todo] if given else None)
+                for record, sel in zip(todo, selections):
+                    out = {"id": record.id}
+                    out.update(sel.to_dict(keep_candidates=keep_candidates))
+                    out["config"] = bon.config_dict()
+                    writer.write(out)
+                    done[0] += 1
+                    tokens += sum(c.num_tokens for c in sel.candidates)
+                    if "stable_rank" in sel.best.scores:
+                        best_sr.append(sel.best.scores["stable_rank"])
+                    elapsed = time.perf_counter() - t0
+                    progress.update(task, advance=1, rate=f"{tokens / max(elapsed, 1e-9):.0f} tok/s")
+            except BonSRError as exc:
+                raise click.ClickException(f"{exc}\n{done[0]} prompts were written to {writer.path}; "
+                                           "fix the problem and rerun with --resume.") from exc
+    finally:
+        # Engines shut down before the interpreter exits, the way vLLM expects: at exit its
+        # monitor thread would see them die first and report "engine core exited unexpectedly".
+        bon.close()
     elapsed = time.perf_counter() - t0
     sr_note = (f"; mean stable rank of the selected responses {sum(best_sr) / len(best_sr):.3f}"
                if best_sr else "")
     console.print(
-        f"[green]Done:[/] {done} prompts written to {writer.path} ({skipped} skipped as already done); "
+        f"[green]Done:[/] {done[0]} prompts written to {writer.path} ({skipped} skipped as already done); "
         f"{tokens} candidate tokens in {elapsed:.1f}s ({tokens / max(elapsed, 1e-9):.0f} tok/s){sr_note}."
     )
 

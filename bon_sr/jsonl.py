@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -43,12 +44,74 @@ def _repair_tail(path: Path) -> int:
         return size
 
 
-def iter_json_lines(path: str | Path, *, what: str = "a JSON object") -> Iterator[tuple[int, str, dict[str, Any]]]:
-    """Yield ``(line number, "file:line", object)`` for each non-blank line of a JSONL input file;
-    malformed JSON or a non-object raises InputError naming file:line."""
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write a whole file so that a crash leaves either the old file or the new one, never
+    a torn one: a temporary file beside it, fsync, then rename over it."""
     path = Path(path)
-    # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the first line.
-    for lineno, raw in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with tmp.open("w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_text_file(path: str | Path, *, what: str = "Input file") -> str:
+    """The text of a UTF-8 input file, or an InputError that names the file (and the line,
+    for bytes that are not UTF-8 and NUL bytes). A leading byte-order mark is dropped
+    (Windows editors write one)."""
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        dangling = " (a symbolic link to a missing file)" if path.is_symlink() else ""
+        raise InputError(f"{what} '{path}' does not exist{dangling}.") from None
+    except OSError as exc:
+        raise InputError(f"{what} '{path}' cannot be read: {exc.strerror or exc}.") from exc
+    if stat.S_ISDIR(mode):
+        raise InputError(f"{what} '{path}' is a directory; give a file.")
+    if not stat.S_ISREG(mode):
+        # A FIFO or device would block or never end: bon-sr reads the whole file up front.
+        raise InputError(f"{what} '{path}' is not a regular file (a pipe or device); write it to a file first.")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InputError(f"{what} '{path}' cannot be read: {exc.strerror or exc}.") from exc
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        offset = exc.start + (3 if data.startswith(b"\xef\xbb\xbf") else 0)
+        line = data.count(b"\n", 0, offset) + 1
+        hint = " (it looks like UTF-16: save it as UTF-8)" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+        raise InputError(f"{path}:{line}: not UTF-8 text (byte 0x{data[offset]:02x} at byte offset {offset})"
+                         f"{hint}.") from None
+    nul = text.find("\x00")
+    if nul >= 0:
+        raise InputError(f"{path}:{text.count(chr(10), 0, nul) + 1}: contains a NUL byte; is this a binary file?")
+    return text
+
+
+def text_lines(text: str) -> list[str]:
+    """Lines split at \\n only (a \\r before it is dropped): ``str.splitlines`` would also
+    split inside a JSON string at U+2028, form feeds and the like, which JSON allows raw."""
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
+
+
+def iter_json_lines(path: str | Path, *, what: str = "a JSON object",
+                    text: str | None = None) -> Iterator[tuple[int, str, dict[str, Any]]]:
+    """Yield ``(line number, "file:line", object)`` for each non-blank line of a JSONL input file;
+    malformed JSON or a non-object raises InputError naming file:line. ``text``: the file's
+    text when the caller has read it already."""
+    path = Path(path)
+    if text is None:
+        text = read_text_file(path)
+    for lineno, raw in enumerate(text_lines(text), start=1):
         if not raw.strip():
             continue
         where = f"{path}:{lineno}"
@@ -56,7 +119,10 @@ def iter_json_lines(path: str | Path, *, what: str = "a JSON object") -> Iterato
             obj = json.loads(raw)
         except json.JSONDecodeError as exc:
             raise InputError(f"{where}: malformed JSON ({exc.msg} at column {exc.colno}). "
-                             f"Each line must be {what}.") from exc
+                             f"Each line must be {what}.") from None
+        except (ValueError, RecursionError) as exc:  # a 5000-digit number, nesting too deep
+            raise InputError(f"{where}: JSON that cannot be read ({type(exc).__name__}: {str(exc)[:80]}). "
+                             f"Each line must be {what}.") from None
         if not isinstance(obj, dict):
             raise InputError(f"{where}: expected {what}, got {type(obj).__name__}.")
         yield lineno, where, obj
@@ -111,11 +177,24 @@ class JsonlWriter:
                              "Choose a writable location with -o.") from exc
 
     def write(self, record: dict[str, Any]) -> None:
+        """Append one line; on a write error (disk full, file-size limit) cut the file back
+        to its last complete line and raise InputError, so what was written stays valid."""
         data = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
-        written = 0
-        while written < len(data):
-            written += self._fh.write(data[written:])
-        os.fsync(self._fh.fileno())
+        fd = self._fh.fileno()
+        before = os.fstat(fd).st_size
+        try:
+            written = 0
+            while written < len(data):
+                written += self._fh.write(data[written:])
+            os.fsync(fd)
+        except OSError as exc:
+            try:
+                os.ftruncate(fd, before)
+            except OSError:
+                pass  # a torn line is cut off by the next --resume
+            raise InputError(f"Cannot write to '{self.path}': {exc.strerror or exc}. The {len(self.finished_ids)} "
+                             "records before it are intact; free some space (or write elsewhere with -o) "
+                             "and rerun with --resume.") from exc
         self.finished_ids.add(str(record.get(self.id_field)))
 
     def close(self) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from .errors import InputError
-from .jsonl import iter_json_lines
+from .jsonl import iter_json_lines, read_text_file, text_lines
 from .types import PromptInput
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -77,19 +77,14 @@ def read_prompt_file(path: str | Path, *, candidates: str = "forbid") -> list[Pr
     candidates: ``forbid`` (a line with ``candidates`` is an error that points to
     ``bon-sr score``) or ``require`` (every line must bring its ``candidates``)."""
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"Prompt file '{path}' does not exist.")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise InputError(f"{path}: not UTF-8 text ({exc}).") from exc
+    text = read_text_file(path, what="Prompt file")
     records: list[PromptRecord] = []
     seen: dict[str, int] = {}
     is_jsonl = path.suffix.lower() in (".jsonl", ".json", ".ndjson")
     if is_jsonl:
-        entries: Iterable[tuple[int, str, Any]] = iter_json_lines(path)
+        entries: Iterable[tuple[int, str, Any]] = iter_json_lines(path, text=text)
     else:
-        entries = ((n, f"{path}:{n}", raw) for n, raw in enumerate(text.splitlines(), start=1) if raw.strip())
+        entries = ((n, f"{path}:{n}", raw) for n, raw in enumerate(text_lines(text), start=1) if raw.strip())
     for lineno, where, obj in entries:
         if is_jsonl:
             if "prompt" in obj and "messages" in obj:

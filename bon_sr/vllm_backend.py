@@ -71,6 +71,9 @@ SCORER_KINDS = ("hook", "pooling")
 #: The in-pass hook scorer's name; its presence tells the API this build has the hook.
 HOOK_SCORER = "hook"
 
+#: seconds an engine may take to exit after close() asks it to
+SHUTDOWN_TIMEOUT_S = 30.0
+
 #: vllm_options understood by VLLMBackend (everything else is a ConfigError).
 OPTIONS = {
     "generate_llm": "an existing vllm.LLM to sample with (no generate engine is started)",
@@ -348,6 +351,9 @@ class VLLMBackend:
                                   f"{os.environ['VLLM_USE_V2_MODEL_RUNNER']!r}; unset it or use scorer='pooling'.")
             os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
         logger.info("starting the vLLM %s engine for %s", role, self.model_path)
+        from .vllm_plugin import mark_engine_parent
+
+        mark_engine_parent()  # a hard kill of this process takes the engine with it
         try:
             return vllm.LLM(**kwargs)
         except TypeError as exc:
@@ -440,10 +446,12 @@ class VLLMBackend:
         owned = ["_pooling_llm"] + ([] if self.options.get("generate_llm") is not None else ["_generate_llm"])
         for name in owned:
             llm = getattr(self, name)
+            setattr(self, name, None)
             core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
             if core is not None and hasattr(core, "shutdown"):
-                core.shutdown()
-            setattr(self, name, None)
+                # vLLM gives an engine 5 s after SIGTERM before it force-kills it and warns;
+                # a loaded CPU needs longer to tear down the worker.
+                core.shutdown(timeout=SHUTDOWN_TIMEOUT_S)
 
 
 class _LazySampler:

@@ -21,16 +21,37 @@ The plugin registers through the ``vllm.general_plugins`` entry point, so vLLM l
 every process it starts (engine core, workers). It changes nothing unless
 ``BON_SR_FAST_TOP_P=1`` is set, which ``VLLMBackend`` does on CPU only (set it to ``0``
 beforehand to keep vLLM's sort), and only on the CPU platform.
+
+Engine processes that die with their parent (``die_with_parent``, Linux). vLLM runs its
+engine core in a child process; when the parent is killed hard (SIGKILL, the OOM killer,
+a scheduler's time limit) nothing tells that child, and it kept running, reparented to
+init, holding its memory (OFFLINE.md). ``VLLMBackend`` sets ``BON_SR_ENGINE_PARENT`` to its
+own pid just before it starts an engine; a process that finds itself a direct child of that
+pid asks the kernel for SIGKILL when its parent dies (``prctl(PR_SET_PDEATHSIG)``) and
+passes the flag on with its own pid, so its workers follow it. The plugin is loaded after
+vLLM's start-up handshake, so ``bon_sr.cli`` arms it too, at import, which a spawned child
+of the ``bon-sr`` command does first. This module knows nothing about bon-sr's output.
 """
 
 from __future__ import annotations
 
+import ctypes
+import logging
 import os
+import signal
+import sys
+import threading
 from typing import Any, Callable
 
 import torch
 
+logger = logging.getLogger(__name__)
+
 ENV = "BON_SR_FAST_TOP_P"
+#: pid of the process whose direct children (vLLM engine processes) die with it
+PARENT_ENV = "BON_SR_ENGINE_PARENT"
+_PR_SET_PDEATHSIG = 1
+_armed = False
 TOP_K = 256
 # A row is decided by its top K only if they hold at least p + MARGIN of its mass: the
 # float32 cumulative sums of the two methods then cannot disagree about a token outside.
@@ -80,8 +101,46 @@ def _patch(module: Any) -> None:
     module.apply_top_k_top_p = apply_top_k_top_p
 
 
+def mark_engine_parent() -> None:
+    """Called by the process that is about to start a vLLM engine: its engine processes will
+    die with it. Only from the main thread: the kernel's parent-death signal follows the
+    thread that started the child, and a worker thread may end long before the process."""
+    if threading.current_thread() is threading.main_thread():
+        os.environ[PARENT_ENV] = str(os.getpid())
+    else:
+        os.environ.pop(PARENT_ENV, None)
+
+
+def die_with_parent() -> bool:
+    """In a direct child of the ``BON_SR_ENGINE_PARENT`` process: SIGKILL this process when
+    the parent dies. Returns whether it is armed; a no-op anywhere else (idempotent)."""
+    global _armed
+    owner = os.environ.get(PARENT_ENV, "")
+    if _armed:
+        return True
+    if not owner.isdigit() or int(owner) == os.getpid() or not sys.platform.startswith("linux"):
+        return False
+    if int(owner) != os.getppid():
+        if os.getppid() == 1:
+            # Orphaned before it could arm (the parent died during our start-up): leave now
+            # rather than wait minutes for a handshake that will never come.
+            os._exit(1)
+        return False  # not a child of the flagged process: leave it alone
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
+        logger.warning("bon-sr: prctl(PR_SET_PDEATHSIG) failed (errno %d); this process will not die with its "
+                       "parent", ctypes.get_errno())
+        return False
+    if os.getppid() != int(owner):  # the parent died between the check and prctl
+        os._exit(1)
+    os.environ[PARENT_ENV] = str(os.getpid())  # our own children follow us
+    _armed = True
+    return True
+
+
 def register() -> None:
     """vLLM general-plugin entry point (called in every vLLM process)."""
+    die_with_parent()
     if os.environ.get(ENV) != "1":
         return
     from vllm.platforms import current_platform

@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, InputError
+from ..jsonl import write_text_atomic
 from ..hidden_states import (NORMS, TOKEN_SETS, HiddenStateConfig, _decoder_parts, end_of_turn_id, extract,
                              model_special_ids, scored_token_ids, with_end_of_turn)
 from ..models import ProgressFn
@@ -214,7 +215,8 @@ def _score_cells(model: Any, inputs: _Inputs, cells: Sequence[Cell],
                     out[i] = float(values[row]) if len(inputs.responses[i]) else math.nan
         done += len(batch)
         report("scoring cells", done, len(inputs.owner))
-    return {cell: sr[(row_specs[cell], cell[1], cell[2])] for cell in cells}
+    # No problem with mixed correctness means no rows at all: every cell is empty, not a KeyError.
+    return {cell: sr.get((row_specs[cell], cell[1], cell[2]), [math.nan] * len(inputs.owner)) for cell in cells}
 
 
 def _groups(records: Sequence[Mapping[str, Any]], values: Sequence[float], owner: Sequence[int],
@@ -261,6 +263,18 @@ def _baselines(records: Sequence[Mapping[str, Any]], config: AblateConfig) -> di
     return {name: mean_ci(values, **kw) for name, values in per.items()}
 
 
+def _read_saved(path: Path) -> dict[str, Any] | None:
+    """A finished cell or calibration file; None when missing or cut short (an older
+    version's crash mid-write): it is then computed again."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        logger.warning("Recomputing %s: the file is incomplete (an interrupted run)", path)
+        return None
+
+
 def run_ablate(config: AblateConfig, out_dir: str | Path, *, progress: ProgressFn | None = None) -> dict[str, Any]:
     """Compute the missing cells, write ``OUT/ablate.{json,md,png}``, return the summary."""
     report = progress or (lambda msg, done, total: None)
@@ -290,7 +304,7 @@ def run_ablate(config: AblateConfig, out_dir: str | Path, *, progress: ProgressF
         if diff:
             raise ConfigError(f"{out_dir} holds cells made with other settings ({', '.join(diff)} differ); "
                               "use another output directory, or the same settings to resume.")
-    meta_path.write_text(json.dumps(identity, indent=2))
+    write_text_atomic(meta_path, json.dumps(identity, indent=2))
 
     report(f"loading {scorer_name}{' (random init)' if config.random_init else ''}", None, None)
     model, tokenizer = _load_scoring_model(scorer_name, config, progress)
@@ -310,9 +324,9 @@ def run_ablate(config: AblateConfig, out_dir: str | Path, *, progress: ProgressF
 
     results: dict[Cell, list[float]] = {}
     for cell in cells:
-        path = cells_dir / f"{_cell_name(cell)}.json"
-        if path.is_file():
-            results[cell] = [math.nan if v is None else v for v in json.loads(path.read_text())["scores"]]
+        saved = _read_saved(cells_dir / f"{_cell_name(cell)}.json")
+        if saved is not None:
+            results[cell] = [math.nan if v is None else v for v in saved["scores"]]
     todo = [c for c in cells if c not in results]
     if todo:
         prompts, responses, owner = _token_ids(records, tokenizer, reuse_ids)
@@ -324,15 +338,16 @@ def run_ablate(config: AblateConfig, out_dir: str | Path, *, progress: ProgressF
         need = sorted({(n, lay) for v, n, lay in todo if parse_variant(v).needs_calibration})
         missing = []
         for key in need:
-            path = cells_dir / f"calibration__{key[0]}__L{key[1]}.json"
-            if path.is_file():
-                stats[key] = CalibrationStats.from_dict(json.loads(path.read_text()))
+            saved = _read_saved(cells_dir / f"calibration__{key[0]}__L{key[1]}.json")
+            if saved is not None:
+                stats[key] = CalibrationStats.from_dict(saved)
             else:
                 missing.append(key)
         if missing:
             for key, st in _calibrate(model, inputs, missing, config, report).items():
                 stats[key] = st
-                (cells_dir / f"calibration__{key[0]}__L{key[1]}.json").write_text(json.dumps(st.to_dict()))
+                write_text_atomic(cells_dir / f"calibration__{key[0]}__L{key[1]}.json",
+                                  json.dumps(st.to_dict()))
         mixed_problems = {k for k, rec in enumerate(records) if is_mixed(rec)}
         sel = [i for i, k in enumerate(owner) if k in mixed_problems]
         scored = _Inputs([prompts[i] for i in sel], [responses[i] for i in sel], [owner[i] for i in sel], special)
@@ -342,7 +357,9 @@ def run_ablate(config: AblateConfig, out_dir: str | Path, *, progress: ProgressF
                 values[i] = part[j]
             results[cell] = values
             clean = [None if math.isnan(v) else v for v in values]
-            (cells_dir / f"{_cell_name(cell)}.json").write_text(json.dumps({"cell": list(cell), "scores": clean}))
+            # Atomic: a run killed while writing cells leaves whole cells, never a torn one.
+            write_text_atomic(cells_dir / f"{_cell_name(cell)}.json",
+                              json.dumps({"cell": list(cell), "scores": clean}))
     del model
 
     owner = [k for k, rec in enumerate(records) for _ in rec["candidates"]]

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from ..errors import ConfigError, InputError
+from ..jsonl import write_text_atomic
 from ..models import DEFAULT_MODEL, ProgressFn
 from ..prompts import check_fits, derive_seed
 from ..samplers import SamplingConfig
@@ -322,7 +323,7 @@ def run_bench(config: BenchConfig, out_dir: str | Path, *, progress: ProgressFn 
     todo = [p for p in task.problems if p.id not in records]
     generated = 0
     if todo and generate:
-        meta_path.write_text(json.dumps({**meta, "task": task.name, "cache_version": CACHE_VERSION}, indent=2))
+        write_text_atomic(meta_path, json.dumps({**meta, "task": task.name, "cache_version": CACHE_VERSION}, indent=2))
         report(f"loading {config.model}", None, None)
         bon = _load_generator(config, max_new, n_gen, progress)
         report(f"{task.name}: sampling {n_gen} + greedy", 0, len(todo))

@@ -1,0 +1,228 @@
+"""Faults, the CI subset of benchmarks/faults.py: kill -9 at seeded moments then --resume
+(generate, bench, ablate), fuzzed prompt files, a full disk, and on the real default model
+with vLLM: kill -9 and SIGTERM leave no engine process behind, and a normal run's terminal
+shows the progress and the summary, not vLLM's log."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("bon_sr_faults", ROOT / "benchmarks" / "faults.py")
+faults = importlib.util.module_from_spec(_spec)
+sys.modules["bon_sr_faults"] = faults  # dataclasses look their module up
+_spec.loader.exec_module(faults)
+
+pytest.importorskip("psutil")
+
+
+def _report(outcomes) -> str:
+    return "\n".join(f"{o.case}: {o.message}" for o in outcomes if not o.ok)
+
+
+# -- fuzzed prompt files ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def fuzz(tmp_path_factory):
+    return faults.fuzz_cases(tmp_path_factory.mktemp("fuzz"), seed=0, count=300)
+
+
+def test_fuzzed_prompt_files_in_process(fuzz):
+    outcomes = faults.fuzz_in_process(fuzz)
+    assert len(outcomes) > 300
+    assert not [o for o in outcomes if not o.ok], _report(outcomes)
+    # the message names the line of the damage, not only the file
+    for o in outcomes:
+        if o.case in ("truncated-json", "invalid-utf8", "nul-byte", "100k-lines-one-bad"):
+            assert ".jsonl:" in o.message or ".txt:" in o.message, o
+    assert any(o.case == "100k-lines-one-bad" and "100k-lines.jsonl:99991:" in o.message for o in outcomes)
+
+
+def test_fuzzed_prompt_files_through_the_cli(fuzz, tmp_path):
+    special = [c for c in fuzz if c.path.parent.name == "special"]
+    generated = [c for c in fuzz if c.path.parent.name != "special" and not c.valid]
+    picked = special + generated[::60]
+    outcomes = faults.fuzz_cli(picked, tmp_path)
+    assert not [o for o in outcomes if not o.ok], _report(outcomes)
+
+
+# -- kill -9 and --resume (HF backend: the final output equals an uninterrupted run) ----
+
+def test_kill9_generate_then_resume_equals_uninterrupted(tmp_path, tiny_model_dir):
+    prompts = faults.write_prompts(tmp_path / "p.jsonl", 4)
+    args = ["generate", str(prompts), "--model", tiny_model_dir, "--backend", "hf", "--n", "2",
+            "--max-new-tokens", "6", "--seed", "3"]
+    results = faults.kill_generate(args, tmp_path / "work", 3, seed=1, phases=("load", "sample", "write"))
+    summary = faults.summarize_kills(results)
+    assert summary["kills"] >= 2, results
+    assert summary["records_lost"] == summary["duplicates"] == summary["not_equal"] == 0, results
+    assert summary["invalid"] == summary["resume_failed"] == 0, results
+    assert any(r.phase == "write" for r in results)   # a torn last line was repaired
+
+
+def test_kill9_bench_and_ablate_then_rerun_equals_uninterrupted(tmp_path, tiny_model_dir, tiny_tokenizer):
+    task = faults.write_task(tmp_path / "task.jsonl", 4)
+    bench_args = ["--task", str(task), "--model", tiny_model_dir, "--backend", "hf", "--n", "1,2",
+                  "--max-new-tokens", "6", "--bootstrap", "100"]
+    res = faults.kill_dir_command("bench", bench_args, tmp_path, 2, seed=2, compare=faults.bench_state)
+    # ablate over a cache with mixed correctness (the tiny model gets every answer wrong)
+    from test_variants import _synthetic_cache
+
+    _synthetic_cache(tmp_path / "cache", tiny_tokenizer, tiny_model_dir, problems=8)
+    ablate_args = ["--cache", str(tmp_path / "cache"), "--variants", "paper,center,drop-massive", "--layers", "0,-1",
+                   "--norms", "post,pre", "--bootstrap", "100"]
+    res += faults.kill_dir_command("ablate", ablate_args, tmp_path, 2, seed=2, compare=faults.ablate_state)
+    summary = faults.summarize_kills(res)
+    assert summary["records_lost"] == summary["duplicates"] == summary["not_equal"] == 0, res
+    assert summary["resume_failed"] == 0, res
+
+
+def test_ablate_recovers_from_a_torn_cell(tmp_path, tiny_model_dir):
+    """A cell file cut short (a crash of an older version mid-write) is recomputed, not a traceback."""
+    task = faults.write_task(tmp_path / "task.jsonl", 3)
+    r = faults.run_cli(["bench", "--task", str(task), "--model", tiny_model_dir, "--backend", "hf", "--n", "1,2",
+                        "--max-new-tokens", "6", "--bootstrap", "100", "-o", str(tmp_path / "b")])
+    assert r.returncode == 0, r.stderr
+    args = ["ablate", "--cache", str(tmp_path / "b"), "--variants", "paper", "--bootstrap", "100",
+            "-o", str(tmp_path / "a")]
+    assert faults.run_cli(args).returncode == 0
+    before = faults.ablate_state(tmp_path / "a")
+    cell = next((tmp_path / "a" / "cells").glob("paper__*.json"))
+    cell.write_text(cell.read_text()[:15])
+    r = faults.run_cli(args)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert faults.ablate_state(tmp_path / "a") == before
+
+
+# -- a full disk ---------------------------------------------------------------------
+
+def test_disk_full_keeps_finished_lines_and_resume_completes(tmp_path, tiny_model_dir):
+    prompts = faults.write_prompts(tmp_path / "p.jsonl", 4)
+    args = ["generate", str(prompts), "--model", tiny_model_dir, "--backend", "hf", "--n", "2",
+            "--max-new-tokens", "6"]
+    ref = faults.run_cli([*args, "-o", str(tmp_path / "ref.jsonl")])
+    assert ref.returncode == 0, ref.stderr
+    sizes = [len(x) + 1 for x in (tmp_path / "ref.jsonl").read_bytes().split(b"\n")[:-1]]
+    res = faults.disk_full(args, tmp_path, sizes[0] + sizes[1] // 2)  # room for one and a half records
+    assert res["rc"] == 1 and not res["traceback"], res
+    assert "File too large" in res["message"] and "rerun with --resume" in res["message"], res
+    assert res["kept"] == 1 and not res["torn_tail"] and res["kept_intact"], res
+    assert res["resume_rc"] == 0 and res["final_ids"] == ["p0", "p1", "p2", "p3"], res
+    assert (tmp_path / "diskfull.jsonl").read_bytes() == (tmp_path / "ref.jsonl").read_bytes()
+
+
+# -- the real default model with vLLM -------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_vllm_kill9_sigterm_no_orphans_and_a_quiet_terminal(tmp_path, default_model_dir):
+    pytest.importorskip("vllm")
+    prompts = faults.write_prompts(tmp_path / "p.jsonl", 3)
+    args = ["generate", str(prompts), "--backend", "vllm", "--n", "2", "--max-new-tokens", "12"]
+    env = faults.base_env(VLLM_LOGGING_LEVEL="INFO")
+
+    # SIGTERM while sampling: exit 143, the engine shut down, nothing left running.
+    res = faults.signal_during_sampling(args, tmp_path, signal.SIGTERM, env=env, after_ready_s=0.5)
+    if not res["finished_first"]:
+        assert res["rc"] == 143, res["stderr"]
+        assert "Stopped by SIGTERM" in " ".join(res["stderr"].split())
+    assert res["orphans"] == [], res
+
+    # kill -9 once the engine runs (OFFLINE.md: its engine processes used to outlive it).
+    out = tmp_path / "sig15.jsonl"
+    log = tmp_path / "sig15.vllm.log"
+    ready = "init engine (profile, create kv cache"
+    runs_before = log.read_text(errors="replace").count(ready) if log.exists() else 0
+    proc = faults.subprocess.Popen(faults.cli_command([*args, "-o", str(out), "--resume"], traced=False),
+                                   cwd=ROOT, env=env, stdout=faults.subprocess.DEVNULL,
+                                   stderr=faults.subprocess.DEVNULL)
+    deadline = faults.time.time() + 600
+    while faults.time.time() < deadline and proc.poll() is None:
+        if log.read_text(errors="replace").count(ready) > runs_before:   # this run's engine is up
+            break
+        faults.time.sleep(0.2)
+    kids = faults.descendants(proc.pid)
+    if not any("EngineCore" in k.name() for k in kids):
+        proc.kill()
+    assert any("EngineCore" in k.name() for k in kids), [k.name() for k in kids]
+    proc.kill()
+    proc.wait()
+    assert faults.still_alive(kids) == []
+
+    # The resumed run completes; its terminal shows progress and the summary only.
+    r = faults.run_cli([*args, "-o", str(out), "--resume"], env=faults.base_env())
+    assert r.returncode == 0, r.stderr
+    records = faults.complete_records(out)
+    assert [x["id"] for x in records] == ["p0", "p1", "p2"]
+    err = r.stderr
+    assert "Done: " in err and "vLLM's log:" in err, err
+    for noise in ("WARNING", "INFO", "Loading safetensors", "engine core exited unexpectedly", "force killing",
+                  "Traceback", "[W"):
+        assert noise not in err, (noise, err)
+    assert r.stdout == ""
+    last_run = log.read_text(errors="replace").rsplit("--- bon-sr", 1)[-1]
+    assert "exited unexpectedly" not in last_run and "force killing" not in last_run, last_run[-2000:]
+
+
+# -- engine processes die with their parent (no vLLM needed) --------------------------
+
+_PARENT = r'''
+import multiprocessing as mp, os, sys, time
+def child():
+    from bon_sr.vllm_plugin import die_with_parent
+    print("armed" if die_with_parent() else "not armed", os.getpid(), flush=True)
+    time.sleep(120)
+if __name__ == "__main__":
+    if sys.argv[1] == "flag":
+        from bon_sr.vllm_plugin import mark_engine_parent
+        mark_engine_parent()
+    p = mp.get_context("spawn").Process(target=child)
+    p.start()
+    time.sleep(120)
+'''
+
+
+@pytest.mark.parametrize("flag", ["flag", "no-flag"])
+def test_a_flagged_child_dies_with_its_parent_on_kill9(tmp_path, flag):
+    import os
+    import subprocess
+    import time
+
+    import psutil
+
+    script = tmp_path / "parent.py"
+    script.write_text(_PARENT)
+    env = {k: v for k, v in os.environ.items() if k != "BON_SR_ENGINE_PARENT"}
+    parent = subprocess.Popen([sys.executable, str(script), flag], stdout=subprocess.PIPE, text=True, cwd=ROOT,
+                              env=env)
+    line = parent.stdout.readline().split()             # the child's "armed <pid>"
+    child = psutil.Process(int(line[-1]))
+    parent.kill()
+    parent.wait()
+    alive = faults.still_alive([child], wait=5)
+    if flag == "flag":
+        assert line[0] == "armed" and alive == []
+    else:   # the control: without the flag the child outlives its parent (and is killed here)
+        assert line[0] == "not" and len(alive) == 1
+
+
+def test_mark_engine_parent_only_from_the_main_thread(monkeypatch):
+    import os
+    import threading
+
+    from bon_sr import vllm_plugin
+
+    monkeypatch.setenv(vllm_plugin.PARENT_ENV, "1")
+    t = threading.Thread(target=vllm_plugin.mark_engine_parent)
+    t.start()
+    t.join()
+    assert vllm_plugin.PARENT_ENV not in os.environ      # a worker thread's children would die with the thread
+    vllm_plugin.mark_engine_parent()
+    assert os.environ[vllm_plugin.PARENT_ENV] == str(os.getpid())
+    assert vllm_plugin.die_with_parent() is False        # the flagged process itself is not armed
