@@ -318,6 +318,8 @@ def _run_command(path: str, common: dict[str, Any], sampling: dict[str, Any], *,
             vllm_options, ray_config = scale_options(scale, vllm_options, backend=sampling["backend"],
                                                      scorer=common["scorer"])
         records = read_prompt_file(path, candidates=candidates)
+        if "max_new_tokens" in sampling:
+            _check_fits_early(path, records, common["model"], sampling["max_new_tokens"], console)
         writer = JsonlWriter(output, mode="resume" if resume else "overwrite" if overwrite else "new")
     except BonSRError as exc:
         raise click.ClickException(str(exc)) from exc
@@ -339,6 +341,33 @@ def _run_command(path: str, common: dict[str, Any], sampling: dict[str, Any], *,
             return run_ray_generate(console, writer, todo, skipped, keep_candidates, chunk_size, options, ray_config)
         _run_generate(console, writer, todo, skipped, keep_candidates, chunk_size, options,
                       given=candidates == "require")
+
+
+def _check_fits_early(path: str, records: list[Any], model: str, max_new_tokens: int, console: Any) -> None:
+    """A prompt longer than the model's context fails here, naming file:line, with the
+    tokenizer alone: before the model loads (seconds to minutes) and before any output.
+    Anything else that goes wrong here is left for the model load to report."""
+    from .errors import InputError
+    from .models import model_context, resolve_model
+    from .prompts import check_fits, encode_prompt
+
+    try:
+        from transformers import AutoConfig, AutoTokenizer
+
+        model_path = resolve_model(model, progress=_model_progress(console))
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        context = model_context(AutoConfig.from_pretrained(model_path))
+    except Exception as exc:  # the load reports it with its own message
+        logging.getLogger(__name__).debug("early context check skipped: %s", exc)
+        return
+    if context is None:
+        return
+    for record in records:
+        try:
+            ids = encode_prompt(tokenizer, record.prompt)
+        except InputError:
+            return  # e.g. chat messages for a model without a chat template: the load says so
+        check_fits(ids, max_new_tokens, context, f"{path}:{record.line} (id {record.id!r})")
 
 
 def _parse_options(items: tuple[str, ...]) -> dict[str, Any]:

@@ -274,6 +274,7 @@ class VLLMBackend:
         self._hook_installed = False
         self._generate_llm: Any = options.get("generate_llm")
         self._pooling_llm: Any = None
+        self._started: set[int] = set()  # ids of the engines _start made: close() shuts down only these
         self._hf_config: Any = None
         if self._generate_llm is not None and self.hook and not has_hook_extension(self._generate_llm):
             raise ConfigError(hook_missing_message())  # before anything is sampled
@@ -355,7 +356,9 @@ class VLLMBackend:
 
         mark_engine_parent()  # a hard kill of this process takes the engine with it
         try:
-            return vllm.LLM(**kwargs)
+            llm = vllm.LLM(**kwargs)
+            self._started.add(id(llm))
+            return llm
         except TypeError as exc:
             raise ConfigError(f"vLLM rejected the {role} engine's arguments: {exc}. Check vllm_options "
                               f"'{'pooling_' if role == 'pooling' else ''}engine_kwargs'.") from exc
@@ -442,11 +445,14 @@ class VLLMBackend:
         return not chunked
 
     def close(self) -> None:
-        """Shut down the engines this backend started (a caller's generate_llm is left alone)."""
-        owned = ["_pooling_llm"] + ([] if self.options.get("generate_llm") is not None else ["_generate_llm"])
-        for name in owned:
+        """Shut down the engines this backend started (a caller's generate_llm, or an engine
+        handed in some other way, is left alone)."""
+        for name in ("_pooling_llm", "_generate_llm"):
             llm = getattr(self, name)
+            if llm is None or id(llm) not in self._started:
+                continue
             setattr(self, name, None)
+            self._started.discard(id(llm))
             core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
             if core is not None and hasattr(core, "shutdown"):
                 # vLLM gives an engine 5 s after SIGTERM before it force-kills it and warns;

@@ -226,3 +226,14 @@ def test_mark_engine_parent_only_from_the_main_thread(monkeypatch):
     vllm_plugin.mark_engine_parent()
     assert os.environ[vllm_plugin.PARENT_ENV] == str(os.getpid())
     assert vllm_plugin.die_with_parent() is False        # the flagged process itself is not armed
+
+
+def test_a_prompt_longer_than_the_context_fails_before_the_model_loads(tmp_path, tiny_model_dir):
+    p = tmp_path / "p.jsonl"
+    p.write_text(json.dumps({"id": "ok", "prompt": "hi"}) + "\n" + json.dumps({"id": "big", "prompt": "x" * 600}) + "\n")
+    out = tmp_path / "out.jsonl"
+    r = faults.run_cli(["generate", str(p), "-o", str(out), "--model", tiny_model_dir, "--backend", "hf",
+                        "--max-new-tokens", "8"])
+    err = " ".join(r.stderr.split())
+    assert r.returncode == 1 and f"{p}:2 (id 'big')" in err and "context is 512 tokens" in err, err
+    assert "Loaded" not in err and not out.exists()
