@@ -571,11 +571,18 @@ def fuzz_cli(cases: Sequence[FuzzCase], work: Path) -> list[FuzzOutcome]:
 
 # -- disk full --------------------------------------------------------------------------
 
-def disk_full(args: Sequence[str], work: Path, limit_bytes: int, env: dict[str, str] | None = None) -> dict[str, Any]:
+def disk_full(args: Sequence[str], work: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
     """`bon-sr generate ARGS` under a file-size limit (RLIMIT_FSIZE: a write past it fails
-    with EFBIG, as on a full disk), then a rerun with room and --resume."""
-    out = work / "diskfull.jsonl"
-    out.unlink(missing_ok=True)
+    with EFBIG, as on a full disk) that leaves room for one and a half records (measured on
+    an uninterrupted run first), then a rerun with room and --resume."""
+    ref, out = work / "diskfull-reference.jsonl", work / "diskfull.jsonl"
+    for p in (ref, out):
+        p.unlink(missing_ok=True)
+    first = run_cli([*args, "-o", str(ref)], env=env)
+    if first.returncode != 0:
+        raise RuntimeError(first.stderr[-3000:])
+    sizes = [len(x) + 1 for x in ref.read_bytes().split(b"\n")[:-1]]
+    limit_bytes = sizes[0] + sizes[1] // 2
 
     def limit() -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
@@ -587,9 +594,10 @@ def disk_full(args: Sequence[str], work: Path, limit_bytes: int, env: dict[str, 
     err = " ".join(r.stderr.split())
     again = run_cli([*args, "-o", str(out), "--resume"], env=env)
     final = complete_records(out)
-    return {"rc": r.returncode, "message": err[-400:], "traceback": "Traceback (most recent" in r.stderr,
-            "kept": len(kept), "torn_tail": torn, "kept_intact": final[: len(kept)] == kept,
-            "resume_rc": again.returncode, "final": len(final), "final_ids": [x["id"] for x in final]}
+    return {"limit_bytes": limit_bytes, "rc": r.returncode, "message": err[err.find("Error:"):][:400],
+            "traceback": "Traceback (most recent" in r.stderr, "kept": len(kept), "torn_tail": torn,
+            "kept_intact": final[: len(kept)] == kept, "resume_rc": again.returncode, "final": len(final),
+            "final_ids": [x["id"] for x in final], "equal_to_uninterrupted": out.read_bytes() == ref.read_bytes()}
 
 
 # -- SIGTERM / Ctrl-C during vLLM sampling -------------------------------------------------
@@ -847,7 +855,7 @@ def main() -> None:
                     print(f"  {name}: {o.case}: {o.message}")
             print(f"{name}: {figures[name]}", flush=True)
     if "disk" in parts:
-        res = disk_full(hf_args, work, 6000)
+        res = disk_full(hf_args, work)
         figures["disk full"] = {k: v for k, v in res.items() if k != "final_ids"}
         print(f"disk full: {figures['disk full']}", flush=True)
     if "signals" in parts:

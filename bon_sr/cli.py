@@ -98,9 +98,14 @@ def _stop_on_signals() -> Iterator[None]:
 
 
 def engine_log_path(output: str) -> Path:
-    """Where a run's vLLM output goes unless --verbose: beside the output file."""
+    """Where a run's vLLM output goes unless --verbose: beside the output file (in the temp
+    folder when the output is no regular file, such as /dev/stdout)."""
     out = Path(output)
-    return out.with_name(out.stem + ".vllm.log")
+    if out.is_file():
+        return out.with_name(out.stem + ".vllm.log")
+    import tempfile
+
+    return Path(tempfile.gettempdir()) / f"bon-sr-{os.getpid()}.vllm.log"
 
 
 @contextmanager
@@ -114,7 +119,11 @@ def _engine_output_to(log_path: Path | None, console: Any) -> Iterator[None]:
         return
     sys.stdout.flush()
     sys.stderr.flush()
-    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    except OSError as exc:
+        raise click.ClickException(f"Cannot write vLLM's log '{log_path}': {exc.strerror}. Rerun with --verbose "
+                                   "to see vLLM's output on the terminal instead.") from exc
     os.write(log_fd, f"--- bon-sr {__version__} {time.strftime('%Y-%m-%d %H:%M:%S')} pid {os.getpid()}\n".encode())
     saved = os.dup(2)
     terminal = os.fdopen(saved, "w", buffering=1, encoding=sys.stderr.encoding or "utf-8",

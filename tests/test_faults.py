@@ -106,15 +106,12 @@ def test_disk_full_keeps_finished_lines_and_resume_completes(tmp_path, tiny_mode
     prompts = faults.write_prompts(tmp_path / "p.jsonl", 4)
     args = ["generate", str(prompts), "--model", tiny_model_dir, "--backend", "hf", "--n", "2",
             "--max-new-tokens", "6"]
-    ref = faults.run_cli([*args, "-o", str(tmp_path / "ref.jsonl")])
-    assert ref.returncode == 0, ref.stderr
-    sizes = [len(x) + 1 for x in (tmp_path / "ref.jsonl").read_bytes().split(b"\n")[:-1]]
-    res = faults.disk_full(args, tmp_path, sizes[0] + sizes[1] // 2)  # room for one and a half records
+    res = faults.disk_full(args, tmp_path)              # room for one and a half records
     assert res["rc"] == 1 and not res["traceback"], res
     assert "File too large" in res["message"] and "rerun with --resume" in res["message"], res
     assert res["kept"] == 1 and not res["torn_tail"] and res["kept_intact"], res
     assert res["resume_rc"] == 0 and res["final_ids"] == ["p0", "p1", "p2", "p3"], res
-    assert (tmp_path / "diskfull.jsonl").read_bytes() == (tmp_path / "ref.jsonl").read_bytes()
+    assert res["equal_to_uninterrupted"], res
 
 
 # -- the real default model with vLLM -------------------------------------------------
