@@ -39,6 +39,9 @@ from typing import Any, Callable, Sequence
 ROOT = Path(__file__).resolve().parents[1]
 PHASES = ("load", "sample", "score", "write")
 ORPHAN_WAIT_S = 15.0
+#: what vLLM's own output looks like on a terminal (log lines, C++ warnings, loading bars)
+NOISE = ("WARNING", "INFO", "(EngineCore", "(Worker", "[W", "Loading safetensors", "Traceback",
+         "exited unexpectedly", "force killing")
 
 # Runs `bon-sr` with the traced phases (see the module docstring). Only the HF path is
 # traced this way: `python -c` has no main module for vLLM's spawned engine to re-import.
@@ -318,7 +321,6 @@ def kill_vllm_generate(args: Sequence[str], work: Path, kills: int, seed: int, *
         at = rng.uniform(0.1, 0.95) * wall
         proc = subprocess.Popen(cli_command([*args, "-o", str(out)], traced=False), cwd=ROOT, env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        start = time.time()
         time.sleep(at)
         kids = descendants(proc.pid)
         text = log.read_text(errors="replace") if log.exists() else ""
@@ -334,8 +336,7 @@ def kill_vllm_generate(args: Sequence[str], work: Path, kills: int, seed: int, *
         orphans = still_alive(kids)
         rr = run_cli([*args, "-o", str(out), "--resume"], env=env)
         final = complete_records(out)
-        results.append(_judge("generate-vllm", "random", phase, time.time() - start, before, final, ref, orphans,
-                              rr, exact=False))
+        results.append(_judge("generate-vllm", "random", phase, at, before, final, ref, orphans, rr, exact=False))
     return results, wall
 
 
@@ -863,8 +864,7 @@ def main() -> None:
             res = signal_during_sampling(vllm_args, work, sig)
             terminal = res.pop("stderr")
             log = res.pop("log")
-            res["vllm_lines_on_terminal"] = sum(1 for x in terminal.splitlines() if "vllm" in x.lower()
-                                                or "WARNING" in x)
+            res["vllm_lines_on_terminal"] = sum(1 for x in terminal.splitlines() if any(m in x for m in NOISE))
             res["unexpected_in_log"] = "exited unexpectedly" in log
             figures[f"{res['signal']} during vLLM sampling"] = res
             print(f"{res['signal']}: {res}", flush=True)

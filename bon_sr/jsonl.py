@@ -193,8 +193,7 @@ class JsonlWriter:
             except OSError:
                 pass  # a torn line is cut off by the next --resume
             raise InputError(f"Cannot write to '{self.path}': {exc.strerror or exc}. The {len(self.finished_ids)} "
-                             "records before it are intact; free some space (or write elsewhere with -o) "
-                             "and rerun with --resume.") from exc
+                             "records before it are intact; free some space or write elsewhere with -o.") from exc
         self.finished_ids.add(str(record.get(self.id_field)))
 
     def close(self) -> None:

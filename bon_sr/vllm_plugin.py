@@ -101,11 +101,12 @@ def _patch(module: Any) -> None:
     module.apply_top_k_top_p = apply_top_k_top_p
 
 
-def mark_engine_parent() -> None:
+def mark_engine_parent(*, thread_ok: bool = False) -> None:
     """Called by the process that is about to start a vLLM engine: its engine processes will
-    die with it. Only from the main thread: the kernel's parent-death signal follows the
-    thread that started the child, and a worker thread may end long before the process."""
-    if threading.current_thread() is threading.main_thread():
+    die with it. The kernel's parent-death signal follows the THREAD that starts the child,
+    so by default only the main thread marks; ``thread_ok=True`` from a thread that lives as
+    long as the engine (asyncio's default executor keeps its threads until the loop closes)."""
+    if thread_ok or threading.current_thread() is threading.main_thread():
         os.environ[PARENT_ENV] = str(os.getpid())
     else:
         os.environ.pop(PARENT_ENV, None)
