@@ -86,6 +86,11 @@ class BonEngine:
         kwargs = backend._engine_kwargs("generate")
         # The hook wraps the V1 model runner (see VLLMBackend._start).
         os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+        from ..vllm_plugin import mark_engine_parent
+
+        # the engine's processes die with the server, even on kill -9 (this thread lives as
+        # long as the event loop's executor, i.e. as long as the engine)
+        mark_engine_parent(thread_ok=True)
         return AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
 
     def close(self) -> None:
