@@ -231,6 +231,38 @@ def test_oversized_body_is_413(tiny_tokenizer):
         assert r.status_code == 413 and r.json()["error"]["type"] == "RequestTooLargeError"
 
 
+def test_a_stalled_body_is_408_and_a_vanished_client_is_quiet():
+    import asyncio
+    from types import SimpleNamespace
+
+    from starlette.requests import Request
+
+    from bon_sr.serve.app import ClientGone, read_request
+    from bon_sr.serve.errors import ApiError
+    from bon_sr.serve.protocol import ChatCompletionRequest
+
+    def request(*messages):
+        queue = list(messages)
+
+        async def receive():
+            item = queue.pop(0)
+            if item == "stall":              # the client stops sending mid-body
+                await asyncio.sleep(5)
+            return item
+
+        app = SimpleNamespace(state=SimpleNamespace(settings=ServeSettings(model=MODEL, body_timeout=0.2)))
+        return Request({"type": "http", "method": "POST", "headers": [], "app": app}, receive)
+
+    part = {"type": "http.request", "body": b'{"model": ', "more_body": True}
+    with pytest.raises(ApiError) as err:
+        asyncio.run(read_request(request(part, "stall"), ChatCompletionRequest))
+    assert err.value.status == 408 and "--body-timeout" in err.value.message
+    with pytest.raises(ClientGone):
+        asyncio.run(read_request(request(part, {"type": "http.disconnect"}), ChatCompletionRequest))
+    with pytest.raises(Exception, match="--body-timeout must be > 0"):
+        ServeSettings(model=MODEL, body_timeout=0)
+
+
 def test_api_key(tiny_tokenizer):
     c, _ = _client(tiny_tokenizer, ServeSettings(model=MODEL, api_key="sekret"))
     with c:

@@ -30,6 +30,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from . import service
 from .errors import ApiError, error_for, request_error
@@ -41,6 +42,14 @@ logger = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)
 #: nginx's code for "client closed the request": what the log shows for a disconnect
 CLIENT_CLOSED = 499
+
+
+class ClientGone(Exception):
+    """The client closed the connection while sending its body: nothing to answer, no error."""
+
+
+async def client_gone(request: Request, exc: Exception) -> Response:
+    return Response(status_code=CLIENT_CLOSED)
 
 
 async def handle_error(request: Request, exc: Exception) -> JSONResponse:
@@ -66,12 +75,23 @@ async def read_request(request: Request, model: type[M]) -> M:
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f"The request body is {declared} bytes; this server accepts at most {limit} "
                             "(--max-body-bytes).")
-    parts, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, f"The request body is over {limit} bytes (--max-body-bytes).")
-        parts.append(chunk)
+    async def body() -> list[bytes]:
+        parts, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, f"The request body is over {limit} bytes (--max-body-bytes).")
+            parts.append(chunk)
+        return parts
+
+    try:
+        # a client that stalls mid-body would otherwise hold its connection forever
+        parts = await asyncio.wait_for(body(), settings.body_timeout)
+    except asyncio.TimeoutError:
+        raise ApiError(408, f"The request body did not arrive within {settings.body_timeout:g} s "
+                            "(--body-timeout).") from None
+    except ClientDisconnect:
+        raise ClientGone() from None
     try:
         data = json.loads(b"".join(parts))
     except (ValueError, UnicodeDecodeError) as exc:
@@ -141,6 +161,7 @@ def create_app(engine: Any, settings: ServeSettings, *, on_failure: Callable[[],
     app.state.settings = settings
     for exc_class in (Exception, HTTPException, RequestValidationError, ApiError):
         app.add_exception_handler(exc_class, handle_error)
+    app.add_exception_handler(ClientGone, client_gone)
 
     @app.get("/health")
     async def health() -> dict[str, str]:

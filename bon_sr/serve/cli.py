@@ -58,6 +58,8 @@ start after Best-of-N has finished: the selected answer is sent as SSE chunks.
               help="Run seed: a request without 'seed' samples with one derived from it and the request's id.")
 @click.option("--max-body-bytes", type=int, default=1 << 20, show_default=True,
               help="Larger request bodies are refused with 413.")
+@click.option("--body-timeout", type=float, default=30.0, show_default=True,
+              help="Seconds a client may take to send its request body; slower ones get 408.")
 @click.option("--dtype", default="auto", show_default=True, help="auto, bfloat16, float16 or float32.")
 @click.option("--vllm-opt", "vllm_opts", multiple=True, metavar="KEY=VALUE",
               help="vLLM backend option (repeatable), as for generate: kv_cache_memory_bytes=2147483648, "

@@ -32,6 +32,7 @@ class ServeSettings:
     temperature, top_p, max_tokens: the defaults of a request that does not set them.
     max_n: the largest ``bon_sr.n`` a request may ask for. seed: the run seed a request's
     seed derives from when it gives none. max_body_bytes: larger bodies get a 413.
+    body_timeout: seconds a client may take to send its whole body (then 408).
     vllm_options: ``bon_sr.vllm_backend.OPTIONS`` (as ``--vllm-opt`` of ``generate``)."""
 
     model: str = DEFAULT_MODEL
@@ -48,6 +49,7 @@ class ServeSettings:
     max_tokens: int = 256
     seed: int = 0
     max_body_bytes: int = 1 << 20
+    body_timeout: float = 30.0
     dtype: str = "auto"
     vllm_options: Mapping[str, Any] = field(default_factory=dict)
 
@@ -58,6 +60,8 @@ class ServeSettings:
             raise ConfigError(f"--n {self.n} is above --max-n {self.max_n}; raise --max-n or lower --n.")
         if self.max_body_bytes < 1024:
             raise ConfigError(f"--max-body-bytes must be at least 1024, got {self.max_body_bytes}")
+        if not self.body_timeout > 0:
+            raise ConfigError(f"--body-timeout must be > 0 seconds, got {self.body_timeout}")
         SamplingConfig(n=self.n, temperature=self.temperature, top_p=self.top_p, max_new_tokens=self.max_tokens)
         spec = get_selector(self.selector)
         answers = get_extractor(self.answer, regex=self.answer_regex)
