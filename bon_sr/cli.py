@@ -274,14 +274,15 @@ Example:
 FILE is a .jsonl file with one {"id": ..., "prompt": "...", "candidates": [...]} object per
 line ("messages" instead of "prompt" for chats); each candidate is a string or
 {"text": "...", "token_ids": [...]} (token ids are scored as given, else the text is
-tokenised). Nothing is sampled: no generate engine starts.
+tokenised). Nothing is sampled.
 """
 
 
 @main.command(epilog=SCORE_EXAMPLE)
 @click.argument("file", type=click.Path(dir_okay=False, path_type=str))
-@click.option("--backend", type=click.Choice(["auto", "hf", "vllm"]), default="hf", show_default=True,
-              help="Engine that scores: hf = transformers; vllm = the vLLM hook or pooling scorer.")
+@click.option("--backend", type=click.Choice(["auto", "hf", "vllm"]), default="auto", show_default=True,
+              help="Engine that scores: auto = vLLM when importable, else transformers; vllm = the vLLM hook "
+                   "(teacher-forced prefills) or pooling scorer; hf = transformers.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Run seed (the random selector's per-prompt seed derives from it and the id).")
 @_selection_options

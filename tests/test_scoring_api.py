@@ -112,7 +112,7 @@ def test_cli_score_reranks_given_candidates_and_resumes(tmp_path, tiny_model_dir
          "candidates": [{"text": "6"}, {"text": "six is 6", "token_ids": [20, 21, 22]}, "7"]},
     ])
     out = tmp_path / "out.jsonl"
-    base = ["score", str(src), "-o", str(out), "--model", tiny_model_dir, "--dtype", "float32",
+    base = ["score", str(src), "-o", str(out), "--model", tiny_model_dir, "--backend", "hf", "--dtype", "float32",
             "--selector", "majority", "--answer", "numeric"]
     r = CliRunner().invoke(main, base)
     assert r.exit_code == 0, r.output
@@ -124,6 +124,7 @@ def test_cli_score_reranks_given_candidates_and_resumes(tmp_path, tiny_model_dir
     r = CliRunner().invoke(main, [*base, "--resume"])
     assert r.exit_code == 0 and "Nothing to do" in r.output
     r = CliRunner().invoke(main, ["score", str(src), "-o", str(tmp_path / "o2.jsonl"), "--model", tiny_model_dir,
+                                  "--backend", "hf",
                                   "--dtype", "float32", "--logit-stats"])
     assert r.exit_code == 0, r.output
     rec = json.loads((tmp_path / "o2.jsonl").read_text().splitlines()[0])
