@@ -181,13 +181,14 @@ def test_ray_resume_after_driver_kill_9(ray_address, prompt_file, reference, tmp
 
 @pytest.mark.slow
 @needs_ray
-def test_ray_prompt_error_stops_the_run_with_the_resume_hint(ray_address, tmp_path):
+def test_ray_prompt_too_long_fails_before_any_replica_starts(ray_address, tmp_path):
     p = tmp_path / "long.jsonl"
     p.write_text(json.dumps({"id": "long", "prompt": "word " * 9000}) + "\n")
     out = tmp_path / "out.jsonl"
     r = _cli(str(p), "-o", str(out), *ARGS, "--ray", "--ray-address", ray_address)
     assert r.returncode != 0
     err = " ".join(r.stderr.split())
-    # A user error comes back as data, not as a task failure Ray would retry forever.
-    assert "context is 8192 tokens" in err and "rerun with --resume" in err
-    assert out.read_text() == ""
+    # The tokenizer-only context check runs before the model loads (and before Ray starts),
+    # naming file:line and the id; nothing is written.
+    assert "long.jsonl:1 (id 'long')" in err and "context is 8192 tokens" in err
+    assert not out.exists() or out.read_text() == ""

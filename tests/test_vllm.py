@@ -206,7 +206,6 @@ def test_sample_and_greedy_in_one_call(bon, pairs):
     prompts = [pairs[0][0], pairs[0][len(RESPONSES)]]
     greedy = bon._vllm.sampler(SamplingConfig(n=1, greedy=True, max_new_tokens=MAX_NEW), logprobs=True)
     samples, lone = bon.sampler.sample_and_greedy(prompts, n=3, seeds=[11, 12])
-    ids = lambda groups: [[c.token_ids for c in g] for g in groups]  # noqa: E731
     # The seeded samples are the same requests as sample()'s, but the greedy ones change the
     # batch, and bf16 matmuls round differently for another batch size: a sample can leave
     # its twin after a dozen tokens (seen with and without the hook), so compare openings.
@@ -216,14 +215,14 @@ def test_sample_and_greedy_in_one_call(bon, pairs):
     # after 17 tokens), so a lone greedy decode is compared on its opening tokens only...
     apart = [g[0].token_ids for g in greedy.sample(prompts, n=1, seeds=[0, 0])]
     assert [c.token_ids[:8] for c in lone] == [a[:8] for a in apart]
-    # ...and the combined call reproduces itself exactly once the prompts sit in the prefix
-    # cache (on in CPU engines: a first call prefills whole prompts, later ones only their
-    # last token, and bf16 rounds the two batches differently).
+    # ...and the combined call reproduces its openings (not always whole candidates: with the
+    # prefix cache a first call prefills whole prompts, later ones only their last token, and
+    # bf16 rounds the two batches differently; a fresh-clone CI run once saw a warm repeat
+    # leave its twin late in a candidate).
     warm_samples, warm = bon.sampler.sample_and_greedy(prompts, n=3, seeds=[11, 12])
     again_samples, again = bon.sampler.sample_and_greedy(prompts, n=3, seeds=[11, 12])
-    assert ids(again_samples) == ids(warm_samples)
-    assert [c.token_ids for c in again] == [c.token_ids for c in warm]
-    assert opening(again_samples) == opening(samples)
+    assert opening(again_samples) == opening(warm_samples) == opening(samples)
+    assert [c.token_ids[:8] for c in again] == [c.token_ids[:8] for c in warm]
     assert [c.index for c in lone] == [0, 0]
     assert bon.sampler.sample_and_greedy([], n=3, seeds=[]) == ([], [])
 
