@@ -412,10 +412,23 @@ def _run_generate(console: Any, writer: Any, todo: list[Any], skipped: int, keep
     verbose = bool(click.get_current_context().find_root().params.get("verbose"))
     log_path = engine_log_path(str(writer.path)) if _uses_vllm(options) and not verbose else None
     done = [0]
+    with stopped_runs_resume(console, writer, done), _stop_on_signals(), _engine_output_to(log_path, console):
+        _generate_loop(console, writer, todo, skipped, keep_candidates, chunk_size, options, given=given,
+                       done=done, log_path=log_path)
+
+
+@contextmanager
+def stopped_runs_resume(console: Any, writer: Any, done: list[int]) -> Iterator[None]:
+    """A run that stops early (a prompt's error, Ctrl-C, SIGTERM) says how many records are
+    in the output and that ``--resume`` continues; ``done[0]`` counts them as they are written.
+    One place for the single-process and the Ray paths."""
+    from .errors import BonSRError
+
     try:
-        with _stop_on_signals(), _engine_output_to(log_path, console):
-            _generate_loop(console, writer, todo, skipped, keep_candidates, chunk_size, options, given=given,
-                           done=done, log_path=log_path)
+        yield
+    except BonSRError as exc:
+        raise click.ClickException(f"{exc}\n{done[0]} prompts were written to {writer.path}; "
+                                   "fix the problem and rerun with --resume.") from exc
     except (Stopped, KeyboardInterrupt) as exc:
         what, code = (exc.what, exc.code) if isinstance(exc, Stopped) else ("Interrupted", 130)
         console.print(f"[yellow]{what}: {done[0]} prompts written to {writer.path}; "
@@ -451,24 +464,20 @@ def _generate_loop(console: Any, writer: Any, todo: list[Any], skipped: int, kee
                    TimeRemainingColumn(), TextColumn("{task.fields[rate]}"))
         with Progress(*columns, console=console, transient=False) as progress:
             task = progress.add_task(label, total=len(todo), rate="")
-            try:
-                selections = bon.select_many([r.prompt for r in todo], ids=[r.id for r in todo],
-                                             chunk_size=chunk_size,
-                                             candidates=[list(r.candidates or ()) for r in todo] if given else None)
-                for record, sel in zip(todo, selections):
-                    out = {"id": record.id}
-                    out.update(sel.to_dict(keep_candidates=keep_candidates))
-                    out["config"] = bon.config_dict()
-                    writer.write(out)
-                    done[0] += 1
-                    tokens += sum(c.num_tokens for c in sel.candidates)
-                    if "stable_rank" in sel.best.scores:
-                        best_sr.append(sel.best.scores["stable_rank"])
-                    elapsed = time.perf_counter() - t0
-                    progress.update(task, advance=1, rate=f"{tokens / max(elapsed, 1e-9):.0f} tok/s")
-            except BonSRError as exc:
-                raise click.ClickException(f"{exc}\n{done[0]} prompts were written to {writer.path}; "
-                                           "fix the problem and rerun with --resume.") from exc
+            selections = bon.select_many([r.prompt for r in todo], ids=[r.id for r in todo],
+                                         chunk_size=chunk_size,
+                                         candidates=[list(r.candidates or ()) for r in todo] if given else None)
+            for record, sel in zip(todo, selections):
+                out = {"id": record.id}
+                out.update(sel.to_dict(keep_candidates=keep_candidates))
+                out["config"] = bon.config_dict()
+                writer.write(out)
+                done[0] += 1
+                tokens += sum(c.num_tokens for c in sel.candidates)
+                if "stable_rank" in sel.best.scores:
+                    best_sr.append(sel.best.scores["stable_rank"])
+                elapsed = time.perf_counter() - t0
+                progress.update(task, advance=1, rate=f"{tokens / max(elapsed, 1e-9):.0f} tok/s")
     finally:
         # Engines shut down before the interpreter exits, the way vLLM expects: at exit its
         # monitor thread would see them die first and report "engine core exited unexpectedly".

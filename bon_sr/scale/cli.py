@@ -12,9 +12,7 @@ import logging
 import time
 from typing import Any, Mapping
 
-import click
-
-from ..errors import BonSRError, ConfigError
+from ..errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -54,35 +52,28 @@ def run_ray_generate(console: Any, writer: Any, todo: list[Any], skipped: int, k
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
         TimeRemainingColumn
 
+    from ..cli import stopped_runs_resume
     from .ray_data import iter_records
 
     where = config.address or "the cluster in RAY_ADDRESS, else a local Ray instance"
     console.print(f"Ray: {config.replicas} replica(s) of {options['model']} ({options['backend']} backend) on "
                   f"{where}; each loads the model before its first batch.")
-    done = 0
+    done = [0]
     t0 = time.perf_counter()
     columns = (TextColumn("[bold]generate (ray)"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn(), TextColumn("{task.fields[rate]}"))
-    with Progress(*columns, console=console, transient=False) as progress:
+    with stopped_runs_resume(console, writer, done), \
+            Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task("generate", total=len(todo), rate="")
-        try:
-            for record in iter_records(todo, options, config, keep_candidates=keep_candidates,
-                                       chunk_size=chunk_size):
-                if str(record["id"]) in writer.finished_ids:
-                    # A retried batch whose first attempt did return: keep the line written first.
-                    logger.warning("Prompt %s came back twice; kept the first record.", record["id"])
-                    continue
-                writer.write(record)
-                done += 1
-                progress.update(task, advance=1, rate=f"{done / max(time.perf_counter() - t0, 1e-9):.2f} prompts/s")
-        except BonSRError as exc:
-            raise click.ClickException(f"{exc}\n{done} prompts were written to {writer.path}; "
-                                       "fix the problem and rerun with --resume.") from exc
-        except KeyboardInterrupt:
-            console.print(f"[yellow]Interrupted: {done} prompts written to {writer.path}; "
-                          "rerun with --resume to continue.[/]")
-            raise SystemExit(130) from None
+        for record in iter_records(todo, options, config, keep_candidates=keep_candidates, chunk_size=chunk_size):
+            if str(record["id"]) in writer.finished_ids:
+                # A retried batch whose first attempt did return: keep the line written first.
+                logger.warning("Prompt %s came back twice; kept the first record.", record["id"])
+                continue
+            writer.write(record)
+            done[0] += 1
+            progress.update(task, advance=1, rate=f"{done[0] / max(time.perf_counter() - t0, 1e-9):.2f} prompts/s")
     elapsed = time.perf_counter() - t0
-    console.print(f"[green]Done:[/] {done} prompts written to {writer.path} ({skipped} skipped as already done) "
-                  f"in {elapsed:.1f}s with {config.replicas} Ray replica(s) ({done / max(elapsed, 1e-9):.2f} "
+    console.print(f"[green]Done:[/] {done[0]} prompts written to {writer.path} ({skipped} skipped as already done) "
+                  f"in {elapsed:.1f}s with {config.replicas} Ray replica(s) ({done[0] / max(elapsed, 1e-9):.2f} "
                   "prompts/s, model loading included).")
