@@ -208,16 +208,21 @@ class BestOfN:
         options: Mapping[str, Any] = kwargs.pop("vllm_options", None) or {}
         return cls(model, backend="vllm", vllm_options={**options, "generate_llm": llm}, **kwargs)
 
-    def make_sampler(self, config: SamplingConfig | None = None) -> Any:
+    def make_sampler(self, config: SamplingConfig | None = None, *, also: Sequence[str] = ()) -> Any:
         """A sampler on this object's backend with other sampling options (e.g. greedy).
-        With the hook scorer its candidates come back already scored."""
+        With the hook scorer its candidates come back already scored; ``also`` adds the
+        stable rank of more token sets from the same pass as ``sr_<token set>`` (hook only,
+        e.g. ``token_set='full'`` and ``also=('response',)``: both of the paper's readings)."""
         config = config or self.sampling
+        if also and not (self.scorer_name == "hook" and self.scores_needed):
+            raise ConfigError("also= scores more token sets in the hook's sampling pass: it needs scorer='hook' "
+                              "and a scoring pass.")
         if self.backend == "hf":
             from .samplers.hf import HFSampler
 
             return HFSampler(self._hf_model, self.tokenizer, config)
         if self.scorer_name == "hook" and self.scores_needed:
-            return self._vllm.sampler(config, scoring=self.scoring, logit_stats=self.logit_stats)
+            return self._vllm.sampler(config, scoring=self.scoring, logit_stats=self.logit_stats, also=also)
         logprobs = self.scorer_name == "pooling" and "mean_logprob" in self.score_keys
         return self._vllm.sampler(config, logprobs=True) if logprobs else self._vllm.sampler(config)
 

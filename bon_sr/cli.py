@@ -320,7 +320,7 @@ def _run_command(path: str, common: dict[str, Any], sampling: dict[str, Any], *,
                           max_batch_tokens=common["batch_tokens"])
         if chunk_size is not None and chunk_size < 1:
             raise click.BadParameter("must be >= 1", param_hint="--chunk-size")
-        vllm_options = _parse_options(common.pop("vllm_opts"))
+        vllm_options = parse_options(common.pop("vllm_opts"))
         ray_config = None
         if scale is not None:
             from .scale.cli import scale_options
@@ -380,7 +380,7 @@ def _check_fits_early(path: str, records: list[Any], model: str, max_new_tokens:
         check_fits(ids, max_new_tokens, context, f"{path}:{record.line} (id {record.id!r})")
 
 
-def _parse_options(items: tuple[str, ...]) -> dict[str, Any]:
+def parse_options(items: tuple[str, ...]) -> dict[str, Any]:
     """KEY=VALUE pairs; values parsed as JSON when they are JSON (numbers, true/false)."""
     import json
 

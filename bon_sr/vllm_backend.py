@@ -57,7 +57,7 @@ from .hidden_states import HiddenStateConfig, scored_span
 from .samplers import SamplingConfig
 from .scoring import store_scores
 from .stable_rank import stable_rank
-from .vllm_hook import (WORKER_EXTENSION, check_hook_config, has_hook_extension, hook_missing_message,
+from .vllm_hook import (WORKER_EXTENSION, check_also, check_hook_config, has_hook_extension, hook_missing_message,
                         install_hook)
 
 logger = logging.getLogger(__name__)
@@ -87,6 +87,33 @@ OPTIONS = {
     "engine_kwargs": "extra vllm.LLM keyword arguments for the generate engine",
     "pooling_engine_kwargs": "extra vllm.LLM keyword arguments for the pooling engine",
 }
+
+
+def parallel_vllm_options(vllm_options: Mapping[str, Any], *, tensor_parallel_size: int = 1,
+                          pipeline_parallel_size: int = 1, data_parallel_size: int = 1) -> dict[str, Any]:
+    """``vllm_options`` with vLLM's parallel sizes in ``engine_kwargs`` (and the tensor /
+    pipeline sizes in ``pooling_engine_kwargs`` too: a model too big for one device is too
+    big for it in the pooling engine as well). Data parallelism is for the async engine of
+    ``bon-sr serve`` (vLLM's offline ``LLM`` has none; ``generate --ray`` runs replicas
+    instead). A size of 1 leaves the options as they are."""
+    out = dict(vllm_options)
+    sizes = {"tensor_parallel_size": tensor_parallel_size, "pipeline_parallel_size": pipeline_parallel_size,
+             "data_parallel_size": data_parallel_size}
+    for key, value in sizes.items():
+        if int(value) < 1:
+            raise ConfigError(f"{key} must be >= 1 (got {value}).")
+    for route in ("engine_kwargs", "pooling_engine_kwargs"):
+        engine_kwargs = dict(out.get(route) or {})
+        for key, value in sizes.items():
+            if value == 1 or (key == "data_parallel_size" and route != "engine_kwargs"):
+                continue
+            if key in engine_kwargs and int(engine_kwargs[key]) != int(value):
+                raise ConfigError(f"{key} is given twice ({engine_kwargs[key]} in {route}, {value} as an option); "
+                                  "keep one.")
+            engine_kwargs[key] = int(value)
+        if engine_kwargs:
+            out[route] = engine_kwargs
+    return out
 
 
 # --------------------------------------------------------------------------- platform
@@ -124,13 +151,19 @@ def _cpu_list(cpus: Sequence[int]) -> str:
     return ",".join(parts)
 
 
-def apply_cpu_env_defaults() -> None:
-    """Bind vLLM's OpenMP threads to every core this process may use, unless the user chose."""
+def apply_cpu_env_defaults(data_parallel_size: int = 1) -> None:
+    """Bind vLLM's OpenMP threads to every core this process may use, unless the user chose;
+    with data parallelism, one share of the cores per engine core ("0|1": vLLM's syntax)."""
     try:
         cpus = sorted(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         cpus = list(range(os.cpu_count() or 1))
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", _cpu_list(cpus))
+    dp = max(1, int(data_parallel_size))
+    if dp > len(cpus):
+        raise ConfigError(f"data_parallel_size {dp} needs at least {dp} CPU cores on this platform "
+                          f"(this process may use {len(cpus)}).")
+    shares = [cpus[len(cpus) * r // dp:len(cpus) * (r + 1) // dp] for r in range(dp)]
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(_cpu_list(share) for share in shares))
     # Top-p without sorting the vocabulary in every vLLM process (see bon_sr.vllm_plugin).
     os.environ.setdefault("BON_SR_FAST_TOP_P", "1")
 
@@ -265,7 +298,7 @@ class VLLMBackend:
         import_vllm()
         self.cpu = is_cpu_platform()
         if self.cpu:
-            apply_cpu_env_defaults()
+            apply_cpu_env_defaults(int((options.get("engine_kwargs") or {}).get("data_parallel_size", 1)))
         self.model_path = str(model_path)
         self.dtype = dtype
         self.seed = int(seed)
@@ -307,7 +340,7 @@ class VLLMBackend:
                 raise ModelError(f"Could not read the config of '{self.model_path}': {exc}") from exc
         return self._hf_config
 
-    def _engine_kwargs(self, role: str) -> dict[str, Any]:
+    def engine_kwargs(self, role: str) -> dict[str, Any]:
         opts = self.options
         prefix = "pooling_" if role == "pooling" else ""
         kwargs: dict[str, Any] = dict(model=self.model_path, dtype=self.dtype, seed=self.seed)
@@ -344,7 +377,7 @@ class VLLMBackend:
 
     def _start(self, role: str) -> Any:
         vllm = import_vllm()
-        kwargs = self._engine_kwargs(role)
+        kwargs = self.engine_kwargs(role)
         if self.hook and role == "generate":
             # The hook wraps the V1 model runner; on CUDA vLLM would pick Model Runner V2.
             if os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "0") not in ("0", "false", "False"):
@@ -384,13 +417,17 @@ class VLLMBackend:
     # -- components ---------------------------------------------------------------------
 
     def sampler(self, sampling: SamplingConfig, scoring: HiddenStateConfig | None = None, *,
-                logit_stats: bool = False, logprobs: bool | None = None) -> Any:
+                logit_stats: bool = False, logprobs: bool | None = None, also: Sequence[str] = ()) -> Any:
         """Candidates of ``sample`` / ``sample_and_greedy``; with ``scoring`` (needs
-        ``hook=True``) their ``scores`` already hold the hook's score dict."""
+        ``hook=True``) their ``scores`` already hold the hook's score dict (``also``: more
+        token sets, see ``HookSampler``)."""
         if scoring is not None:
             self.check_scorer("hook", scoring)
+            also = check_also(scoring, also)
+        elif also:
+            raise ConfigError("also= needs scoring= (the hook scores while it samples).")
         return _LazySampler(self, sampling, bool(self.options.get("logprobs", False) if logprobs is None
-                                                 else logprobs), scoring, logit_stats)
+                                                 else logprobs), scoring, logit_stats, tuple(also))
 
     def hook_scorer(self, scoring: HiddenStateConfig, *, logit_stats: bool = False) -> "_LazyHookScorer":
         """Scores caller-supplied candidates with the hook (teacher-forced prefill in the
@@ -464,8 +501,9 @@ class _LazySampler:
     """Starts the generate engine on the first ``sample`` call, then delegates."""
 
     def __init__(self, backend: VLLMBackend, config: SamplingConfig, logprobs: bool,
-                 scoring: HiddenStateConfig | None = None, logit_stats: bool = False):
+                 scoring: HiddenStateConfig | None = None, logit_stats: bool = False, also: tuple[str, ...] = ()):
         self.backend = backend
+        self.also = also
         self.config = config
         self.logprobs = logprobs
         self.scoring = scoring
@@ -480,7 +518,7 @@ class _LazySampler:
                 from .vllm_hook import HookSampler
 
                 self._inner = HookSampler(llm, self.config, _last_layer(self.scoring), logit_stats=self.logit_stats,
-                                          logprobs=self.logprobs, per_request_seeds=seeds)
+                                          logprobs=self.logprobs, per_request_seeds=seeds, also=self.also)
             else:
                 from .samplers.vllm import VLLMSampler
 

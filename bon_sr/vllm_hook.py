@@ -80,6 +80,7 @@ import logging
 import math
 import time
 import uuid
+from dataclasses import replace
 from typing import Any, Sequence
 
 import torch
@@ -221,12 +222,30 @@ def score_request(tag: str, index: int, prompt_ids: Sequence[int], response_ids:
 
 
 def collect_spec(tag: str, index: int, prompt_len: int, response_len: int, config: HiddenStateConfig, *,
-                 logit_stats: bool = False, release_group: bool = False, group: bool = True) -> dict[str, Any]:
+                 logit_stats: bool = False, release_group: bool = False, group: bool = True,
+                 also: Sequence[str] = ()) -> dict[str, Any]:
     """What the worker scores for one candidate: rows [start, end), logit stats over the
-    response [p, p + r). ``group``: the prompt rows live in the tag's group entry (sampling)."""
+    response [p, p + r). ``group``: the prompt rows live in the tag's group entry (sampling).
+    ``also``: more token sets scored from the same kept rows (``check_also``)."""
     lo, hi = _row_range(prompt_len, response_len, config)
-    return {"tag": tag, "index": int(index), "start": lo, "end": hi, "p": int(prompt_len), "group": bool(group),
+    spec = {"tag": tag, "index": int(index), "start": lo, "end": hi, "p": int(prompt_len), "group": bool(group),
             "r": int(response_len), "stats": bool(logit_stats), "release_group": bool(release_group)}
+    if also:
+        spec["also"] = {t: list(_row_range(prompt_len, response_len, replace(config, token_set=t))) for t in also}
+    return spec
+
+
+def check_also(config: HiddenStateConfig, also: Sequence[str]) -> tuple[str, ...]:
+    """Extra token sets one sampling pass can score besides ``config.token_set``: their
+    rows must be among the rows it keeps (``response`` inside ``full``), without a window."""
+    also = tuple(dict.fromkeys(also))
+    for t in also:
+        if t not in ("response", "full"):
+            raise ConfigError(f"Extra token set {t!r}: the hook scores 'response' or 'full'.")
+        if (t == "full" and config.token_set != "full") or config.window is not None:
+            raise ConfigError(f"Extra token set {t!r} needs token_set='full' and no window for the kept rows "
+                              f"(got token_set={config.token_set!r}, window={config.window}).")
+    return also
 
 
 def scores_from_results(results: Sequence[dict[str, Any]]) -> list[dict[str, float]]:
@@ -236,7 +255,10 @@ def scores_from_results(results: Sequence[dict[str, Any]]) -> list[dict[str, flo
         if "missing" in res:
             raise RuntimeError(f"bon-sr hook: candidate {res.get('index')} of tag {res.get('tag')} still misses "
                                f"the rows of positions {res['missing'][:8]} after the fill step")
-        out.append({k: float(v) for k, v in res.items() if k not in ("tag", "index")})
+        scores = {k: float(v) for k, v in res.items() if k not in ("tag", "index", "also")}
+        for name, extra in (res.get("also") or {}).items():
+            scores[f"sr_{name}"] = float(extra["stable_rank"])
+        out.append(scores)
     return out
 
 
@@ -275,9 +297,10 @@ def _collect(llm: Any, specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 class _Plan:
     """Driver-side bookkeeping of one tagged sampling call (shared by sync and async)."""
 
-    def __init__(self, scoring: HiddenStateConfig, logit_stats: bool):
+    def __init__(self, scoring: HiddenStateConfig, logit_stats: bool, also: Sequence[str] = ()):
         self.scoring = scoring
         self.logit_stats = logit_stats
+        self.also = check_also(scoring, also)
         self.keys: list[tuple[str, int, Sequence[int]]] = []  # (tag, index, prompt ids) per request
 
     def requests(self, prompt_ids: Sequence[int], params: Any, n: int, seed: int | None) -> tuple[list, list]:
@@ -313,20 +336,24 @@ class _Plan:
 
     def specs(self, candidates: Sequence[Candidate]) -> list[dict[str, Any]]:
         return [collect_spec(tag, i, len(p_ids), cand.num_tokens, self.scoring, logit_stats=self.logit_stats,
-                             release_group=True)
+                             release_group=True, also=self.also)
                 for (tag, i, p_ids), cand in zip(self.keys, candidates)]
 
 
 class HookSampler:
     """Samples with a hooked ``vllm.LLM`` and returns candidates whose ``scores`` already
-    hold the stable rank (and, with ``logit_stats``, mean_logprob / self_certainty)."""
+    hold the stable rank (and, with ``logit_stats``, mean_logprob / self_certainty).
+    ``also``: token sets scored too, from the same rows, as ``sr_<token set>`` (e.g.
+    ``token_set='full'`` with ``also=('response',)`` gives both of the paper's readings)."""
 
     def __init__(self, llm: Any, config: Any, scoring: HiddenStateConfig | None = None, *,
-                 logit_stats: bool = False, logprobs: bool = False, per_request_seeds: bool = True):
+                 logit_stats: bool = False, logprobs: bool = False, per_request_seeds: bool = True,
+                 also: Sequence[str] = ()):
         from .samplers.vllm import VLLMSampler
 
         self.scoring = scoring or HiddenStateConfig()
         check_hook_config(self.scoring)
+        self.also = check_also(self.scoring, also)
         require_hook(llm)
         self.llm = llm
         self.config = config
@@ -336,17 +363,17 @@ class HookSampler:
     def _run(self, prompt_ids: Sequence[Sequence[int]], groups: Sequence[tuple[int, int | None, bool]]
              ) -> list[list[Candidate]]:
         """groups: (n, seed, greedy) per prompt."""
-        plan = _Plan(self.scoring, self.logit_stats)
+        plan = _Plan(self.scoring, self.logit_stats, self.also)
         prompts, params, sizes = [], [], []
         for ids, (n, seed, greedy) in zip(prompt_ids, groups):
-            base = self._base._params(1, seed or 0, greedy=greedy)
+            base = self._base.request_params(1, seed or 0, greedy=greedy)
             seed = base.seed
             pr, sp = plan.requests([int(t) for t in ids], base, n, seed)
             prompts += pr
             params += sp
             sizes.append(n)
         outputs = self.llm.generate(prompts, params, use_tqdm=False) if prompts else []
-        flat = [self._base._to_candidate(tag_i[1], out.outputs[0]) for tag_i, out in zip(plan.keys, outputs)]
+        flat = [self._base.to_candidate(tag_i[1], out.outputs[0]) for tag_i, out in zip(plan.keys, outputs)]
         fills = plan.fills(flat, [isinstance(out.outputs[0].stop_reason, str) for out in outputs])
         if fills:
             self.llm.generate([f[0] for f in fills], [f[1] for f in fills], use_tqdm=False)
@@ -368,13 +395,13 @@ class HookSampler:
 
     def sample(self, prompt_token_ids: Sequence[Sequence[int]], *, n: int | None = None,
                seeds: Sequence[int]) -> list[list[Candidate]]:
-        n = self._base._checked_n(prompt_token_ids, n, seeds)
+        n = self._base.checked_n(prompt_token_ids, n, seeds)
         greedy = bool(self.config.greedy)
         return self._run(prompt_token_ids, [(n, s, greedy) for s in seeds])
 
     def sample_and_greedy(self, prompt_token_ids: Sequence[Sequence[int]], *, n: int | None = None,
                           seeds: Sequence[int]) -> tuple[list[list[Candidate]], list[Candidate]]:
-        n = self._base._checked_n(prompt_token_ids, n, seeds)
+        n = self._base.checked_n(prompt_token_ids, n, seeds)
         if not prompt_token_ids:
             return [], []
         greedy = bool(self.config.greedy)
@@ -422,11 +449,43 @@ async def install_hook_async(engine: Any, options: dict[str, Any] | None = None)
     return (await engine.collective_rpc("bon_sr_install_hook", args=(dict(options or {}),)))[0]
 
 
-async def _final(engine: Any, prompt: Any, params: Any) -> Any:
+async def _final(engine: Any, prompt: Any, params: Any, rank: int | None = None) -> Any:
     last = None
-    async for out in engine.generate(prompt, params, request_id=f"bon-sr-{uuid.uuid4().hex}"):
+    extra = {} if rank is None else {"data_parallel_rank": rank}
+    async for out in engine.generate(prompt, params, request_id=f"bon-sr-{uuid.uuid4().hex}", **extra):
         last = out
     return last
+
+
+def data_parallel_size(engine: Any) -> int:
+    """vLLM data-parallel engine cores behind ``engine`` (1 without data parallelism)."""
+    config = getattr(engine, "vllm_config", None)
+    return int(getattr(getattr(config, "parallel_config", None), "data_parallel_size", 1) or 1)
+
+
+def dp_rank_for(tag: str, dp: int) -> int | None:
+    """The engine core one tagged job runs on: all its requests (samples, fills) must meet
+    the same worker, which holds their rows and whose prefix cache makes the fill cheap."""
+    return None if dp <= 1 else int(tag[:8], 16) % dp
+
+
+def merge_engine_results(per_engine: Sequence[Sequence[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One collect's results from every data-parallel engine core: per spec, the result of
+    the core that held the candidate (the others report its rows missing)."""
+    merged = []
+    for results in zip(*per_engine):
+        merged.append(next((r for r in results if "missing" not in r), results[0]))
+    return merged
+
+
+async def _collect_async(engine: Any, specs: list[dict[str, Any]], dp: int) -> list[dict[str, Any]]:
+    if dp <= 1:
+        return (await engine.collective_rpc("bon_sr_collect", args=(specs,)))[0]
+    # vLLM 0.32's DP client sends a utility call to every core but returns core 0's answer
+    # only (DPLBAsyncMPClient.call_utility_async); ask for all of them
+    per_engine = await engine.engine_core.call_utility_all_async("collective_rpc", "bon_sr_collect", None,
+                                                                  (specs,), None)
+    return merge_engine_results([workers[0] for workers in per_engine])
 
 
 async def sample_scored_async(engine: Any, prompt_ids: Sequence[int], sampling: Any, *, seed: int | None,
@@ -444,22 +503,23 @@ async def sample_scored_async(engine: Any, prompt_ids: Sequence[int], sampling: 
     base_sampler = VLLMSampler(None, sampling)
     plan = _Plan(scoring, logit_stats)
     ids = [int(t) for t in prompt_ids]
-    prompts, params = plan.requests(ids, base_sampler._params(1, seed or 0), n,
+    prompts, params = plan.requests(ids, base_sampler.request_params(1, seed or 0), n,
                                     None if seed is None else int(seed))
+    dp = data_parallel_size(engine)
+    rank = dp_rank_for(plan.tags()[0], dp) if n else None
     try:
-        outs = await asyncio.gather(*(_final(engine, p, sp) for p, sp in zip(prompts, params)))
-        cands = [base_sampler._to_candidate(i, o.outputs[0]) for i, o in enumerate(outs)]
+        outs = await asyncio.gather(*(_final(engine, p, sp, rank) for p, sp in zip(prompts, params)))
+        cands = [base_sampler.to_candidate(i, o.outputs[0]) for i, o in enumerate(outs)]
         fills = plan.fills(cands, [isinstance(o.outputs[0].stop_reason, str) for o in outs])
-        await asyncio.gather(*(_final(engine, p, sp) for p, sp in fills))
+        await asyncio.gather(*(_final(engine, p, sp, rank) for p, sp in fills))
         specs = plan.specs(cands)
-        results = (await engine.collective_rpc("bon_sr_collect", args=(specs,)))[0]
+        results = await _collect_async(engine, specs, dp)
         retries = plan.retries(cands, results)
         if retries:
             logger.warning("bon-sr hook: %d candidates missed rows after the fill step; recomputing them",
                            len(retries))
-            await asyncio.gather(*(_final(engine, p, sp) for p, sp in retries))
-            again = (await engine.collective_rpc("bon_sr_collect", args=(plan.recollect(specs, results),)))[0]
-            results = plan.merge(results, again)
+            await asyncio.gather(*(_final(engine, p, sp, rank) for p, sp in retries))
+            results = plan.merge(results, await _collect_async(engine, plan.recollect(specs, results), dp))
     except asyncio.CancelledError:
         # the client went away: vLLM aborts the requests; free their rows in the worker now
         await asyncio.shield(engine.collective_rpc("bon_sr_release", args=(plan.tags(),)))
@@ -653,16 +713,18 @@ class _Hook:
     # -- collect ------------------------------------------------------------------
     def collect(self, specs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         results: list[dict[str, Any]] = [{} for _ in specs]
-        mats: list[tuple[int, torch.Tensor | None]] = []
+        mats: list[tuple[dict[str, Any], torch.Tensor | None]] = []
         failed_tags: set[str] = set()
         for k, spec in enumerate(specs):
             key = (spec["tag"], spec["index"])
             cand = self.cands.get(key)
             group = self.groups.get(spec["tag"])
-            s, e = spec["start"], spec["end"]
-            p = spec["p"] if spec["group"] else s  # rows below p come from the group entry
+            # the spec's own rows [start, end), then each extra span of "also" (name -> [s, e))
+            spans = [(None, spec["start"], spec["end"]), *((n, int(a), int(b)) for n, (a, b) in
+                                                           (spec.get("also") or {}).items())]
+            p = spec["p"] if spec["group"] else spec["start"]  # rows below p come from the group entry
             prompt_len = spec["p"]
-            need = list(range(s, e))
+            need = sorted({q for _, s, e in spans for q in range(s, e)})
             where = cand.positions() if cand is not None else {}
             gwhere = group.positions() if group is not None else {}
             missing = [q for q in need if (q not in gwhere if q < p else q not in where)]
@@ -670,13 +732,17 @@ class _Hook:
                 results[k] = {"tag": spec["tag"], "index": spec["index"], "missing": missing}
                 failed_tags.add(spec["tag"])
                 continue
-            parts = []
-            if s < p and group is not None:
-                parts.append(group.gather(range(s, min(e, p)), gwhere))
-            if e > max(s, p):
-                parts.append(cand.gather(range(max(s, p), e), where))  # type: ignore[union-attr]
-            mats.append((k, torch.cat(parts) if parts else None))
             res: dict[str, Any] = {"tag": spec["tag"], "index": spec["index"]}
+            if len(spans) > 1:
+                res["also"] = {}
+            for name, s, e in spans:
+                parts = []
+                if s < p and group is not None:
+                    parts.append(group.gather(range(s, min(e, p)), gwhere))
+                if e > max(s, p):
+                    parts.append(cand.gather(range(max(s, p), e), where))  # type: ignore[union-attr]
+                target = res if name is None else res["also"].setdefault(name, {})
+                mats.append((target, torch.cat(parts) if parts else None))
             if spec["stats"]:
                 r = spec["r"]
                 qs = range(prompt_len, prompt_len + r)
@@ -687,7 +753,7 @@ class _Hook:
                 else:
                     res.update(mean_logprob=float("nan"), self_certainty=float("nan"))
             results[k] = res
-        self._stable_ranks(mats, results)
+        self._stable_ranks(mats)
         for k, spec in enumerate(specs):
             if "missing" not in results[k]:
                 self.cands.pop((spec["tag"], spec["index"]), None)
@@ -696,8 +762,8 @@ class _Hook:
         return results
 
     @staticmethod
-    def _stable_ranks(mats: list[tuple[int, torch.Tensor | None]], results: list[dict[str, Any]],
-                      budget: int = 16384) -> None:
+    def _stable_ranks(mats: list[tuple[dict[str, Any], torch.Tensor | None]], budget: int = 16384) -> None:
+        """Stable rank of each (result dict, rows) pair, written into the dict; batched by length."""
         from .stable_rank import stable_rank
 
         mats = sorted(mats, key=lambda m: -(0 if m[1] is None else m[1].shape[0]))
@@ -716,8 +782,8 @@ class _Hook:
                     h[row, : m.shape[0]] = m.float()
                     mask[row, : m.shape[0]] = True
             res = stable_rank(h, mask)
-            for row, (k, _) in enumerate(batch):
-                results[k].update(stable_rank=float(res.stable_rank[row]), frobenius_sq=float(res.frobenius_sq[row]),
+            for row, (target, _) in enumerate(batch):
+                target.update(stable_rank=float(res.stable_rank[row]), frobenius_sq=float(res.frobenius_sq[row]),
                                   spectral_sq=float(res.spectral_sq[row]), scored_tokens=float(res.num_tokens[row]))
 
 

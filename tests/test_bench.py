@@ -369,7 +369,7 @@ def test_run_bench_caches_and_resumes(tmp_path, monkeypatch, tiny_model):
     calls: list[int] = []
     monkeypatch.setattr(runner, "_load_generator", lambda *a, **k: fake_generator(tiny_model, calls))
     task = Task("toy", tuple(runner.Problem(str(i), f"What is 2+2? ({i})", "4", "numeric") for i in range(3)))
-    config = runner.BenchConfig(task="toy", n=(1, 2, 4), bootstrap=200)
+    config = runner.BenchConfig(task="toy", n=(1, 2, 4), backend="hf", bootstrap=200)
     s = runner.run_bench(config, tmp_path, task=task)
     assert s["generated_now"] == 3 and calls == [4, 4, 4]
     res = s["results"]
@@ -389,15 +389,34 @@ def test_run_bench_caches_and_resumes(tmp_path, monkeypatch, tiny_model):
     assert runner.run_bench(config, tmp_path, task=bigger)["generated_now"] == 1
     # a new selector subset re-scores from the cache without the model
     monkeypatch.setattr(runner, "_load_generator", lambda *a, **k: pytest.fail("model loaded"))
-    only = runner.BenchConfig(task="toy", n=(2,), selectors=("majority", "shortest"), bootstrap=200)
+    only = runner.BenchConfig(task="toy", n=(2,), backend="hf", selectors=("majority", "shortest"),
+                              bootstrap=200)
     s = runner.run_bench(only, tmp_path, task=bigger, generate=False)
     assert set(s["results"]["2"]) == {"majority", "shortest"}
     # other sampling settings refuse to mix into the same cache
     with pytest.raises(ConfigError, match="other settings"):
-        runner.run_bench(runner.BenchConfig(task="toy", n=(4,), temperature=1.0), tmp_path, task=bigger)
+        runner.run_bench(runner.BenchConfig(task="toy", n=(4,), backend="hf", temperature=1.0), tmp_path, task=bigger)
     record = json.loads((tmp_path / "cache" / "toy.jsonl").read_text().splitlines()[0])
     assert {"prompt_token_ids", "candidates", "greedy", "gold"} <= set(record)
     assert {"text", "token_ids", "answer", "correct", "group", "scores"} <= set(record["candidates"][0])
+
+
+def test_bench_scorer_is_part_of_the_cache_identity(tmp_path, monkeypatch, tiny_model):
+    monkeypatch.setattr(runner, "_load_generator", lambda *a, **k: fake_generator(tiny_model, []))
+    with pytest.raises(ConfigError, match="Unknown bench scorer"):
+        runner.BenchConfig(task="toy", scorer="pooling")
+    task = Task("toy", (runner.Problem("0", "What is 2+2?", "4", "numeric"),))
+    with pytest.raises(ConfigError, match="--scorer hook needs --backend vllm"):
+        runner.run_bench(runner.BenchConfig(task="toy", n=(2,), backend="hf", scorer="hook"), tmp_path, task=task)
+    config = runner.BenchConfig(task="toy", n=(2,), backend="hf", bootstrap=200)
+    assert runner.run_bench(config, tmp_path, task=task)["config"]["scorer"] == "hf"  # auto with hf
+    # a cache written before the scorer was recorded was scored by HF: auto resumes it
+    meta_path = tmp_path / "cache" / "toy.meta.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["scorer"]
+    meta_path.write_text(json.dumps(meta))
+    bigger = Task("toy", task.problems + (runner.Problem("1", "What is 3+3?", "6", "numeric"),))
+    assert runner.run_bench(config, tmp_path, task=bigger)["generated_now"] == 1
 
 
 def test_bench_config_validation():

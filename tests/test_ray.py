@@ -24,7 +24,8 @@ from click.testing import CliRunner
 
 from bon_sr.cli import main
 from bon_sr.errors import ConfigError
-from bon_sr.scale.ray_data import CRASH_ONCE_ENV, parallel_vllm_options
+from bon_sr.scale.ray_data import CRASH_ONCE_ENV
+from bon_sr.vllm_backend import parallel_vllm_options
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_ray = pytest.mark.skipif(find_spec("ray") is None, reason="needs the ray extra: pip install 'bon-sr[ray]'")

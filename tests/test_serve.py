@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import signal
 import socket
@@ -23,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -335,14 +337,14 @@ def _free_port() -> int:
 class Server:
     """One ``bon-sr serve`` process; ``stop()`` sends SIGTERM and waits (idempotent)."""
 
-    def __init__(self, log_path: Path):
+    def __init__(self, log_path: Path, extra: tuple[str, ...] = ()):
         self.port = _free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         exe = Path(sys.executable).with_name("bon-sr")
         cmd = [str(exe), "serve", "--model", MODEL, "--port", str(self.port), "--api-key", API_KEY,
                "--n", str(SERVER["n"]), "--max-n", str(SERVER["max_n"]), "--max-tokens", str(SERVER["max_tokens"]),
-               "--seed", str(SERVER["seed"]), "--max-body-bytes", str(SERVER["max_body_bytes"])]
+               "--seed", str(SERVER["seed"]), "--max-body-bytes", str(SERVER["max_body_bytes"]), *extra]
         env = dict(os.environ, VLLM_LOGGING_LEVEL="WARNING")
         self.log = open(log_path, "w")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
@@ -567,3 +569,45 @@ def test_selected_choice_equals_bestofn(server):
     assert sel.best_index == served["selected_index"]
     for c, s in zip(sel.candidates, served["scores"]):
         assert c.scores["stable_rank"] == pytest.approx(s["stable_rank"], rel=1e-3)
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_real_data_parallel_server_scores_each_request_on_one_engine_core(tmp_path):
+    """--data-parallel-size 2 on this CPU (one core per engine core, float32), after the
+    module's server is gone: a request's samples, fill step and collect meet one core, so the
+    same seeded request gives the same candidates and stable ranks whichever core it lands on."""
+    from openai import OpenAI
+
+    srv = Server(tmp_path / "dp.log", extra=("--data-parallel-size", "2", "--dtype", "float32",
+                                             "--vllm-opt", "kv_cache_memory_bytes=536870912"))
+    try:
+        srv.wait_ready()
+        client = OpenAI(base_url=srv.base + "/v1", api_key=API_KEY, max_retries=0, timeout=300)
+        prompts = ["What is 2+2?", "Name a prime number.", "What is the capital of Italy?", "Say hello."]
+        jobs = [(p, ts, rep) for p in prompts for ts in ("response", "full") for rep in range(2)]
+
+        def ask(job):
+            prompt, token_set, _ = job
+            resp = client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": prompt}], max_tokens=12, seed=5,
+                extra_body={"bon_sr": {"return_candidates": True, "token_set": token_set}})
+            info = _info(resp)
+            return [c["text"] for c in info["candidates"]], [s["stable_rank"] for s in info["scores"]]
+
+        with ThreadPoolExecutor(8) as pool:
+            results = dict(zip(jobs, pool.map(ask, jobs)))
+        for p in prompts:
+            for ts in ("response", "full"):
+                (texts_a, srs_a), (texts_b, srs_b) = results[(p, ts, 0)], results[(p, ts, 1)]
+                assert len(texts_a) == SERVER["n"] and all(math.isfinite(x) for x in srs_a)
+                assert texts_a == texts_b
+                assert srs_a == pytest.approx(srs_b, rel=1e-4)
+            # full scores the prompt rows too: other numbers for the same candidates
+            assert results[(p, "full", 0)][0] == results[(p, "response", 0)][0]
+            assert results[(p, "full", 0)][1] != pytest.approx(results[(p, "response", 0)][1], rel=1e-3)
+    finally:
+        code = srv.stop()
+    log = srv.log_path.read_text(errors="replace")
+    assert "missed rows" not in log, log[-3000:]
+    assert code in (0, -signal.SIGTERM) and "Application shutdown complete" in log  # as the module's server

@@ -131,6 +131,38 @@ def test_cpu_list_syntax():
     assert vllm_backend._cpu_list([5, 0, 1, 2, 7]) == "0-2,5,7"
 
 
+def test_cpu_binding_splits_cores_between_data_parallel_engine_cores(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4})
+    for dp, want in ((1, "0-4"), (2, "0-1|2-4"), (5, "0|1|2|3|4")):
+        monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+        vllm_backend.apply_cpu_env_defaults(dp)
+        assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == want
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "3")  # the user's choice stays
+    vllm_backend.apply_cpu_env_defaults(2)
+    assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "3"
+    with pytest.raises(ConfigError, match="at least 6 CPU cores"):
+        vllm_backend.apply_cpu_env_defaults(6)
+
+
+def test_data_parallel_goes_to_the_generate_engine_only():
+    opts = vllm_backend.parallel_vllm_options({}, tensor_parallel_size=2, data_parallel_size=4)
+    assert opts == {"engine_kwargs": {"tensor_parallel_size": 2, "data_parallel_size": 4},
+                    "pooling_engine_kwargs": {"tensor_parallel_size": 2}}
+    with pytest.raises(ConfigError, match="data_parallel_size must be >= 1"):
+        vllm_backend.parallel_vllm_options({}, data_parallel_size=0)
+
+
+def test_dp_results_merge_takes_the_core_that_held_each_candidate():
+    from bon_sr import vllm_hook
+
+    core0 = [{"index": 0, "stable_rank": 2.0}, {"index": 1, "missing": [5]}]
+    core1 = [{"index": 0, "missing": [3]}, {"index": 1, "stable_rank": 3.0}]
+    assert vllm_hook.merge_engine_results([core0, core1]) == [core0[0], core1[1]]
+    assert vllm_hook.merge_engine_results([[core0[1]], [core1[0]]]) == [core0[1]]  # missing everywhere
+    assert vllm_hook.dp_rank_for("ab" * 16, 1) is None
+    assert {vllm_hook.dp_rank_for(vllm_hook.new_tag(), 2) for _ in range(64)} == {0, 1}
+
+
 @slow
 def test_unknown_option_is_config_error(model_path):
     with pytest.raises(ConfigError, match="Available: .*kv_cache_memory_bytes"):
@@ -329,11 +361,59 @@ def test_cli_generate_backend_vllm_runs_one_engine(tmp_path, reuse_engines):
     assert [r["best_index"] for r in rows["auto"]] == [r["best_index"] for r in rows["pooling"]]
 
 
-@slow
-def test_bench_backend_vllm_samples_and_greedy_in_one_call(tmp_path, reuse_engines, monkeypatch):
+def _bench_records(tmp_path, extra):
     from click.testing import CliRunner
 
     from bon_sr.bench.cli import bench
+
+    args = ["--task", "gsm8k", "--limit", "2", "--n", "1,2", "--max-new-tokens", "24", "--backend", "vllm",
+            "--bootstrap", "100", "-o", str(tmp_path), *extra]
+    result = CliRunner().invoke(bench, args)
+    assert result.exit_code == 0, result.output
+    assert "| cut at max tokens % |" in (tmp_path / "gsm8k.md").read_text()
+    records = [json.loads(line) for line in (tmp_path / "cache" / "gsm8k.jsonl").read_text().splitlines()]
+    assert len(records) == 2
+    for rec in records:
+        assert len(rec["candidates"]) == 2 and rec["greedy"]["token_ids"]
+        assert rec["greedy"]["finish_reason"] in ("stop", "length")
+        for c in [*rec["candidates"], rec["greedy"]]:
+            assert all(math.isfinite(c["scores"][k]) for k in ("sr_response", "sr_full", "mean_logprob",
+                                                                "self_certainty")), c["scores"]
+    return records, json.loads((tmp_path / "cache" / "gsm8k.meta.json").read_text())
+
+
+@slow
+def test_bench_backend_vllm_scores_in_the_sampling_pass(tmp_path, reuse_engines, monkeypatch, model_path):
+    from click.testing import CliRunner
+
+    from bon_sr.bench import runner
+    from bon_sr.bench.cli import bench
+    from bon_sr.bench.scores import score_candidates
+
+    def no_hf(*args, **kwargs):
+        raise AssertionError("the hook path must not run a transformers scoring pass")
+
+    monkeypatch.setattr(runner, "score_candidates", no_hf)
+    records, meta = _bench_records(tmp_path, [])
+    assert meta["scorer"] == "hook" and reuse_engines == ["generate"]
+    # the hook's bf16 scores against one HF pass over the same tokens (bf16 vs bf16 kernels)
+    model, _ = load_hf_model(model_path, device="cpu", dtype="bfloat16")
+    cands = [c for rec in records for c in [*rec["candidates"], rec["greedy"]]]
+    pids = [rec["prompt_token_ids"] for rec in records for _ in range(3)]
+    ref = score_candidates(model, pids, [c["token_ids"] for c in cands])
+    for c, r in zip(cands, ref):
+        for key in ("sr_response", "sr_full", "self_certainty"):
+            assert _rel(c["scores"][key], r[key]) < 0.03, (key, c["scores"], r)
+    # a cache scored by the hook is not resumed with another scorer
+    result = CliRunner().invoke(
+        bench,
+        ["--task", "gsm8k", "--limit", "3", "--n", "1,2", "--max-new-tokens", "24", "--backend", "vllm",
+         "--scorer", "hf", "-o", str(tmp_path)])
+    assert result.exit_code != 0 and "scorer: cache 'hook' vs now 'hf'" in result.output
+
+
+@slow
+def test_bench_scorer_hf_samples_and_greedy_in_one_call(tmp_path, reuse_engines, monkeypatch):
     from bon_sr.samplers.vllm import VLLMSampler
 
     calls = []
@@ -344,16 +424,7 @@ def test_bench_backend_vllm_samples_and_greedy_in_one_call(tmp_path, reuse_engin
         return real(self, prompts, params)
 
     monkeypatch.setattr(VLLMSampler, "_generate", counting)
-    args = ["--task", "gsm8k", "--limit", "2", "--n", "1,2", "--max-new-tokens", "24", "--backend", "vllm",
-            "--bootstrap", "100", "-o", str(tmp_path)]
-    result = CliRunner().invoke(bench, args)
-    assert result.exit_code == 0, result.output
+    _, meta = _bench_records(tmp_path, ["--scorer", "hf"])
     assert calls == [4], "2 prompts x (samples + greedy) in one generate call"
-    records = [json.loads(line) for line in (tmp_path / "cache" / "gsm8k.jsonl").read_text().splitlines()]
-    assert len(records) == 2
-    for rec in records:
-        assert len(rec["candidates"]) == 2 and rec["greedy"]["token_ids"]
-        assert rec["greedy"]["finish_reason"] in ("stop", "length")
-        assert all(math.isfinite(c["scores"]["sr_response"]) for c in rec["candidates"])
-    assert "| cut at max tokens % |" in (tmp_path / "gsm8k.md").read_text()
-    assert reuse_engines == ["generate"]  # the bench scores with HF: no pooling engine
+    assert meta["scorer"] == "hf"
+    assert reuse_engines == ["generate"]  # scored with HF: no pooling engine

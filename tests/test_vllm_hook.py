@@ -101,6 +101,11 @@ def runs(model_path):
             sampler = vllm_hook.HookSampler(llm, samp, scoring, logit_stats=True)
             groups[name] = (scoring, sampler.sample(pids, seeds=seeds))
         out["groups"] = groups
+        # both of the paper's token sets from one sampling pass (what the bench uses); stop
+        # strings and a length cap make some candidates need the fill step
+        out["also"] = vllm_hook.HookSampler(llm, SamplingConfig(n=4, stop=(".",), **base),
+                                            HiddenStateConfig(token_set="full"), logit_stats=True,
+                                            also=("response",)).sample(pids, seeds=[11, 12, 13])
         # the same prompts one by one
         samp, scoring, seeds = cases["n16_response"]
         sampler = vllm_hook.HookSampler(llm, samp, scoring, logit_stats=True)
@@ -150,6 +155,9 @@ def references(model_path, runs):
     model, _ = load_hf_model(model_path, device="cpu", dtype="float32")
     for name, (scoring, gs) in runs["groups"].items():
         ref[("hf", name)] = HFScorer(model, scoring, logit_stats=True).score(*_pairs(gs, pids))
+    for token_set in ("response", "full"):
+        ref[("hf_also", token_set)] = HFScorer(model, HiddenStateConfig(token_set=token_set)).score(
+            *_pairs(runs["also"], pids))
     for name, (fp, fr, _) in runs["score_mode"].items():
         ref[("hf_score", name)] = HFScorer(model, runs["groups"][name][0], logit_stats=True).score(fp, fr)
     del model
@@ -166,7 +174,7 @@ def test_hook_installed_on_the_v1_runner_with_prefix_caching(runs):
 
 
 def test_worker_keeps_nothing_after_collect(runs):
-    assert runs["leftover"]["candidates"] == 0 and runs["leftover"]["groups"] == 0
+    assert runs["leftover"]["candidates"] == 0 and runs["leftover"]["groups"] == 0  # "also" case included
     assert runs["leftover"]["tracked_requests"] == 0
 
 
@@ -186,6 +194,28 @@ def test_hook_sr_equals_pooling_and_hf(runs, references, name):
         for key in ("stable_rank", "frobenius_sq", "spectral_sq"):
             assert _rel(c.scores[key], h[key]) <= SR_TOL, (key, c, h)
             assert _rel(c.scores[key], v[key]) <= SR_TOL, (key, c, v)
+
+
+def test_one_pass_scores_response_and_full(runs, references):
+    cands = [c for g in runs["also"] for c in g]
+    full, resp = references[("hf_also", "full")], references[("hf_also", "response")]
+    assert {c.finish_reason for c in cands} >= {"stop"}
+    for c, f, r in zip(cands, full, resp):
+        assert _rel(c.scores["stable_rank"], f["stable_rank"]) <= SR_TOL, (c, f)
+        assert _rel(c.scores["sr_response"], r["stable_rank"]) <= SR_TOL, (c, r)
+        assert c.scores["scored_tokens"] == f["scored_tokens"]
+    assert any(abs(c.scores["stable_rank"] - c.scores["sr_response"]) > 0.1 for c in cands)
+
+
+def test_extra_token_sets_are_checked_before_sampling():
+    full, resp = HiddenStateConfig(token_set="full"), HiddenStateConfig()
+    assert vllm_hook.check_also(full, ("response", "response")) == ("response",)
+    with pytest.raises(ConfigError, match="needs token_set='full'"):
+        vllm_hook.check_also(resp, ("full",))
+    with pytest.raises(ConfigError, match="no window"):
+        vllm_hook.check_also(HiddenStateConfig(token_set="full", window=8), ("response",))
+    with pytest.raises(ConfigError, match="'response' or 'full'"):
+        vllm_hook.check_also(full, ("response+eot",))
 
 
 def test_cases_cover_what_they_claim(runs):

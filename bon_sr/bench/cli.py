@@ -80,8 +80,10 @@ def _errors() -> tuple[type[BaseException], ...]:
               help="Comma-separated n to evaluate; max(n) candidates are sampled once per problem.")
 @click.option("--limit", type=int, default=None, help="Use the first K problems of each task.")
 @click.option("--backend", type=click.Choice(["hf", "vllm", "auto"]), default="auto", show_default=True,
-              help="Sampling backend; auto = vLLM when importable, else transformers (scoring always runs "
-                   "the frozen model with transformers).")
+              help="Sampling backend; auto = vLLM when importable, else transformers.")
+@click.option("--scorer", type=click.Choice(["auto", "hf", "hook"]), default="auto", show_default=True,
+              help="Scores: hook = inside vLLM's sampling pass (one engine, no second pass; vLLM only), hf = one "
+                   "transformers pass after sampling; auto = the cache's own when resuming, else hook with vLLM.")
 @click.option("--max-new-tokens", type=int, default=None,
               help="Generation budget per candidate (default: the task's, 512 or 1024 for math500).")
 @click.option("--temperature", type=float, default=0.7, show_default=True, help="Sampling temperature.")
@@ -102,7 +104,7 @@ def _errors() -> tuple[type[BaseException], ...]:
 @click.option("--max-batch-tokens", type=int, default=8192, show_default=True,
               help="Padded tokens per scoring forward pass (bounds memory).")
 @click.option("--chunk-size", type=int, default=None,
-              help="Problems sampled together before scoring and caching (default: 1 for hf, 16 for vllm); "
+              help="Problems sampled (and scored) together before caching (default: 1 for hf, 16 for vllm); "
                    "smaller loses less on interruption, larger batches vLLM better.")
 @click.option("--recheck", is_flag=True, help="Re-extract and re-check cached answers with the current checkers.")
 @click.option("--no-generate", is_flag=True, help="Report from the cache only; never load the model.")
@@ -110,7 +112,7 @@ def _errors() -> tuple[type[BaseException], ...]:
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Directory for the cache (DIR/cache/) and the reports (DIR/<task>.json, .md, .png).")
 def bench(tasks: tuple[str, ...], preset: str | None, model: str, n_values: str, limit: int | None, backend: str,
-          max_new_tokens: int | None, temperature: float, top_p: float, seed: int, subsets: int,
+          scorer: str, max_new_tokens: int | None, temperature: float, top_p: float, seed: int, subsets: int,
           selectors: str | None, data_source: str, checker: str | None, dtype: str, device: str | None,
           max_batch_tokens: int, chunk_size: int | None, recheck: bool, no_generate: bool, bootstrap: int,
           out_dir: str) -> None:
@@ -131,7 +133,7 @@ def bench(tasks: tuple[str, ...], preset: str | None, model: str, n_values: str,
             extra: dict[str, Any] = {}
             if selectors:
                 extra["selectors"] = tuple(s.strip() for s in selectors.split(",") if s.strip())
-            config = BenchConfig(task=task, model=model, n=ns, limit=limit, backend=backend,
+            config = BenchConfig(task=task, model=model, n=ns, limit=limit, backend=backend, scorer=scorer,
                                  max_new_tokens=settings["max_new_tokens"], temperature=settings["temperature"],
                                  top_p=settings["top_p"], seed=seed, subsets=subsets,
                                  data_source=settings["data_source"], checker=checker, dtype=dtype, device=device,

@@ -50,7 +50,14 @@ logger = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
 #: generation settings that make cached samples what they are: a mismatch refuses to mix
-_IDENTITY_KEYS = ("model", "backend", "n_samples", "temperature", "top_p", "max_new_tokens", "seed", "dtype")
+_IDENTITY_KEYS = ("model", "backend", "scorer", "n_samples", "temperature", "top_p", "max_new_tokens", "seed",
+                  "dtype")
+#: what a cache written before a key existed was made with
+_IDENTITY_DEFAULTS = {"scorer": "hf"}
+#: bench scorers: "hf" = one teacher-forced transformers pass after sampling; "hook" = vLLM's
+#: sampling pass itself (bon_sr.vllm_hook; both token sets from the same rows); "auto" = the
+#: cache's own when resuming, else hook with the vLLM backend and hf with transformers
+BENCH_SCORERS = ("auto", "hf", "hook")
 
 
 @dataclass(frozen=True)
@@ -73,6 +80,7 @@ class BenchConfig:
     device: str | None = None
     max_batch_tokens: int = 8192
     chunk_size: int | None = None
+    scorer: str = "auto"
     selectors: tuple[str, ...] = field(default_factory=lambda: tuple(sorted([*BENCH_SELECTORS, GREEDY])))
     recheck: bool = False
     bootstrap: int = 1000
@@ -86,6 +94,8 @@ class BenchConfig:
             raise ConfigError(f"subsets must be >= 1, got {self.subsets}")
         if self.chunk_size is not None and self.chunk_size < 1:
             raise ConfigError(f"--chunk-size must be >= 1, got {self.chunk_size}")
+        if self.scorer not in BENCH_SCORERS:
+            raise ConfigError(f"Unknown bench scorer {self.scorer!r}; use one of {', '.join(BENCH_SCORERS)}.")
         if self.bootstrap < 100:
             raise ConfigError(f"bootstrap must be >= 100 resamples, got {self.bootstrap}")
         for name in self.selectors:
@@ -130,11 +140,20 @@ def read_cache(path: Path) -> dict[str, dict[str, Any]]:
     return records
 
 
-def _identity(config: BenchConfig, max_new_tokens: int) -> dict[str, Any]:
+def _identity(config: BenchConfig, max_new_tokens: int, cached: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The settings that make the samples and scores what they are, resolved. ``cached``:
+    the meta of a cache being resumed (``scorer='auto'`` then keeps the cache's scorer)."""
     from ..api import _resolve_backend
 
     # The resolved backend: "auto" samples with vLLM on one machine and HF on another.
-    return {"model": config.model, "backend": _resolve_backend(config.backend), "n_samples": config.n_max,
+    backend = _resolve_backend(config.backend)
+    scorer = config.scorer
+    if scorer == "auto":
+        scorer = (cached.get("scorer", _IDENTITY_DEFAULTS["scorer"]) if cached
+                  else "hook" if backend == "vllm" else "hf")
+    if scorer == "hook" and backend != "vllm":
+        raise ConfigError("The hook scores inside vLLM's sampling pass: --scorer hook needs --backend vllm.")
+    return {"model": config.model, "backend": backend, "scorer": scorer, "n_samples": config.n_max,
             "temperature": config.temperature, "top_p": config.top_p, "max_new_tokens": max_new_tokens,
             "seed": config.seed, "dtype": config.dtype}
 
@@ -145,8 +164,8 @@ def _check_meta(meta_path: Path, identity: Mapping[str, Any], have_records: bool
     meta = json.loads(meta_path.read_text())
     if not have_records:
         return dict(identity)
-    diff = [f"{k}: cache {meta.get(k)!r} vs now {identity[k]!r}" for k in _IDENTITY_KEYS
-            if k != "n_samples" and meta.get(k) != identity[k]]
+    diff = [f"{k}: cache {meta.get(k, _IDENTITY_DEFAULTS.get(k))!r} vs now {identity[k]!r}" for k in _IDENTITY_KEYS
+            if k != "n_samples" and meta.get(k, _IDENTITY_DEFAULTS.get(k)) != identity[k]]
     if diff:
         raise ConfigError(f"{meta_path.parent} holds samples made with other settings ({'; '.join(diff)}). "
                           "Use another output directory, or the same settings to resume.")
@@ -183,15 +202,28 @@ def check_record(rec: dict[str, Any]) -> dict[str, Any]:
 
 # -- generation ---------------------------------------------------------------------------
 
-def _load_generator(config: BenchConfig, max_new_tokens: int, n_samples: int, progress: ProgressFn | None) -> Any:
+def _load_generator(config: BenchConfig, max_new_tokens: int, n_samples: int, scorer: str,
+                    progress: ProgressFn | None) -> Any:
     from ..api import BestOfN
 
-    # Sampling only: the bench scores every candidate itself (bench.scores: both token sets,
-    # log-prob and self-certainty from one HF pass), so BestOfN scores nothing.
-    return BestOfN(config.model, backend=config.backend, scorer="hf", n=n_samples, selector="first", score=False,
+    # scorer hf: sampling only, the bench scores every candidate itself (bench.scores: both
+    # token sets, log-prob and self-certainty from one HF pass). scorer hook: the sampling
+    # pass scores, token set full plus response from the same rows (generate_records).
+    hook = scorer == "hook"
+    return BestOfN(config.model, backend=config.backend, scorer=scorer, n=n_samples, selector="first", score=hook,
+                   logit_stats=hook, token_set="full" if hook else "response",
                    temperature=config.temperature, top_p=config.top_p, max_new_tokens=max_new_tokens,
                    seed=config.seed, dtype=config.dtype, device=config.device,
                    max_batch_tokens=config.max_batch_tokens, progress=progress)
+
+
+def _hook_scores(cand: Any) -> dict[str, float]:
+    """A hook-scored candidate's scores under the bench's keys (``bench.scores``)."""
+    s = cand.scores
+    nan = float("nan")
+    return {"num_tokens": float(cand.num_tokens), "mean_logprob": s.get("mean_logprob", nan),
+            "self_certainty": s.get("self_certainty", nan), "sr_full": s["stable_rank"],
+            "sr_response": s["sr_response"] if cand.num_tokens else nan}
 
 
 def generate_records(
@@ -201,11 +233,15 @@ def generate_records(
     task_name: str,
     max_new_tokens: int,
     n_samples: int,
+    scorer: str = "hf",
 ) -> Iterable[dict[str, Any]]:
-    """Sample, decode greedily, score and check; yield one finished record per problem."""
+    """Sample, decode greedily, score and check; yield one finished record per problem.
+    ``scorer``: "hook" when ``bon`` scores in vLLM's sampling pass, else one HF pass."""
     from ..hidden_states import HiddenStateConfig
 
     scoring = HiddenStateConfig(max_batch_tokens=config.max_batch_tokens)
+    hook = scorer == "hook"
+    sampler = bon.make_sampler(also=("response",)) if hook else None
     size = config.chunk_size or (1 if bon.backend == "hf" else 16)
     for start in range(0, len(problems), size):
         chunk = problems[start:start + size]
@@ -215,11 +251,17 @@ def generate_records(
         # Seeds derive from the problem id, not its position: a resumed or re-limited run
         # draws exactly the samples an uninterrupted run would have drawn.
         seeds = [derive_seed(config.seed, f"{task_name}:{p.id}") for p in chunk]
-        samples, lone = bon.sample(prompt_ids, seeds, greedy=True)
+        if hook:
+            samples, lone = sampler.sample_and_greedy(prompt_ids, n=n_samples, seeds=seeds)
+        else:
+            samples, lone = bon.sample(prompt_ids, seeds, greedy=True)
         greedies = [[g] for g in lone]
-        flat_p = [ids for ids, group in zip(prompt_ids, samples) for _ in range(len(group) + 1)]
-        flat_r = [c.token_ids for group, g in zip(samples, greedies) for c in [*group, g[0]]]
-        scores = iter(score_candidates(bon.hf_model, flat_p, flat_r, config=scoring))
+        flat = [c for group, g in zip(samples, greedies) for c in [*group, g[0]]]
+        if hook:
+            scores = iter([_hook_scores(c) for c in flat])
+        else:
+            flat_p = [ids for ids, group in zip(prompt_ids, samples) for _ in range(len(group) + 1)]
+            scores = iter(score_candidates(bon.hf_model, flat_p, [c.token_ids for c in flat], config=scoring))
         for p, ids, seed, group, g in zip(chunk, prompt_ids, seeds, samples, greedies):
             cands = [_candidate_record(c, next(scores), None, False, None) for c in group]
             rec = {"version": CACHE_VERSION, "id": p.id, "prompt": p.prompt, "prompt_token_ids": list(ids),
@@ -311,7 +353,8 @@ def run_bench(config: BenchConfig, out_dir: str | Path, *, progress: ProgressFn 
     cache_path, meta_path = cache_paths(out_dir, task.name)
     cache_path.parent.mkdir(parents=True, exist_ok=True)
     records = read_cache(cache_path)
-    identity = _identity(config, max_new)
+    cached_meta = json.loads(meta_path.read_text()) if records and meta_path.is_file() else None
+    identity = _identity(config, max_new, cached_meta)
     if generate:
         meta = _check_meta(meta_path, identity, bool(records))
     else:
@@ -325,10 +368,10 @@ def run_bench(config: BenchConfig, out_dir: str | Path, *, progress: ProgressFn 
     if todo and generate:
         write_text_atomic(meta_path, json.dumps({**meta, "task": task.name, "cache_version": CACHE_VERSION}, indent=2))
         report(f"loading {config.model}", None, None)
-        bon = _load_generator(config, max_new, n_gen, progress)
+        bon = _load_generator(config, max_new, n_gen, identity["scorer"], progress)
         report(f"{task.name}: sampling {n_gen} + greedy", 0, len(todo))
         with cache_path.open("a", encoding="utf-8") as fh:
-            for rec in generate_records(todo, bon, config, task.name, max_new, n_gen):
+            for rec in generate_records(todo, bon, config, task.name, max_new, n_gen, identity["scorer"]):
                 fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
                 fh.flush()
                 records[rec["id"]] = rec

@@ -45,7 +45,8 @@ class VLLMSampler:
         self.logprobs = bool(logprobs)
         self.per_request_seeds = per_request_seeds
 
-    def _params(self, n: int, seed: int, greedy: bool | None = None) -> Any:
+    def request_params(self, n: int, seed: int, greedy: bool | None = None) -> Any:
+        """The ``SamplingParams`` of one prompt's request (also the hook's and the server's)."""
         from vllm import SamplingParams
 
         cfg = self.config
@@ -69,10 +70,10 @@ class VLLMSampler:
         groups = []
         for out in outputs:
             completions = sorted(out.outputs, key=lambda c: c.index)
-            groups.append([self._to_candidate(i, c) for i, c in enumerate(completions)])
+            groups.append([self.to_candidate(i, c) for i, c in enumerate(completions)])
         return groups
 
-    def _checked_n(self, prompt_token_ids: Sequence[Sequence[int]], n: int | None, seeds: Sequence[int]) -> int:
+    def checked_n(self, prompt_token_ids: Sequence[Sequence[int]], n: int | None, seeds: Sequence[int]) -> int:
         if len(seeds) != len(prompt_token_ids):
             raise ValueError("seeds must have one entry per prompt")
         return self.config.n if n is None else n
@@ -80,10 +81,10 @@ class VLLMSampler:
     def sample(
         self, prompt_token_ids: Sequence[Sequence[int]], *, n: int | None = None, seeds: Sequence[int]
     ) -> list[list[Candidate]]:
-        n = self._checked_n(prompt_token_ids, n, seeds)
+        n = self.checked_n(prompt_token_ids, n, seeds)
         if not prompt_token_ids:
             return []
-        return self._generate(prompt_token_ids, [self._params(n, seed) for seed in seeds])
+        return self._generate(prompt_token_ids, [self.request_params(n, seed) for seed in seeds])
 
     def sample_and_greedy(
         self, prompt_token_ids: Sequence[Sequence[int]], *, n: int | None = None, seeds: Sequence[int]
@@ -93,15 +94,17 @@ class VLLMSampler:
         A separate greedy pass decodes one sequence per prompt, a small batch that keeps a
         CPU busy for as long as the large sampled one; riding along costs little. The
         seeded samples are the same requests as ``sample``'s (batch-independent seeds)."""
-        n = self._checked_n(prompt_token_ids, n, seeds)
+        n = self.checked_n(prompt_token_ids, n, seeds)
         if not prompt_token_ids:
             return [], []
-        params = [self._params(n, seed) for seed in seeds] + [self._params(1, 0, greedy=True) for _ in seeds]
+        params = ([self.request_params(n, seed) for seed in seeds]
+                  + [self.request_params(1, 0, greedy=True) for _ in seeds])
         groups = self._generate([*prompt_token_ids, *prompt_token_ids], params)
         k = len(prompt_token_ids)
         return groups[:k], [g[0] for g in groups[k:]]
 
-    def _to_candidate(self, index: int, completion: Any) -> Candidate:
+    def to_candidate(self, index: int, completion: Any) -> Candidate:
+        """A vLLM ``CompletionOutput`` as a bon-sr ``Candidate`` (one rule for every vLLM path)."""
         ids = [int(t) for t in completion.token_ids]
         finish = completion.finish_reason
         # vLLM keeps the EOS / stop token id at the end of token_ids (stop_reason None or

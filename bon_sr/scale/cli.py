@@ -23,7 +23,8 @@ def scale_options(scale: Mapping[str, Any], vllm_options: dict[str, Any], *, bac
     ``ray``, ``ray_address``, ``replicas``, ``gpus_per_replica``, ``tensor_parallel_size`` and
     ``pipeline_parallel_size``."""
     from ..api import vllm_available
-    from .ray_data import RayConfig, import_ray, parallel_vllm_options
+    from ..vllm_backend import parallel_vllm_options
+    from .ray_data import RayConfig, import_ray
 
     tp, pp = scale["tensor_parallel_size"], scale["pipeline_parallel_size"]
     if tp * pp > 1 and (backend == "hf" or (backend == "auto" and not vllm_available())):

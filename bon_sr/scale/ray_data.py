@@ -94,28 +94,6 @@ class RayConfig:
             raise ConfigError(f"batch_size must be >= 1 (got {self.batch_size}).")
 
 
-def parallel_vllm_options(vllm_options: Mapping[str, Any], *, tensor_parallel_size: int = 1,
-                          pipeline_parallel_size: int = 1) -> dict[str, Any]:
-    """``vllm_options`` with vLLM's tensor/pipeline parallel sizes in ``engine_kwargs`` and
-    ``pooling_engine_kwargs`` (the routes ``BestOfN(vllm_options=...)`` already has: a model
-    too big for one device is too big for it in the pooling engine as well); a size of 1
-    leaves the options as they are."""
-    out = dict(vllm_options)
-    for route in ("engine_kwargs", "pooling_engine_kwargs"):
-        engine_kwargs = dict(out.get(route) or {})
-        for key, value in (("tensor_parallel_size", tensor_parallel_size),
-                           ("pipeline_parallel_size", pipeline_parallel_size)):
-            if int(value) < 1:
-                raise ConfigError(f"{key} must be >= 1 (got {value}).")
-            if value == 1:
-                continue
-            if key in engine_kwargs and int(engine_kwargs[key]) != int(value):
-                raise ConfigError(f"{key} is given twice ({engine_kwargs[key]} in {route}, {value} as an option); "
-                                  "keep one.")
-            engine_kwargs[key] = int(value)
-        if engine_kwargs:
-            out[route] = engine_kwargs
-    return out
 
 
 def engine_devices(vllm_options: Mapping[str, Any]) -> int:

@@ -64,16 +64,21 @@ start after Best-of-N has finished: the selected answer is sent as SSE chunks.
 @click.option("--vllm-opt", "vllm_opts", multiple=True, metavar="KEY=VALUE",
               help="vLLM backend option (repeatable), as for generate: kv_cache_memory_bytes=2147483648, "
                    "max_model_len=4096, engine_kwargs='{\"max_num_seqs\": 64}'.")
+@click.option("--tensor-parallel-size", type=click.IntRange(min=1), default=1, show_default=True,
+              help="vLLM tensor parallelism: GPUs the engine spans.")
+@click.option("--data-parallel-size", type=click.IntRange(min=1), default=1, show_default=True,
+              help="vLLM data parallelism on this node: engine cores (each with its own GPUs); a request's "
+                   "candidates are sampled and scored on one of them.")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True, help="uvicorn's log level.")
 def serve(host: str, port: int, vllm_opts: tuple[str, ...], log_level: str, **options: Any) -> None:
     """Serve Best-of-N behind an OpenAI-compatible API (/v1/chat/completions, /v1/completions)."""
-    from ..cli import _parse_options
+    from ..cli import parse_options
     from ..errors import BonSRError
     from .settings import ServeSettings
 
     try:
-        settings = ServeSettings(vllm_options=_parse_options(vllm_opts), **options)
+        settings = ServeSettings(vllm_options=parse_options(vllm_opts), **options)
     except BonSRError as exc:
         raise click.ClickException(str(exc)) from exc
     import logging

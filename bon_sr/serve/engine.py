@@ -80,10 +80,10 @@ class BonEngine:
         # VLLMBackend starts no engine here: it loads the tokenizer, applies the CPU
         # environment defaults and knows the generate engine's arguments (KV bytes, eager,
         # chunked prefill off for per-request seeds, the hook extension, prefix caching).
-        backend = VLLMBackend(path, dtype=s.dtype, seed=s.seed, hook=True, **dict(s.vllm_options))
+        backend = VLLMBackend(path, dtype=s.dtype, seed=s.seed, hook=True, **s.engine_options())
         self.tokenizer = backend.tokenizer
         self.context = backend.context
-        kwargs = backend._engine_kwargs("generate")
+        kwargs = backend.engine_kwargs("generate")
         # The hook wraps the V1 model runner (see VLLMBackend._start).
         os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
         from ..vllm_plugin import mark_engine_parent
@@ -119,11 +119,11 @@ class BonEngine:
 
         # BestOfN's unscored vLLM sampler: one request with n=N, children seeded seed+i.
         base = VLLMSampler(None, sampling)
-        params = base._params(sampling.n, seed)
+        params = base.request_params(sampling.n, seed)
         params.output_kind = RequestOutputKind.FINAL_ONLY  # all N completions in one output
         final = None
         async for out in self._llm.generate(TokensPrompt(prompt_token_ids=[int(t) for t in prompt_ids]), params,
                                             request_id=f"bon-sr-{uuid.uuid4().hex}"):
             final = out
         completions = sorted(final.outputs, key=lambda c: c.index)
-        return [base._to_candidate(i, c) for i, c in enumerate(completions)]
+        return [base.to_candidate(i, c) for i, c in enumerate(completions)]

@@ -33,7 +33,9 @@ class ServeSettings:
     max_n: the largest ``bon_sr.n`` a request may ask for. seed: the run seed a request's
     seed derives from when it gives none. max_body_bytes: larger bodies get a 413.
     body_timeout: seconds a client may take to send its whole body (then 408).
-    vllm_options: ``bon_sr.vllm_backend.OPTIONS`` (as ``--vllm-opt`` of ``generate``)."""
+    vllm_options: ``bon_sr.vllm_backend.OPTIONS`` (as ``--vllm-opt`` of ``generate``).
+    tensor_parallel_size, data_parallel_size: vLLM's, for the one engine (data parallel:
+    that many engine cores on this node; each scored request runs on one of them)."""
 
     model: str = DEFAULT_MODEL
     served_model_name: str | None = None
@@ -52,6 +54,8 @@ class ServeSettings:
     body_timeout: float = 30.0
     dtype: str = "auto"
     vllm_options: Mapping[str, Any] = field(default_factory=dict)
+    tensor_parallel_size: int = 1
+    data_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_n, int) or self.max_n < 1:
@@ -70,6 +74,14 @@ class ServeSettings:
                               "or --answer-regex PATTERN.")
         check_scores(SCORER, score_keys(spec))
         check_hook_config(HiddenStateConfig(token_set=self.token_set))
+        self.engine_options()  # sizes >= 1, not given twice
+
+    def engine_options(self) -> dict[str, Any]:
+        """``vllm_options`` with the parallel sizes in the engine's arguments."""
+        from ..vllm_backend import parallel_vllm_options
+
+        return parallel_vllm_options(self.vllm_options, tensor_parallel_size=self.tensor_parallel_size,
+                                     data_parallel_size=self.data_parallel_size)
 
     @property
     def name(self) -> str:
