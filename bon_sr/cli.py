@@ -109,7 +109,7 @@ def engine_log_path(output: str) -> Path:
 
 
 @contextmanager
-def _engine_output_to(log_path: Path | None, console: Any) -> Iterator[None]:
+def engine_output_to(log_path: Path | None, console: Any) -> Iterator[None]:
     """Send everything written to file descriptor 2 (vLLM's logs from every engine process,
     C++ warnings, loading bars) to ``log_path``, while ``console`` and bon-sr's own log
     records keep the terminal. Engine processes started inside inherit the log file as
@@ -396,7 +396,7 @@ def parse_options(items: tuple[str, ...]) -> dict[str, Any]:
     return out
 
 
-def _uses_vllm(options: dict[str, Any]) -> bool:
+def uses_vllm(options: dict[str, Any]) -> bool:
     from .api import _resolve_backend
     from .errors import BonSRError
 
@@ -410,9 +410,9 @@ def _uses_vllm(options: dict[str, Any]) -> bool:
 def _run_generate(console: Any, writer: Any, todo: list[Any], skipped: int, keep_candidates: bool,
                   chunk_size: int | None, options: dict[str, Any], *, given: bool = False) -> None:
     verbose = bool(click.get_current_context().find_root().params.get("verbose"))
-    log_path = engine_log_path(str(writer.path)) if _uses_vllm(options) and not verbose else None
+    log_path = engine_log_path(str(writer.path)) if uses_vllm(options) and not verbose else None
     done = [0]
-    with stopped_runs_resume(console, writer, done), _stop_on_signals(), _engine_output_to(log_path, console):
+    with stopped_runs_resume(console, writer, done), _stop_on_signals(), engine_output_to(log_path, console):
         _generate_loop(console, writer, todo, skipped, keep_candidates, chunk_size, options, given=given,
                        done=done, log_path=log_path)
 

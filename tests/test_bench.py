@@ -360,7 +360,7 @@ def fake_generator(tiny_model, calls):
         return groups, [g[0] for g in greedy.sample(prompt_ids, n=1, seeds=seeds)]
 
     # the public surface the bench uses: encode, context, sample(..., greedy=True), hf_model
-    return SimpleNamespace(backend="hf", context=None, tokenizer=tok, hf_model=tiny_model,
+    return SimpleNamespace(backend="hf", context=None, tokenizer=tok, hf_model=tiny_model, close=lambda: None,
                            encode=lambda prompt, where="": tok(prompt)["input_ids"],
                            sample=lambda prompt_ids, seeds, greedy=False: sample(prompt_ids, seeds))
 

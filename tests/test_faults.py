@@ -114,6 +114,31 @@ def test_disk_full_keeps_finished_lines_and_resume_completes(tmp_path, tiny_mode
     assert res["equal_to_uninterrupted"], res
 
 
+def test_disk_full_while_the_bench_writes_its_cache(tmp_path, tiny_model_dir):
+    import resource
+
+    task = faults.write_task(tmp_path / "task.jsonl", 3)
+    args = ["bench", "--task", str(task), "--model", tiny_model_dir, "--backend", "hf", "--n", "1,2",
+            "--max-new-tokens", "6", "--bootstrap", "100"]
+    ref = faults.run_cli([*args, "-o", str(tmp_path / "ref")])
+    assert ref.returncode == 0, ref.stderr
+    first = len((tmp_path / "ref" / "cache" / "task.jsonl").read_bytes().split(b"\n")[0]) + 1
+    limit = first + first // 2  # room for one and a half problems
+
+    def small_disk() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    out = tmp_path / "out"
+    r = faults.run_cli([*args, "-o", str(out)], preexec=small_disk)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "Cannot write to" in r.stderr and "File too large" in r.stderr, r.stderr[-2000:]
+    cache = out / "cache" / "task.jsonl"
+    assert cache.read_bytes().endswith(b"\n") and len(faults.complete_records(cache)) == 1
+    again = faults.run_cli([*args, "-o", str(out)])
+    assert again.returncode == 0, again.stderr
+    assert faults.bench_state(out) == faults.bench_state(tmp_path / "ref")
+
+
 # -- the real default model with vLLM -------------------------------------------------
 
 @pytest.mark.slow

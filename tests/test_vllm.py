@@ -371,6 +371,7 @@ def _bench_records(tmp_path, extra):
     result = CliRunner().invoke(bench, args)
     assert result.exit_code == 0, result.output
     assert "| cut at max tokens % |" in (tmp_path / "gsm8k.md").read_text()
+    assert (tmp_path / "vllm.log").is_file() and "vLLM's log" in result.output  # not on the terminal
     records = [json.loads(line) for line in (tmp_path / "cache" / "gsm8k.jsonl").read_text().splitlines()]
     assert len(records) == 2
     for rec in records:

@@ -7,7 +7,8 @@ bon-sr errors into ``click.ClickException``. Heavy imports happen inside the com
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Iterator
+from pathlib import Path
+from typing import Any, Iterator, Sequence
 
 import click
 
@@ -25,12 +26,12 @@ def _parse_n(value: str) -> tuple[int, ...]:
 
 
 @contextmanager
-def _progress() -> Iterator[Any]:
-    """A ``ProgressFn`` drawing one rich task per stage message, on stderr."""
+def _progress(console: Any = None) -> Iterator[Any]:
+    """A ``ProgressFn`` drawing one rich task per stage message, on ``console`` (stderr)."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    console = Console(stderr=True)
+    console = console or Console(stderr=True)
     bars: dict[str, Any] = {}
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console, transient=False) as progress:
@@ -118,35 +119,57 @@ def bench(tasks: tuple[str, ...], preset: str | None, model: str, n_values: str,
           out_dir: str) -> None:
     """Best-of-N benchmark: stable rank against greedy, random@n, majority vote,
     self-certainty, mean log-prob and the oracle. Interrupted runs resume from DIR/cache."""
-    from .runner import BenchConfig, run_bench
-
     settings: dict[str, Any] = {"temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens,
                                 "data_source": data_source}
     if preset == "paper":
         tasks, n_values, settings = _apply_paper_preset(click.get_current_context(), tasks, n_values, settings)
     elif not tasks:
         raise click.UsageError("Give --task (repeat it for several) or --preset paper.")
+    from rich.console import Console
+
+    from ..cli import engine_output_to, uses_vllm
+
     ns = _parse_n(n_values)
     summaries: dict[str, dict[str, Any]] = {}
+    console = Console(stderr=True)
+    verbose = bool(click.get_current_context().find_root().params.get("verbose"))
+    # as generate: vLLM's own output (every engine process) goes to a file unless --verbose
+    log_path = (Path(out_dir) / "vllm.log" if not (verbose or no_generate) and uses_vllm({"backend": backend})
+                else None)
+    if log_path is not None:
+        try:
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise click.ClickException(f"Cannot create the output folder '{log_path.parent}': {exc.strerror}.")
+        console.print(f"[dim]vLLM's log: {log_path}[/]")
     try:
-        for task in tasks:
-            extra: dict[str, Any] = {}
-            if selectors:
-                extra["selectors"] = tuple(s.strip() for s in selectors.split(",") if s.strip())
-            config = BenchConfig(task=task, model=model, n=ns, limit=limit, backend=backend, scorer=scorer,
-                                 max_new_tokens=settings["max_new_tokens"], temperature=settings["temperature"],
-                                 top_p=settings["top_p"], seed=seed, subsets=subsets,
-                                 data_source=settings["data_source"], checker=checker, dtype=dtype, device=device,
-                                 max_batch_tokens=max_batch_tokens, recheck=recheck, bootstrap=bootstrap,
-                                 chunk_size=chunk_size, **extra)
-            with _progress() as progress:
-                summary = run_bench(config, out_dir, progress=progress, generate=not no_generate)
-            _echo_summary(summary, out_dir)
-            summaries[summary["task"]] = summary
+        with engine_output_to(log_path, console):
+            _run_tasks(tasks, ns, settings, summaries, console, model=model, limit=limit, backend=backend,
+                       scorer=scorer, seed=seed, subsets=subsets, selectors=selectors, checker=checker, dtype=dtype,
+                       device=device, max_batch_tokens=max_batch_tokens, recheck=recheck, bootstrap=bootstrap,
+                       chunk_size=chunk_size, no_generate=no_generate, out_dir=out_dir)
         if preset == "paper":
             _paper_report(summaries, model, settings, out_dir)
     except _errors() as exc:
         raise click.ClickException(str(exc)) from exc
+
+
+def _run_tasks(tasks: Sequence[str], ns: tuple[int, ...], settings: dict[str, Any],
+               summaries: dict[str, dict[str, Any]], console: Any, *, selectors: str | None, no_generate: bool,
+               out_dir: str, **options: Any) -> None:
+    from .runner import BenchConfig, run_bench
+
+    for task in tasks:
+        extra: dict[str, Any] = {}
+        if selectors:
+            extra["selectors"] = tuple(s.strip() for s in selectors.split(",") if s.strip())
+        config = BenchConfig(task=task, n=ns, max_new_tokens=settings["max_new_tokens"],
+                             temperature=settings["temperature"], top_p=settings["top_p"],
+                             data_source=settings["data_source"], **options, **extra)
+        with _progress(console) as progress:
+            summary = run_bench(config, out_dir, progress=progress, generate=not no_generate)
+        _echo_summary(summary, out_dir)
+        summaries[summary["task"]] = summary
 
 
 def _apply_paper_preset(ctx: click.Context, tasks: tuple[str, ...], n_values: str,

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from ..errors import ConfigError, InputError
-from ..jsonl import write_text_atomic
+from ..jsonl import JsonlWriter, write_text_atomic
 from ..models import DEFAULT_MODEL, ProgressFn
 from ..prompts import check_fits, derive_seed
 from ..samplers import SamplingConfig
@@ -369,14 +369,19 @@ def run_bench(config: BenchConfig, out_dir: str | Path, *, progress: ProgressFn 
         write_text_atomic(meta_path, json.dumps({**meta, "task": task.name, "cache_version": CACHE_VERSION}, indent=2))
         report(f"loading {config.model}", None, None)
         bon = _load_generator(config, max_new, n_gen, identity["scorer"], progress)
-        report(f"{task.name}: sampling {n_gen} + greedy", 0, len(todo))
-        with cache_path.open("a", encoding="utf-8") as fh:
+        # The generate command's writer: one fsynced line per problem; a full disk cuts the
+        # file back to its last whole line and raises an InputError saying so.
+        writer = JsonlWriter(cache_path, mode="resume")
+        try:
+            report(f"{task.name}: sampling {n_gen} + greedy", 0, len(todo))
             for rec in generate_records(todo, bon, config, task.name, max_new, n_gen, identity["scorer"]):
-                fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                fh.flush()
+                writer.write(rec)
                 records[rec["id"]] = rec
                 generated += 1
                 report(f"{task.name}: sampling {n_gen} + greedy", generated, len(todo))
+        finally:
+            writer.close()
+            bon.close()  # engines shut down here, not by the interpreter's exit
     chosen = [records[p.id] for p in task.problems if p.id in records]
     if not chosen:
         raise InputError(f"No cached problems for {task.name} in {cache_path}; run without --no-generate first.")
