@@ -35,6 +35,16 @@ Scoring caller-supplied candidates ("score" mode) prefills prompt + response wit
 otherwise skip rows through the prefix cache) and takes the logit statistics from
 ``model.compute_logits`` on the stored rows.
 
+More token sets from one pass: a collect spec may carry ``also`` ({token set: [start, end)}),
+rows the worker already keeps (``response`` inside ``full``); each comes back as
+``sr_<token set>``. The bench samples with ``full`` + ``also=("response",)``: both of the
+paper's readings with no second pass.
+
+Data parallelism (``AsyncLLM`` with ``data_parallel_size`` > 1, the server): every request of
+one job carries ``data_parallel_rank`` (from its tag), so its samples, fills and rows meet
+one engine core; the collect goes to every core (vLLM 0.32's DP client otherwise returns
+core 0's answer only) and each spec keeps the answer of the core that held it.
+
 Public interface (driver side is pure and shared by the sync and async paths):
 
     class HookWorkerExtension                 # worker_extension_cls
@@ -56,12 +66,15 @@ Public interface (driver side is pure and shared by the sync and async paths):
     score_request(tag, index, prompt_ids, response_ids, config, *, logit_stats=False)
         -> (TokensPrompt, SamplingParams)
     collect_spec(tag, index, prompt_len, response_len, config, *, logit_stats=False,
-                 release_group=False, group=True) -> dict
+                 release_group=False, group=True, also=()) -> dict
+    check_also(config, also) -> tuple[str, ...]                        # ConfigError
+    data_parallel_size(engine) -> int; dp_rank_for(tag, dp) -> int | None
+    merge_engine_results(per_engine: list[list[dict]]) -> list[dict]
     scores_from_results(results: list[dict]) -> list[dict[str, float]]
     install_hook(llm) -> dict; has_hook_extension(llm) -> bool; require_hook(llm) -> None
     async install_hook_async(engine: AsyncLLM) -> dict
     class HookSampler(llm, config: SamplingConfig, scoring=None, *, logit_stats=False,
-                      logprobs=False, per_request_seeds=True)
+                      logprobs=False, per_request_seeds=True, also=())
         .sample(prompt_ids, *, n=None, seeds) -> list[list[Candidate]]
         .sample_and_greedy(prompt_ids, *, n=None, seeds) -> (groups, greedy list)
     class HookScorer(llm, scoring=None, *, logit_stats=False)

@@ -2,8 +2,10 @@
 
 Protocol. For each problem, N = max(--n) candidates are sampled once (temperature 0.7,
 top-p 0.9 by default, a per-problem seed derived from the run seed and the problem id),
-plus one greedy decode. Every candidate is scored in one teacher-forced pass of the frozen
-model (``bench.scores``), its answer extracted and checked, and answers grouped into
+plus one greedy decode. Every candidate is scored by the frozen model: with vLLM inside the
+sampling pass itself (the hook, ``--scorer hook``: both token sets, log-prob and
+self-certainty from the same rows), else in one teacher-forced transformers pass
+(``bench.scores``); its answer is extracted and checked, and answers grouped into
 equivalence classes for voting. The problem's record is appended to
 ``DIR/cache/<task>.jsonl`` and flushed before the next problem starts, so an interrupted
 run resumes where it stopped and never re-generates a finished problem.
