@@ -151,19 +151,40 @@ def _cpu_list(cpus: Sequence[int]) -> str:
     return ",".join(parts)
 
 
+def _parse_cpu_list(text: str) -> list[int]:
+    """"0-2,5" -> [0, 1, 2, 5] (the inverse of ``_cpu_list``)."""
+    out: list[int] = []
+    for part in text.split(","):
+        lo, _, hi = part.strip().partition("-")
+        out.extend(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
 def apply_cpu_env_defaults(data_parallel_size: int = 1) -> None:
     """Bind vLLM's OpenMP threads to every core this process may use, unless the user chose;
-    with data parallelism, one share of the cores per engine core ("0|1": vLLM's syntax)."""
-    try:
-        cpus = sorted(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cpus = list(range(os.cpu_count() or 1))
+    with data parallelism, one share of the cores per engine core ("0|1": vLLM's syntax),
+    also of a single list already set (by the user, or inherited from a parent bon-sr)."""
     dp = max(1, int(data_parallel_size))
-    if dp > len(cpus):
-        raise ConfigError(f"data_parallel_size {dp} needs at least {dp} CPU cores on this platform "
-                          f"(this process may use {len(cpus)}).")
-    shares = [cpus[len(cpus) * r // dp:len(cpus) * (r + 1) // dp] for r in range(dp)]
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(_cpu_list(share) for share in shares))
+    given = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
+    if given is not None and (dp == 1 or "|" in given or given in ("auto", "nobind")):
+        cpus = None  # the user's binding stays as it is
+    elif given is not None:
+        try:
+            cpus = _parse_cpu_list(given)
+        except ValueError:
+            raise ConfigError(f"VLLM_CPU_OMP_THREADS_BIND={given!r} is not a CPU list such as 0-3 or "
+                              "0-1|2-3.") from None
+    else:
+        try:
+            cpus = sorted(os.sched_getaffinity(0))
+        except AttributeError:  # not Linux
+            cpus = list(range(os.cpu_count() or 1))
+    if cpus is not None:
+        if dp > len(cpus):
+            raise ConfigError(f"data_parallel_size {dp} needs at least {dp} CPU cores on this platform "
+                              f"(there are {len(cpus)} to bind: {_cpu_list(cpus)}).")
+        shares = [cpus[len(cpus) * r // dp:len(cpus) * (r + 1) // dp] for r in range(dp)]
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(_cpu_list(share) for share in shares)
     # Top-p without sorting the vocabulary in every vLLM process (see bon_sr.vllm_plugin).
     os.environ.setdefault("BON_SR_FAST_TOP_P", "1")
 

@@ -137,11 +137,17 @@ def test_cpu_binding_splits_cores_between_data_parallel_engine_cores(monkeypatch
         monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
         vllm_backend.apply_cpu_env_defaults(dp)
         assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == want
-    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "3")  # the user's choice stays
-    vllm_backend.apply_cpu_env_defaults(2)
-    assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "3"
+    for given, dp, want in (("3", 1, "3"), ("0-1|2-4", 2, "0-1|2-4"), ("auto", 2, "auto"),  # the user's choice
+                            ("0-1", 2, "0|1"), ("0-2,5", 2, "0-1|2,5")):  # a single list is shared out
+        monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", given)
+        vllm_backend.apply_cpu_env_defaults(dp)
+        assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == want
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND")
     with pytest.raises(ConfigError, match="at least 6 CPU cores"):
         vllm_backend.apply_cpu_env_defaults(6)
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "x-y")
+    with pytest.raises(ConfigError, match="not a CPU list"):
+        vllm_backend.apply_cpu_env_defaults(2)
 
 
 def test_data_parallel_goes_to_the_generate_engine_only():
