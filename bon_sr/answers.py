@@ -80,7 +80,7 @@ def get_extractor(answer: AnswerInput = None, *, regex: str | None = None) -> An
         raise ConfigError(f"Unknown answer extractor '{answer}'. Available: {', '.join(sorted(CHECKERS))}, "
                           "or a regex (--answer-regex / answer_regex=).")
     if checker.name == "math":
-        from .bench.checkers import _math_verify
+        from .bench.checkers import math_verify_module
 
-        _math_verify()  # a missing math-verify fails now, not after sampling
+        math_verify_module()  # a missing math-verify fails now, not after sampling
     return AnswerExtractor(checker.name, checker.extract, checker)

@@ -39,7 +39,7 @@ def vllm_available() -> bool:
     return find_spec("vllm") is not None
 
 
-def _resolve_backend(backend: str) -> str:
+def resolve_backend(backend: str) -> str:
     if backend not in BACKENDS:
         raise ConfigError(f"Unknown backend '{backend}'. Available: {', '.join(BACKENDS)}")
     if backend == "auto":
@@ -137,7 +137,7 @@ class BestOfN:
             raise ConfigError(f"Selector '{self.selector_name}' votes over answers: pass an answer extractor "
                               "(--answer numeric|math|choice|exact or --answer-regex PATTERN; API: answer=, "
                               "answer_regex=).")
-        self.backend = _resolve_backend(backend)
+        self.backend = resolve_backend(backend)
         self.scorer_name = _resolve_scorer(scorer, self.backend)
         self.score_keys = score_keys(self.selector_spec, score=score, logit_stats=logit_stats)
         check_scores(self.scorer_name, self.score_keys)

@@ -397,11 +397,11 @@ def parse_options(items: tuple[str, ...]) -> dict[str, Any]:
 
 
 def uses_vllm(options: dict[str, Any]) -> bool:
-    from .api import _resolve_backend
+    from .api import resolve_backend
     from .errors import BonSRError
 
     try:
-        backend = _resolve_backend(options["backend"])
+        backend = resolve_backend(options["backend"])
     except BonSRError:
         return False  # BestOfN reports it
     return backend == "vllm" or options.get("scorer") in ("hook", "pooling", "vllm")

@@ -146,7 +146,7 @@ def scored_token_ids(
     return out
 
 
-def _decoder_parts(model: torch.nn.Module) -> tuple[torch.nn.Module, Sequence[torch.nn.Module], torch.nn.Module]:
+def decoder_parts(model: torch.nn.Module) -> tuple[torch.nn.Module, Sequence[torch.nn.Module], torch.nn.Module]:
     """(base decoder, its layer list, its final norm) for HF decoder-only models."""
     base = model.get_decoder() if hasattr(model, "get_decoder") else model
     layers = getattr(base, "layers", None)
@@ -260,7 +260,7 @@ def extract(
     for norm, _ in views:
         if norm not in NORMS:
             raise ConfigError(f"Unknown norm '{norm}'. Available: {', '.join(NORMS)}")
-    base, layers, final_norm = _decoder_parts(model)
+    base, layers, final_norm = decoder_parts(model)
     last = len(layers) - 1
     index = {view: _layer_index(view[1], len(layers)) for view in views}
     span_cfg = HiddenStateConfig(token_set="full" if token_set == "full" else "response", window=window)

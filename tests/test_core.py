@@ -314,8 +314,8 @@ def test_missing_extra_names_pip_extra(monkeypatch):
 
     monkeypatch.setattr(api, "vllm_available", lambda: False)
     with pytest.raises(MissingExtraError, match=r"pip install 'bon-sr\[vllm\]'"):
-        api._resolve_backend("vllm")
-    assert api._resolve_backend("auto") == "hf"
+        api.resolve_backend("vllm")
+    assert api.resolve_backend("auto") == "hf"
 
 
 # -- output file ------------------------------------------------------------------------------

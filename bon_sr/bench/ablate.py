@@ -45,14 +45,14 @@ import torch
 
 from ..errors import ConfigError, InputError
 from ..jsonl import write_text_atomic
-from ..hidden_states import (NORMS, TOKEN_SETS, HiddenStateConfig, _decoder_parts, end_of_turn_id, extract,
+from ..hidden_states import (NORMS, TOKEN_SETS, HiddenStateConfig, decoder_parts, end_of_turn_id, extract,
                              model_special_ids, scored_token_ids, with_end_of_turn)
 from ..models import ProgressFn
 from ..stable_rank import stable_rank
 from ..variants import CalibrationAccumulator, CalibrationStats, TransformContext, length_corrected, parse_variant
 from .metrics import bon_accuracy, mean_ci, pairwise_accuracy, within_prompt_auc
 from .report import bootstrap_ci, bootstrap_indices
-from .runner import _scored, cache_paths, is_mixed, read_cache
+from .runner import scored_candidate, cache_paths, is_mixed, read_cache
 from .selectors import get_bench_selector
 
 logger = logging.getLogger(__name__)
@@ -255,7 +255,7 @@ def _baselines(records: Sequence[Mapping[str, Any]], config: AblateConfig) -> di
         correct = [bool(c["correct"]) for c in rec["candidates"]]
         per["greedy"].append(float(rec["greedy"]["correct"]) if "greedy" in rec else math.nan)
         per["random"].append(sum(correct) / len(correct))
-        w = majority([_scored(c) for c in rec["candidates"]])
+        w = majority([scored_candidate(c) for c in rec["candidates"]])
         per["majority"].append(float(sum(wi * c for wi, c in zip(w, correct))))
         per["oracle"].append(float(any(correct)))
     if any(math.isnan(x) for x in per["greedy"]):
@@ -308,7 +308,7 @@ def run_ablate(config: AblateConfig, out_dir: str | Path, *, progress: ProgressF
 
     report(f"loading {scorer_name}{' (random init)' if config.random_init else ''}", None, None)
     model, tokenizer = _load_scoring_model(scorer_name, config, progress)
-    num_layers = len(_decoder_parts(model)[1])
+    num_layers = len(decoder_parts(model)[1])
     if config.layers is None:
         layers = list(range(num_layers))
     else:

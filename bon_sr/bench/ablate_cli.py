@@ -62,7 +62,7 @@ def ablate(cache_dir: str, task: str | None, variants: str | None, layers: str, 
     accuracy of every variant x norm x layer cell, with a heat map. Resumes from OUT/cells."""
     from ..errors import BonSRError
     from .ablate import AblateConfig, run_ablate
-    from .cli import _progress
+    from .cli import progress_bars
 
     try:
         extra = {"variants": _split(variants)} if variants else {}
@@ -70,7 +70,7 @@ def ablate(cache_dir: str, task: str | None, variants: str | None, layers: str, 
                               token_set=token_set, scoring_model=scoring_model, random_init=random_init,
                               calibration_problems=calibration_problems, limit=limit, dtype=dtype, device=device,
                               max_batch_tokens=max_batch_tokens, bootstrap=bootstrap, seed=seed, **extra)
-        with _progress() as progress:
+        with progress_bars() as progress:
             summary = run_ablate(config, out_dir, progress=progress)
     except BonSRError as exc:
         raise click.ClickException(str(exc)) from exc

@@ -124,7 +124,7 @@ def equal_number(a: str, b: str) -> bool:
 
 # -- LaTeX math (MATH-500) via math-verify ------------------------------------------------
 
-def _math_verify():
+def math_verify_module():
     try:
         import math_verify
     except ImportError as exc:
@@ -134,7 +134,7 @@ def _math_verify():
 
 def extract_math(response: str) -> str | None:
     """The final answer as LaTeX, found by math-verify (last ``\\boxed{}`` first)."""
-    parsed = _math_verify().parse(response)
+    parsed = math_verify_module().parse(response)
     return str(parsed[1]) if len(parsed) >= 2 else None
 
 
@@ -145,7 +145,7 @@ def gold_math(reference: str) -> str:
 
 
 def equal_math(a: str, b: str) -> bool:
-    mv = _math_verify()
+    mv = math_verify_module()
     # Re-wrapping both answers in \boxed{} makes math-verify read them as one LaTeX answer.
     left, right = mv.parse("\\boxed{" + a + "}"), mv.parse("\\boxed{" + b + "}")
     if not left or not right:

@@ -26,7 +26,7 @@ def _parse_n(value: str) -> tuple[int, ...]:
 
 
 @contextmanager
-def _progress(console: Any = None) -> Iterator[Any]:
+def progress_bars(console: Any = None) -> Iterator[Any]:
     """A ``ProgressFn`` drawing one rich task per stage message, on ``console`` (stderr)."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -166,7 +166,7 @@ def _run_tasks(tasks: Sequence[str], ns: tuple[int, ...], settings: dict[str, An
         config = BenchConfig(task=task, n=ns, max_new_tokens=settings["max_new_tokens"],
                              temperature=settings["temperature"], top_p=settings["top_p"],
                              data_source=settings["data_source"], **options, **extra)
-        with _progress(console) as progress:
+        with progress_bars(console) as progress:
             summary = run_bench(config, out_dir, progress=progress, generate=not no_generate)
         _echo_summary(summary, out_dir)
         summaries[summary["task"]] = summary
@@ -265,7 +265,7 @@ def rank_eval(pairs_file: str | None, rewardbench: bool, model: str, limit: int 
         if limit is not None:
             pairs = pairs[:limit]
         source = pairs_file or "allenai/reward-bench (filtered)"
-        with _progress() as progress:
+        with progress_bars() as progress:
             summary = run_rank_eval(pairs, out_dir, model=model, dtype=dtype, device=device,
                                     max_batch_tokens=max_batch_tokens, bootstrap=bootstrap,
                                     source=source, progress=progress)

