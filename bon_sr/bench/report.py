@@ -133,6 +133,19 @@ def bench_markdown(summary: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+#: one fixed look per selector (11 lines would repeat matplotlib's 10-colour cycle):
+#: baselines dashed, the SR family in reds, votes in greens, the model's own token
+#: statistics in blues, the oracle light grey
+PLOT_STYLES = {
+    "oracle": ("#b0b0b0", "--", "^"), GREEDY: ("#000000", "--", "s"), RANDOM: ("#6e6e6e", ":", "o"),
+    "shortest": ("#9467bd", "-.", "v"),
+    "sr-response": ("#d62728", "-", "o"), "sr-full": ("#ff7f0e", "-", "o"),
+    "majority": ("#2ca02c", "-", "D"), "majority-sr-tiebreak": ("#98df8a", "-", "D"),
+    "sr-weighted-vote": ("#17becf", "-", "D"),
+    "mean-logprob": ("#1f77b4", "-", "x"), "self-certainty": ("#aec7e8", "-", "x"),
+}
+
+
 def plot_bench(summary: Mapping[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -145,9 +158,9 @@ def plot_bench(summary: Mapping[str, Any], path: Path) -> None:
         acc = [100 * summary["results"][str(n)][sel]["accuracy"] for n in ns]
         lo = [100 * summary["results"][str(n)][sel]["ci95"][0] for n in ns]
         hi = [100 * summary["results"][str(n)][sel]["ci95"][1] for n in ns]
-        style = "--" if sel in (GREEDY, RANDOM, "oracle") else "-"
-        ax.plot(ns, acc, style, marker="o", label=sel)
-        ax.fill_between(ns, lo, hi, alpha=0.08)
+        color, line, marker = PLOT_STYLES.get(sel, (None, "-", "."))
+        drawn = ax.plot(ns, acc, linestyle=line, marker=marker, color=color, label=sel)[0]
+        ax.fill_between(ns, lo, hi, alpha=0.08, color=drawn.get_color())
     ax.set_xscale("log", base=2)
     ax.set_xticks(ns)
     ax.set_xticklabels([str(n) for n in ns])
