@@ -39,8 +39,9 @@ def test_select_best_samples_scores_selects(bon):
     assert sel.best_index == max(range(3), key=lambda i: (srs[i], -i))
     for c in sel.candidates:
         assert c.token_ids and c.text
-        # Real SR is >= 1 and (PAPER.md) small, about 2, because massive activations dominate.
-        assert 1.0 <= c.scores["stable_rank"] <= c.num_tokens
+        # Real SR of several distinct rows is > 1 (the estimator clamps a degenerate result to
+        # exactly 1) and (PAPER.md) small, about 2, because massive activations dominate.
+        assert c.num_tokens > 1 and 1.0 < c.scores["stable_rank"] < min(c.num_tokens, 10.0)
     assert "paris" in " ".join(c.text.lower() for c in sel.candidates)
 
 
