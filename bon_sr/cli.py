@@ -74,9 +74,14 @@ class Stopped(BaseException):
         self.code = 128 + signum
         self.what = "Interrupted" if signum == signal.SIGINT else f"Stopped by {signal.Signals(signum).name}"
 
+    @staticmethod
+    def of(exc: BaseException) -> "Stopped":
+        """A Stopped for ``exc`` (a KeyboardInterrupt raised outside the handler is Ctrl-C)."""
+        return exc if isinstance(exc, Stopped) else Stopped(signal.SIGINT)
+
 
 @contextmanager
-def _stop_on_signals() -> Iterator[None]:
+def stop_on_signals() -> Iterator[None]:
     def stop(signum: int, frame: Any) -> None:
         # A second signal during the shutdown acts at once (engines die with us, see vllm_plugin).
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -412,7 +417,7 @@ def _run_generate(console: Any, writer: Any, todo: list[Any], skipped: int, keep
     verbose = bool(click.get_current_context().find_root().params.get("verbose"))
     log_path = engine_log_path(str(writer.path)) if uses_vllm(options) and not verbose else None
     done = [0]
-    with stopped_runs_resume(console, writer, done), _stop_on_signals(), engine_output_to(log_path, console):
+    with stopped_runs_resume(console, writer, done), stop_on_signals(), engine_output_to(log_path, console):
         _generate_loop(console, writer, todo, skipped, keep_candidates, chunk_size, options, given=given,
                        done=done, log_path=log_path)
 
@@ -430,10 +435,10 @@ def stopped_runs_resume(console: Any, writer: Any, done: list[int]) -> Iterator[
         raise click.ClickException(f"{exc}\n{done[0]} prompts were written to {writer.path}; "
                                    "fix the problem and rerun with --resume.") from exc
     except (Stopped, KeyboardInterrupt) as exc:
-        what, code = (exc.what, exc.code) if isinstance(exc, Stopped) else ("Interrupted", 130)
-        console.print(f"[yellow]{what}: {done[0]} prompts written to {writer.path}; "
+        stop = Stopped.of(exc)
+        console.print(f"[yellow]{stop.what}: {done[0]} prompts written to {writer.path}; "
                       "rerun with --resume to continue.[/]")
-        raise SystemExit(code) from None
+        raise SystemExit(stop.code) from None
 
 
 def _generate_loop(console: Any, writer: Any, todo: list[Any], skipped: int, keep_candidates: bool,

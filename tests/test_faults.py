@@ -8,7 +8,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -114,6 +116,32 @@ def test_disk_full_keeps_finished_lines_and_resume_completes(tmp_path, tiny_mode
     assert res["equal_to_uninterrupted"], res
 
 
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_bench_ctrl_c_and_sigterm_keep_the_cache_and_a_rerun_completes(tmp_path, tiny_model_dir, sig, code):
+    task = faults.write_task(tmp_path / "task.jsonl", 40)
+    args = ["bench", "--task", str(task), "--model", tiny_model_dir, "--backend", "hf", "--n", "1,2",
+            "--max-new-tokens", "48", "--bootstrap", "100", "-o", str(tmp_path / "out")]
+    cache = tmp_path / "out" / "cache" / "task.jsonl"
+    # a shell without job control starts children with SIGINT ignored: give it the default back
+    proc = subprocess.Popen(faults.cli_command(args, traced=False), cwd=faults.ROOT, env=faults.base_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None and len(faults.complete_records(cache)) < 2:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be stopped"
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code and "Traceback" not in err, err[-3000:]
+    assert "rerun the same command to continue" in " ".join(err.split()), err[-2000:]
+    kept = faults.complete_records(cache)
+    assert 2 <= len(kept) < 40 and cache.read_bytes().endswith(b"\n")
+    again = faults.run_cli(args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    final = faults.complete_records(cache)
+    assert [r["id"] for r in final] == [f"t{k}" for k in range(40)] and final[: len(kept)] == kept
+
+
 def test_disk_full_while_the_bench_writes_its_cache(tmp_path, tiny_model_dir):
     import resource
 
@@ -212,8 +240,6 @@ if __name__ == "__main__":
 @pytest.mark.parametrize("flag", ["flag", "no-flag"])
 def test_a_flagged_child_dies_with_its_parent_on_kill9(tmp_path, flag):
     import os
-    import subprocess
-    import time
 
     import psutil
 

@@ -127,7 +127,7 @@ def bench(tasks: tuple[str, ...], preset: str | None, model: str, n_values: str,
         raise click.UsageError("Give --task (repeat it for several) or --preset paper.")
     from rich.console import Console
 
-    from ..cli import engine_output_to, uses_vllm
+    from ..cli import Stopped, engine_output_to, stop_on_signals, uses_vllm
 
     ns = _parse_n(n_values)
     summaries: dict[str, dict[str, Any]] = {}
@@ -143,7 +143,7 @@ def bench(tasks: tuple[str, ...], preset: str | None, model: str, n_values: str,
             raise click.ClickException(f"Cannot create the output folder '{log_path.parent}': {exc.strerror}.")
         console.print(f"[dim]vLLM's log: {log_path}[/]")
     try:
-        with engine_output_to(log_path, console):
+        with stop_on_signals(), engine_output_to(log_path, console):
             _run_tasks(tasks, ns, settings, summaries, console, model=model, limit=limit, backend=backend,
                        scorer=scorer, seed=seed, subsets=subsets, selectors=selectors, checker=checker, dtype=dtype,
                        device=device, max_batch_tokens=max_batch_tokens, recheck=recheck, bootstrap=bootstrap,
@@ -152,6 +152,12 @@ def bench(tasks: tuple[str, ...], preset: str | None, model: str, n_values: str,
             _paper_report(summaries, model, settings, out_dir)
     except _errors() as exc:
         raise click.ClickException(str(exc)) from exc
+    except (Stopped, KeyboardInterrupt) as exc:
+        # as generate (cli.stopped_runs_resume): the finished problems are in the cache
+        stop = Stopped.of(exc)
+        console.print(f"[yellow]{stop.what}: every finished problem is in {Path(out_dir) / 'cache'}; rerun the "
+                      "same command to continue.[/]")
+        raise SystemExit(stop.code) from None
 
 
 def _run_tasks(tasks: Sequence[str], ns: tuple[int, ...], settings: dict[str, Any],
