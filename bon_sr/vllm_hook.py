@@ -313,7 +313,7 @@ class _Plan:
     def __init__(self, scoring: HiddenStateConfig, logit_stats: bool, also: Sequence[str] = ()):
         self.scoring = scoring
         self.logit_stats = logit_stats
-        self.also = check_also(scoring, also)
+        self.also = tuple(also)  # checked where a caller passes it (HookSampler, VLLMBackend.sampler)
         self.keys: list[tuple[str, int, Sequence[int]]] = []  # (tag, index, prompt ids) per request
 
     def requests(self, prompt_ids: Sequence[int], params: Any, n: int, seed: int | None) -> tuple[list, list]:
