@@ -8,13 +8,10 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import sys
-import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 if os.environ.get("BON_SR_ENGINE_PARENT"):
     # A vLLM engine process spawned by `bon-sr` imports this module first (multiprocessing
@@ -26,7 +23,13 @@ if os.environ.get("BON_SR_ENGINE_PARENT"):
 import click
 
 from . import __version__
+from .bench.ablate_cli import ablate
+from .bench.cli import bench, rank_eval
+from .cli_runtime import engine_log_path, engine_output_to, parse_options, stop_on_signals, stopped_runs_resume, \
+    uses_vllm
 from .models import DEFAULT_MODEL
+from .serve.cli import serve
+from .train.cli import train
 
 GENERATE_EXAMPLE = """
 \b
@@ -60,105 +63,6 @@ def main(verbose: bool) -> None:
     if not verbose:
         # vLLM logs every engine step at INFO; keep the progress bar readable unless asked.
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-
-
-class Stopped(BaseException):
-    """SIGINT (Ctrl-C) or SIGTERM, raised in the main thread so that a run stops cleanly: the
-    finished records stay, the engines are shut down, the exit status is 128 + the signal.
-    Not a KeyboardInterrupt: vLLM 0.32 swallows KeyboardInterrupt while its engine starts
-    (``zmq_socket_ctx``), and the run would carry on as if nothing had been asked."""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
-        self.code = 128 + signum
-        self.what = "Interrupted" if signum == signal.SIGINT else f"Stopped by {signal.Signals(signum).name}"
-
-    @staticmethod
-    def of(exc: BaseException) -> "Stopped":
-        """A Stopped for ``exc`` (a KeyboardInterrupt raised outside the handler is Ctrl-C)."""
-        return exc if isinstance(exc, Stopped) else Stopped(signal.SIGINT)
-
-
-@contextmanager
-def stop_on_signals() -> Iterator[None]:
-    def stop(signum: int, frame: Any) -> None:
-        # A second signal during the shutdown acts at once (engines die with us, see vllm_plugin).
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        raise Stopped(signum)
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    for sig, handler in previous.items():
-        if handler is not signal.SIG_IGN:  # `nohup`-style ignoring stays ignored
-            signal.signal(sig, stop)
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def engine_log_path(output: str) -> Path:
-    """Where a run's vLLM output goes unless --verbose: beside the output file (in the temp
-    folder when the output is no regular file, such as /dev/stdout)."""
-    out = Path(output)
-    if out.is_file():
-        return out.with_name(out.stem + ".vllm.log")
-    import tempfile
-
-    return Path(tempfile.gettempdir()) / f"bon-sr-{os.getpid()}.vllm.log"
-
-
-@contextmanager
-def engine_output_to(log_path: Path | None, console: Any) -> Iterator[None]:
-    """Send everything written to file descriptor 2 (vLLM's logs from every engine process,
-    C++ warnings, loading bars) to ``log_path``, while ``console`` and bon-sr's own log
-    records keep the terminal. Engine processes started inside inherit the log file as
-    their stderr. ``None``: change nothing (--verbose, or no vLLM engine)."""
-    if log_path is None:
-        yield
-        return
-    sys.stdout.flush()
-    sys.stderr.flush()
-    try:
-        log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    except OSError as exc:
-        raise click.ClickException(f"Cannot write vLLM's log '{log_path}': {exc.strerror}. Rerun with --verbose "
-                                   "to see vLLM's output on the terminal instead.") from exc
-    os.write(log_fd, f"--- bon-sr {__version__} {time.strftime('%Y-%m-%d %H:%M:%S')} pid {os.getpid()}\n".encode())
-    saved = os.dup(2)
-    terminal = os.fdopen(saved, "w", buffering=1, encoding=sys.stderr.encoding or "utf-8",
-                         errors="backslashreplace")
-    console.file = terminal
-    own = _NotVLLM()
-    moved = [h for h in logging.getLogger().handlers
-             if type(h) is logging.StreamHandler and h.stream is sys.stderr]
-    for handler in moved:
-        handler.setStream(terminal)
-        handler.addFilter(own)
-    os.dup2(log_fd, 2)
-    os.close(log_fd)
-    try:
-        yield
-    finally:
-        sys.stderr.flush()
-        os.dup2(saved, 2)
-        for handler in moved:
-            handler.setStream(sys.stderr)
-            handler.removeFilter(own)
-        console.file = sys.stderr
-        terminal.close()
-
-
-class _NotVLLM(logging.Filter):
-    """vLLM's records that reach the root logger belong in the engine log, not the terminal."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.name.startswith("vllm")
 
 
 def _model_progress(console: Any) -> Any:
@@ -385,33 +289,6 @@ def _check_fits_early(path: str, records: list[Any], model: str, max_new_tokens:
         check_fits(ids, max_new_tokens, context, f"{path}:{record.line} (id {record.id!r})")
 
 
-def parse_options(items: tuple[str, ...]) -> dict[str, Any]:
-    """KEY=VALUE pairs; values parsed as JSON when they are JSON (numbers, true/false)."""
-    import json
-
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--vllm-opt")
-        try:
-            out[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key.strip()] = value
-    return out
-
-
-def uses_vllm(options: dict[str, Any]) -> bool:
-    from .api import resolve_backend
-    from .errors import BonSRError
-
-    try:
-        backend = resolve_backend(options["backend"])
-    except BonSRError:
-        return False  # BestOfN reports it
-    return backend == "vllm" or options.get("scorer") in ("hook", "pooling", "vllm")
-
-
 def _run_generate(console: Any, writer: Any, todo: list[Any], skipped: int, keep_candidates: bool,
                   chunk_size: int | None, options: dict[str, Any], *, given: bool = False) -> None:
     verbose = bool(click.get_current_context().find_root().params.get("verbose"))
@@ -420,25 +297,6 @@ def _run_generate(console: Any, writer: Any, todo: list[Any], skipped: int, keep
     with stopped_runs_resume(console, writer, done), stop_on_signals(), engine_output_to(log_path, console):
         _generate_loop(console, writer, todo, skipped, keep_candidates, chunk_size, options, given=given,
                        done=done, log_path=log_path)
-
-
-@contextmanager
-def stopped_runs_resume(console: Any, writer: Any, done: list[int]) -> Iterator[None]:
-    """A run that stops early (a prompt's error, Ctrl-C, SIGTERM) says how many records are
-    in the output and that ``--resume`` continues; ``done[0]`` counts them as they are written.
-    One place for the single-process and the Ray paths."""
-    from .errors import BonSRError
-
-    try:
-        yield
-    except BonSRError as exc:
-        raise click.ClickException(f"{exc}\n{done[0]} prompts were written to {writer.path}; "
-                                   "fix the problem and rerun with --resume.") from exc
-    except (Stopped, KeyboardInterrupt) as exc:
-        stop = Stopped.of(exc)
-        console.print(f"[yellow]{stop.what}: {done[0]} prompts written to {writer.path}; "
-                      "rerun with --resume to continue.[/]")
-        raise SystemExit(stop.code) from None
 
 
 def _generate_loop(console: Any, writer: Any, todo: list[Any], skipped: int, keep_candidates: bool,
@@ -496,25 +354,10 @@ def _generate_loop(console: Any, writer: Any, todo: list[Any], skipped: int, kee
     )
 
 
-def _register_optional_commands() -> None:
-    """Commands that live in their own subpackages (bench, training)."""
-    import importlib
-
-    for module, names in (("bon_sr.bench.cli", ("bench", "rank_eval", "ablate")), ("bon_sr.train.cli", ("train",)),
-                          ("bon_sr.serve.cli", ("serve",))):
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name and exc.name.startswith("bon_sr"):
-                continue
-            raise
-        for name in names:
-            cmd = getattr(mod, name, None)
-            if cmd is not None:
-                main.add_command(cmd)
-
-
-_register_optional_commands()
+# The sub-commands live beside the code they drive; each imports its heavy parts inside the
+# command, so registering them here keeps `bon-sr --help` fast.
+for _command in (bench, rank_eval, ablate, train, serve):
+    main.add_command(_command)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,4 +1,4 @@
-"""Click command ``ablate``, exported by ``bon_sr.bench.cli`` and registered by ``bon_sr.cli``.
+"""Click command ``ablate``, registered by ``bon_sr.cli``.
 
 A thin layer over ``bench.ablate``: parses the grid, draws rich progress on stderr, turns
 bon-sr errors into ``click.ClickException``. Heavy imports happen inside the command.
@@ -7,6 +7,8 @@ bon-sr errors into ``click.ClickException``. Heavy imports happen inside the com
 from __future__ import annotations
 
 import click
+
+from ..cli_runtime import progress_bars
 
 
 def _parse_layers(value: str) -> tuple[int, ...] | None:
@@ -62,7 +64,6 @@ def ablate(cache_dir: str, task: str | None, variants: str | None, layers: str, 
     accuracy of every variant x norm x layer cell, with a heat map. Resumes from OUT/cells."""
     from ..errors import BonSRError
     from .ablate import AblateConfig, run_ablate
-    from .cli import progress_bars
 
     try:
         extra = {"variants": _split(variants)} if variants else {}

@@ -6,12 +6,12 @@ bon-sr errors into ``click.ClickException``. Heavy imports happen inside the com
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import click
 
+from ..cli_runtime import progress_bars
 from ..models import DEFAULT_MODEL
 
 
@@ -23,29 +23,6 @@ def _parse_n(value: str) -> tuple[int, ...]:
     if not ns or min(ns) < 1:
         raise click.BadParameter(f"expected positive integers, got {value!r}")
     return ns
-
-
-@contextmanager
-def progress_bars(console: Any = None) -> Iterator[Any]:
-    """A ``ProgressFn`` drawing one rich task per stage message, on ``console`` (stderr)."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-    console = console or Console(stderr=True)
-    bars: dict[str, Any] = {}
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=console, transient=False) as progress:
-        def update(message: str, done: int | None, total: int | None) -> None:
-            # Byte counters (downloads, checksums) share one bar per message; a stage with no
-            # known size is marked finished when the next stage starts.
-            if message not in bars:
-                for bar in bars.values():
-                    if progress.tasks[bar].total is None:
-                        progress.update(bar, total=1, completed=1)
-                bars[message] = progress.add_task(message, total=total)
-            progress.update(bars[message], completed=done or 0, total=total)
-
-        yield update
 
 
 def _data_source(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
@@ -127,7 +104,7 @@ def bench(tasks: tuple[str, ...], preset: str | None, model: str, n_values: str,
         raise click.UsageError("Give --task (repeat it for several) or --preset paper.")
     from rich.console import Console
 
-    from ..cli import Stopped, engine_output_to, stop_on_signals, uses_vllm
+    from ..cli_runtime import Stopped, engine_output_to, stop_on_signals, uses_vllm
 
     ns = _parse_n(n_values)
     summaries: dict[str, dict[str, Any]] = {}
@@ -153,7 +130,7 @@ def bench(tasks: tuple[str, ...], preset: str | None, model: str, n_values: str,
     except _errors() as exc:
         raise click.ClickException(str(exc)) from exc
     except (Stopped, KeyboardInterrupt) as exc:
-        # as generate (cli.stopped_runs_resume): the finished problems are in the cache
+        # as generate (cli_runtime.stopped_runs_resume): the finished problems are in the cache
         stop = Stopped.of(exc)
         console.print(f"[yellow]{stop.what}: every finished problem is in {Path(out_dir) / 'cache'}; rerun the "
                       "same command to continue.[/]")
@@ -303,4 +280,3 @@ def _rewardbench_report(pairs: list[dict[str, Any]], model: str, source: str, ou
     if summary["paper"]:
         click.echo(f"  the paper, {summary['paper']['model']}: stable rank {summary['paper']['sr']:.2f}")
     click.echo(f"Report: {out_dir}/rewardbench.md, .json")
-from .ablate_cli import ablate  # noqa: F401

@@ -53,7 +53,7 @@ def run_ray_generate(console: Any, writer: Any, todo: list[Any], skipped: int, k
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
         TimeRemainingColumn
 
-    from ..cli import stopped_runs_resume
+    from ..cli_runtime import stopped_runs_resume
     from .ray_data import iter_records
 
     where = config.address or "the cluster in RAY_ADDRESS, else a local Ray instance"

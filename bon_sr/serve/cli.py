@@ -73,7 +73,7 @@ start after Best-of-N has finished: the selected answer is sent as SSE chunks.
               show_default=True, help="uvicorn's log level.")
 def serve(host: str, port: int, vllm_opts: tuple[str, ...], log_level: str, **options: Any) -> None:
     """Serve Best-of-N behind an OpenAI-compatible API (/v1/chat/completions, /v1/completions)."""
-    from ..cli import parse_options
+    from ..cli_runtime import parse_options
     from ..errors import BonSRError
     from .settings import ServeSettings
 
