@@ -16,7 +16,7 @@ import json
 import math
 from pathlib import Path
 
-from bon_sr.bench.ablate import AblateConfig, _cell_name, _groups, _metrics
+from bon_sr.bench.ablate import AblateConfig, cell_groups, cell_metrics, cell_name
 from bon_sr.bench.runner import read_cache
 from bon_sr.variants import parse_variant
 
@@ -35,13 +35,14 @@ def main() -> None:
     records = records[: args.limit]
     owner = [k for k, rec in enumerate(records) for _ in rec["candidates"]]
     config = AblateConfig(cache_dir=str(summary["cache"]), **{k: summary["config"][k] for k in ("bootstrap", "seed")})
-    names = args.cells or [_cell_name((c["variant"], c["norm"], c["layer"])) for c in summary["cells"]]
+    names = args.cells or [cell_name((c["variant"], c["norm"], c["layer"])) for c in summary["cells"]]
     for name in names:
         path = cells_dir / f"{name}.json"
         if not path.is_file():
             raise SystemExit(f"{path} does not exist; cell stems look like paper__post__L23.")
         scores = [math.nan if v is None else v for v in json.loads(path.read_text())["scores"]][: len(owner)]
-        m = _metrics(_groups(records, scores, owner, parse_variant(name.split("__")[0]).length_correction), config)
+        length = parse_variant(name.split("__")[0]).length_correction
+        m = cell_metrics(cell_groups(records, scores, owner, length), config)
         lo, hi = m["auc_ci95"]
         print(f"{name}: AUC {m['auc']:.3f} [{lo:.3f}, {hi:.3f}] over {m['prompts']} mixed problems; "
               f"BoN {100 * m['bon']['accuracy']:.1f}%")

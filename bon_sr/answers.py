@@ -1,49 +1,258 @@
 """Final answers pulled out of candidate texts, so that selectors can vote.
 
-An answer extractor is chosen by name (the benchmark's checkers: ``numeric``, ``math``,
-``choice``, ``exact``), by a regular expression (the last match's first group, or the whole
-match when the pattern has no group), or given as a callable ``fn(text) -> str | None``.
-Each comes with the rule that decides when two answers are the same, which voting needs:
-the named checkers' own equivalence (math-verify for ``math``), whitespace-and-case
-normalisation for a regex or a callable.
+An answer extractor is chosen by name (``numeric``, ``math``, ``choice``, ``exact``: the
+formats in ``ANSWER_FORMATS``, which the benchmark's checkers grade with), by a regular
+expression (the last match's first group, or the whole match when the pattern has no
+group), or given as a callable ``fn(text) -> str | None``. Each comes with the rule that
+decides when two answers are the same, which voting needs: the named format's own
+equivalence (math-verify for ``math``), whitespace-and-case normalisation for a regex or a
+callable. LaTeX equivalence is delegated to math-verify (a maintained verifier), never
+parsed here.
 
-This module knows nothing about models, scores or which candidate wins.
+This module knows nothing about models, scores, gold answers or which candidate wins.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Callable, Sequence, Union
+from decimal import Decimal, InvalidOperation
+from fractions import Fraction
+from typing import Any, Callable, Optional, Protocol, Sequence, Union
 
-from .errors import ConfigError
+from .errors import ConfigError, MissingExtraError
 
 AnswerFn = Callable[[str], Union[str, None]]
-#: what ``answer=`` accepts: a checker name, or a callable text -> answer
+#: what ``answer=`` accepts: a format name, or a callable text -> answer
 AnswerInput = Union[str, AnswerFn, None]
 
+_NUMBER = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?(?:/\d+)?|-?\.\d+")
+_ANSWER_IS = re.compile(r"(?:final answer|answer)\s*(?:is|:)", re.IGNORECASE)
 
-def _normalize(text: str) -> str:
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last ``\\boxed{...}`` (or ``\\fbox{...}``), braces matched; None if absent."""
+    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    if start < 0:
+        return None
+    i = text.find("{", start)
+    if i < 0:
+        # "\boxed 5": the argument is the next token.
+        tail = text[start:].split(None, 1)
+        return tail[1].split("$")[0].strip() if len(tail) > 1 else None
+    depth = 0
+    for j in range(i, len(text)):
+        if text[j] == "{":
+            depth += 1
+        elif text[j] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[i + 1:j].strip()
+    return None
+
+
+# -- numeric (GSM8K) ----------------------------------------------------------------------
+
+def parse_number(text: str) -> Fraction | None:
+    """A number from text such as ``"1,000"``, ``"$18.50"``, ``"-3"``, ``"3/4"``."""
+    cleaned = text.replace("\\$", "").replace("$", "").replace("\\,", "").replace("{,}", ",").strip()
+    match = _NUMBER.search(cleaned)
+    if not match:
+        return None
+    token = match.group(0).replace(",", "")
+    try:
+        if "/" in token:
+            num, den = token.split("/")
+            return Fraction(int(num), int(den)) if int(den) else None
+        return Fraction(Decimal(token))
+    except (InvalidOperation, ValueError, ZeroDivisionError):
+        return None
+
+
+def canonical_number(value: Fraction) -> str:
+    """The canonical text of a number: "18", "1250.5" (terminating decimals), else "1/3"."""
+    if value.denominator == 1:
+        return str(value.numerator)
+    den = value.denominator
+    for p in (2, 5):
+        while den % p == 0:
+            den //= p
+    if den == 1:
+        return format(Decimal(value.numerator) / Decimal(value.denominator), "f")
+    return f"{value.numerator}/{value.denominator}"
+
+
+def _numbers(text: str) -> list[str]:
+    return _NUMBER.findall(text.replace("\\$", "").replace("$", "").replace("{,}", ","))
+
+
+def extract_number(response: str) -> str | None:
+    """The final numeric answer: the last ``\\boxed{}``, else the text after the last
+    "answer is"/"answer:", else after "####", else the last number in the response."""
+    candidates: list[str] = []
+    boxed = last_boxed(response)
+    if boxed is not None:
+        candidates.append(boxed)
+    tails = list(_ANSWER_IS.finditer(response))
+    if tails:
+        candidates.append(response[tails[-1].end():].split("\n")[0])
+    if "####" in response:
+        candidates.append(response.rsplit("####", 1)[1])
+    for text in candidates:
+        found = _numbers(text)
+        # In a boxed expression such as "5 \times 3 = 15" the result is the last number;
+        # after "answer is" the first number is the answer (text may follow it).
+        pick = (found[-1] if text is boxed else found[0]) if found else None
+        value = parse_number(pick) if pick else None
+        if value is not None:
+            return canonical_number(value)
+    found = _numbers(response)
+    value = parse_number(found[-1]) if found else None
+    return canonical_number(value) if value is not None else None
+
+
+def numeric_key(answer: str) -> str:
+    """The canonical form of a numeric answer (the text itself when it holds no number)."""
+    value = parse_number(answer)
+    return canonical_number(value) if value is not None else answer.strip()
+
+
+def equal_number(a: str, b: str) -> bool:
+    x, y = parse_number(a), parse_number(b)
+    return x is not None and y is not None and x == y
+
+
+# -- LaTeX math (MATH-500) via math-verify ------------------------------------------------
+
+def math_verify_module() -> Any:
+    """math-verify, or a MissingExtraError naming the extra that brings it."""
+    try:
+        import math_verify
+    except ImportError as exc:
+        raise MissingExtraError("math-verify", "bench", "checking LaTeX answers") from exc
+    return math_verify
+
+
+def extract_math(response: str) -> str | None:
+    """The final answer as LaTeX, found by math-verify (last ``\\boxed{}`` first)."""
+    parsed = math_verify_module().parse(response)
+    return str(parsed[1]) if len(parsed) >= 2 else None
+
+
+def equal_math(a: str, b: str) -> bool:
+    mv = math_verify_module()
+    # Re-wrapping both answers in \boxed{} makes math-verify read them as one LaTeX answer.
+    left, right = mv.parse("\\boxed{" + a + "}"), mv.parse("\\boxed{" + b + "}")
+    if not left or not right:
+        return a.strip() == b.strip()
+    return bool(mv.verify(left, right))
+
+
+# -- multiple choice (MMLU, ARC) ------------------------------------------------------------
+
+_LETTER_PATTERNS = [
+    # Only the word "answer" ignores case: a lowercase letter there is usually the article
+    # "a" ("the answer is a number"), not an option.
+    re.compile(r"(?i:answer)\s*(?i:is|:)?\s*:?\s*\**\s*\(?\\?(?:text\{|textbf\{)?([A-J])\b"),
+    re.compile(r"\\boxed\{\s*(?:\\text\{)?\(?([A-J])\)?"),
+    re.compile(r"^\s*\(?([A-J])[).:]?\s*$", re.MULTILINE),
+    re.compile(r"\(([A-J])\)"),
+]
+
+
+def extract_letter(response: str) -> str | None:
+    """The chosen option letter: the last "Answer: X" / "answer is (X)", else the last
+    ``\\boxed{X}``, else a line holding only a letter, else the last "(X)"."""
+    for pattern in _LETTER_PATTERNS:
+        found = pattern.findall(response)
+        if found:
+            return found[-1]
+    return None
+
+
+# -- exact string ---------------------------------------------------------------------------
+
+def normalize_text(text: str) -> str:
+    """Lower case, single spaces, no surrounding whitespace or full stops."""
     return " ".join(text.strip().strip(".").lower().split())
+
+
+def extract_exact(response: str) -> str | None:
+    """The last ``\\boxed{}``, else the line after the last "answer is", else the last line; normalised."""
+    boxed = last_boxed(response)
+    if boxed is not None:
+        return normalize_text(boxed)
+    tails = list(_ANSWER_IS.finditer(response))
+    if tails:
+        return normalize_text(response[tails[-1].end():].split("\n")[0])
+    lines = [line for line in response.strip().splitlines() if line.strip()]
+    return normalize_text(lines[-1]) if lines else None
+
+
+# -- equivalence and the extractors -----------------------------------------------------------
+
+
+class AnswerRule(Protocol):
+    """When two answers are the same: ``key(answer)`` gives a canonical form (None: no
+    canonical form, compare with ``equal``); ``equal(a, b)`` compares two answers."""
+
+    key: Optional[Callable[[str], str]]
+    equal: Callable[[str, str], bool]
+
+
+def group_answers(answers: Sequence[str | None], rule: AnswerRule) -> list[int]:
+    """Equivalence-class ids for majority vote: equal answers share an id (numbered in
+    order of first appearance); a missing answer gets -1. ``rule``'s ``key`` (when it has
+    one) groups by canonical form, else its ``equal`` compares with each class's first answer."""
+    groups: list[int] = []
+    reps: list[str] = []
+    keys: dict[str, int] = {}
+    for ans in answers:
+        if ans is None:
+            groups.append(-1)
+            continue
+        if rule.key is not None:
+            groups.append(keys.setdefault(rule.key(ans), len(keys)))
+            continue
+        for gid, rep in enumerate(reps):
+            if rule.equal(rep, ans):
+                groups.append(gid)
+                break
+        else:
+            reps.append(ans)
+            groups.append(len(reps) - 1)
+    return groups
+
+
+def _same_text(a: str, b: str) -> bool:
+    return normalize_text(a) == normalize_text(b)
 
 
 @dataclass(frozen=True)
 class AnswerExtractor:
     """``extract(text)`` gives a candidate's answer (None: none found); ``group(answers)``
-    numbers equal answers alike, in order of first appearance (-1 for None)."""
+    numbers equal answers alike, in order of first appearance (-1 for None). ``equal`` and
+    ``key`` are the equivalence (default: normalised text)."""
 
     name: str
     extract: AnswerFn
-    _checker: object = None  # a bench Checker: its key/equal decide equality
+    equal: Callable[[str, str], bool] = _same_text
+    key: Optional[Callable[[str], str]] = normalize_text
+    description: str = ""
 
     def group(self, answers: Sequence[str | None]) -> list[int]:
-        from .bench.checkers import Checker, group_answers
+        return group_answers(answers, self)
 
-        checker = self._checker
-        if checker is None:
-            checker = Checker(self.name, "", self.extract, _normalize, lambda a, b: _normalize(a) == _normalize(b),
-                              key=_normalize)
-        return group_answers(answers, checker)  # type: ignore[arg-type]
+
+#: the named formats (``--answer NAME``); the bench's checkers add each one's gold rule
+ANSWER_FORMATS: dict[str, AnswerExtractor] = {
+    "choice": AnswerExtractor("choice", extract_letter, lambda a, b: a.upper() == b.upper(), str.upper,
+                              "multiple choice: option letter"),
+    "exact": AnswerExtractor("exact", extract_exact, _same_text, normalize_text, "normalised exact string match"),
+    "math": AnswerExtractor("math", extract_math, equal_math, None, "LaTeX answers compared by math-verify"),
+    "numeric": AnswerExtractor("numeric", extract_number, equal_number, numeric_key,
+                               "numbers (thousands commas, fractions, decimals)"),
+}
 
 
 def regex_extractor(pattern: str) -> AnswerExtractor:
@@ -64,7 +273,7 @@ def regex_extractor(pattern: str) -> AnswerExtractor:
 
 
 def get_extractor(answer: AnswerInput = None, *, regex: str | None = None) -> AnswerExtractor | None:
-    """The extractor for ``answer`` (a checker name or a callable) or ``regex``; None if neither."""
+    """The extractor for ``answer`` (a format name or a callable) or ``regex``; None if neither."""
     if answer is not None and regex is not None:
         raise ConfigError("Give either an answer extractor name/callable or a regex, not both.")
     if regex is not None:
@@ -73,14 +282,10 @@ def get_extractor(answer: AnswerInput = None, *, regex: str | None = None) -> An
         return None
     if callable(answer):
         return AnswerExtractor(getattr(answer, "__name__", "custom"), answer)
-    from .bench.checkers import CHECKERS
-
-    checker = CHECKERS.get(str(answer))
-    if checker is None:
-        raise ConfigError(f"Unknown answer extractor '{answer}'. Available: {', '.join(sorted(CHECKERS))}, "
+    found = ANSWER_FORMATS.get(str(answer))
+    if found is None:
+        raise ConfigError(f"Unknown answer extractor '{answer}'. Available: {', '.join(sorted(ANSWER_FORMATS))}, "
                           "or a regex (--answer-regex / answer_regex=).")
-    if checker.name == "math":
-        from .bench.checkers import math_verify_module
-
+    if found.name == "math":
         math_verify_module()  # a missing math-verify fails now, not after sampling
-    return AnswerExtractor(checker.name, checker.extract, checker)
+    return found

@@ -79,7 +79,7 @@ def _model_progress(console: Any) -> Any:
 
 def _selection_options(fn: Any) -> Any:
     """Options shared by ``generate`` and ``score``: model, scorer, selector, answers, scoring."""
-    from .bench.checkers import CHECKERS
+    from .answers import ANSWER_FORMATS
     from .selectors import SELECTORS
 
     options = [
@@ -93,7 +93,7 @@ def _selection_options(fn: Any) -> Any:
         click.option("--selector", type=click.Choice(sorted(SELECTORS)), default="stable-rank", show_default=True,
                      help="How the best candidate is chosen. majority (self-consistency) measured best here "
                           "(README, 'Does it work?'); stable-rank is the paper's."),
-        click.option("--answer", type=click.Choice(sorted(CHECKERS)), default=None,
+        click.option("--answer", type=click.Choice(sorted(ANSWER_FORMATS)), default=None,
                      help="Extract each candidate's final answer (needed by majority, majority-sr, "
                           "sr-weighted-vote; reported with any selector)."),
         click.option("--answer-regex", default=None, metavar="PATTERN",

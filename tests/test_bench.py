@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from bon_sr.bench import checkers, report, runner
-from bon_sr.bench.checkers import get_checker, group_answers, last_boxed
+from bon_sr.bench import checkers, metrics, report, runner
+from bon_sr.answers import group_answers, last_boxed
+from bon_sr.bench.checkers import get_checker
 from bon_sr.bench.selectors import BENCH_SELECTORS, Scored, get_bench_selector
 from bon_sr.bench.tasks import Task, load_task
 from bon_sr.errors import ConfigError, InputError
@@ -182,8 +183,8 @@ def test_relative_pct_and_bootstrap_by_hand():
     # resample means of [0, 1] over rows [0,0], [1,1], [0,1]: 0, 1, 0.5 -> sorted 0, .5, 1;
     # numpy's linear percentile: 2.5% at position 0.05 -> 0.025, 97.5% at 1.95 -> 0.975
     idx = np.array([[0, 0], [1, 1], [0, 1]])
-    assert report.bootstrap_ci([0.0, 1.0], idx) == pytest.approx((0.025, 0.975))
-    assert report.bootstrap_ci([0.3] * 5, report.bootstrap_indices(5, 200)) == pytest.approx((0.3, 0.3))
+    assert metrics.bootstrap_ci([0.0, 1.0], idx) == pytest.approx((0.025, 0.975))
+    assert metrics.bootstrap_ci([0.3] * 5, metrics.bootstrap_indices(5, 200)) == pytest.approx((0.3, 0.3))
 
 
 def test_summarize_points_and_relative():
@@ -286,6 +287,20 @@ def test_python_task_file(tmp_path):
     path.write_text("from bon_sr.bench.tasks import Problem, Task\n"
                     "TASK = Task('tiny', (Problem('1', 'Say 3.', '3', 'numeric'),))\n")
     assert load_task(str(path)).name == "tiny"
+    # a task file may grade with a checker of its own, registered by name
+    own = tmp_path / "task_own.py"
+    own.write_text("from bon_sr.bench.checkers import Checker, register_checker\n"
+                   "from bon_sr.bench.tasks import Problem, Task\n"
+                   "register_checker(Checker('parity', 'odd or even', lambda r: r.split()[-1] if r.split() else None,\n"
+                   "                         lambda g: g.lower(), lambda a, b: a.lower() == b.lower()))\n"
+                   "TASK = Task('par', (Problem('1', 'Is 3 odd or even?', 'odd', 'parity'),))\n")
+    try:
+        task = load_task(str(own))
+        parity = get_checker(task.problems[0].checker)
+        assert parity.is_correct(parity.extract("It is ODD"), task.problems[0].answer)
+        assert parity.group(["odd", "ODD", None, "even"]) == [0, 0, -1, 1]
+    finally:
+        checkers.CHECKERS.pop("parity", None)
     with pytest.raises(ConfigError, match="Unknown task 'nope'"):
         load_task("nope")
 
@@ -536,7 +551,7 @@ def test_real_rank_eval(tmp_path, one_thread):
 
 
 def test_extract_number_boxed_without_digits_falls_back():
-    from bon_sr.bench.checkers import extract_number
+    from bon_sr.answers import extract_number
 
     # A \boxed{} with no number (seen on GSM8K from Qwen2.5-Coder-0.5B) must not crash:
     # the next rule (last number of the response) applies.

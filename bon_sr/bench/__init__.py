@@ -7,7 +7,7 @@ use by the runner. The click commands live in ``bon_sr.bench.cli``.
 
 from __future__ import annotations
 
-from .checkers import CHECKERS, Checker, get_checker
+from .checkers import CHECKERS, Checker, get_checker, register_checker
 from .runner import BenchConfig, evaluate_records, run_bench, run_rank_eval
 from .selectors import BENCH_SELECTORS, get_bench_selector
 from .tasks import BUILTIN_TASKS, Problem, Task, load_task
@@ -24,6 +24,7 @@ __all__ = [
     "get_bench_selector",
     "get_checker",
     "load_task",
+    "register_checker",
     "run_bench",
     "run_rank_eval",
 ]

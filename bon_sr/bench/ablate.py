@@ -50,8 +50,7 @@ from ..hidden_states import (NORMS, TOKEN_SETS, HiddenStateConfig, decoder_parts
 from ..models import ProgressFn
 from ..stable_rank import stable_rank
 from ..variants import CalibrationAccumulator, CalibrationStats, TransformContext, length_corrected, parse_variant
-from .metrics import bon_accuracy, mean_ci, pairwise_accuracy, within_prompt_auc
-from .report import bootstrap_ci, bootstrap_indices
+from .metrics import bon_accuracy, bootstrap_ci, bootstrap_indices, mean_ci, pairwise_accuracy, within_prompt_auc
 from .runner import scored_candidate, cache_paths, is_mixed, read_cache
 from .selectors import get_bench_selector
 
@@ -109,7 +108,8 @@ class AblateConfig:
 Cell = tuple[str, str, int]   # (variant spec, norm, layer index >= 0)
 
 
-def _cell_name(cell: Cell) -> str:
+def cell_name(cell: Cell) -> str:
+    """The stem of a cell's file in OUT/cells/, e.g. ``paper__post__L23``."""
     return f"{cell[0]}__{cell[1]}__L{cell[2]}"
 
 
@@ -219,8 +219,10 @@ def _score_cells(model: Any, inputs: _Inputs, cells: Sequence[Cell],
     return {cell: sr.get((row_specs[cell], cell[1], cell[2]), [math.nan] * len(inputs.owner)) for cell in cells}
 
 
-def _groups(records: Sequence[Mapping[str, Any]], values: Sequence[float], owner: Sequence[int],
-            length: bool) -> list[tuple[list[float], list[bool]]]:
+def cell_groups(records: Sequence[Mapping[str, Any]], values: Sequence[float], owner: Sequence[int],
+                length: bool) -> list[tuple[list[float], list[bool]]]:
+    """One ``(scores, correct)`` group per record from a cell's per-candidate ``values``
+    (``owner[i]``: the record of candidate i), length-corrected when ``length``."""
     groups: list[tuple[list[float], list[bool]]] = [([], []) for _ in records]
     for v, k in zip(values, owner):
         groups[k][0].append(v)
@@ -232,7 +234,8 @@ def _groups(records: Sequence[Mapping[str, Any]], values: Sequence[float], owner
     return groups
 
 
-def _metrics(groups: Sequence[tuple[Sequence[float], Sequence[bool]]], config: AblateConfig) -> dict[str, Any]:
+def cell_metrics(groups: Sequence[tuple[Sequence[float], Sequence[bool]]], config: AblateConfig) -> dict[str, Any]:
+    """A cell's within-prompt AUC, pairwise and Best-of-N accuracy with CIs (the report's row)."""
     kw = {"bootstrap": config.bootstrap, "seed": config.seed}
     auc = within_prompt_auc(groups, **kw)
     bon = bon_accuracy(groups, **kw)
@@ -324,7 +327,7 @@ def run_ablate(config: AblateConfig, out_dir: str | Path, *, progress: ProgressF
 
     results: dict[Cell, list[float]] = {}
     for cell in cells:
-        saved = _read_saved(cells_dir / f"{_cell_name(cell)}.json")
+        saved = _read_saved(cells_dir / f"{cell_name(cell)}.json")
         if saved is not None:
             results[cell] = [math.nan if v is None else v for v in saved["scores"]]
     todo = [c for c in cells if c not in results]
@@ -358,20 +361,20 @@ def run_ablate(config: AblateConfig, out_dir: str | Path, *, progress: ProgressF
             results[cell] = values
             clean = [None if math.isnan(v) else v for v in values]
             # Atomic: a run killed while writing cells leaves whole cells, never a torn one.
-            write_text_atomic(cells_dir / f"{_cell_name(cell)}.json",
+            write_text_atomic(cells_dir / f"{cell_name(cell)}.json",
                               json.dumps({"cell": list(cell), "scores": clean}))
     del model
 
     owner = [k for k, rec in enumerate(records) for _ in rec["candidates"]]
     report("evaluating", None, None)
     summary_cells = []
-    ref_groups = _groups(records, results[reference], owner, False)
+    ref_groups = cell_groups(records, results[reference], owner, False)
     ref_auc = _per_prompt_auc(ref_groups)
     mixed = [i for i, a in enumerate(ref_auc) if a is not None]
     idx = bootstrap_indices(len(mixed), config.bootstrap, config.seed) if mixed else None
     for cell in cells:
-        groups = _groups(records, results[cell], owner, parse_variant(cell[0]).length_correction)
-        m = _metrics(groups, config)
+        groups = cell_groups(records, results[cell], owner, parse_variant(cell[0]).length_correction)
+        m = cell_metrics(groups, config)
         m.pop("_bon_per_problem")
         entry = {"variant": cell[0], "norm": cell[1], "layer": cell[2], **m}
         if idx is not None and cell != reference:
@@ -384,7 +387,7 @@ def run_ablate(config: AblateConfig, out_dir: str | Path, *, progress: ProgressF
     for name, key in REFERENCE_SCORES.items():
         values = [float(c["scores"].get(key, math.nan)) if c.get("scores") else math.nan
                   for rec in records for c in rec["candidates"]]
-        m = _metrics(_groups(records, values, owner, False), config)
+        m = cell_metrics(cell_groups(records, values, owner, False), config)
         m.pop("_bon_per_problem")
         refs[name] = m
     summary = {

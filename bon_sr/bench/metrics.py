@@ -13,8 +13,9 @@ A *group* is one problem's candidates: ``(scores, correct)``, two equal-length s
   credit, averaged over all groups.
 
 NaN scores (empty responses) rank below every real score, as the selectors rank them.
-95% intervals are percentile bootstraps over groups with a fixed seed (``report``'s
-conventions). This module knows nothing about models, variants or how scores were made.
+95% intervals are percentile bootstraps over groups with a fixed seed; ``bootstrap_indices``
+and ``bootstrap_ci`` are the ones every bench report uses. This module knows nothing about
+models, variants or how scores were made.
 """
 
 from __future__ import annotations
@@ -24,9 +25,20 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .report import bootstrap_ci, bootstrap_indices
-
 Group = tuple[Sequence[float], Sequence[bool]]
+
+
+def bootstrap_indices(num: int, resamples: int, seed: int = 0) -> np.ndarray:
+    """(resamples, num) indices drawn with replacement; shared so that differences are paired."""
+    return np.random.default_rng(seed).integers(0, num, size=(resamples, num))
+
+
+def bootstrap_ci(values: Sequence[float], idx: np.ndarray) -> tuple[float, float]:
+    """Percentile 95% interval of the mean of ``values`` over the resamples ``idx``."""
+    arr = np.asarray(values, dtype=float)
+    means = arr[idx].mean(axis=1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return float(lo), float(hi)
 
 
 def _key(x: float | None) -> float:

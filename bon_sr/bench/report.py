@@ -1,4 +1,5 @@
-"""Benchmark reports: bootstrap statistics, then JSON, Markdown and a PNG plot.
+"""Benchmark reports: summaries with bootstrap intervals (``metrics``), then JSON, Markdown
+and a PNG plot.
 
 Conventions, stated in every report because the paper mixes them up:
 - accuracy is a fraction in JSON and a percentage in Markdown;
@@ -20,23 +21,11 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from .metrics import bootstrap_ci, bootstrap_indices
 from .selectors import GREEDY, RANDOM
 
 POINTS_NOTE = ("points = absolute difference in percentage points; relative % = 100 x (acc - base) / base; "
                "95% CI = percentile bootstrap over problems (paired for differences)")
-
-
-def bootstrap_indices(num: int, resamples: int, seed: int = 0) -> np.ndarray:
-    """(resamples, num) indices drawn with replacement; shared so that differences are paired."""
-    return np.random.default_rng(seed).integers(0, num, size=(resamples, num))
-
-
-def bootstrap_ci(values: Sequence[float], idx: np.ndarray) -> tuple[float, float]:
-    """Percentile 95% interval of the mean of ``values`` over the resamples ``idx``."""
-    arr = np.asarray(values, dtype=float)
-    means = arr[idx].mean(axis=1)
-    lo, hi = np.percentile(means, [2.5, 97.5])
-    return float(lo), float(hi)
 
 
 def relative_pct(value: float, base: float) -> float | None:

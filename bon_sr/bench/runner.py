@@ -43,7 +43,7 @@ from ..jsonl import JsonlWriter, write_text_atomic
 from ..models import DEFAULT_MODEL, ProgressFn
 from ..prompts import check_fits, derive_seed
 from ..samplers import SamplingConfig
-from .checkers import get_checker, group_answers
+from .checkers import get_checker
 from .scores import score_candidates
 from .selectors import BENCH_SELECTORS, GREEDY, Scored, get_bench_selector
 from .tasks import Problem, Task, load_task
@@ -193,7 +193,7 @@ def check_record(rec: dict[str, Any]) -> dict[str, Any]:
     """(Re)extract answers, correctness and answer groups of a record from its texts."""
     checker = get_checker(rec["checker"])
     answers = [checker.extract(c["text"]) for c in rec["candidates"]]
-    groups = group_answers(answers, checker)
+    groups = checker.group(answers)
     for c, a, g in zip(rec["candidates"], answers, groups):
         c.update(answer=a, correct=checker.is_correct(a, rec["gold"]), group=g)
     g = rec["greedy"]

@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from ..bench.checkers import CHECKERS
+from ..answers import ANSWER_FORMATS
 from ..models import DEFAULT_MODEL
 from ..selectors import SELECTORS
 
@@ -46,7 +46,7 @@ start after Best-of-N has finished: the selected answer is sent as SSE chunks.
 @click.option("--max-n", type=int, default=64, show_default=True, help="Largest bon_sr.n a request may ask for.")
 @click.option("--selector", type=click.Choice(sorted(SELECTORS)), default="stable-rank", show_default=True,
               help="Default selector (a request may set bon_sr.selector).")
-@click.option("--answer", type=click.Choice(sorted(CHECKERS)), default=None,
+@click.option("--answer", type=click.Choice(sorted(ANSWER_FORMATS)), default=None,
               help="Default answer extractor (needed by the voting selectors).")
 @click.option("--answer-regex", default=None, metavar="PATTERN", help="Default answer regex instead of --answer.")
 @click.option("--token-set", type=click.Choice(["response", "full"]), default="response", show_default=True,
