@@ -172,8 +172,8 @@ def test_exact_fallback_rescues_unconverged_items(monkeypatch):
     # so every item of this flat-spectrum batch must take the exact float64 fallback.
     module = sys.modules["bon_sr.stable_rank"]
     calls = []
-    real = module._exact_top_eig
-    monkeypatch.setattr(module, "_exact_top_eig", lambda x: calls.append(x.shape[0]) or real(x))
+    real = module.exact_top_eig
+    monkeypatch.setattr(module, "exact_top_eig", lambda x: calls.append(x.shape[0]) or real(x))
     h = torch.randn(3, 60, 50, generator=torch.Generator().manual_seed(7))
     r = stable_rank(h, max_iter=1)
     assert calls == [3]
@@ -312,11 +312,11 @@ def test_fell_back_flags_the_exact_fallback():
 
 
 def test_a_failed_cholesky_goes_to_the_fallback_and_is_reported():
-    from bon_sr.stable_rank import _orthonormalise, start_block, subspace_iteration
+    from bon_sr.sr_core import orthonormalise, start_block, subspace_iteration
 
     y = torch.randn(3, 8, 4)
     y[1, 2, 1] = float("nan")
-    q, failed = _orthonormalise(y)
+    q, failed = orthonormalise(y)
     assert failed.tolist() == [False, True, False] and torch.isfinite(q[[0, 2]]).all()
     # A = diag(10, 1, ..., 1) for every item; item 1's product turns NaN on the 2nd pass
     a = torch.diag(torch.tensor([10.0] + [1.0] * 7)).expand(3, 8, 8)

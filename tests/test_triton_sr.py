@@ -164,8 +164,20 @@ def test_estimator_unbatched_and_nan_in_counted_row():
 
 def test_unconverged_items_get_the_exact_fallback():
     h = torch.randn(2, 30, 32, generator=torch.Generator().manual_seed(9))
-    r = stable_rank_triton(h, max_iter=2)
+    r, declined = stable_rank_triton(h, max_iter=2)
+    assert declined.numel() == 0
     assert _rel_err(r, stable_rank_exact(h)) <= 1e-5
+
+
+def test_kernel_hands_items_it_cannot_take_back_to_the_dispatcher():
+    # item 1's entries are ~1e-30: their squares underflow float32, so the kernel declines
+    # it and stable_rank (the dispatcher) computes it with the torch path, which rescales
+    h = torch.randn(2, 20, 24, generator=torch.Generator().manual_seed(12))
+    h[1] = h[1] * 1e-30
+    _, declined = stable_rank_triton(h)
+    assert declined.tolist() == [1]
+    torch.testing.assert_close(stable_rank(h, backend="triton").stable_rank, stable_rank_exact(h).stable_rank,
+                               rtol=1e-5, atol=0)
 
 
 # ------------------------------------------------------------------ dispatch

@@ -19,12 +19,14 @@ float32 in registers; the dots run as 3xTF32 on tensor cores (float32-grade prod
 accuracy contract needs better than TF32's 1e-3), accumulation is float32. Atomic adds
 make the last bits depend on scheduling (run-to-run differences ~1e-7 relative).
 
-The iteration itself is ``bon_sr.stable_rank.subspace_iteration``, the driver the torch
+The iteration itself is ``bon_sr.sr_core.subspace_iteration``, the driver the torch
 path runs too (one convergence rule, give-up rule, Cholesky-failure detection and exact
 float64 fallback); this module supplies only the product. Its small steps, Cholesky-QR
 of the d x k block and Rayleigh-Ritz on the k x k matrix, run in float64 on the CPU (a
 few KiB each way per pass; no batched QR/SVD on the GPU). Items whose ||H||_F^2 falls
-outside the range float32 handles safely are computed by the torch path.
+outside the range float32 handles safely are handed back to the caller, the dispatcher
+``bon_sr.stable_rank.stable_rank``, which computes them with the torch path; this module
+never calls the torch estimator.
 """
 
 from __future__ import annotations
@@ -36,15 +38,14 @@ import torch
 import triton
 import triton.language as tl
 
-from bon_sr.stable_rank import (
+from bon_sr.sr_core import (
     StableRankResult,
-    _exact_top_eig,
-    _finish,
-    _validate,
+    exact_top_eig,
+    finish,
     finish_unconverged,
-    stable_rank,
     start_block,
     subspace_iteration,
+    validate,
 )
 
 __all__ = ["SUPPORTED_DTYPES", "hthy", "stable_rank_triton"]
@@ -180,12 +181,12 @@ def _inputs(h: torch.Tensor, mask: torch.Tensor | None):
             f"backend='triton' takes float16, bfloat16 or float32 h, got {h.dtype}; "
             "use backend='torch' (float64 input is computed in float64 there)"
         )
-    h3, keep, n, unbatched = _validate(h, mask)
+    h3, keep, n, unbatched = validate(h, mask)
     return h3, (keep.contiguous() if keep is not None else None), n, unbatched
 
 
 def _masked64(h3: torch.Tensor, keep: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor:
-    """float64 copy of items idx with non-counted rows zeroed (for the few odd items)."""
+    """float64 copy of items idx with non-counted rows zeroed (for the few odd items' checks)."""
     sub = h3[idx].to(torch.float64)
     if keep is not None:
         sub = torch.where(keep[idx].unsqueeze(-1), sub, sub.new_zeros(()))
@@ -200,14 +201,19 @@ def stable_rank_triton(
     max_iter: int = 100,
     block_size: int = 16,
     exact_fallback: bool = True,
-) -> StableRankResult:
+) -> tuple[StableRankResult, torch.Tensor]:
     """``stable_rank`` with each pass's H^T (H Y) (and ||H||_F^2) from the fused kernel.
 
-    Same arguments, conventions and result as :func:`bon_sr.stable_rank.stable_rank`
-    (call it as ``stable_rank(h, mask, backend="triton")``); h must be float16, bfloat16
-    or float32 on CUDA (or on the CPU under ``TRITON_INTERPRET=1``, for tests). The
-    iteration always runs on H^T H with a d x k block (the kernel reads H once either
-    way), k = min(block_size, d).
+    Same arguments and conventions as :func:`bon_sr.stable_rank.stable_rank` (call it as
+    ``stable_rank(h, mask, backend="triton")``, which completes the result); h must be
+    float16, bfloat16 or float32 on CUDA (or on the CPU under ``TRITON_INTERPRET=1``, for
+    tests). The iteration always runs on H^T H with a d x k block (the kernel reads H once
+    either way), k = min(block_size, d).
+
+    Returns ``(result, declined)``: declined (K,) int64, the batch indices (0 for 2-D h)
+    of the finite items whose ||H||_F^2 lies outside the range float32 handles safely
+    (zero, tiny or huge); their entries in ``result`` are placeholders for the caller to
+    replace. NaN or inf in a counted row raises ``ValueError`` here.
     """
     h3, keep, n, unbatched = _inputs(h, mask)
     B, T, d = h3.shape
@@ -216,7 +222,7 @@ def stable_rank_triton(
     spec = torch.zeros(B, dtype=torch.float64, device=device)
     iters = torch.zeros(B, dtype=torch.int64, device=device)
     if B == 0 or T == 0 or d == 0:
-        return _finish(frob, spec, n, iters, d, unbatched)
+        return finish(frob, spec, n, iters, d, unbatched), torch.zeros(0, dtype=torch.int64)
 
     row_end = _row_end(keep, B, T, device)
     k = min(block_size, d)
@@ -225,22 +231,17 @@ def stable_rank_triton(
 
     n_cpu, frob_cpu = n.cpu(), frob.cpu()
     odd = (n_cpu > 0) & ~((frob_cpu >= _FROB_LO) & (frob_cpu <= _FROB_HI))
-    odd_idx = torch.nonzero(odd).flatten()
-    odd_res = None
-    if odd_idx.numel():
-        sub = _masked64(h3, keep, odd_idx.to(device))
+    declined = torch.nonzero(odd).flatten()
+    if declined.numel():
+        sub = _masked64(h3, keep, declined.to(device))
         finite = torch.isfinite(sub).flatten(1).all(dim=1).cpu() if sub.numel() else torch.ones(0, dtype=torch.bool)
         if not bool(finite.all()):
-            bad = odd_idx[~finite].tolist()
+            bad = declined[~finite].tolist()
             shown = ", ".join(map(str, bad[:10])) + (" ..." if len(bad) > 10 else "")
             raise ValueError(
                 f"h has NaN or inf in counted rows of batch item(s) {shown}; "
                 "fix the hidden states or mask those rows out"
             )
-        # zero, tiny or huge items: the torch path rescales (SR is scale invariant)
-        odd_keep = keep[odd_idx.to(device)] if keep is not None else None
-        odd_res = stable_rank(sub, odd_keep, tol=tol, max_iter=max_iter, block_size=block_size,
-                              exact_fallback=exact_fallback, backend="torch")
 
     todo = torch.nonzero((n_cpu >= 2) & ~odd & (frob_cpu > 0)).flatten() if d >= 2 else n_cpu.new_zeros(0)
     spec = torch.zeros(B, dtype=torch.float64)
@@ -264,17 +265,7 @@ def stable_rank_triton(
             apply, q0.expand(todo.numel(), d, k), tol=tol, max_iter=max_iter, budget=max_iter,
             give_up_early=exact_fallback, small_device="cpu", first=z[todo_dev])
         theta = finish_unconverged(theta, unconverged,
-                                   lambda idx: _exact_top_eig(_masked64(h3, keep, todo_dev[idx.to(device)])).cpu(),
+                                   lambda idx: exact_top_eig(_masked64(h3, keep, todo_dev[idx.to(device)])).cpu(),
                                    exact_fallback=exact_fallback, tol=tol, max_iter=max_iter)
         spec[todo], iters[todo], fell[todo] = theta, it_todo, unconverged & exact_fallback
-    res = _finish(frob, spec.to(device), n, iters.to(device), d, False, fell.to(device))
-    if odd_res is not None:
-        fields = []
-        for name in StableRankResult.FIELDS:
-            t = getattr(res, name).clone()
-            t[odd_idx.to(device)] = getattr(odd_res, name).to(t.dtype)
-            fields.append(t)
-        res = StableRankResult(*fields)
-    if unbatched:
-        res = StableRankResult(*(getattr(res, f).squeeze(0) for f in StableRankResult.FIELDS))
-    return res
+    return finish(frob, spec.to(device), n, iters.to(device), d, unbatched, fell.to(device)), declined
