@@ -1,11 +1,12 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   installs everything, then runs `bon-sr generate` on examples/prompts.jsonl
-#   make test   installs everything, then runs the whole test suite (real-model tests included)
+#   make test   installs everything, checks the import layers (.importlinter) and private-name
+#               imports (ruff), then runs the whole test suite (real-model tests included)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.bon-sr-installed
 
-.PHONY: setup demo test test-fast bench-estimator
+.PHONY: setup demo lint test test-fast bench-estimator
 
 $(STAMP): pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh $(VENV)
@@ -15,10 +16,15 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/bon-sr generate examples/prompts.jsonl -o out.jsonl --resume
 
-test: $(STAMP)
+# The architecture (.importlinter's layers) and the private-name rule, before any test.
+lint: $(STAMP)
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/ruff check bon_sr benchmarks
+
+test: lint
 	$(PY) -m pytest -q -ra
 
-test-fast: $(STAMP)
+test-fast: lint
 	$(PY) -m pytest -q -ra -m "not slow"
 
 bench-estimator: $(STAMP)
