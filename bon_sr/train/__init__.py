@@ -47,7 +47,7 @@ def __getattr__(name: str) -> Any:
     # trainer.py imports transformers' Trainer machinery; keep it off the import path of
     # code that only wants the reward or a preset.
     if name in _LAZY:
-        from importlib import import_module
+        from . import trainer  # a plain import, so that the import-layer check sees it
 
-        return getattr(import_module(f"{__name__}.{_LAZY[name]}"), name)
+        return getattr(trainer, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
