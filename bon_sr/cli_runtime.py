@@ -18,7 +18,7 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, NoReturn
 
 import click
 
@@ -45,6 +45,8 @@ class Stopped(BaseException):
 
 @contextmanager
 def stop_on_signals() -> Iterator[None]:
+    """Inside: SIGINT and SIGTERM raise ``Stopped`` in the main thread (elsewhere: nothing
+    changes); the previous handlers come back on the way out."""
     def stop(signum: int, frame: Any) -> None:
         # A second signal during the shutdown acts at once (engines die with us, see vllm_plugin).
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -137,10 +139,15 @@ def stopped_runs_resume(console: Any, writer: Any, done: list[int]) -> Iterator[
         raise click.ClickException(f"{exc}\n{done[0]} prompts were written to {writer.path}; "
                                    "fix the problem and rerun with --resume.") from exc
     except (Stopped, KeyboardInterrupt) as exc:
-        stop = Stopped.of(exc)
-        console.print(f"[yellow]{stop.what}: {done[0]} prompts written to {writer.path}; "
-                      "rerun with --resume to continue.[/]")
-        raise SystemExit(stop.code) from None
+        exit_stopped(console, exc, f"{done[0]} prompts written to {writer.path}; rerun with --resume to continue.")
+
+
+def exit_stopped(console: Any, exc: BaseException, kept: str) -> NoReturn:
+    """End a command that Ctrl-C or SIGTERM stopped (``exc``: the Stopped or KeyboardInterrupt)
+    with exit status 128 + the signal, after one line on ``console`` saying what is ``kept``."""
+    stop = Stopped.of(exc)
+    console.print(f"[yellow]{stop.what}: {kept}[/]")
+    raise SystemExit(stop.code) from None
 
 
 def parse_options(items: tuple[str, ...]) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["ApplyFn", "StableRankResult", "exact_top_eig", "finish", "finish_unconverged", "orthonormalise",
+__all__ = ["ApplyFn", "StableRankResult", "check_finite", "exact_top_eig", "finish", "finish_unconverged", "orthonormalise",
            "start_block", "subspace_iteration", "validate"]
 
 logger = logging.getLogger(__name__)
@@ -93,6 +93,23 @@ def validate(
         )
     keep = (mask.to(device=h.device) != 0).reshape(B, T)
     return h, keep, keep.sum(dim=1, dtype=torch.int64), unbatched
+
+
+def check_finite(finite: torch.Tensor, items: torch.Tensor | None = None) -> None:
+    """Raise ``ValueError`` naming the batch items whose counted rows hold NaN or inf.
+
+    finite: (K,) bool, one flag per item checked; items: (K,) their batch indices
+    (default 0..K-1).
+    """
+    if bool(finite.all()):
+        return
+    bad = torch.nonzero(~finite.cpu()).flatten()
+    bad = (items.cpu()[bad] if items is not None else bad).tolist()
+    shown = ", ".join(map(str, bad[:10])) + (" ..." if len(bad) > 10 else "")
+    raise ValueError(
+        f"h has NaN or inf in counted rows of batch item(s) {shown}; "
+        "fix the hidden states or mask those rows out"
+    )
 
 
 def finish(

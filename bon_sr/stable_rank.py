@@ -34,8 +34,8 @@ import os
 
 import torch
 
-from .sr_core import StableRankResult, exact_top_eig, finish, finish_unconverged, start_block, subspace_iteration, \
-    validate
+from .sr_core import StableRankResult, check_finite, exact_top_eig, finish, finish_unconverged, start_block, \
+    subspace_iteration, validate
 
 __all__ = ["StableRankResult", "stable_rank", "stable_rank_exact"]
 
@@ -63,14 +63,7 @@ def _prepare(
         amax = torch.linalg.vector_norm(hm, ord=math.inf, dim=(1, 2))
     else:
         amax = hm.new_zeros(B)
-    finite = torch.isfinite(amax)
-    if not bool(finite.all()):
-        bad = torch.nonzero(~finite).flatten().tolist()
-        shown = ", ".join(map(str, bad[:10])) + (" ..." if len(bad) > 10 else "")
-        raise ValueError(
-            f"h has NaN or inf in counted rows of batch item(s) {shown}; "
-            "fix the hidden states or mask those rows out"
-        )
+    check_finite(torch.isfinite(amax))
     return hm, n, amax, unbatched
 
 

@@ -104,7 +104,7 @@ def bench(tasks: tuple[str, ...], preset: str | None, model: str, n_values: str,
         raise click.UsageError("Give --task (repeat it for several) or --preset paper.")
     from rich.console import Console
 
-    from ..cli_runtime import Stopped, engine_output_to, stop_on_signals, uses_vllm
+    from ..cli_runtime import Stopped, engine_output_to, exit_stopped, stop_on_signals, uses_vllm
 
     ns = _parse_n(n_values)
     summaries: dict[str, dict[str, Any]] = {}
@@ -130,11 +130,8 @@ def bench(tasks: tuple[str, ...], preset: str | None, model: str, n_values: str,
     except _errors() as exc:
         raise click.ClickException(str(exc)) from exc
     except (Stopped, KeyboardInterrupt) as exc:
-        # as generate (cli_runtime.stopped_runs_resume): the finished problems are in the cache
-        stop = Stopped.of(exc)
-        console.print(f"[yellow]{stop.what}: every finished problem is in {Path(out_dir) / 'cache'}; rerun the "
-                      "same command to continue.[/]")
-        raise SystemExit(stop.code) from None
+        exit_stopped(console, exc, f"every finished problem is in {Path(out_dir) / 'cache'}; rerun the same "
+                                   "command to continue.")
 
 
 def _run_tasks(tasks: Sequence[str], ns: tuple[int, ...], settings: dict[str, Any],

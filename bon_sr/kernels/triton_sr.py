@@ -40,6 +40,7 @@ import triton.language as tl
 
 from bon_sr.sr_core import (
     StableRankResult,
+    check_finite,
     exact_top_eig,
     finish,
     finish_unconverged,
@@ -234,14 +235,8 @@ def stable_rank_triton(
     declined = torch.nonzero(odd).flatten()
     if declined.numel():
         sub = _masked64(h3, keep, declined.to(device))
-        finite = torch.isfinite(sub).flatten(1).all(dim=1).cpu() if sub.numel() else torch.ones(0, dtype=torch.bool)
-        if not bool(finite.all()):
-            bad = declined[~finite].tolist()
-            shown = ", ".join(map(str, bad[:10])) + (" ..." if len(bad) > 10 else "")
-            raise ValueError(
-                f"h has NaN or inf in counted rows of batch item(s) {shown}; "
-                "fix the hidden states or mask those rows out"
-            )
+        if sub.numel():
+            check_finite(torch.isfinite(sub).flatten(1).all(dim=1), declined)
 
     todo = torch.nonzero((n_cpu >= 2) & ~odd & (frob_cpu > 0)).flatten() if d >= 2 else n_cpu.new_zeros(0)
     spec = torch.zeros(B, dtype=torch.float64)
