@@ -1,7 +1,9 @@
 """The ``bon-sr`` command line: a thin click layer over ``bon_sr.api``.
 
 Heavy imports (torch, transformers, vLLM) happen inside commands; rich draws progress on
-stderr so stdout stays clean for pipes.
+stderr so stdout stays clean for pipes. ``generate`` and ``score`` live here; ``bench``,
+``rank-eval``, ``ablate``, ``serve`` and ``train`` live beside the code they drive and are
+registered below. What every command shares at run time is in ``bon_sr.cli_runtime``.
 """
 
 from __future__ import annotations

@@ -10,6 +10,9 @@ Two entry points return the same :class:`StableRankResult`:
 - :func:`stable_rank`: exact Frobenius norm plus a block subspace iteration for s_1^2
   with Rayleigh-Ritz, per-candidate convergence and an exact float64 fallback for
   candidates that do not converge, so it never returns an unconverged value silently.
+  It dispatches to the Triton kernel (``bon_sr.kernels.triton_sr``) where that runs, and
+  computes the items the kernel declines here. The iteration itself, the input checks and
+  the result's packaging live in ``bon_sr.sr_core``, which both backends share.
 
 Conventions shared by both (documented once, tested):
 
@@ -38,6 +41,7 @@ from .sr_core import StableRankResult, check_finite, exact_top_eig, finish, fini
     subspace_iteration, validate
 
 __all__ = ["StableRankResult", "stable_rank", "stable_rank_exact"]
+
 
 # --------------------------------------------------------------------------- inputs
 
