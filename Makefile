@@ -1,7 +1,6 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   installs everything, then runs `bon-sr generate` on examples/prompts.jsonl
-#   make test   installs everything, checks the import layers (.importlinter) and private-name
-#               imports (ruff), then runs the whole test suite (real-model tests included)
+#   make test   installs everything, then runs the whole test suite (real-model tests included)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.bon-sr-installed
