@@ -20,6 +20,7 @@ from bon_sr.bench.checkers import get_checker, group_answers, last_boxed
 from bon_sr.bench.selectors import BENCH_SELECTORS, Scored, get_bench_selector
 from bon_sr.bench.tasks import Task, load_task
 from bon_sr.errors import ConfigError, InputError
+from bon_sr.samplers import SamplingConfig
 from bon_sr.samplers.fake import FakeSampler
 
 needs_math_verify = pytest.mark.skipif(importlib.util.find_spec("math_verify") is None,
@@ -395,7 +396,8 @@ def test_run_bench_caches_and_resumes(tmp_path, monkeypatch, tiny_model):
     assert set(s["results"]["2"]) == {"majority", "shortest"}
     # other sampling settings refuse to mix into the same cache
     with pytest.raises(ConfigError, match="other settings"):
-        runner.run_bench(runner.BenchConfig(task="toy", n=(4,), backend="hf", temperature=1.0), tmp_path, task=bigger)
+        runner.run_bench(runner.BenchConfig(task="toy", n=(4,), backend="hf", sampling=SamplingConfig(temperature=1.0)),
+                         tmp_path, task=bigger)
     record = json.loads((tmp_path / "cache" / "toy.jsonl").read_text().splitlines()[0])
     assert {"prompt_token_ids", "candidates", "greedy", "gold"} <= set(record)
     assert {"text", "token_ids", "answer", "correct", "group", "scores"} <= set(record["candidates"][0])

@@ -208,6 +208,16 @@ def test_hf_sampler_seeded_and_eos_trimmed(tiny_model, tiny_tokenizer):
         assert len(cand.token_ids) <= 8
 
 
+def test_hf_sampler_leaves_the_callers_random_stream_alone(tiny_model, tiny_tokenizer):
+    cfg = SamplingConfig(n=2, max_new_tokens=4, temperature=1.0)
+    ids = encode_prompt(tiny_tokenizer, "hello")
+    torch.manual_seed(1234)
+    expected = torch.rand(3)  # what the caller's stream gives without sampling in between
+    torch.manual_seed(1234)
+    HFSampler(tiny_model, tiny_tokenizer, cfg).sample([ids], n=2, seeds=[7])
+    torch.testing.assert_close(torch.rand(3), expected)
+
+
 def test_hf_sampler_chunks_reproducible(tiny_model, tiny_tokenizer):
     cfg = SamplingConfig(n=5, max_new_tokens=6, temperature=1.0)
     ids = encode_prompt(tiny_tokenizer, "hello")
