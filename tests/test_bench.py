@@ -6,7 +6,6 @@ marked ``slow`` read the real data package and run the default model.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from types import SimpleNamespace
@@ -23,8 +22,6 @@ from bon_sr.errors import ConfigError, InputError
 from bon_sr.samplers import SamplingConfig
 from bon_sr.samplers.fake import FakeSampler
 
-needs_math_verify = pytest.mark.skipif(importlib.util.find_spec("math_verify") is None,
-                                       reason="needs math-verify (pip install 'bon-sr[bench]')")
 
 
 # -- checkers -------------------------------------------------------------------------------
@@ -51,7 +48,6 @@ def test_numeric_gold_from_gsm8k_solution():
         get_checker("numeric").gold("seven")
 
 
-@needs_math_verify
 @pytest.mark.parametrize("response, gold, expected", [
     ("So $x = \\boxed{0.5}$.", "\\frac{1}{2}", True),
     ("The answer is \\boxed{\\frac12}", "0.5", True),
@@ -98,7 +94,6 @@ def test_unknown_checker_lists_available():
         get_checker("nope")
 
 
-@needs_math_verify
 def test_group_answers():
     assert group_answers(["1,000", "1000", "7", None, "7.0"], get_checker("numeric")) == [0, 0, 1, -1, 1]
     assert group_answers(["\\frac{1}{2}", "0.5", "\\frac13", None], get_checker("math")) == [0, 0, 1, -1]

