@@ -230,9 +230,21 @@ class BestOfN:
 
     @property
     def sampler(self) -> Any:
+        """The sampler ``select`` draws with (built on first use); assign any object with the
+        ``Sampler`` protocol's ``sample`` to draw candidates another way (e.g. ``FakeSampler``)."""
         if self._sampler is None:
             self._sampler = self.make_sampler()
         return self._sampler
+
+    @sampler.setter
+    def sampler(self, sampler: Any) -> None:
+        self._sampler = sampler
+
+    @property
+    def vllm_engines(self) -> Any:
+        """The ``VLLMBackend`` holding this object's vLLM engines (its ``sampler()``,
+        ``scorer()``, ``generate_llm``), or None with the transformers backend and scorer."""
+        return self._vllm
 
     @property
     def hf_model(self) -> Any:

@@ -363,7 +363,7 @@ def fake_generator(tiny_model, calls):
 
 def test_run_bench_caches_and_resumes(tmp_path, monkeypatch, tiny_model):
     calls: list[int] = []
-    monkeypatch.setattr(runner, "_load_generator", lambda *a, **k: fake_generator(tiny_model, calls))
+    monkeypatch.setattr(runner, "load_generator", lambda *a, **k: fake_generator(tiny_model, calls))
     task = Task("toy", tuple(runner.Problem(str(i), f"What is 2+2? ({i})", "4", "numeric") for i in range(3)))
     config = runner.BenchConfig(task="toy", n=(1, 2, 4), backend="hf", bootstrap=200)
     s = runner.run_bench(config, tmp_path, task=task)
@@ -384,7 +384,7 @@ def test_run_bench_caches_and_resumes(tmp_path, monkeypatch, tiny_model):
     bigger = Task("toy", task.problems + (runner.Problem("3", "What is 2+2? (3)", "4", "numeric"),))
     assert runner.run_bench(config, tmp_path, task=bigger)["generated_now"] == 1
     # a new selector subset re-scores from the cache without the model
-    monkeypatch.setattr(runner, "_load_generator", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr(runner, "load_generator", lambda *a, **k: pytest.fail("model loaded"))
     only = runner.BenchConfig(task="toy", n=(2,), backend="hf", selectors=("majority", "shortest"),
                               bootstrap=200)
     s = runner.run_bench(only, tmp_path, task=bigger, generate=False)
@@ -399,7 +399,7 @@ def test_run_bench_caches_and_resumes(tmp_path, monkeypatch, tiny_model):
 
 
 def test_bench_scorer_is_part_of_the_cache_identity(tmp_path, monkeypatch, tiny_model):
-    monkeypatch.setattr(runner, "_load_generator", lambda *a, **k: fake_generator(tiny_model, []))
+    monkeypatch.setattr(runner, "load_generator", lambda *a, **k: fake_generator(tiny_model, []))
     with pytest.raises(ConfigError, match="Unknown bench scorer"):
         runner.BenchConfig(task="toy", scorer="pooling")
     task = Task("toy", (runner.Problem("0", "What is 2+2?", "4", "numeric"),))

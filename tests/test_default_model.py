@@ -58,14 +58,14 @@ def test_hidden_states_equal_hf_output_on_real_model(bon):
     p = bon.encode("Say hi.")
     r = bon.tokenizer("Hi there, friend!", add_special_tokens=False)["input_ids"]
     with torch.no_grad():
-        ref = bon._hf_model(torch.tensor([p + r]), output_hidden_states=True).hidden_states[-1][0]
+        ref = bon.hf_model(torch.tensor([p + r]), output_hidden_states=True).hidden_states[-1][0]
     from bon_sr.stable_rank import stable_rank_exact
 
     for token_set, rows in (("response", ref[len(p):]), ("full", ref)):
         from bon_sr.hidden_states import HiddenStateConfig
         from bon_sr.scoring import HFScorer
 
-        score = HFScorer(bon._hf_model, HiddenStateConfig(token_set=token_set)).score([p], [r])[0]
+        score = HFScorer(bon.hf_model, HiddenStateConfig(token_set=token_set)).score([p], [r])[0]
         assert score["scored_tokens"] == rows.shape[0]
         assert score["stable_rank"] == pytest.approx(float(stable_rank_exact(rows).stable_rank), rel=1e-4)
 

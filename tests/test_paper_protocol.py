@@ -69,7 +69,7 @@ def test_hub_route_runs_the_same_converters(monkeypatch):
                 for r in fixture_rows(name_of[spec.repo]) if r.get("_config", config) == config]
 
     name_of = {hub.HUB_SPECS[n].repo: n for n in ("gpqa-diamond", "mmlu-redux", "olympiadbench", "amc23")}
-    monkeypatch.setattr(hub, "_download", fake_download)
+    monkeypatch.setattr(hub, "download_rows", fake_download)
     monkeypatch.setattr(hub, "resolved_revision", lambda spec: None)
     for name in name_of.values():
         assert data.load_dataset_items(name, source="hub") == data.load_dataset_items(name, source=SOURCE), name
@@ -90,7 +90,7 @@ def test_gated_dataset_says_how_to_get_access(monkeypatch):
     def refuse(spec, config):
         raise RuntimeError("Dataset 'Idavidrein/gpqa' is a gated dataset on the Hub. You must be authenticated.")
 
-    monkeypatch.setattr(hub, "_download", refuse)
+    monkeypatch.setattr(hub, "download_rows", refuse)
     with pytest.raises(InputError) as err:
         data.load_dataset_items("gpqa-diamond", source="hub")
     msg = str(err.value)

@@ -316,13 +316,13 @@ def test_ablate_runs_only_mixed_problems_through_the_model(tmp_path, tiny_model_
 
     _synthetic_cache(tmp_path / "bench", tiny_tokenizer, tiny_model_dir, uniform=(2, 5))
     seen = []
-    real = ablate._score_cells
+    real = ablate.score_cells
 
     def spy(model, inputs, *args, **kwargs):
         seen.append(sorted(set(inputs.owner)))
         return real(model, inputs, *args, **kwargs)
 
-    monkeypatch.setattr(ablate, "_score_cells", spy)
+    monkeypatch.setattr(ablate, "score_cells", spy)
     summary = ablate.run_ablate(ablate.AblateConfig(cache_dir=str(tmp_path / "bench"), variants=("paper",),
                                                     bootstrap=100), tmp_path / "abl")
     assert seen == [[0, 1, 3, 4, 6, 7, 8, 9]]

@@ -242,8 +242,8 @@ def check_record(rec: dict[str, Any]) -> dict[str, Any]:
 
 # -- generation ---------------------------------------------------------------------------
 
-def _load_generator(config: BenchConfig, max_new_tokens: int, n_samples: int, scorer: str,
-                    progress: ProgressFn | None) -> Any:
+def load_generator(config: BenchConfig, max_new_tokens: int, n_samples: int, scorer: str,
+                   progress: ProgressFn | None) -> Any:
     from ..api import BestOfN
 
     # scorer hf: sampling only, the bench scores every candidate itself (bench.scores: both
@@ -406,7 +406,7 @@ def run_bench(config: BenchConfig, out_dir: str | Path, *, progress: ProgressFn 
     if todo and generate:
         write_text_atomic(meta_path, json.dumps({**meta, "task": task.name, "cache_version": CACHE_VERSION}, indent=2))
         report(f"loading {config.model}", None, None)
-        bon = _load_generator(config, max_new, n_gen, identity["scorer"], progress)
+        bon = load_generator(config, max_new, n_gen, identity["scorer"], progress)
         # The generate command's writer: one fsynced line per problem; a full disk cuts the
         # file back to its last whole line and raises an InputError saying so.
         writer = JsonlWriter(cache_path, mode="resume")
