@@ -174,6 +174,16 @@ def test_unknown_preset() -> None:
     assert result.exit_code != 0 and "cpu-smoke" in result.output
 
 
+def test_warmup_ratio_reaches_trl_as_a_step_count(tmp_path: Path) -> None:
+    # transformers 5 reads a float warmup_steps < 1 as a ratio, 4.x as a step count: a whole
+    # step count means the same on both (ceil(20 * 0.1) = 2, as transformers rounds a ratio)
+    from bon_sr.train.trainer import grpo_args
+
+    args = grpo_args(get_preset("cpu-smoke", max_steps=20, warmup_ratio=0.1), tmp_path)
+    assert args.warmup_steps == 2 and args.get_warmup_steps(20) == 2
+    assert grpo_args(get_preset("paper", optim="adamw_torch", bf16=False), tmp_path).warmup_steps == 40
+
+
 def test_lengths_that_do_not_fit_the_context() -> None:
     from transformers import LlamaConfig
 
