@@ -134,6 +134,11 @@ def bench(tasks: tuple[str, ...], preset: str | None, model: str, n_values: str,
     from ..cli import Stopped, engine_output_to, stop_on_signals, uses_vllm
 
     ns = _parse_n(n_values)
+    try:  # checked before any folder or log is made
+        sampling = SamplingConfig(temperature=settings["temperature"], top_p=settings["top_p"], seed=seed)
+        scoring = HiddenStateConfig(max_batch_tokens=max_batch_tokens)
+    except _errors() as exc:
+        raise click.ClickException(str(exc)) from exc
     summaries: dict[str, dict[str, Any]] = {}
     console = Console(stderr=True)
     verbose = bool(click.get_current_context().find_root().params.get("verbose"))
@@ -149,8 +154,8 @@ def bench(tasks: tuple[str, ...], preset: str | None, model: str, n_values: str,
     try:
         with stop_on_signals(), engine_output_to(log_path, console):
             _run_tasks(tasks, ns, settings, summaries, console, model=model, limit=limit, backend=backend,
-                       scorer=scorer, seed=seed, subsets=subsets, selectors=selectors, checker=checker, dtype=dtype,
-                       device=device, max_batch_tokens=max_batch_tokens, recheck=recheck, bootstrap=bootstrap,
+                       scorer=scorer, sampling=sampling, scoring=scoring, subsets=subsets, selectors=selectors,
+                       checker=checker, dtype=dtype, device=device, recheck=recheck, bootstrap=bootstrap,
                        chunk_size=chunk_size, no_generate=no_generate, out_dir=out_dir)
         if preset == "paper":
             _paper_report(summaries, model, settings, out_dir)
@@ -169,14 +174,12 @@ def _run_tasks(tasks: Sequence[str], ns: tuple[int, ...], settings: dict[str, An
                out_dir: str, **options: Any) -> None:
     from .runner import BenchConfig, run_bench
 
-    sampling = SamplingConfig(temperature=settings["temperature"], top_p=settings["top_p"], seed=options.pop("seed"))
-    scoring = HiddenStateConfig(max_batch_tokens=options.pop("max_batch_tokens"))
     for task in tasks:
         extra: dict[str, Any] = {}
         if selectors:
             extra["selectors"] = tuple(s.strip() for s in selectors.split(",") if s.strip())
-        config = BenchConfig(task=task, n=ns, max_new_tokens=settings["max_new_tokens"], sampling=sampling,
-                             scoring=scoring, data_source=settings["data_source"], **options, **extra)
+        config = BenchConfig(task=task, n=ns, max_new_tokens=settings["max_new_tokens"],
+                             data_source=settings["data_source"], **options, **extra)
         with progress_bars(console) as progress:
             summary = run_bench(config, out_dir, progress=progress, generate=not no_generate)
         _echo_summary(summary, out_dir)
