@@ -74,7 +74,7 @@ def main() -> None:
     from bon_sr.cli import main as bon_sr_main
 
     sys.argv[0] = "bon-sr"
-    bon_sr_main()
+    bon_sr_main(prog_name="bon-sr")  # click would name it after this module
 
 
 if __name__ == "__main__":
