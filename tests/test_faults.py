@@ -76,9 +76,9 @@ def test_kill9_bench_and_ablate_then_rerun_equals_uninterrupted(tmp_path, tiny_m
                   "--max-new-tokens", "6", "--bootstrap", "100"]
     res = kill.kill_dir_command("bench", bench_args, tmp_path, 2, seed=2, compare=kill.bench_state)
     # ablate over a cache with mixed correctness (the tiny model gets every answer wrong)
-    from test_variants import _synthetic_cache
+    from test_variants import synthetic_cache
 
-    _synthetic_cache(tmp_path / "cache", tiny_tokenizer, tiny_model_dir, problems=8)
+    synthetic_cache(tmp_path / "cache", tiny_tokenizer, tiny_model_dir, problems=8)
     ablate_args = ["--cache", str(tmp_path / "cache"), "--variants", "paper,center,drop-massive", "--layers", "0,-1",
                    "--norms", "post,pre", "--bootstrap", "100"]
     res += kill.kill_dir_command("ablate", ablate_args, tmp_path, 2, seed=2, compare=kill.ablate_state)
