@@ -239,6 +239,7 @@ def test_seeded_sampling_reproduces(bon, pairs):
     assert len(set(ids(a)[1])) > 1, "the n samples of one prompt should differ"
 
 
+@slow
 def test_sample_and_greedy_in_one_call(bon, pairs):
     prompts = [pairs[0][0], pairs[0][len(RESPONSES)]]
     greedy = bon.vllm_engines.sampler(SamplingConfig(n=1, greedy=True, max_new_tokens=MAX_NEW), logprobs=True)
