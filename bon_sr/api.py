@@ -92,8 +92,10 @@ class BestOfN:
         run no hidden-state pass); True always computes stable rank; False never scores.
     logit_stats: also compute ``mean_logprob`` and ``self_certainty`` (automatic when the
         selector needs them).
-    Sampling options follow the paper's defaults (temperature 0.7, top-p 0.9); scoring
-    options follow ``HiddenStateConfig`` (response tokens, last layer, post-norm).
+    Sampling options and their defaults are ``SamplingConfig``'s (the paper's temperature
+    0.7 and top-p 0.9; n 8); scoring options are ``HiddenStateConfig``'s (response tokens,
+    last layer, post-norm). The signature takes its defaults from those two classes, which
+    also check the values, as the CLI, the server and the bench do.
     """
 
     def __init__(
@@ -102,24 +104,24 @@ class BestOfN:
         *,
         backend: str = "auto",
         scorer: str = "auto",
-        n: int = 8,
-        temperature: float = 0.7,
-        top_p: float = 0.9,
-        max_new_tokens: int = 256,
+        n: int = SamplingConfig.n,
+        temperature: float = SamplingConfig.temperature,
+        top_p: float = SamplingConfig.top_p,
+        max_new_tokens: int = SamplingConfig.max_new_tokens,
         stop: Sequence[str] = (),
-        greedy: bool = False,
-        seed: int = 0,
+        greedy: bool = SamplingConfig.greedy,
+        seed: int = SamplingConfig.seed,
         selector: str | SelectorFn = "stable-rank",
         answer: AnswerInput = None,
         answer_regex: str | None = None,
         score: bool | None = None,
         logit_stats: bool = False,
-        token_set: str = "response",
-        layer: int = -1,
-        norm: str = "post",
-        window: int | None = None,
-        transform: str = "raw",
-        max_batch_tokens: int = 8192,
+        token_set: str = HiddenStateConfig.token_set,
+        layer: int = HiddenStateConfig.layer,
+        norm: str = HiddenStateConfig.norm,
+        window: int | None = HiddenStateConfig.window,
+        transform: str = HiddenStateConfig.transform,
+        max_batch_tokens: int = HiddenStateConfig.max_batch_tokens,
         device: str | None = None,
         dtype: str = "auto",
         vllm_options: Mapping[str, Any] | None = None,
@@ -228,9 +230,21 @@ class BestOfN:
 
     @property
     def sampler(self) -> Any:
+        """The sampler ``select`` draws with (built on first use); assign any object with the
+        ``Sampler`` protocol's ``sample`` to draw candidates another way (e.g. ``FakeSampler``)."""
         if self._sampler is None:
             self._sampler = self.make_sampler()
         return self._sampler
+
+    @sampler.setter
+    def sampler(self, sampler: Any) -> None:
+        self._sampler = sampler
+
+    @property
+    def vllm_engines(self) -> Any:
+        """The ``VLLMBackend`` holding this object's vLLM engines (its ``sampler()``,
+        ``scorer()``, ``generate_llm``), or None with the transformers backend and scorer."""
+        return self._vllm
 
     @property
     def hf_model(self) -> Any:

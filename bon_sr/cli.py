@@ -30,6 +30,7 @@ from .bench.cli import bench, rank_eval
 from .cli_runtime import engine_log_path, engine_output_to, parse_options, stop_on_signals, stopped_runs_resume, \
     uses_vllm
 from .models import DEFAULT_MODEL
+from .samplers import SamplingConfig
 from .serve.cli import serve
 from .train.cli import train
 
@@ -82,6 +83,7 @@ def _model_progress(console: Any) -> Any:
 def _selection_options(fn: Any) -> Any:
     """Options shared by ``generate`` and ``score``: model, scorer, selector, answers, scoring."""
     from .answers import ANSWER_FORMATS
+    from .hidden_states import HiddenStateConfig as H
     from .selectors import SELECTORS
 
     options = [
@@ -107,17 +109,19 @@ def _selection_options(fn: Any) -> Any:
         click.option("--logit-stats", is_flag=True,
                      help="Also compute mean token log-prob and self-certainty (automatic for the selectors "
                           "that use them)."),
-        click.option("--token-set", type=click.Choice(["response", "response+eot", "full"]), default="response",
+        click.option("--token-set", type=click.Choice(["response", "response+eot", "full"]), default=H.token_set,
                      show_default=True, help="Score response tokens only, response + end-of-turn token, or the "
                                              "chat-formatted prompt + response."),
-        click.option("--transform", default="raw", show_default=True,
+        click.option("--transform", default=H.transform, show_default=True,
                      help="Transform of H before stable rank (raw = the paper; e.g. center, drop-first, "
                           "drop-special, drop-massive-seq; join with '+'). Needs --scorer hf."),
-        click.option("--layer", type=int, default=-1, show_default=True, help="Decoder layer to score (-1 = last)."),
-        click.option("--norm", type=click.Choice(["post", "pre"]), default="post", show_default=True,
+        click.option("--layer", type=int, default=H.layer, show_default=True,
+                     help="Decoder layer to score (-1 = last)."),
+        click.option("--norm", type=click.Choice(["post", "pre"]), default=H.norm, show_default=True,
                      help="Hidden states after (post) or before (pre) the final norm."),
-        click.option("--window", type=int, default=None, help="Score only the first WINDOW tokens of the token set."),
-        click.option("--batch-tokens", type=int, default=8192, show_default=True,
+        click.option("--window", type=int, default=H.window,
+                     help="Score only the first WINDOW tokens of the token set."),
+        click.option("--batch-tokens", type=int, default=H.max_batch_tokens, show_default=True,
                      help="Padded tokens per scoring forward pass (bounds memory)."),
         click.option("--chunk-size", type=int, default=None,
                      help="Prompts submitted together (default: 1 for hf, 32 for vllm)."),
@@ -142,13 +146,15 @@ def _selection_options(fn: Any) -> Any:
 @click.argument("prompts", type=click.Path(dir_okay=False, path_type=str))
 @click.option("--backend", type=click.Choice(["auto", "hf", "vllm"]), default="auto", show_default=True,
               help="Sampling backend; auto = vLLM when importable, else transformers.")
-@click.option("-n", "--n", "n", type=int, default=8, show_default=True, help="Candidates per prompt.")
-@click.option("--temperature", type=float, default=0.7, show_default=True, help="Sampling temperature.")
-@click.option("--top-p", type=float, default=0.9, show_default=True, help="Nucleus sampling top-p.")
-@click.option("--max-new-tokens", type=int, default=256, show_default=True, help="Tokens per candidate.")
+@click.option("-n", "--n", "n", type=int, default=SamplingConfig.n, show_default=True, help="Candidates per prompt.")
+@click.option("--temperature", type=float, default=SamplingConfig.temperature, show_default=True,
+              help="Sampling temperature.")
+@click.option("--top-p", type=float, default=SamplingConfig.top_p, show_default=True, help="Nucleus sampling top-p.")
+@click.option("--max-new-tokens", type=int, default=SamplingConfig.max_new_tokens, show_default=True,
+              help="Tokens per candidate.")
 @click.option("--stop", multiple=True, help="Stop string (repeatable); excluded from the text.")
 @click.option("--greedy", is_flag=True, help="Greedy decoding (requires --n 1).")
-@click.option("--seed", type=int, default=0, show_default=True,
+@click.option("--seed", type=int, default=SamplingConfig.seed, show_default=True,
               help="Run seed; each prompt's seed derives from it and the prompt id.")
 @click.option("--ray", "ray", is_flag=True,
               help="Run on Ray (pip install 'bon-sr[ray]'): a Ray Data pipeline over --replicas model replicas; "
@@ -194,7 +200,7 @@ tokenised). Nothing is sampled.
 @click.option("--backend", type=click.Choice(["auto", "hf", "vllm"]), default="auto", show_default=True,
               help="Engine that scores: auto = vLLM when importable, else transformers; vllm = the vLLM hook "
                    "(teacher-forced prefills) or pooling scorer; hf = transformers.")
-@click.option("--seed", type=int, default=0, show_default=True,
+@click.option("--seed", type=int, default=SamplingConfig.seed, show_default=True,
               help="Run seed (the random selector's per-prompt seed derives from it and the id).")
 @_selection_options
 def score(file: str, backend: str, seed: int, **common: Any) -> None:

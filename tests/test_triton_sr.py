@@ -1,36 +1,48 @@
 """Tests for the fused Triton stable-rank kernel (bon_sr.kernels.triton_sr).
 
 On the CPU the kernel runs in Triton's interpreter. TRITON_INTERPRET=1 must be set
-before triton is imported: ``triton.jit`` reads it when the kernel module is imported
-and decorates the kernel as an interpreted function. This module therefore sets it at
-the top; run it in its own process (or first) if another test imports the kernel
-module without the variable. Shapes stay tiny because the interpreter is slow.
+when the kernel module is imported (``triton.jit`` reads it then and decorates the kernel
+as an interpreted function) and while the kernel runs (Triton reads it again at call
+time). This module sets it for its import of the kernel and, through an autouse fixture,
+for its own tests only: pytest imports every test module before running any, and the
+variable would otherwise reach the other modules' tests and the processes they start.
+Shapes stay tiny because the interpreter is slow.
 
-If triton is missing the module fails loudly, unless BON_SR_ALLOW_SKIP_TRITON=1 says a
-skip is acceptable on this machine. The test marked ``gpu`` runs the compiled kernel on
-CUDA when present and is skipped, with the reason shown, otherwise.
+triton arrives with vLLM; tests/conftest.py fails the run when it is missing. The test
+marked ``gpu`` runs the compiled kernel on CUDA when present and is skipped, with the
+reason shown, otherwise.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"  # before any import of triton; see the docstring
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+_BEFORE = os.environ.get("TRITON_INTERPRET")
 
-if importlib.util.find_spec("triton") is None:
-    if os.environ.get("BON_SR_ALLOW_SKIP_TRITON") == "1":
-        pytest.skip("triton is not installed (BON_SR_ALLOW_SKIP_TRITON=1)", allow_module_level=True)
-    raise ImportError(
-        "tests/test_triton_sr.py needs triton (pip install triton); "
-        "set BON_SR_ALLOW_SKIP_TRITON=1 to skip these tests instead"
-    )
 
-from bon_sr.kernels.triton_sr import hthy, stable_rank_triton  # noqa: E402
-from bon_sr.stable_rank import stable_rank, stable_rank_exact  # noqa: E402
+def _restore_interpret() -> None:
+    if _BEFORE is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = _BEFORE
+
+
+os.environ["TRITON_INTERPRET"] = "1"  # for the kernel's import; see the docstring
+try:
+    from bon_sr.kernels.triton_sr import hthy, stable_rank_triton
+finally:
+    _restore_interpret()
+from bon_sr.stable_rank import stable_rank, stable_rank_exact
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _interpreter_for_this_module():
+    os.environ["TRITON_INTERPRET"] = "1"
+    yield
+    _restore_interpret()
 
 HAS_CUDA = torch.cuda.is_available()
 

@@ -225,7 +225,7 @@ def test_bon_accuracy():
 
 # -- ablate end to end -------------------------------------------------------------------------
 
-def _synthetic_cache(root, tok, model_dir, problems=10, n=4, seed=0, uniform=()):
+def synthetic_cache(root, tok, model_dir, problems=10, n=4, seed=0, uniform=()):
     """A bench cache as runner.py writes it: random responses, random correctness."""
     from bon_sr.prompts import encode_prompt, encode_response
 
@@ -259,7 +259,7 @@ def _synthetic_cache(root, tok, model_dir, problems=10, n=4, seed=0, uniform=())
 def test_ablate_end_to_end_resumes_and_random_init(tmp_path, tiny_model_dir, tiny_tokenizer):
     from bon_sr.cli import main
 
-    _synthetic_cache(tmp_path / "bench", tiny_tokenizer, tiny_model_dir)
+    synthetic_cache(tmp_path / "bench", tiny_tokenizer, tiny_model_dir)
     out = tmp_path / "abl"
     args = ["ablate", "--cache", str(tmp_path / "bench"), "--variants",
             "paper,center,drop-special,drop-massive,standardize,center+length", "--layers", "0,-1",
@@ -314,15 +314,15 @@ def test_ablate_end_to_end_resumes_and_random_init(tmp_path, tiny_model_dir, tin
 def test_ablate_runs_only_mixed_problems_through_the_model(tmp_path, tiny_model_dir, tiny_tokenizer, monkeypatch):
     from bon_sr.bench import ablate
 
-    _synthetic_cache(tmp_path / "bench", tiny_tokenizer, tiny_model_dir, uniform=(2, 5))
+    synthetic_cache(tmp_path / "bench", tiny_tokenizer, tiny_model_dir, uniform=(2, 5))
     seen = []
-    real = ablate._score_cells
+    real = ablate.score_cells
 
     def spy(model, inputs, *args, **kwargs):
         seen.append(sorted(set(inputs.owner)))
         return real(model, inputs, *args, **kwargs)
 
-    monkeypatch.setattr(ablate, "_score_cells", spy)
+    monkeypatch.setattr(ablate, "score_cells", spy)
     summary = ablate.run_ablate(ablate.AblateConfig(cache_dir=str(tmp_path / "bench"), variants=("paper",),
                                                     bootstrap=100), tmp_path / "abl")
     assert seen == [[0, 1, 3, 4, 6, 7, 8, 9]]
@@ -361,7 +361,7 @@ def test_layer_states_match_single_layer_scorer(tiny_model):
 def test_ablate_errors(tmp_path, tiny_model_dir, tiny_tokenizer):
     from bon_sr.cli import main
 
-    _synthetic_cache(tmp_path / "bench", tiny_tokenizer, tiny_model_dir, problems=2)
+    synthetic_cache(tmp_path / "bench", tiny_tokenizer, tiny_model_dir, problems=2)
     base = ["ablate", "--cache", str(tmp_path / "bench"), "-o", str(tmp_path / "o")]
     res = CliRunner().invoke(main, [*base, "--variants", "paper,nope"])
     assert res.exit_code != 0 and "Unknown variant 'nope'" in res.output

@@ -191,9 +191,9 @@ def _calibrate(model: Any, inputs: _Inputs, keys: Sequence[tuple[str, int]], con
     return {key: acc.finish() for key, acc in accs.items()}
 
 
-def _score_cells(model: Any, inputs: _Inputs, cells: Sequence[Cell],
-                 stats: Mapping[tuple[str, int], CalibrationStats], config: AblateConfig,
-                 report: ProgressFn) -> dict[Cell, list[float]]:
+def score_cells(model: Any, inputs: _Inputs, cells: Sequence[Cell],
+                stats: Mapping[tuple[str, int], CalibrationStats], config: AblateConfig,
+                report: ProgressFn) -> dict[Cell, list[float]]:
     """Per-candidate SR of each cell's row transforms (length correction comes later)."""
     keys = sorted({(n, lay) for _, n, lay in cells})
     row_specs = {cell: "+".join(p.name for p in parse_variant(cell[0]).row_parts) or "raw" for cell in cells}
@@ -354,7 +354,7 @@ def run_ablate(config: AblateConfig, out_dir: str | Path, *, progress: ProgressF
         mixed_problems = {k for k, rec in enumerate(records) if is_mixed(rec)}
         sel = [i for i, k in enumerate(owner) if k in mixed_problems]
         scored = _Inputs([prompts[i] for i in sel], [responses[i] for i in sel], [owner[i] for i in sel], special)
-        for cell, part in _score_cells(model, scored, todo, stats, config, report).items():
+        for cell, part in score_cells(model, scored, todo, stats, config, report).items():
             values = [0.0] * len(owner)
             for j, i in enumerate(sel):
                 values[i] = part[j]

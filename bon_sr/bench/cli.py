@@ -12,7 +12,9 @@ from typing import Any, Sequence
 import click
 
 from ..cli_runtime import progress_bars
+from ..hidden_states import HiddenStateConfig
 from ..models import DEFAULT_MODEL
+from ..samplers import SamplingConfig
 
 
 def _parse_n(value: str) -> tuple[int, ...]:
@@ -64,9 +66,11 @@ def _errors() -> tuple[type[BaseException], ...]:
                    "transformers pass after sampling; auto = the cache's own when resuming, else hook with vLLM.")
 @click.option("--max-new-tokens", type=int, default=None,
               help="Generation budget per candidate (default: the task's, 512 or 1024 for math500).")
-@click.option("--temperature", type=float, default=0.7, show_default=True, help="Sampling temperature.")
-@click.option("--top-p", type=float, default=0.9, show_default=True, help="Nucleus sampling top-p.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Run seed (per-problem seeds derive from it).")
+@click.option("--temperature", type=float, default=SamplingConfig.temperature, show_default=True,
+              help="Sampling temperature.")
+@click.option("--top-p", type=float, default=SamplingConfig.top_p, show_default=True, help="Nucleus sampling top-p.")
+@click.option("--seed", type=int, default=SamplingConfig.seed, show_default=True,
+              help="Run seed (per-problem seeds derive from it).")
 @click.option("--subsets", type=int, default=32, show_default=True,
               help="Random n-subsets of the samples averaged per problem and n (all subsets when fewer exist).")
 @click.option("--selectors", default=None,
@@ -79,7 +83,7 @@ def _errors() -> tuple[type[BaseException], ...]:
                                                 "numeric).")
 @click.option("--dtype", default="auto", show_default=True, help="Model dtype: auto, bfloat16, float16, float32.")
 @click.option("--device", default=None, help="Torch device for transformers (default: cuda if available).")
-@click.option("--max-batch-tokens", type=int, default=8192, show_default=True,
+@click.option("--max-batch-tokens", type=int, default=HiddenStateConfig.max_batch_tokens, show_default=True,
               help="Padded tokens per scoring forward pass (bounds memory).")
 @click.option("--chunk-size", type=int, default=None,
               help="Problems sampled (and scored) together before caching (default: 1 for hf, 16 for vllm); "
@@ -107,6 +111,11 @@ def bench(tasks: tuple[str, ...], preset: str | None, model: str, n_values: str,
     from ..cli_runtime import Stopped, engine_output_to, exit_stopped, stop_on_signals, uses_vllm
 
     ns = _parse_n(n_values)
+    try:  # checked before any folder or log is made
+        sampling = SamplingConfig(temperature=settings["temperature"], top_p=settings["top_p"], seed=seed)
+        scoring = HiddenStateConfig(max_batch_tokens=max_batch_tokens)
+    except _errors() as exc:
+        raise click.ClickException(str(exc)) from exc
     summaries: dict[str, dict[str, Any]] = {}
     console = Console(stderr=True)
     verbose = bool(click.get_current_context().find_root().params.get("verbose"))
@@ -122,8 +131,8 @@ def bench(tasks: tuple[str, ...], preset: str | None, model: str, n_values: str,
     try:
         with stop_on_signals(), engine_output_to(log_path, console):
             _run_tasks(tasks, ns, settings, summaries, console, model=model, limit=limit, backend=backend,
-                       scorer=scorer, seed=seed, subsets=subsets, selectors=selectors, checker=checker, dtype=dtype,
-                       device=device, max_batch_tokens=max_batch_tokens, recheck=recheck, bootstrap=bootstrap,
+                       scorer=scorer, sampling=sampling, scoring=scoring, subsets=subsets, selectors=selectors,
+                       checker=checker, dtype=dtype, device=device, recheck=recheck, bootstrap=bootstrap,
                        chunk_size=chunk_size, no_generate=no_generate, out_dir=out_dir)
         if preset == "paper":
             _paper_report(summaries, model, settings, out_dir)
@@ -144,7 +153,6 @@ def _run_tasks(tasks: Sequence[str], ns: tuple[int, ...], settings: dict[str, An
         if selectors:
             extra["selectors"] = tuple(s.strip() for s in selectors.split(",") if s.strip())
         config = BenchConfig(task=task, n=ns, max_new_tokens=settings["max_new_tokens"],
-                             temperature=settings["temperature"], top_p=settings["top_p"],
                              data_source=settings["data_source"], **options, **extra)
         with progress_bars(console) as progress:
             summary = run_bench(config, out_dir, progress=progress, generate=not no_generate)
@@ -224,7 +232,7 @@ def _echo_summary(summary: dict[str, Any], out_dir: str) -> None:
 @click.option("--limit", type=int, default=None, help="Use the first K pairs.")
 @click.option("--dtype", default="auto", show_default=True, help="Model dtype: auto, bfloat16, float16, float32.")
 @click.option("--device", default=None, help="Torch device (default: cuda if available).")
-@click.option("--max-batch-tokens", type=int, default=8192, show_default=True,
+@click.option("--max-batch-tokens", type=int, default=HiddenStateConfig.max_batch_tokens, show_default=True,
               help="Padded tokens per scoring forward pass (bounds memory).")
 @click.option("--bootstrap", type=int, default=1000, show_default=True, help="Bootstrap resamples for the CIs.")
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False),

@@ -115,7 +115,7 @@ def _is_gated(exc: BaseException) -> bool:
     return "gated" in text or "401" in text or "403" in text or "must be authenticated" in text
 
 
-def _download(spec: HubSpec, config: str | None) -> list[dict[str, Any]]:
+def download_rows(spec: HubSpec, config: str | None) -> list[dict[str, Any]]:
     """The one call that reaches the hub: one config's split at the pinned revision."""
     try:
         from datasets import load_dataset
@@ -159,7 +159,7 @@ def hub_rows(name: str, *, source: str = "hub",
         return _fixture_rows(fixtures, name, spec)
     if source != "hub":
         raise ConfigError(f"Unknown data source '{source}'. Use hub or fixtures:DIR.")
-    fetch = download or _download
+    fetch = download or download_rows
     rows: list[dict[str, Any]] = []
     for config in spec.configs:
         try:

@@ -34,11 +34,12 @@ import json
 import logging
 import math
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from ..errors import ConfigError, InputError
+from ..hidden_states import HiddenStateConfig
 from ..jsonl import JsonlWriter, write_text_atomic
 from ..models import DEFAULT_MODEL, ProgressFn
 from ..prompts import check_fits, derive_seed
@@ -64,7 +65,15 @@ BENCH_SCORERS = ("auto", "hf", "hook")
 
 @dataclass(frozen=True)
 class BenchConfig:
-    """One benchmark run on one task. ``max_new_tokens=None`` takes the task's default."""
+    """One benchmark run on one task.
+
+    n: the n evaluated; max(n) candidates are sampled once per problem. sampling: the
+    ``SamplingConfig`` of ``BestOfN`` (temperature, top_p, the run seed), its ``n`` set to
+    max(n) here; its ``max_new_tokens`` is ``max_new_tokens``, or the task's default when
+    that is None (``sampling_for``). scoring: ``HiddenStateConfig``, of which the bench uses
+    ``max_batch_tokens``: it scores both token sets at the last layer, post-norm, untransformed
+    (``bon-sr ablate`` varies those).
+    """
 
     task: str
     model: str = DEFAULT_MODEL
@@ -72,15 +81,13 @@ class BenchConfig:
     limit: int | None = None
     backend: str = "auto"
     max_new_tokens: int | None = None
-    temperature: float = 0.7
-    top_p: float = 0.9
-    seed: int = 0
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    scoring: HiddenStateConfig = field(default_factory=HiddenStateConfig)
     subsets: int = 32
     data_source: str = "package"
     checker: str | None = None
     dtype: str = "auto"
     device: str | None = None
-    max_batch_tokens: int = 8192
     chunk_size: int | None = None
     scorer: str = "auto"
     selectors: tuple[str, ...] = field(default_factory=lambda: tuple(sorted([*BENCH_SELECTORS, GREEDY])))
@@ -103,11 +110,42 @@ class BenchConfig:
         for name in self.selectors:
             if name != GREEDY:
                 get_bench_selector(name)
-        SamplingConfig(n=n[-1], temperature=self.temperature, top_p=self.top_p)
+        if replace(self.scoring, max_batch_tokens=HiddenStateConfig.max_batch_tokens) != HiddenStateConfig():
+            raise ConfigError("The bench scores both token sets at the last layer, post-norm, untransformed; "
+                              "only scoring.max_batch_tokens may change. Compare layers, norms, windows and "
+                              "transforms with bon-sr ablate.")
+        object.__setattr__(self, "sampling", replace(self.sampling, n=n[-1], **(
+            {"max_new_tokens": self.max_new_tokens} if self.max_new_tokens is not None else {})))
 
     @property
     def n_max(self) -> int:
         return self.n[-1]
+
+    @property
+    def seed(self) -> int:
+        """The run seed (``sampling.seed``): per-problem seeds, subsets and bootstrap derive from it."""
+        return self.sampling.seed
+
+    def sampling_for(self, task_max_new_tokens: int) -> SamplingConfig:
+        """The sampling options of a run on a task whose default budget is ``task_max_new_tokens``."""
+        if self.max_new_tokens is not None:
+            return self.sampling
+        return replace(self.sampling, max_new_tokens=task_max_new_tokens)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Flat, as the reports have always shown it: the sampling and scoring options inline."""
+        flat = {"temperature": self.sampling.temperature, "top_p": self.sampling.top_p, "seed": self.sampling.seed}
+        out: dict[str, Any] = {}
+        for key, value in asdict(self).items():
+            if key == "sampling":
+                out.update(flat)
+            elif key == "scoring":
+                pass
+            else:
+                out[key] = value
+            if key == "device":
+                out["max_batch_tokens"] = self.scoring.max_batch_tokens
+        return out
 
 
 # -- the cache ------------------------------------------------------------------------
@@ -156,8 +194,8 @@ def _identity(config: BenchConfig, max_new_tokens: int, cached: Mapping[str, Any
     if scorer == "hook" and backend != "vllm":
         raise ConfigError("The hook scores inside vLLM's sampling pass: --scorer hook needs --backend vllm.")
     return {"model": config.model, "backend": backend, "scorer": scorer, "n_samples": config.n_max,
-            "temperature": config.temperature, "top_p": config.top_p, "max_new_tokens": max_new_tokens,
-            "seed": config.seed, "dtype": config.dtype}
+            "temperature": config.sampling.temperature, "top_p": config.sampling.top_p,
+            "max_new_tokens": max_new_tokens, "seed": config.seed, "dtype": config.dtype}
 
 
 def _check_meta(meta_path: Path, identity: Mapping[str, Any], have_records: bool) -> dict[str, Any]:
@@ -204,19 +242,19 @@ def check_record(rec: dict[str, Any]) -> dict[str, Any]:
 
 # -- generation ---------------------------------------------------------------------------
 
-def _load_generator(config: BenchConfig, max_new_tokens: int, n_samples: int, scorer: str,
-                    progress: ProgressFn | None) -> Any:
+def load_generator(config: BenchConfig, max_new_tokens: int, n_samples: int, scorer: str,
+                   progress: ProgressFn | None) -> Any:
     from ..api import BestOfN
 
     # scorer hf: sampling only, the bench scores every candidate itself (bench.scores: both
     # token sets, log-prob and self-certainty from one HF pass). scorer hook: the sampling
     # pass scores, token set full plus response from the same rows (generate_records).
     hook = scorer == "hook"
-    return BestOfN(config.model, backend=config.backend, scorer=scorer, n=n_samples, selector="first", score=hook,
+    sampling = replace(config.sampling_for(max_new_tokens), n=n_samples)
+    return BestOfN(config.model, backend=config.backend, scorer=scorer, selector="first", score=hook,
                    logit_stats=hook, token_set="full" if hook else "response",
-                   temperature=config.temperature, top_p=config.top_p, max_new_tokens=max_new_tokens,
-                   seed=config.seed, dtype=config.dtype, device=config.device,
-                   max_batch_tokens=config.max_batch_tokens, progress=progress)
+                   max_batch_tokens=config.scoring.max_batch_tokens, dtype=config.dtype, device=config.device,
+                   progress=progress, **sampling.to_dict())
 
 
 def _hook_scores(cand: Any) -> dict[str, float]:
@@ -239,9 +277,7 @@ def generate_records(
 ) -> Iterable[dict[str, Any]]:
     """Sample, decode greedily, score and check; yield one finished record per problem.
     ``scorer``: "hook" when ``bon`` scores in vLLM's sampling pass, else one HF pass."""
-    from ..hidden_states import HiddenStateConfig
-
-    scoring = HiddenStateConfig(max_batch_tokens=config.max_batch_tokens)
+    scoring = config.scoring
     hook = scorer == "hook"
     sampler = bon.make_sampler(also=("response",)) if hook else None
     size = config.chunk_size or (1 if bon.backend == "hf" else 16)
@@ -370,7 +406,7 @@ def run_bench(config: BenchConfig, out_dir: str | Path, *, progress: ProgressFn 
     if todo and generate:
         write_text_atomic(meta_path, json.dumps({**meta, "task": task.name, "cache_version": CACHE_VERSION}, indent=2))
         report(f"loading {config.model}", None, None)
-        bon = _load_generator(config, max_new, n_gen, identity["scorer"], progress)
+        bon = load_generator(config, max_new, n_gen, identity["scorer"], progress)
         # The generate command's writer: one fsynced line per problem; a full disk cuts the
         # file back to its last whole line and raises an InputError saying so.
         writer = JsonlWriter(cache_path, mode="resume")
@@ -399,7 +435,7 @@ def run_bench(config: BenchConfig, out_dir: str | Path, *, progress: ProgressFn 
     summary = summarize(evaluation, bootstrap=config.bootstrap, seed=config.seed)
     summary.update(task=task.name, problems=len(chosen), missing=len(task.problems) - len(chosen),
                    generated_now=generated, n_samples=n_samples, subsets=config.subsets,
-                   config={**asdict(config), **{k: meta.get(k, v) for k, v in identity.items()}},
+                   config={**config.to_dict(), **{k: meta.get(k, v) for k, v in identity.items()}},
                    cache=str(cache_path))
     write_bench_report(summary, out_dir, task.name)
     return summary

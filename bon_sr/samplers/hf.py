@@ -56,9 +56,6 @@ class HFSampler:
         chunk_no = 0
         while done < n:
             k = min(self.max_batch, n - done)
-            # Each chunk gets its own seed derived from the prompt's seed, so n=64 drawn in
-            # chunks of 16 is reproducible however the chunks are sized internally.
-            torch.manual_seed(seed + 1_000_003 * chunk_no)
             kwargs: dict[str, Any] = dict(
                 max_new_tokens=cfg.max_new_tokens,
                 num_return_sequences=k,
@@ -71,7 +68,13 @@ class HFSampler:
                 kwargs.update(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0)
             if cfg.stop:
                 kwargs.update(stop_strings=list(cfg.stop), tokenizer=self.tokenizer)
-            with torch.inference_mode():
+            # transformers' generate draws from torch's global generator and takes no other, so
+            # each chunk seeds it inside fork_rng, which restores the caller's RNG state after:
+            # sampling leaves the caller's random stream as it found it. Each chunk's seed derives
+            # from the prompt's, so n=64 drawn in chunks of 16 is reproducible.
+            cuda = [device] if device.type == "cuda" else []
+            with torch.random.fork_rng(devices=cuda), torch.inference_mode():
+                torch.manual_seed(seed + 1_000_003 * chunk_no)
                 out = self.model.generate(input_ids, **kwargs)
             rows.extend(out[:, input_ids.shape[1]:].tolist())
             done += k

@@ -11,7 +11,9 @@ from typing import Any
 import click
 
 from ..answers import ANSWER_FORMATS
+from ..hidden_states import HiddenStateConfig
 from ..models import DEFAULT_MODEL
+from ..samplers import SamplingConfig
 from ..selectors import SELECTORS
 
 SERVE_EXAMPLE = """
@@ -41,7 +43,7 @@ start after Best-of-N has finished: the selected answer is sent as SSE chunks.
 @click.option("--port", type=int, default=8000, show_default=True, help="Port to bind.")
 @click.option("--api-key", envvar="BON_SR_API_KEY", default=None,
               help="Require 'Authorization: Bearer KEY' on /v1/* (also read from BON_SR_API_KEY).")
-@click.option("-n", "--n", "n", type=int, default=4, show_default=True,
+@click.option("-n", "--n", "n", type=int, default=SamplingConfig.n, show_default=True,
               help="Candidates per request unless the request sets bon_sr.n.")
 @click.option("--max-n", type=int, default=64, show_default=True, help="Largest bon_sr.n a request may ask for.")
 @click.option("--selector", type=click.Choice(sorted(SELECTORS)), default="stable-rank", show_default=True,
@@ -49,12 +51,16 @@ start after Best-of-N has finished: the selected answer is sent as SSE chunks.
 @click.option("--answer", type=click.Choice(sorted(ANSWER_FORMATS)), default=None,
               help="Default answer extractor (needed by the voting selectors).")
 @click.option("--answer-regex", default=None, metavar="PATTERN", help="Default answer regex instead of --answer.")
-@click.option("--token-set", type=click.Choice(["response", "full"]), default="response", show_default=True,
+@click.option("--token-set", type=click.Choice(["response", "full"]), default=HiddenStateConfig.token_set,
+              show_default=True,
               help="Default tokens whose hidden states are scored.")
-@click.option("--temperature", type=float, default=0.7, show_default=True, help="Default sampling temperature.")
-@click.option("--top-p", type=float, default=0.9, show_default=True, help="Default nucleus sampling top-p.")
-@click.option("--max-tokens", type=int, default=256, show_default=True, help="Default tokens per candidate.")
-@click.option("--seed", type=int, default=0, show_default=True,
+@click.option("--temperature", type=float, default=SamplingConfig.temperature, show_default=True,
+              help="Default sampling temperature.")
+@click.option("--top-p", type=float, default=SamplingConfig.top_p, show_default=True,
+              help="Default nucleus sampling top-p.")
+@click.option("--max-tokens", type=int, default=SamplingConfig.max_new_tokens, show_default=True,
+              help="Default tokens per candidate.")
+@click.option("--seed", type=int, default=SamplingConfig.seed, show_default=True,
               help="Run seed: a request without 'seed' samples with one derived from it and the request's id.")
 @click.option("--max-body-bytes", type=int, default=1 << 20, show_default=True,
               help="Larger request bodies are refused with 413.")
@@ -71,14 +77,17 @@ start after Best-of-N has finished: the selected answer is sent as SSE chunks.
                    "candidates are sampled and scored on one of them.")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True, help="uvicorn's log level.")
-def serve(host: str, port: int, vllm_opts: tuple[str, ...], log_level: str, **options: Any) -> None:
+def serve(host: str, port: int, vllm_opts: tuple[str, ...], log_level: str, n: int, temperature: float,
+          top_p: float, max_tokens: int, seed: int, token_set: str, **options: Any) -> None:
     """Serve Best-of-N behind an OpenAI-compatible API (/v1/chat/completions, /v1/completions)."""
     from ..cli_runtime import parse_options
     from ..errors import BonSRError
     from .settings import ServeSettings
 
     try:
-        settings = ServeSettings(vllm_options=parse_options(vllm_opts), **options)
+        sampling = SamplingConfig(n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_tokens, seed=seed)
+        settings = ServeSettings(sampling=sampling, scoring=HiddenStateConfig(token_set=token_set),
+                                 vllm_options=parse_options(vllm_opts), **options)
     except BonSRError as exc:
         raise click.ClickException(str(exc)) from exc
     import logging

@@ -26,7 +26,7 @@ This module knows nothing about HTTP or how the engine batches.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 from ..answers import AnswerExtractor, get_extractor
@@ -104,7 +104,7 @@ def plan(request: ChatCompletionRequest | CompletionRequest, settings: ServeSett
                             "(GET /v1/models).", param="model")
     kind = "chat" if isinstance(request, ChatCompletionRequest) else "completion"
     bon = request.bon_sr or BonSROptions()
-    n = settings.n if bon.n is None else bon.n
+    n = settings.sampling.n if bon.n is None else bon.n
     if not 1 <= n <= settings.max_n:
         raise ApiError(400, f"bon_sr.n must be between 1 and this server's cap {settings.max_n} (--max-n), got {n}.",
                        param="bon_sr.n")
@@ -122,7 +122,8 @@ def plan(request: ChatCompletionRequest | CompletionRequest, settings: ServeSett
                             "exact) or bon_sr.answer_regex.", param="bon_sr.answer")
     keys = _check("bon_sr.selector", score_keys, spec)
     _check("bon_sr.selector", check_scores, SCORER, keys)
-    scoring = _check("bon_sr.token_set", HiddenStateConfig, token_set=bon.token_set or settings.token_set)
+    scoring = _check("bon_sr.token_set", replace, settings.scoring,
+                     token_set=bon.token_set or settings.scoring.token_set)
     _check("bon_sr.token_set", check_hook_config, scoring)
     sampling = _sampling(request, settings, n)
     request_id = new_id("chatcmpl" if kind == "chat" else "cmpl")
@@ -133,7 +134,7 @@ def plan(request: ChatCompletionRequest | CompletionRequest, settings: ServeSett
             raise ApiError(400, f"seed must be between 0 and 2**62, got {request.seed}.", param="seed")
         seed = request.seed
     else:
-        seed = derive_seed(settings.seed, str(bon.id if bon.id is not None else request_id))
+        seed = derive_seed(settings.sampling.seed, str(bon.id if bon.id is not None else request_id))
     stream = bool(request.stream)
     return Job(request_id=request_id, kind=kind, prompt_ids=tuple(prompt_ids), sampling=sampling, seed=seed,
                selector=spec, answers=answers, scoring=scoring, score_keys=keys, choices=choices,
@@ -144,24 +145,24 @@ def plan(request: ChatCompletionRequest | CompletionRequest, settings: ServeSett
 def _sampling(request: ChatCompletionRequest | CompletionRequest, settings: ServeSettings, n: int) -> SamplingConfig:
     max_tokens = getattr(request, "max_completion_tokens", None) or request.max_tokens
     param = "max_completion_tokens" if getattr(request, "max_completion_tokens", None) else "max_tokens"
-    max_tokens = settings.max_tokens if max_tokens is None else max_tokens
+    max_tokens = settings.sampling.max_new_tokens if max_tokens is None else max_tokens
     if max_tokens < 1:
         raise ApiError(400, f"{param} must be >= 1, got {max_tokens}.", param=param)
-    temperature = settings.temperature if request.temperature is None else request.temperature
+    temperature = settings.sampling.temperature if request.temperature is None else request.temperature
     if temperature < 0:
         raise ApiError(400, f"temperature must be >= 0, got {temperature}.", param="temperature")
     greedy = temperature == 0
     if greedy and n > 1:
         raise ApiError(400, f"temperature 0 is greedy decoding: all {n} candidates would be the same. Set "
                             "temperature > 0, or bon_sr.n to 1.", param="temperature")
-    top_p = settings.top_p if request.top_p is None else request.top_p
+    top_p = settings.sampling.top_p if request.top_p is None else request.top_p
     if not 0 < top_p <= 1:
         raise ApiError(400, f"top_p must be in (0, 1], got {top_p}.", param="top_p")
     stop = request.stop_list()
     if any(not s for s in stop):
         raise ApiError(400, "stop strings must be non-empty.", param="stop")
     return _check("bon_sr", SamplingConfig, n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_tokens,
-                  stop=stop, greedy=greedy, seed=settings.seed)
+                  stop=stop, greedy=greedy, seed=settings.sampling.seed)
 
 
 def _encode(request: ChatCompletionRequest | CompletionRequest, tokenizer: Any) -> tuple[list[int], str]:

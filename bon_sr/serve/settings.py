@@ -28,10 +28,13 @@ SCORER = "hook"
 @dataclass(frozen=True)
 class ServeSettings:
     """model: alias, local directory or HF id; served_model_name: the name clients send as
-    ``model`` (default: ``model`` as given). n, selector, answer, answer_regex, token_set,
-    temperature, top_p, max_tokens: the defaults of a request that does not set them.
-    max_n: the largest ``bon_sr.n`` a request may ask for. seed: the run seed a request's
-    seed derives from when it gives none. max_body_bytes: larger bodies get a 413.
+    ``model`` (default: ``model`` as given). sampling (n, temperature, top_p,
+    max_new_tokens), scoring (token_set), selector, answer, answer_regex: the defaults of a
+    request that does not set them; ``sampling.seed`` is the run seed a request's seed
+    derives from when it gives none. These are the ``SamplingConfig`` and
+    ``HiddenStateConfig`` that ``BestOfN`` and ``bon-sr generate`` use, with their defaults
+    and checks. max_n: the largest ``bon_sr.n`` a request may ask for. max_body_bytes:
+    larger bodies get a 413.
     body_timeout: seconds a client may take to send its whole body (then 408).
     vllm_options: ``bon_sr.vllm_backend.OPTIONS`` (as ``--vllm-opt`` of ``generate``).
     tensor_parallel_size, data_parallel_size: vLLM's, for the one engine (data parallel:
@@ -40,16 +43,12 @@ class ServeSettings:
     model: str = DEFAULT_MODEL
     served_model_name: str | None = None
     api_key: str | None = None
-    n: int = 4
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    scoring: HiddenStateConfig = field(default_factory=HiddenStateConfig)
     max_n: int = 64
     selector: str = "stable-rank"
     answer: str | None = None
     answer_regex: str | None = None
-    token_set: str = "response"
-    temperature: float = 0.7
-    top_p: float = 0.9
-    max_tokens: int = 256
-    seed: int = 0
     max_body_bytes: int = 1 << 20
     body_timeout: float = 30.0
     dtype: str = "auto"
@@ -60,20 +59,19 @@ class ServeSettings:
     def __post_init__(self) -> None:
         if not isinstance(self.max_n, int) or self.max_n < 1:
             raise ConfigError(f"--max-n must be an integer >= 1, got {self.max_n!r}")
-        if self.n > self.max_n:
-            raise ConfigError(f"--n {self.n} is above --max-n {self.max_n}; raise --max-n or lower --n.")
+        if self.sampling.n > self.max_n:
+            raise ConfigError(f"--n {self.sampling.n} is above --max-n {self.max_n}; raise --max-n or lower --n.")
         if self.max_body_bytes < 1024:
             raise ConfigError(f"--max-body-bytes must be at least 1024, got {self.max_body_bytes}")
         if not self.body_timeout > 0:
             raise ConfigError(f"--body-timeout must be > 0 seconds, got {self.body_timeout}")
-        SamplingConfig(n=self.n, temperature=self.temperature, top_p=self.top_p, max_new_tokens=self.max_tokens)
         spec = get_selector(self.selector)
         answers = get_extractor(self.answer, regex=self.answer_regex)
         if spec.needs_answers and answers is None:
             raise ConfigError(f"--selector {spec.name} votes over answers: add --answer numeric|math|choice|exact "
                               "or --answer-regex PATTERN.")
         check_scores(SCORER, score_keys(spec))
-        check_hook_config(HiddenStateConfig(token_set=self.token_set))
+        check_hook_config(self.scoring)
         self.engine_options()  # sizes >= 1, not given twice
 
     def engine_options(self) -> dict[str, Any]:

@@ -12,12 +12,13 @@ fails before the heavy imports.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from ..errors import ConfigError
 from ..hidden_states import HiddenStateConfig
 from ..models import DEFAULT_MODEL
+from ..samplers import SamplingConfig
 
 #: Attention and MLP projections of Llama/Qwen/Mistral-style decoders.
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -34,6 +35,13 @@ class TrainConfig:
     Batch arithmetic (TRL's): one optimizer step sees ``per_device_train_batch_size *
     gradient_accumulation_steps * num_processes`` completions, i.e. that number divided by
     ``num_generations`` prompts, each sampled ``num_generations`` times.
+
+    Sampling options keep TRL's ``GRPOConfig`` names and defaults (``num_generations``,
+    ``max_completion_length``, ``temperature`` 1.0, ``top_p`` 1.0), which TRL users expect;
+    they are checked by ``SamplingConfig`` (``sampling_config()``), the one place for those
+    checks. The reward's hidden states are one ``HiddenStateConfig`` (``scoring``), as in
+    ``BestOfN``, the server and the bench; ``get_preset`` also takes its field names
+    (``token_set``, ``layer``, ...) as overrides.
     """
 
     preset: str = "custom"
@@ -77,12 +85,8 @@ class TrainConfig:
     lora_dropout: float = 0.1
     lora_target_modules: tuple[str, ...] = LORA_TARGETS
 
-    # reward (as in HiddenStateConfig)
-    token_set: str = "response"
-    layer: int = -1
-    norm: str = "post"
-    window: int | None = None
-    max_batch_tokens: int = 8192
+    # reward
+    scoring: HiddenStateConfig = field(default_factory=HiddenStateConfig)
     strip_eos: bool = True
 
     # scale-out
@@ -112,10 +116,6 @@ class TrainConfig:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.beta < 0:
             raise ConfigError(f"beta (KL weight) must be >= 0, got {self.beta}")
-        if not self.temperature > 0:
-            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
         if not self.lora_alpha > 0:
             raise ConfigError(f"lora_alpha must be > 0, got {self.lora_alpha}")
         if not 0 <= self.lora_dropout < 1:
@@ -131,11 +131,12 @@ class TrainConfig:
             raise ConfigError(f"torch_threads must be >= 1 or None, got {self.torch_threads!r}")
         if self.save_total_limit is not None and self.save_total_limit < 1:
             raise ConfigError(f"save_total_limit must be >= 1 or None, got {self.save_total_limit}")
-        self.hidden_state_config()  # token_set / norm / window / max_batch_tokens checks live there
+        self.sampling_config()  # temperature / top_p checks live there
 
-    def hidden_state_config(self) -> HiddenStateConfig:
-        return HiddenStateConfig(token_set=self.token_set, layer=self.layer, norm=self.norm, window=self.window,
-                                 max_batch_tokens=self.max_batch_tokens)
+    def sampling_config(self) -> SamplingConfig:
+        """The GRPO sampling options as bon-sr's ``SamplingConfig`` (TRL's names mapped)."""
+        return SamplingConfig(n=self.num_generations, temperature=self.temperature, top_p=self.top_p,
+                              max_new_tokens=self.max_completion_length, seed=self.seed)
 
     @property
     def completions_per_step(self) -> int:
@@ -194,7 +195,7 @@ def _cpu_smoke() -> TrainConfig:
         max_steps=2, learning_rate=1e-4, lr_scheduler_type="constant", warmup_ratio=0.0,
         beta=0.04, loss_type="grpo", temperature=1.0, top_p=1.0, max_grad_norm=1.0,
         optim="adamw_torch", bf16=False, gradient_checkpointing=False,
-        save_steps=1, save_total_limit=2, logging_steps=1, max_batch_tokens=2048,
+        save_steps=1, save_total_limit=2, logging_steps=1, scoring=HiddenStateConfig(max_batch_tokens=2048),
     )
 
 
@@ -202,12 +203,20 @@ PRESETS = {"cpu-smoke": _cpu_smoke, "paper": _paper}
 
 
 def get_preset(name: str, **overrides: Any) -> TrainConfig:
-    """The named preset with ``overrides`` applied (None values are ignored)."""
+    """The named preset with ``overrides`` applied (None values are ignored). ``scoring``'s
+    fields (``token_set``, ``layer``, ``norm``, ``window``, ...) may be given by name."""
     if name not in PRESETS:
         raise ConfigError(f"Unknown preset '{name}'. Available: {', '.join(sorted(PRESETS))}")
     base = PRESETS[name]()
-    known = {f.name for f in fields(TrainConfig)}
-    unknown = sorted(set(overrides) - known)
+    own = {f.name for f in fields(TrainConfig)}
+    scoring = {f.name for f in fields(HiddenStateConfig)}
+    unknown = sorted(set(overrides) - own - scoring)
     if unknown:
-        raise ConfigError(f"Unknown training option(s) {', '.join(unknown)}. Available: {', '.join(sorted(known))}")
-    return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+        raise ConfigError(f"Unknown training option(s) {', '.join(unknown)}. "
+                          f"Available: {', '.join(sorted(own | scoring))}")
+    given = {k: v for k, v in overrides.items() if v is not None}
+    changes = {k: v for k, v in given.items() if k in own}
+    scoring_changes = {k: v for k, v in given.items() if k in scoring}
+    if scoring_changes:
+        changes["scoring"] = replace(changes.get("scoring", base.scoring), **scoring_changes)
+    return replace(base, **changes)

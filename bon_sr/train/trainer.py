@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -156,8 +157,8 @@ def check_against_model(config: TrainConfig, model_config: Any) -> None:
             f"max_prompt_length ({config.max_prompt_length}) + max_completion_length "
             f"({config.max_completion_length}) = {total} tokens does not fit the model's context of {context} "
             f"tokens. Lower --max-completion-length or --max-prompt-length so they sum to at most {context}.")
-    if layers is not None and not -layers <= config.layer < layers:
-        raise ConfigError(f"layer {config.layer} is out of range for a model with {layers} layers "
+    if layers is not None and not -layers <= config.scoring.layer < layers:
+        raise ConfigError(f"layer {config.scoring.layer} is out of range for a model with {layers} layers "
                           f"(use -{layers}..{layers - 1}; -1 is the method).")
 
 
@@ -272,7 +273,9 @@ def grpo_args(config: TrainConfig, output_dir: str | os.PathLike[str], **extra: 
         max_completion_length=config.max_completion_length,
         learning_rate=config.learning_rate,
         lr_scheduler_type=config.lr_scheduler_type,
-        warmup_steps=config.warmup_ratio,
+        # transformers >= 5 reads a float warmup_steps < 1 as a ratio, 4.x as a step count: hand
+        # both the step count (their own rounding: ceil(max_steps * ratio)).
+        warmup_steps=math.ceil(config.max_steps * config.warmup_ratio),
         beta=config.beta,
         loss_type=config.loss_type,
         scale_rewards="group",
@@ -348,7 +351,7 @@ def build_trainer(
 
     args = grpo_args(config, output_dir, **args_overrides)
     model, _ = load_hf_model(model_path, device="cpu", dtype=config.dtype)
-    reward = StableRankReward(config.hidden_state_config(), tokenizer=tokenizer, strip_eos=config.strip_eos)
+    reward = StableRankReward(config.scoring, tokenizer=tokenizer, strip_eos=config.strip_eos)
     Path(output_dir).mkdir(parents=True, exist_ok=True)
     all_callbacks = [_jsonl_callback_class()(Path(output_dir) / LOG_FILE), *callbacks]
     trainer_cls = sr_grpo_trainer_class()
