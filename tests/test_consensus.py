@@ -166,3 +166,57 @@ def test_to_dict_leaves_embeddings_out_unless_asked():
     assert "embeddings" not in c.to_dict()
     assert c.to_dict(include_embeddings=True)["embeddings"] == {"last": [1.0, 2.0], "mean": [0.5, 0.5]}
     assert "embeddings" not in _cands(["a"])[0].to_dict(include_embeddings=True)
+
+
+# -- the API on a tiny random model -------------------------------------------------------
+
+def test_lexical_mbr_through_the_api_runs_no_scoring_pass(tiny_model_dir):
+    from bon_sr.api import BestOfN
+
+    bon = BestOfN(tiny_model_dir, backend="hf", selector="mbr", dtype="float32")
+    sel = bon.select("Q?", candidates=["The total is 72.", "Purple elephants.", "The total is 72 clips."])
+    assert sel.rule == "mbr lexical" and sel.best_index in (0, 2)
+    assert bon._scorer is None and all(set(c.scores) == {UTILITY_KEY} for c in sel.candidates)
+    assert sel.to_dict()["candidates"][1]["scores"][UTILITY_KEY] == min(c.scores[UTILITY_KEY] for c in sel.candidates)
+    assert bon.config_dict()["utility"] == "lexical"
+
+
+def test_hidden_mbr_embeds_in_the_scoring_forward(tiny_model_dir, tiny_model):
+    from bon_sr.api import BestOfN
+    from bon_sr.hidden_states import HiddenStateConfig
+    from bon_sr.scoring import HFScorer
+
+    bon = BestOfN(tiny_model_dir, backend="hf", selector="mbr", utility="hidden-mean", dtype="float32")
+    sel = bon.select("Q?", candidates=["abc", "abd", "xyz", ""])
+    prompt = list(sel.prompt_token_ids)
+    for c in sel.candidates:
+        assert "stable_rank" in c.scores                              # the same pass gave SR
+    # the reference: the last layer's post-norm rows of the response, by hand
+    c = sel.candidates[1]
+    with torch.no_grad():
+        h = tiny_model(torch.tensor([prompt + list(c.token_ids)]), output_hidden_states=True).hidden_states[-1][0]
+    rows = h[len(prompt):].float()
+    torch.testing.assert_close(torch.tensor(c.embeddings["mean"]), rows.mean(0), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.tensor(c.embeddings["last"]), rows[-1], rtol=1e-5, atol=1e-5)
+    empty = sel.candidates[3]
+    assert math.isnan(empty.scores[UTILITY_KEY]) and sel.best_index != 3       # no rows: ranks last
+    expected = mbr_utilities(hidden_similarity([c.embeddings["mean"] for c in sel.candidates], centred=False))
+    assert [c.scores[UTILITY_KEY] for c in sel.candidates[:3]] == pytest.approx(expected[:3])
+    assert "embeddings" not in sel.to_dict()["candidates"][0]
+    # the embeddings do not depend on what the stable rank reads (token set, window)
+    scorer = HFScorer(tiny_model, HiddenStateConfig(token_set="full", window=2))
+    _, emb = scorer.score_and_embed([prompt], [list(c.token_ids)])
+    assert emb[0]["mean"] == pytest.approx(c.embeddings["mean"], abs=1e-5)
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    (dict(selector="mbr", utility="bleu"), "Unknown utility 'bleu'"),
+    (dict(selector="mbr", utility="hidden-mean", score=False), "drop score=False"),
+    (dict(backend="vllm", scorer="hook", selector="mbr", utility="hidden-last"), "use scorer='hf'"),
+    (dict(backend="vllm", scorer="pooling", selector="auto", utility="hidden-mean-centred"), "use scorer='hf'"),
+])
+def test_utility_options_are_checked_before_any_model_loads(kwargs, needle):
+    from bon_sr.api import BestOfN
+
+    with pytest.raises(ConfigError, match=needle):
+        BestOfN("no-such-model", **kwargs)
