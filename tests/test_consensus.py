@@ -220,3 +220,80 @@ def test_utility_options_are_checked_before_any_model_loads(kwargs, needle):
 
     with pytest.raises(ConfigError, match=needle):
         BestOfN("no-such-model", **kwargs)
+
+
+# -- the server, with an engine that returns fixed texts -----------------------------------
+
+class _TextEngine:
+    """``BonEngine``'s surface for the app: ready at once, returns ``texts`` as candidates."""
+
+    state, error, context = "ready", None, 512
+
+    def __init__(self, tokenizer, texts):
+        self.tokenizer, self.texts, self.jobs = tokenizer, texts, []
+
+    async def start(self):
+        return None
+
+    async def sample(self, job):
+        self.jobs.append(job)
+        return [Candidate(text=t, token_ids=(5,) * (i + 1), index=i, finish_reason="stop")
+                for i, t in enumerate(self.texts[:job.sampling.n])]
+
+    def close(self):
+        return None
+
+
+def test_serve_mbr_and_auto_report_utilities(tiny_tokenizer):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from bon_sr.serve.app import create_app
+    from bon_sr.serve.settings import ServeSettings
+
+    texts = ["Purple elephants.", "The total is 72 clips.", "She sold 72 clips.", "The total is 72 clips in all."]
+    engine = _TextEngine(tiny_tokenizer, texts)
+    body = {"model": "m", "messages": [{"role": "user", "content": "How many clips?"}]}
+    with TestClient(create_app(engine, ServeSettings(model="m", n=4, max_n=8, max_tokens=16))) as client:
+        r = client.post("/v1/chat/completions", json={**body, "n": 4, "bon_sr": {"selector": "mbr", "utility": "lexical"}})
+        assert r.status_code == 200, r.text
+        info = r.json()["bon_sr"]
+        utilities = [s[UTILITY_KEY] for s in info["scores"]]
+        assert info["rule"] == "mbr lexical" and info["utility"] == "lexical" and info["scorer"] is None
+        assert info["choice_indices"] == sorted(range(4), key=lambda i: (-utilities[i], i))   # choices by utility
+        assert info["choice_indices"][-1] == 0 and not engine.jobs[-1].score_keys              # no scoring pass
+        r = client.post("/v1/chat/completions", json={**body, "bon_sr": {"selector": "auto", "answer": "numeric"}})
+        assert r.json()["bon_sr"]["rule"] == "auto: majority (3/4 candidates gave an answer)"
+        r = client.post("/v1/chat/completions", json={**body, "bon_sr": {"selector": "mbr", "utility": "hidden-mean"}})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "bon_sr.utility"
+        assert "use bon_sr.utility 'lexical'" in r.json()["error"]["message"]
+        r = client.post("/v1/chat/completions", json={**body, "bon_sr": {"selector": "mbr", "utility": "bleu"}})
+        assert r.status_code == 400 and "Unknown utility 'bleu'" in r.json()["error"]["message"]
+
+
+def test_cli_score_with_mbr_auto_and_embeddings(tmp_path, tiny_model_dir):
+    import json
+
+    from click.testing import CliRunner
+
+    from bon_sr.cli import main
+
+    src = tmp_path / "c.jsonl"
+    src.write_text(json.dumps({"id": "a", "prompt": "2+2?",
+                               "candidates": ["It is 4.", "Purple.", "The answer is 4.", "4, it is 4."]}) + "\n")
+    base = ["score", str(src), "--model", tiny_model_dir, "--backend", "hf", "--dtype", "float32"]
+    out = tmp_path / "auto.jsonl"
+    r = CliRunner().invoke(main, [*base, "-o", str(out), "--selector", "auto", "--answer", "numeric"])
+    assert r.exit_code == 0, r.output
+    rec = json.loads(out.read_text())
+    assert rec["rule"] == "auto: majority (3/4 candidates gave an answer)" and rec["best_index"] == 0
+    assert rec["config"]["utility"] == "lexical" and UTILITY_KEY in rec["candidates"][1]["scores"]
+    out = tmp_path / "hidden.jsonl"
+    r = CliRunner().invoke(main, [*base, "-o", str(out), "--selector", "mbr", "--utility", "hidden-last-centred",
+                                  "--embeddings"])
+    assert r.exit_code == 0, r.output
+    rec = json.loads(out.read_text())
+    assert rec["rule"] == "mbr hidden-last-centred" and rec["config"]["scorer"] == "hf"
+    assert len(rec["candidates"][0]["embeddings"]["last"]) == 32            # the tiny model's width
+    r = CliRunner().invoke(main, [*base, "-o", str(tmp_path / "x.jsonl"), "--selector", "mbr", "--utility", "bleu"])
+    assert r.exit_code != 0 and "Invalid value for '--utility'" in r.output
