@@ -305,6 +305,28 @@ def score(file: str, backend: str, seed: int, **common: Any) -> None:
     _run_command(file, common, dict(backend=backend, seed=seed), candidates="require")
 
 
+SHOW_EXAMPLE = """
+\b
+Example:
+  bon-sr show out.jsonl --id capital
+"""
+
+
+@main.command(epilog=SHOW_EXAMPLE)
+@click.argument("file", type=click.Path(dir_okay=False, path_type=str))
+@click.option("--id", "record_id", default=None, metavar="ID", help="Show only the prompt with this id.")
+def show(file: str, record_id: str | None) -> None:
+    """Show each prompt's candidates in FILE (written by generate or score): text, tokens,
+    scores, utilities, answers and votes, with the pick and the rule that chose it marked."""
+    from .errors import BonSRError
+    from .show import show_file
+
+    try:
+        show_file(file, record_id)
+    except BonSRError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
 def _run_command(path: str, common: dict[str, Any], sampling: dict[str, Any], *, candidates: str,
                  scale: dict[str, Any] | None = None) -> None:
     from .answers import get_extractor

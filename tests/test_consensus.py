@@ -297,3 +297,46 @@ def test_cli_score_with_mbr_auto_and_embeddings(tmp_path, tiny_model_dir):
     assert len(rec["candidates"][0]["embeddings"]["last"]) == 32            # the tiny model's width
     r = CliRunner().invoke(main, [*base, "-o", str(tmp_path / "x.jsonl"), "--selector", "mbr", "--utility", "bleu"])
     assert r.exit_code != 0 and "Invalid value for '--utility'" in r.output
+
+
+# -- bon-sr show --------------------------------------------------------------------------
+
+def _show(*args):
+    from click.testing import CliRunner
+
+    from bon_sr.cli import main
+
+    return CliRunner().invoke(main, ["show", *map(str, args)], env={"COLUMNS": "160"})
+
+
+def test_show_renders_records_and_refuses_garbled_files(tmp_path):
+    import json
+
+    from bon_sr.selection import decide as _decide
+    from bon_sr.types import Selection
+
+    texts = ["The answer is 4.", "It is 5.", "4, since 2+2=4.", "Purple."]
+    d = _decide(_cands(texts), get_selector("auto"), get_extractor("numeric"))
+    sel = Selection(prompt="2+2?", prompt_token_ids=(1,), candidates=d.candidates, best_index=d.pick.index,
+                    selector="auto", rule=d.pick.rule, votes=d.votes)
+    out = tmp_path / "out.jsonl"
+    out.write_text(json.dumps({"id": "q1", **sel.to_dict(), "config": {"utility": "lexical"}}) + "\n"
+                   + json.dumps({"id": "q2", **sel.to_dict(keep_candidates=False)}) + "\n")
+    r = _show(out, "--id", "q1")
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    assert "auto: majority (3/4 candidates gave an answer)" in r.output and "utility lexical" in r.output
+    picked = next(ln for ln in lines if ln.startswith("★"))
+    assert "The answer is 4." in picked and " 4 " in picked            # the pick, its answer ...
+    assert picked.split("│")[-2].strip() == "2"                          # ... and its answer's 2 votes
+    assert "utility = mbr_utility" in r.output and "q2" not in r.output
+    assert "candidates not kept" in _show(out, "--id", "q2").output
+    r = _show(out, "--id", "q9")
+    assert r.exit_code == 1 and "No record with id 'q9'" in r.output and "q1, q2" in r.output
+    assert "does not exist" in _show(tmp_path / "missing.jsonl").output
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": 1, "best_index": 5, "candidates": [{"text": "a"}]}\n')
+    r = _show(bad)
+    assert r.exit_code == 1 and "bad.jsonl:1: not a bon-sr output record" in r.output and "out of range" in r.output
+    bad.write_text('{"id": 1, "best_')
+    assert "bad.jsonl:1: malformed JSON" in _show(bad).output
