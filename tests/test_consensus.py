@@ -340,3 +340,153 @@ def test_show_renders_records_and_refuses_garbled_files(tmp_path):
     assert r.exit_code == 1 and "bad.jsonl:1: not a bon-sr output record" in r.output and "out of range" in r.output
     bad.write_text('{"id": 1, "best_')
     assert "bad.jsonl:1: malformed JSON" in _show(bad).output
+
+
+# =========================================================================== slow: the real default model
+
+def _run_cli(*args):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="160")
+    return subprocess.run([sys.executable, "-m", "bon_sr.cli", *map(str, args)], capture_output=True, text=True,
+                          env=env, cwd=Path(__file__).resolve().parents[1], timeout=600)
+
+
+PROMPTS = [{"id": "mul", "prompt": "What is 12 * 7? Answer with the number."},
+           {"id": "colour", "prompt": "Name one primary colour."}]
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_real_cli_generate_mbr_lexical_runs_no_scoring_pass_then_show(tmp_path, default_model_dir):
+    import json
+
+    src = tmp_path / "p.jsonl"
+    src.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
+    out = tmp_path / "mbr.jsonl"
+    # the default backend (vLLM here): lexical MBR needs no hidden states, so one plain n=N request
+    r = _run_cli("generate", src, "-o", out, "--selector", "mbr", "--utility", "lexical", "-n", 4,
+                 "--max-new-tokens", 24, "--seed", 1)
+    assert r.returncode == 0, r.stderr
+    recs = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [x["id"] for x in recs] == ["mul", "colour"]
+    for rec in recs:
+        cands = rec["candidates"]
+        assert rec["rule"] == "mbr lexical" and rec["config"]["utility"] == "lexical"
+        assert all(set(c["scores"]) == {UTILITY_KEY} for c in cands)          # no stable rank: no scoring pass
+        # the written utilities are the texts' chrF consensus, and the pick is their argmax
+        expected = mbr_utilities(lexical_similarity([c["text"] for c in cands]))
+        assert [c["scores"][UTILITY_KEY] for c in cands] == pytest.approx(expected)
+        assert rec["best_index"] == max(range(4), key=lambda i: (expected[i], -i))
+    r = _run_cli("show", out, "--id", "mul")
+    assert r.returncode == 0, r.stderr
+    picked = next(ln for ln in r.stdout.splitlines() if ln.startswith("★"))
+    assert "rule mbr lexical" in r.stdout and "colour" not in r.stdout.split("\n", 1)[0]
+    assert recs[0]["response"].strip().splitlines()[0][:20] in picked
+
+
+@pytest.mark.slow
+def test_real_cli_generate_auto_numeric_hf(tmp_path, default_model_dir):
+    import json
+
+    src = tmp_path / "p.jsonl"
+    src.write_text(json.dumps(PROMPTS[0]) + "\n")
+    out = tmp_path / "auto.jsonl"
+    r = _run_cli("generate", src, "-o", out, "--backend", "hf", "--selector", "auto", "--answer", "numeric",
+                 "-n", 4, "--max-new-tokens", 24, "--seed", 1)
+    assert r.returncode == 0, r.stderr
+    rec = json.loads(out.read_text())
+    answered = sum(c.get("answer") is not None for c in rec["candidates"])
+    if 2 * answered >= 4:
+        assert rec["rule"] == f"auto: majority ({answered}/4 candidates gave an answer)"
+        assert rec["votes"][rec["answer"]] == max(rec["votes"].values())
+    else:
+        assert rec["rule"] == f"auto: mbr lexical (only {answered}/4 candidates gave an answer)"
+    assert all(UTILITY_KEY in c["scores"] for c in rec["candidates"])
+    assert _run_cli("show", out).returncode == 0
+
+
+@pytest.mark.slow
+def test_real_select_best_hidden_mean_hf(default_model_dir):
+    from bon_sr import select_best
+    from bon_sr.models import load_hf_model
+
+    sel = select_best("Name one primary colour.", selector="mbr", utility="hidden-mean", backend="hf", n=4,
+                      max_new_tokens=16, seed=3, dtype="float32")
+    assert sel.rule == "mbr hidden-mean" and len(sel.candidates) == 4
+    model, _ = load_hf_model(default_model_dir, dtype="float32")
+    prompt = list(sel.prompt_token_ids)
+    means = []
+    for c in sel.candidates:
+        assert "stable_rank" in c.scores                         # from the same forward
+        with torch.no_grad():
+            h = model(torch.tensor([prompt + list(c.token_ids)]), output_hidden_states=True).hidden_states[-1][0]
+        rows = h[len(prompt):].float()
+        torch.testing.assert_close(torch.tensor(c.embeddings["mean"]), rows.mean(0), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(torch.tensor(c.embeddings["last"]), rows[-1], rtol=1e-4, atol=1e-4)
+        means.append(rows.mean(0))
+    expected = mbr_utilities(hidden_similarity(torch.stack(means), centred=False))
+    assert [c.scores[UTILITY_KEY] for c in sel.candidates] == pytest.approx(expected, abs=1e-5)
+    assert sel.best_index == max(range(4), key=lambda i: (expected[i], -i))
+    assert len(sel.best.embeddings["last"]) == 576                 # SmolLM2-135M's width
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_real_serve_mbr_with_the_openai_client(tmp_path, default_model_dir):
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import httpx
+    import openai
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(tmp_path / "serve.log", "w")
+    exe = Path(sys.executable).with_name("bon-sr")
+    proc = subprocess.Popen([str(exe), "serve", "--port", str(port), "--n", "4", "--max-tokens", "16"],
+                            stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, VLLM_LOGGING_LEVEL="WARNING"))
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=300)
+        model = client.models.list().data[0].id
+        chat = [{"role": "user", "content": "Name one primary colour."}]
+        resp = client.chat.completions.create(model=model, messages=chat, n=2, seed=5,
+                                              extra_body={"bon_sr": {"selector": "mbr", "utility": "lexical"}})
+        info = resp.model_extra["bon_sr"]
+        texts = [c["text"] for c in client.chat.completions.create(
+            model=model, messages=chat, seed=5, extra_body={"bon_sr": {"selector": "mbr", "return_candidates": True}}
+        ).model_extra["bon_sr"]["candidates"]]
+        expected = mbr_utilities(lexical_similarity(texts))        # the same seed: the same 4 candidates
+        assert info["rule"] == "mbr lexical" and info["utility"] == "lexical" and info["scorer"] is None
+        assert [s[UTILITY_KEY] for s in info["scores"]] == pytest.approx(expected)
+        assert info["choice_indices"] == sorted(range(4), key=lambda i: (-expected[i], i))[:2]
+        assert [c.message.content for c in resp.choices] == [texts[i] for i in info["choice_indices"]]
+        with pytest.raises(openai.BadRequestError, match="bon_sr.utility 'lexical'"):
+            client.chat.completions.create(model=model, messages=chat,
+                                           extra_body={"bon_sr": {"selector": "mbr", "utility": "hidden-mean"}})
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
