@@ -79,7 +79,7 @@ def selection_rows(repeats: int, seed: int) -> list[dict]:
         cands = [Candidate(text=t, token_ids=(0,), index=i) for i, t in enumerate(texts)]
         lexical = get_utility("lexical")
         rows.append({"n": n, "utility": "lexical", "d": None, "chars": statistics.mean(map(len, texts)),
-                     "ms": median_ms(lambda: decide(cands, spec, utility=lexical), repeats)})
+                     "ms": median_ms(lambda c=cands, u=lexical: decide(c, spec, utility=u), repeats)})
         for d in MODELS:
             vectors = torch.randn(n, d, generator=gen)
             embedded = [Candidate(text="", token_ids=(0,), index=i,
@@ -88,7 +88,7 @@ def selection_rows(repeats: int, seed: int) -> list[dict]:
             for name in ("hidden-mean", "hidden-mean-centred"):
                 utility = get_utility(name)
                 rows.append({"n": n, "utility": name, "d": d, "chars": None,
-                             "ms": median_ms(lambda: decide(embedded, spec, utility=utility), repeats)})
+                             "ms": median_ms(lambda c=embedded, u=utility: decide(c, spec, utility=u), repeats)})
     return rows
 
 

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence, Union
+from typing import Any, Callable, Sequence, Union
 
 from .errors import ConfigError
 
@@ -186,14 +186,3 @@ def similarity(candidates: Sequence[Any], utility: UtilityInput | Utility = DEFA
     """``(N, N)`` similarities of ``candidates`` (objects with ``.text``, and ``.embeddings``
     for the hidden utilities; plain strings work for text utilities) under ``utility``."""
     return get_utility(utility).matrix(candidates)
-
-
-def embedding_summary(rows: Any) -> Mapping[str, tuple[float, ...]]:
-    """A candidate's embeddings from its response rows ``(r, d)`` (a tensor of the last
-    layer, post-norm): ``{"last": row r-1, "mean": mean over the r rows}`` computed in
-    float32, as Python floats; NaN vectors for an empty response (its similarities are NaN)."""
-    rows = rows.float()
-    if rows.shape[0] == 0:
-        nan = (math.nan,) * int(rows.shape[-1])
-        return {"last": nan, "mean": nan}
-    return {"last": tuple(rows[-1].tolist()), "mean": tuple(rows.mean(dim=0).tolist())}

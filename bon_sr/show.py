@@ -106,7 +106,6 @@ def render(record: dict[str, Any], width: int = 120) -> Any:
     """One record as a rich renderable for a terminal ``width`` characters wide: a header
     (id, prompt, selector, rule) and a table of the candidates with the pick marked."""
     from rich.console import Group
-    from rich.table import Table
     from rich.text import Text
 
     best = record["best_index"]

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from bon_sr.answers import get_extractor
-from bon_sr.consensus import UTILITIES, UTILITY_KEY, embedding_summary, get_utility, hidden_similarity, \
-    lexical_similarity, mbr_utilities, similarity
+from bon_sr.consensus import UTILITIES, UTILITY_KEY, get_utility, hidden_similarity, lexical_similarity, \
+    mbr_utilities, similarity
 from bon_sr.errors import ConfigError
 from bon_sr.selection import decide, ranked
 from bon_sr.selectors import Pick, get_selector, select
@@ -107,6 +107,8 @@ def test_utility_registry_and_callables():
 
 
 def test_embedding_summary():
+    from bon_sr.hidden_states import embedding_summary
+
     rows = torch.tensor([[1.0, 2.0], [3.0, 6.0]], dtype=torch.bfloat16)
     assert embedding_summary(rows) == {"last": (3.0, 6.0), "mean": (2.0, 4.0)}
     empty = embedding_summary(torch.zeros(0, 3))
