@@ -211,6 +211,18 @@ def test_hidden_mbr_embeds_in_the_scoring_forward(tiny_model_dir, tiny_model):
     assert emb[0]["mean"] == pytest.approx(c.embeddings["mean"], abs=1e-5)
 
 
+@pytest.mark.vllm
+def test_hidden_utility_with_vllm_and_scorer_auto_scores_with_hf(tiny_model_dir):
+    from bon_sr.api import BestOfN
+
+    # the vLLM engines start lazily: scoring given candidates with the hf scorer starts none
+    with BestOfN(tiny_model_dir, backend="vllm", selector="mbr", utility="hidden-last", dtype="float32") as bon:
+        assert bon.scorer_name == "hf" and bon.config_dict()["scorer"] == "hf"
+        sel = bon.select("Q?", candidates=["abc", "abd", "xyz"])
+        assert sel.rule == "mbr hidden-last" and all(len(c.embeddings["last"]) == 32 for c in sel.candidates)
+        assert not bon._vllm._started
+
+
 @pytest.mark.parametrize("kwargs,needle", [
     (dict(selector="mbr", utility="bleu"), "Unknown utility 'bleu'"),
     (dict(selector="mbr", utility="hidden-mean", score=False), "drop score=False"),
