@@ -262,13 +262,14 @@ def test_serve_mbr_and_auto_report_utilities(tiny_tokenizer):
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
 
+    from bon_sr.samplers import SamplingConfig
     from bon_sr.serve.app import create_app
     from bon_sr.serve.settings import ServeSettings
 
     texts = ["Purple elephants.", "The total is 72 clips.", "She sold 72 clips.", "The total is 72 clips in all."]
     engine = _TextEngine(tiny_tokenizer, texts)
     body = {"model": "m", "messages": [{"role": "user", "content": "How many clips?"}]}
-    with TestClient(create_app(engine, ServeSettings(model="m", n=4, max_n=8, max_tokens=16))) as client:
+    with TestClient(create_app(engine, ServeSettings(model="m", sampling=SamplingConfig(n=4, max_new_tokens=16), max_n=8))) as client:
         r = client.post("/v1/chat/completions", json={**body, "n": 4, "bon_sr": {"selector": "mbr", "utility": "lexical"}})
         assert r.status_code == 200, r.text
         info = r.json()["bon_sr"]
