@@ -19,7 +19,7 @@ import sys
 
 import pytest
 import torch
-
+import vllm
 
 from bon_sr import vllm_backend
 from bon_sr.api import BestOfN

@@ -10,8 +10,6 @@ from importlib.metadata import entry_points
 
 import pytest
 import torch
-
-
 from vllm.v1.sample.ops import topk_topp_sampler
 
 from bon_sr import vllm_plugin
