@@ -191,3 +191,13 @@ def test_a_window_inside_the_prompt_keeps_prompt_rows_only():
     want = stable_rank(prompt[None, :3], torch.ones(1, 3, dtype=torch.bool))
     assert res["scored_tokens"] == 3 and res["stable_rank"] == pytest.approx(float(want.stable_rank[0]), rel=1e-6)
     assert hook.stats()["rows"] == 0
+
+
+def test_fills_go_first_only_on_a_priority_engine():
+    from bon_sr.hook.aio import fill_priority
+
+    def engine(policy):
+        return SimpleNamespace(vllm_config=SimpleNamespace(scheduler_config=SimpleNamespace(policy=policy)))
+
+    assert fill_priority(engine("priority")) == -1
+    assert fill_priority(engine("fcfs")) == 0 and fill_priority(object()) == 0

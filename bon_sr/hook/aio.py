@@ -195,9 +195,20 @@ def default_row_budget(vllm_config: Any) -> tuple[int, int]:
     return 2 * tokens * row, row
 
 
-async def _final(engine: Any, request: tuple[Any, Any], rank: int | None) -> Any:
+def fill_priority(engine: Any) -> int:
+    """The vLLM priority of fill requests: ahead of waiting samples (-1) on an engine with
+    ``scheduling_policy="priority"`` (bon-sr's server), else 0. Under first-come-first-served
+    a fill waits behind every sample request still queued, so with more candidates than
+    the engine runs at once no job could finish before the last wave of samples starts."""
+    config = getattr(engine, "vllm_config", None)
+    return -1 if getattr(getattr(config, "scheduler_config", None), "policy", "fcfs") == "priority" else 0
+
+
+async def _final(engine: Any, request: tuple[Any, Any], rank: int | None, priority: int = 0) -> Any:
     last = None
-    extra = {} if rank is None else {"data_parallel_rank": rank}
+    extra: dict[str, Any] = {} if rank is None else {"data_parallel_rank": rank}
+    if priority:
+        extra["priority"] = priority
     async for out in engine.generate(request[0], request[1], request_id=f"bon-sr-{uuid.uuid4().hex}", **extra):
         last = out
     return last
@@ -208,12 +219,13 @@ async def drive_async(engine: Any, steps: Steps, tags: Sequence[str], *, collect
     """Run ``steps`` to the end on ``engine``; a cancelled run releases ``tags``' rows."""
     collector = collector or collector_for(engine)
     rank = dp_rank_for(tags[0], data_parallel_size(engine)) if tags else None
+    first = fill_priority(engine)
 
     async def then_fill(k: int, request: tuple[Any, Any], follow: Any) -> Any:
         out = await _final(engine, request, rank)
         fill = follow(k, out)
         if fill is not None:
-            await _final(engine, fill, rank)
+            await _final(engine, fill, rank, first)
         return out
 
     try:
@@ -223,7 +235,7 @@ async def drive_async(engine: Any, steps: Steps, tags: Sequence[str], *, collect
                 reply: Any = await asyncio.gather(*(then_fill(k, r, step.follow)
                                                     for k, r in enumerate(step.requests)))
             elif isinstance(step, Generate):
-                await asyncio.gather(*(_final(engine, r, rank) for r in step.requests))
+                await asyncio.gather(*(_final(engine, r, rank, first) for r in step.requests))
                 reply = None
             elif isinstance(step, Collect):
                 reply = await collector.collect(step.specs)

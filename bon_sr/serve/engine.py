@@ -95,6 +95,9 @@ class BonEngine:
         self.tokenizer = backend.tokenizer
         self.context = backend.context
         kwargs = backend.engine_kwargs("generate")
+        # fills (one-block prefills that let a finished job complete) go ahead of waiting
+        # samples; among equal priorities this is first come, first served (hook.aio.fill_priority)
+        kwargs.setdefault("scheduling_policy", "priority")
         # The hook wraps the V1 model runner (see VLLMBackend._start); its vLLM internals are
         # probed here, before the engine starts.
         os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
