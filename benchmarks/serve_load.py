@@ -19,14 +19,22 @@ fill step for length-cut candidates, the collect RPC, and selection. Start-up is
 each server gets four warm-up requests first, and each cell an untimed round of C requests.
 Bounded: at most --requests requests per cell and no new request after --cell-seconds.
 
+Repeats: --rounds R runs the grid R times, alternating which server goes first; --out
+FILE appends every cell as a JSON line, and --table FILE,... prints the medians over the
+rounds found in those files without running anything (so rounds can run as separate jobs,
+each short enough for a shared machine's lock). The table's ratios are of the medians.
+
     python benchmarks/serve_load.py                       # defaults below
     python benchmarks/serve_load.py --n-values 4 --concurrency 1,8 --requests 1:2,8:8 --max-tokens 16
+    python benchmarks/serve_load.py --servers vllm,bon-sr --out rounds.jsonl   # one round, vLLM first
+    python benchmarks/serve_load.py --table rounds.jsonl
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -178,6 +186,10 @@ def _run_server(kind: str, args: argparse.Namespace, path: str, plan: dict[int, 
                       f"{row['tok_s']:6.0f} tok/s  {row['cpu_req']:6.2f} cpu-s/req  load {row['load']:4.1f}"
                       + (f"  FAILED {row['failed']}" if row["failed"] else ""),
                       flush=True)
+                row.update(round=args.round_index, max_tokens=args.max_tokens)
+                if args.out:  # cell by cell: a round cut short keeps what it measured
+                    with open(args.out, "a") as f:
+                        f.write(json.dumps(row) + "\n")
                 rows.append(row)
     finally:
         _stop(proc)
@@ -197,7 +209,15 @@ def main() -> None:
     ap.add_argument("--servers", default="bon-sr,vllm")
     ap.add_argument("--no-warm-cells", dest="warm_cells", action="store_false",
                     help="skip the untimed round of C requests before each cell")
+    ap.add_argument("--rounds", type=int, default=1, help="run the grid R times, alternating the server order")
+    ap.add_argument("--out", default=None, help="append each cell as a JSON line to this file")
+    ap.add_argument("--table", default=None, help="print the median table of these JSONL files (comma-separated) "
+                                                  "and exit")
     args = ap.parse_args()
+    if args.table:
+        rows = [json.loads(line) for f in args.table.split(",") for line in Path(f).read_text().splitlines() if line]
+        _print_table(rows)
+        return
     plan = {int(c): int(r) for c, r in (item.split(":") for item in args.requests.split(","))}
     for c in args.concurrency:
         plan.setdefault(c, max(4, 2 * c))
@@ -209,20 +229,35 @@ def main() -> None:
     print(f"model {args.model}, max_tokens {args.max_tokens}, N {args.n_values}, concurrency {args.concurrency}, "
           f"requests {plan}; server logs in {logdir}", flush=True)
     rows: list[dict] = []
-    for kind in args.servers.split(","):
-        rows += _run_server(kind, args, path, plan, logdir)
-    by = {(r["server"], r["n"], r["c"]): r for r in rows}
-    print("\n| N | concurrency | bon-sr req/s | vLLM req/s | ratio | bon-sr p50 / p95 s | vLLM p50 / p95 s "
-          "| p50 ratio | bon-sr cpu-s/req | vLLM cpu-s/req | cpu ratio |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for n in args.n_values:
-        for c in args.concurrency:
-            b, v = by.get(("bon-sr", n, c)), by.get(("vllm", n, c))
-            if b is None or v is None:
-                continue
-            print(f"| {n} | {c} | {b['rps']:.3f} | {v['rps']:.3f} | {b['rps'] / v['rps']:.2f} | "
-                  f"{b['p50']:.2f} / {b['p95']:.2f} | {v['p50']:.2f} / {v['p95']:.2f} | {b['p50'] / v['p50']:.2f} | "
-                  f"{b['cpu_req']:.2f} | {v['cpu_req']:.2f} | {b['cpu_req'] / v['cpu_req']:.2f} |")
+    servers = args.servers.split(",")
+    for r in range(args.rounds):
+        for kind in (servers if r % 2 == 0 else servers[::-1]):
+            args.round_index = r
+            rows += _run_server(kind, args, path, plan, logdir)
+    _print_table(rows)
+
+
+def _print_table(rows: list[dict]) -> None:
+    """Medians per (server, N, concurrency) over the rounds; ratios of the medians."""
+    cells: dict[tuple[str, int, int], list[dict]] = {}
+    for row in rows:
+        cells.setdefault((row["server"], row["n"], row["c"]), []).append(row)
+
+    def med(kind: str, n: int, c: int, key: str) -> float:
+        return statistics.median(r[key] for r in cells[(kind, n, c)])
+
+    print("\n| N | concurrency | rounds | bon-sr req/s | vLLM req/s | ratio | bon-sr p50 s | vLLM p50 s | p50 ratio "
+          "| bon-sr cpu-s/req | vLLM cpu-s/req | cpu ratio |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for n, c in sorted({(n, c) for _, n, c in cells}):
+        if ("bon-sr", n, c) not in cells or ("vllm", n, c) not in cells:
+            continue
+        k = min(len(cells[("bon-sr", n, c)]), len(cells[("vllm", n, c)]))
+        b = {key: med("bon-sr", n, c, key) for key in ("rps", "p50", "cpu_req")}
+        v = {key: med("vllm", n, c, key) for key in ("rps", "p50", "cpu_req")}
+        print(f"| {n} | {c} | {k} | {b['rps']:.3f} | {v['rps']:.3f} | {b['rps'] / v['rps']:.2f} | {b['p50']:.2f} | "
+              f"{v['p50']:.2f} | {b['p50'] / v['p50']:.2f} | {b['cpu_req']:.2f} | {v['cpu_req']:.2f} | "
+              f"{b['cpu_req'] / v['cpu_req']:.2f} |")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """The vLLM backend: a generate engine for sampling; stable rank from a hook in that
 engine (``hook=True``) or from a second, pooling engine (the fallback).
 
-The hook (``bon_sr.vllm_hook``): the generate engine starts with bon-sr's worker extension
+The hook (``bon_sr.hook``): the generate engine starts with bon-sr's worker extension
 and prefix caching on; the worker keeps each candidate's last-layer post-norm rows as
 decoding computes them and returns only the stable rank (and optionally mean log-prob and
 self-certainty) per candidate. One engine, so on CUDA it gets vLLM's usual memory share
@@ -57,8 +57,9 @@ from .hidden_states import HiddenStateConfig, scored_span
 from .samplers import SamplingConfig
 from .scoring import store_scores
 from .stable_rank import stable_rank
-from .vllm_hook import (WORKER_EXTENSION, check_also, check_hook_config, has_hook_extension, hook_missing_message,
-                        install_hook)
+from .hook.protocol import (WORKER_EXTENSION, check_also, check_hook_config, has_hook_extension,
+                           hook_missing_message)
+from .hook.sync import install_hook
 
 logger = logging.getLogger(__name__)
 
@@ -187,6 +188,17 @@ def apply_cpu_env_defaults(data_parallel_size: int = 1) -> None:
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(_cpu_list(share) for share in shares)
     # Top-p without sorting the vocabulary in every vLLM process (see bon_sr.vllm_plugin).
     os.environ.setdefault("BON_SR_FAST_TOP_P", "1")
+
+
+def check_hook_internals() -> str:
+    """``hook.worker.probe_vllm`` as a ConfigError: the installed vLLM must have what the
+    hook wraps, checked on the driver before an engine starts; returns vLLM's version."""
+    from .hook.worker import probe_vllm
+
+    try:
+        return probe_vllm()
+    except RuntimeError as exc:
+        raise ConfigError(str(exc)) from exc
 
 
 def _dtype_name(dtype: Any) -> str:
@@ -405,6 +417,7 @@ class VLLMBackend:
                 raise ConfigError("The bon-sr hook needs vLLM's V1 model runner, but VLLM_USE_V2_MODEL_RUNNER is "
                                   f"{os.environ['VLLM_USE_V2_MODEL_RUNNER']!r}; unset it or use scorer='pooling'.")
             os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+            check_hook_internals()  # before minutes of engine start, not after
         logger.info("starting the vLLM %s engine for %s", role, self.model_path)
         from .vllm_plugin import mark_engine_parent
 
@@ -536,7 +549,7 @@ class _LazySampler:
             llm = self.backend.generate_llm
             seeds = self.backend.per_request_seeds()
             if self.scoring is not None:
-                from .vllm_hook import HookSampler
+                from .hook.sync import HookSampler
 
                 self._inner = HookSampler(llm, self.config, _last_layer(self.scoring), logit_stats=self.logit_stats,
                                           logprobs=self.logprobs, per_request_seeds=seeds, also=self.also)
@@ -572,7 +585,7 @@ class _LazyHookScorer:
     def score(self, prompt_token_ids: Sequence[Sequence[int]],
               response_token_ids: Sequence[Sequence[int]]) -> list[dict[str, float]]:
         if self._inner is None:
-            from .vllm_hook import HookScorer
+            from .hook.sync import HookScorer
 
             self._inner = HookScorer(self.backend.generate_llm, _last_layer(self.config), logit_stats=self.logit_stats)
         return self._inner.score(prompt_token_ids, response_token_ids)

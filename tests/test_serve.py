@@ -188,6 +188,14 @@ ERROR_CASES = [
     (dict(temperature=True), 400, "temperature", "number"),
     (dict(temperature=0), 400, "temperature", "greedy"),
     (dict(top_p=1.5), 400, "top_p", "(0, 1]"),
+    (dict(top_p=0), 400, "top_p", "(0, 1]"),
+    # the ranges vLLM's SamplingParams checks are 400s naming the field (REVIEW §0: was a 500)
+    (dict(temperature=1.18e21), 400, "temperature", "temperature must be in [0, 2]"),
+    (dict(temperature=2.5), 400, "temperature", "temperature must be in [0, 2]"),
+    (dict(temperature=-0.5), 400, "temperature", "temperature must be in [0, 2]"),
+    (dict(frequency_penalty={}), 400, "frequency_penalty", "penalties are not supported"),
+    (dict(presence_penalty=[]), 400, "presence_penalty", "penalties are not supported"),
+    (dict(frequency_penalty=0.5), 400, "frequency_penalty", "penalties are not supported"),
     (dict(seed=-1), 400, "seed", "between 0"),
     (dict(stop=[""]), 400, "stop", "non-empty"),
     (dict(messages=[]), 400, "messages", "empty list"),
@@ -309,6 +317,48 @@ def test_internal_errors_are_500_without_traceback(tiny_tokenizer):
     assert r.json()["error"]["message"] == "Internal server error (RuntimeError); see the server log."
 
 
+def test_vllm_validation_and_hook_errors_map_to_400_and_500(tiny_tokenizer):
+    """vLLM's request-validation errors (whatever check slipped past the request model) are
+    400s naming vLLM's parameter; a HookError is a 500 naming the worker's exception type."""
+    VLLMValidationError = pytest.importorskip("vllm.exceptions").VLLMValidationError
+    from bon_sr.hook import HookError
+
+    c, engine = _client(tiny_tokenizer)
+    errors = iter([VLLMValidationError("top_k must be 0 (disable), or at least 1, got -5.", parameter="top_k",
+                                       value=-5),
+                   HookError("bon-sr hook failed in vLLM's worker for this request: RuntimeError: boom",
+                             worker_error="RuntimeError")])
+
+    async def failing(job):
+        raise next(errors)
+
+    engine.sample = failing
+    with TestClient(c.app, raise_server_exceptions=False) as c:
+        r = c.post("/v1/chat/completions", json=chat())
+        assert r.status_code == 400 and r.json()["error"]["param"] == "top_k", r.text
+        assert "top_k must be 0" in r.json()["error"]["message"]
+        r = c.post("/v1/chat/completions", json=chat())
+        assert r.status_code == 500, r.text
+        assert r.json()["error"]["message"] == ("Internal server error (HookError: RuntimeError in vLLM's worker); "
+                                                "see the server log.")
+        assert c.get("/health").status_code == 200
+
+
+def test_a_full_hook_budget_is_503_with_retry_after(tiny_tokenizer):
+    from bon_sr.hook.aio import HookBusy
+
+    c, engine = _client(tiny_tokenizer)
+
+    async def busy(job):
+        raise HookBusy("The server is at its hook memory budget; retry later.", retry_after=2.0)
+
+    engine.sample = busy
+    with TestClient(c.app, raise_server_exceptions=False) as c:
+        r = c.post("/v1/chat/completions", json=chat())
+    assert r.status_code == 503 and r.headers["retry-after"] == "2", (r.status_code, r.headers)
+    assert r.json()["error"]["type"] == "ServiceUnavailableError" and "retry later" in r.json()["error"]["message"]
+
+
 def test_settings_are_checked_up_front():
     from bon_sr.errors import ConfigError
 
@@ -325,6 +375,7 @@ def test_settings_are_checked_up_front():
 API_KEY = "test-key"
 SERVER = {"n": 3, "max_n": 8, "max_tokens": 16, "seed": 0, "max_body_bytes": 65536}
 CHAT = [{"role": "user", "content": "What is 12 * 7? Answer briefly."}]
+FAULT_SEED = 777
 #: results the BestOfN comparison needs once the server has exited
 SEEN: dict[str, object] = {}
 
@@ -346,7 +397,8 @@ class Server:
         cmd = [str(exe), "serve", "--model", MODEL, "--port", str(self.port), "--api-key", API_KEY,
                "--n", str(SERVER["n"]), "--max-n", str(SERVER["max_n"]), "--max-tokens", str(SERVER["max_tokens"]),
                "--seed", str(SERVER["seed"]), "--max-body-bytes", str(SERVER["max_body_bytes"]), *extra]
-        env = dict(os.environ, VLLM_LOGGING_LEVEL="WARNING")
+        # requests seeded FAULT_SEED fail inside the worker's hook (a test knob of bon_sr.hook.worker)
+        env = dict(os.environ, VLLM_LOGGING_LEVEL="WARNING", BON_SR_HOOK_FAULT_SEED=str(FAULT_SEED))
         self.log = open(log_path, "w")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
         self.health: list[int] = []
@@ -513,6 +565,28 @@ def test_real_32_concurrent_requests(oai, server):
         # each reply is its own request's: the seed derives from its id, its choice is its pick
         assert info["seed"] == derive_seed(0, f"q{i}") and info["n"] == 2
         assert r.choices[0].message.content == info["candidates"][info["selected_index"]]["text"]
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_real_hook_fault_fails_only_its_request(oai, server):
+    """A failure inside the worker's hook for one request among concurrent ones: that one
+    is a 500 naming the exception type, the others and the engine go on."""
+    from openai import AsyncOpenAI
+
+    async def run():
+        client = AsyncOpenAI(base_url=server.base + "/v1", api_key=API_KEY, max_retries=0, timeout=600)
+        return await asyncio.gather(*(client.chat.completions.create(
+            model=MODEL, messages=CHAT, max_tokens=12, seed=seed) for seed in (11, FAULT_SEED, 12, 13)),
+            return_exceptions=True)
+
+    import openai
+
+    replies = asyncio.run(run())
+    assert isinstance(replies[1], openai.InternalServerError), replies[1]
+    assert "HookError: RuntimeError in vLLM's worker" in str(replies[1])
+    assert all(r.choices[0].message.content for k, r in enumerate(replies) if k != 1), replies
+    assert oai.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=4, seed=1).choices[0].message.content
 
 
 @pytest.mark.vllm

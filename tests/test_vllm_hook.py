@@ -29,6 +29,8 @@ else:
 
 from bon_sr import vllm_hook
 from bon_sr.errors import ConfigError
+from bon_sr.hook import HookError, hook_stats
+from bon_sr.hook.worker import FAULT_ENV
 from bon_sr.hidden_states import HiddenStateConfig
 from bon_sr.models import DEFAULT_MODEL, load_hf_model, resolve_model
 from bon_sr.prompts import encode_prompt, encode_response
@@ -44,6 +46,8 @@ PROMPTS = [
     "Name three prime numbers greater than 20.",
 ]
 SR_TOL = 1e-4
+#: requests seeded FAULT_SEED fail inside the worker's hook (FAULT_ENV, set before the engines start)
+FAULT_SEED = 777
 
 
 def _rel(a: float, b: float) -> float:
@@ -65,6 +69,35 @@ def _engine(model_path: str, **kwargs):
                     **kwargs)
 
 
+def _poll(read, done, timeout: float = 60.0):
+    """read() until done(value) or the deadline; returns the last value."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    value = read()
+    while not done(value) and time.monotonic() < deadline:
+        time.sleep(0.1)
+        value = read()
+    return value
+
+
+class _Interrupted:
+    """A hooked LLM whose collect is interrupted (Ctrl-C during a sync call): records the
+    worker's live rows at that moment, then raises KeyboardInterrupt."""
+
+    def __init__(self, llm):
+        self.llm, self.llm_engine, self.seen = llm, llm.llm_engine, None
+
+    def generate(self, *args, **kwargs):
+        return self.llm.generate(*args, **kwargs)
+
+    def collective_rpc(self, name, *args, **kwargs):
+        if name == "bon_sr_collect":
+            self.seen = hook_stats(self.llm)
+            raise KeyboardInterrupt
+        return self.llm.collective_rpc(name, *args, **kwargs)
+
+
 def _close(llm) -> None:
     llm.llm_engine.engine_core.shutdown()
     gc.collect()
@@ -76,6 +109,7 @@ def runs(model_path):
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
+    os.environ[FAULT_ENV] = str(FAULT_SEED)  # read by the hook at install, in the engine core
     llm = _engine(model_path, worker_extension_cls=vllm_hook.WORKER_EXTENSION, enable_prefix_caching=True)
     out: dict = {"prefix_caching": llm.llm_engine.vllm_config.cache_config.enable_prefix_caching}
     try:
@@ -127,8 +161,24 @@ def runs(model_path):
             fr = [list(c.token_ids) for g in gs for c in g] + extra
             score_pairs[name] = (fp, fr, vllm_hook.HookScorer(llm, scoring, logit_stats=True).score(fp, fr))
         out["score_mode"] = score_pairs
+        # embeddings of the response rows (for consensus selectors), from the same pass
+        emb = vllm_hook.HookSampler(llm, SamplingConfig(n=3, stop=(".",), **base), HiddenStateConfig(token_set="full"),
+                                    embed=True)
+        out["embed"] = (emb.sample(pids[:2], seeds=[31, 32]), emb.last_embeddings)
+        # a failure inside the worker for one job fails that call only; the engine goes on
+        faulty = vllm_hook.HookSampler(llm, SamplingConfig(n=2, **base), HiddenStateConfig())
+        with pytest.raises(HookError, match=f"RuntimeError: fault injected by {FAULT_ENV}") as err:
+            faulty.sample(pids[:2], seeds=[5, FAULT_SEED])
+        out["fault"] = (err.value.worker_error, faulty.sample(pids[:1], seeds=[5]))
+        # an abandoned sync call (Ctrl-C at collect) releases its rows
+        cut = _Interrupted(llm)
+        with pytest.raises(KeyboardInterrupt):
+            vllm_hook.HookSampler(cut, SamplingConfig(n=4, **base), HiddenStateConfig(token_set="full")).sample(
+                pids[:2], seeds=[41, 42])
+        out["abandoned"] = (cut.seen, _poll(lambda: hook_stats(llm), lambda s: s["rows"] == 0, 30.0))
         out["leftover"] = llm.collective_rpc("bon_sr_hook_stats")[0]
     finally:
+        os.environ.pop(FAULT_ENV, None)
         _close(llm)
     return out
 
@@ -160,6 +210,14 @@ def references(model_path, runs):
             *_pairs(runs["also"], pids))
     for name, (fp, fr, _) in runs["score_mode"].items():
         ref[("hf_score", name)] = HFScorer(model, runs["groups"][name][0], logit_stats=True).score(fp, fr)
+    import torch
+
+    rows = []
+    for p, r in zip(*_pairs(runs["embed"][0], pids)):
+        with torch.inference_mode():
+            h = model(torch.tensor([p + r]), output_hidden_states=True).hidden_states[-1][0, len(p):]
+        rows.append((h[-1], h.mean(0)))
+    ref["hf_embed"] = rows
     del model
     gc.collect()
     return ref
@@ -175,7 +233,34 @@ def test_hook_installed_on_the_v1_runner_with_prefix_caching(runs):
 
 def test_worker_keeps_nothing_after_collect(runs):
     assert runs["leftover"]["candidates"] == 0 and runs["leftover"]["groups"] == 0  # "also" case included
-    assert runs["leftover"]["tracked_requests"] == 0
+    assert runs["leftover"]["tracked_requests"] == 0 and runs["leftover"]["rows"] == 0
+
+
+def test_an_abandoned_sync_call_releases_its_rows(runs):
+    seen, after = runs["abandoned"]
+    assert seen["candidates"] == 8 and seen["groups"] == 2 and seen["rows"] > 0, seen  # they were there
+    assert after["rows"] == 0 and after["candidates"] == 0 and after["groups"] == 0, after
+
+
+def test_a_worker_fault_fails_only_its_call_and_the_engine_goes_on(runs):
+    worker_error, later = runs["fault"]
+    assert worker_error == "RuntimeError"
+    assert len(later[0]) == 2 and all(c.scores["stable_rank"] >= 1.0 for c in later[0])
+    assert runs["leftover"]["failed_jobs"] == 1
+
+
+def test_embeddings_equal_hf_rows(runs, references):
+    """embed=True: per candidate the last response row and the mean response row, float32,
+    equal to HF's hidden_states[-1] rows (the same rows stable rank uses)."""
+    import torch
+
+    (groups, embeddings) = runs["embed"]
+    cands = [c for g in groups for c in g]
+    assert len(embeddings) == len(cands) == 6
+    for c, e, (last, mean) in zip(cands, embeddings, references["hf_embed"]):
+        assert len(e["embedding_last"]) == len(e["embedding_mean"]) == 576
+        torch.testing.assert_close(torch.tensor(e["embedding_last"]), last.float(), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(torch.tensor(e["embedding_mean"]), mean.float(), rtol=1e-4, atol=1e-4)
 
 
 # ------------------------------------------------------------------ equality
@@ -293,10 +378,12 @@ def test_async_engine_gives_the_sync_candidates_and_scores(model_path, runs, ref
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
+    os.environ[FAULT_ENV] = str(FAULT_SEED)
     engine = AsyncLLM.from_engine_args(AsyncEngineArgs(
         model=model_path, dtype="float32", seed=0, enforce_eager=True, max_model_len=2048,
         kv_cache_memory_bytes=1 << 30, enable_chunked_prefill=False, max_num_batched_tokens=2048,
         worker_extension_cls=vllm_hook.WORKER_EXTENSION, enable_prefix_caching=True))
+    os.environ.pop(FAULT_ENV, None)
     sampling = SamplingConfig(n=16, temperature=0.8, top_p=0.9, max_new_tokens=24)
 
     async def run():
@@ -312,10 +399,29 @@ def test_async_engine_gives_the_sync_candidates_and_scores(model_path, runs, ref
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        return cands, (await engine.collective_rpc("bon_sr_hook_stats"))[0]
+        released = await _poll_async(lambda: vllm_hook.hook_stats_async(engine), lambda s: s["rows"] == 0)
+        # concurrent jobs, one of which fails in the worker: only that one raises
+        collector = vllm_hook.Collector(engine)
+        short = SamplingConfig(n=4, temperature=0.8, top_p=0.9, max_new_tokens=24)
+        jobs = [vllm_hook.sample_scored_async(engine, runs["prompt_ids"][k % 3], short, seed=seed,
+                                              scoring=HiddenStateConfig(), collector=collector)
+                for k, seed in enumerate([3, 4, FAULT_SEED, 6, 7, 8])]
+        outcome = await asyncio.gather(*jobs, return_exceptions=True)
+        after = await _poll_async(lambda: vllm_hook.hook_stats_async(engine), lambda s: s["rows"] == 0)
+        return cands, released, (outcome, after)
+
+    async def _poll_async(read, done, timeout=60.0):
+        import time
+
+        deadline = time.monotonic() + timeout
+        value = await read()
+        while not done(value) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+            value = await read()
+        return value
 
     try:
-        cands, stats = asyncio.run(run())
+        cands, stats, (outcome, after) = asyncio.run(run())
     finally:
         engine.shutdown()
         gc.collect()
@@ -324,7 +430,12 @@ def test_async_engine_gives_the_sync_candidates_and_scores(model_path, runs, ref
     for a, b in zip(cands, sync):
         assert _rel(a.scores["stable_rank"], b.scores["stable_rank"]) <= SR_TOL
         assert a.scores["mean_logprob"] == pytest.approx(b.scores["mean_logprob"], rel=1e-4, abs=1e-4)
-    assert stats["candidates"] == 0 and stats["groups"] == 0, stats      # nothing left for the sweep
+    assert stats["candidates"] == 0 and stats["groups"] == 0 and stats["rows"] == 0, stats  # nothing left
+    failed = [k for k, o in enumerate(outcome) if isinstance(o, Exception)]
+    assert failed == [2] and isinstance(outcome[2], HookError), outcome
+    assert outcome[2].worker_error == "RuntimeError"
+    assert all(len(o) == 4 and all(c.scores["stable_rank"] >= 1.0 for c in o) for o in outcome if o is not outcome[2])
+    assert after["rows"] == 0 and after["candidates"] == 0 and after["groups"] == 0, after
 
 
 # ------------------------------------------------------------------ backend, in-process engine core

@@ -33,7 +33,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from . import service
-from .errors import ApiError, error_for, request_error
+from .errors import ApiError, error_for, request_error, retry_after
 from .protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from .settings import ServeSettings
 
@@ -54,7 +54,7 @@ async def client_gone(request: Request, exc: Exception) -> Response:
 
 async def handle_error(request: Request, exc: Exception) -> JSONResponse:
     status, body = error_for(exc)
-    return JSONResponse(body.model_dump(), status_code=status)
+    return JSONResponse(body.model_dump(), status_code=status, headers=retry_after(exc))
 
 
 def check_api_key(request: Request, settings: ServeSettings) -> None:

@@ -75,6 +75,11 @@ start after Best-of-N has finished: the selected answer is sent as SSE chunks.
 @click.option("--data-parallel-size", type=click.IntRange(min=1), default=1, show_default=True,
               help="vLLM data parallelism on this node: engine cores (each with its own GPUs); a request's "
                    "candidates are sampled and scored on one of them.")
+@click.option("--hook-memory", type=click.IntRange(min=1), default=None,
+              help="Bytes of hidden-state rows scored requests may hold at once; past it new ones wait "
+                   "(default: rows for twice the KV cache's tokens).")
+@click.option("--hook-queue", type=click.IntRange(min=0), default=256, show_default=True,
+              help="Scored requests that may wait for --hook-memory; past it the server answers 503 + Retry-After.")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True, help="uvicorn's log level.")
 def serve(host: str, port: int, vllm_opts: tuple[str, ...], log_level: str, n: int, temperature: float,

@@ -2,7 +2,7 @@
 
 Concurrent HTTP requests submit their candidates to the same ``AsyncLLM``, which batches
 them in one engine step loop: no lock, no synchronous ``vllm.LLM`` inside ``async def``.
-Sampling and scoring are ``bon_sr.vllm_hook.sample_scored_async``: the same fan-out,
+Sampling and scoring are ``bon_sr.hook.sample_scored_async``: the same fan-out,
 seeds, fill step and collect as ``BestOfN(backend="vllm", scorer="hook")``, so a request
 with seed S samples and scores what ``BestOfN.select(prompt, seed=S)`` does. A job that
 needs no scores (``majority``, ``random``, ...) runs one plain ``n=N`` request, as
@@ -12,8 +12,9 @@ Life cycle: ``start()`` (run as a background task by the app) resolves the model
 the engine in a worker thread (tens of seconds on CPU; the event loop keeps answering
 ``/health`` with 503 meanwhile) and installs the hook; ``state`` goes ``loading`` ->
 ``ready`` (or ``failed`` with ``error``). ``close()`` shuts the engine down. A cancelled
-``sample`` (the client went away) cancels its ``AsyncLLM.generate`` calls, and vLLM aborts
-those requests.
+``sample`` (the client went away) cancels its ``AsyncLLM.generate`` calls, vLLM aborts
+those requests and the hook frees their rows. The scored jobs' collects go through one
+``Collector``, so concurrent requests share collect RPCs.
 
 This module knows nothing about HTTP, selection or answers.
 """
@@ -27,6 +28,7 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Any, Sequence
 
+from ..hook.aio import Collector, RowBudget, default_row_budget, install_hook_async, sample_scored_async
 from ..types import Candidate
 
 if TYPE_CHECKING:
@@ -50,6 +52,9 @@ class BonEngine:
         self.started_at = time.monotonic()
         self._llm: Any = None
         self._closed = False
+        self.collector: Any = None  # bon_sr.hook.Collector: one collect RPC for all ready jobs
+        self.budget: Any = None  # bon_sr.hook.RowBudget: scored jobs' rows in flight
+        self.row_bytes = 0
 
     # -- life cycle ---------------------------------------------------------------------
 
@@ -60,7 +65,13 @@ class BonEngine:
                 llm.shutdown()
                 return
             self._llm = llm
-            await llm.collective_rpc("bon_sr_install_hook", args=({},))
+            await install_hook_async(llm)
+            self.collector = Collector(llm)
+            default, self.row_bytes = default_row_budget(llm.vllm_config)
+            capacity = self.settings.hook_memory or default
+            self.budget = RowBudget(capacity, max_waiting=self.settings.hook_queue)
+            logger.info("bon-sr serve: hook row budget %.1f MiB (%s)", capacity / 2**20,
+                        "--hook-memory" if self.settings.hook_memory else "sized from the model")
             self.state = "ready"
             logger.info("bon-sr serve: %s ready in %.1f s", self.settings.model, time.monotonic() - self.started_at)
         except Exception as exc:  # a failed start is reported by /health, not raised into the loop
@@ -73,7 +84,7 @@ class BonEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         from ..models import resolve_model
-        from ..vllm_backend import VLLMBackend
+        from ..vllm_backend import VLLMBackend, check_hook_internals
 
         s = self.settings
         path = resolve_model(s.model)
@@ -84,8 +95,13 @@ class BonEngine:
         self.tokenizer = backend.tokenizer
         self.context = backend.context
         kwargs = backend.engine_kwargs("generate")
-        # The hook wraps the V1 model runner (see VLLMBackend._start).
+        # fills (one-block prefills that let a finished job complete) go ahead of waiting
+        # samples; among equal priorities this is first come, first served (hook.aio.fill_priority)
+        kwargs.setdefault("scheduling_policy", "priority")
+        # The hook wraps the V1 model runner (see VLLMBackend._start); its vLLM internals are
+        # probed here, before the engine starts.
         os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+        check_hook_internals()
         from ..vllm_plugin import mark_engine_parent
 
         # the engine's processes die with the server, even on kill -9 (this thread lives as
@@ -104,11 +120,10 @@ class BonEngine:
     # -- work ---------------------------------------------------------------------------
 
     async def sample(self, job: "Job") -> list[Candidate]:
-        from ..vllm_hook import sample_scored_async
-
         if job.score_keys:
             return await sample_scored_async(self._llm, job.prompt_ids, job.sampling, seed=job.seed,
-                                             scoring=job.scoring, logit_stats=job.logit_stats)
+                                             scoring=job.scoring, logit_stats=job.logit_stats,
+                                             collector=self.collector, budget=self.budget, row_bytes=self.row_bytes)
         return await self._sample_unscored(job.prompt_ids, job.sampling, job.seed)
 
     async def _sample_unscored(self, prompt_ids: Sequence[int], sampling: Any, seed: int) -> list[Candidate]:

@@ -1,10 +1,13 @@
 """Every error the server answers with, as OpenAI's error object, from one mapping.
 
 ``error_for(exc)`` turns any exception into ``(status, ErrorResponse)``: ``ApiError``
-(raised by the server with its status; ``request_error`` makes one from a body that failed
+(raised by the server with its status; ``HookBusy`` (503, with ``retry_after``);
+``request_error`` makes one from a body that failed
 validation: wrong types, missing fields, 400 with the field's path as ``param``), bon-sr's ``ConfigError`` /
-``InputError`` (400), an HTTP error of the framework (404, 405, ...), and anything else as
-a 500 whose message names only the exception type (the traceback goes to the server's log,
+``InputError`` (400), vLLM's request-validation errors (400 naming the parameter), an HTTP
+error of the framework (404, 405, ...), the hook's ``HookError`` (500 naming the worker's
+exception type: that request failed, the engine goes on), and anything else as a 500
+whose message names only the exception type (the traceback goes to the server's log,
 never to the client). The app registers one handler that calls it.
 
 This module knows nothing about engines or routes.
@@ -13,9 +16,12 @@ This module knows nothing about engines or routes.
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any
 
 from ..errors import BonSRError, ConfigError, InputError
+from ..hook.aio import HookBusy
+from ..hook.protocol import HookError
 from .protocol import ErrorInfo, ErrorResponse
 
 logger = logging.getLogger(__name__)
@@ -35,11 +41,12 @@ ERROR_TYPES = {
 class ApiError(Exception):
     """An error with its HTTP status and, for a bad field, the field's name (``param``)."""
 
-    def __init__(self, status: int, message: str, *, param: str | None = None):
+    def __init__(self, status: int, message: str, *, param: str | None = None, retry_after: float | None = None):
         super().__init__(message)
         self.status = int(status)
         self.message = message
         self.param = param
+        self.retry_after = retry_after
 
 
 def bad_field(param: str, exc: BonSRError | str) -> ApiError:
@@ -71,6 +78,12 @@ def request_error(exc: Any) -> ApiError:
     return ApiError(400, f"Invalid request: '{param}': {msg}{more}.", param=param or None)
 
 
+def retry_after(exc: BaseException) -> dict[str, str]:
+    """The Retry-After header of a 503 that asks the client to come back."""
+    seconds = getattr(exc, "retry_after", None)
+    return {} if seconds is None else {"Retry-After": str(max(1, int(round(seconds))))}
+
+
 def error_for(exc: BaseException) -> tuple[int, ErrorResponse]:
     from fastapi.exceptions import RequestValidationError
     from starlette.exceptions import HTTPException
@@ -81,6 +94,17 @@ def error_for(exc: BaseException) -> tuple[int, ErrorResponse]:
         exc = ApiError(400, str(exc))
     elif isinstance(exc, HTTPException):
         exc = ApiError(exc.status_code, str(exc.detail))
+    vllm_errors = sys.modules.get("vllm.exceptions")
+    if vllm_errors is not None and isinstance(exc, vllm_errors.VLLMClientError):
+        # a request vLLM refuses (its SamplingParams checks): the client's fault, a 400
+        param = getattr(exc, "parameter", None)
+        exc = ApiError(400, f"vLLM refused the request: {exc}", param=param)
+    if isinstance(exc, HookBusy):  # the hook's row budget and its queue are full
+        exc = ApiError(503, str(exc), retry_after=exc.retry_after)
+    if isinstance(exc, HookError):  # this request's scoring failed in the worker; the engine goes on
+        logger.error("bon-sr serve: %s", exc)
+        exc = ApiError(500, f"Internal server error (HookError: {exc.worker_error or 'error'} in vLLM's worker); "
+                            "see the server log.")
     if not isinstance(exc, ApiError):
         logger.error("bon-sr serve: internal error", exc_info=exc)
         exc = ApiError(500, f"Internal server error ({type(exc).__name__}); see the server log.")

@@ -28,6 +28,20 @@ def _number(value: Any) -> Any:
 
 Number = Annotated[float, BeforeValidator(_number)]
 
+
+def _range(name: str, lo: float, hi: float, *, open_lo: bool = False) -> BeforeValidator:
+    """The range vLLM's ``SamplingParams`` checks, checked here so it is a 400 naming the
+    field, not vLLM's error after the request was accepted (inf and nan are outside)."""
+    shown = f"{'(' if open_lo else '['}{lo:g}, {hi:g}]"
+
+    def check(value: Any) -> float:
+        x = _number(value)
+        if not ((lo < x) if open_lo else (lo <= x)) or not x <= hi:
+            raise ValueError(f"{name} must be in {shown}, got {x:g}")
+        return x
+
+    return BeforeValidator(check)
+
 #: OpenAI request fields bon-sr cannot honour -> (what instead, the values that mean "not
 #: used"); a request that sets one to anything else is refused.
 _OFF = (None, False, [], {})
@@ -40,8 +54,8 @@ UNSUPPORTED: dict[str, tuple[str, tuple[Any, ...]]] = {
     "functions": ("function calls are not supported", _OFF),
     "response_format": ("structured output is not supported", (*_OFF, {"type": "text"})),
     "logit_bias": ("logit bias is not supported", _OFF),
-    "presence_penalty": ("penalties are not supported", (*_OFF, 0, 0.0)),
-    "frequency_penalty": ("penalties are not supported", (*_OFF, 0, 0.0)),
+    "presence_penalty": ("penalties are not supported", (None, 0, 0.0)),
+    "frequency_penalty": ("penalties are not supported", (None, 0, 0.0)),
     "best_of": ("the number of candidates is extra_body={'bon_sr': {'n': N}}", (*_OFF, 1)),
     "echo": ("echo is not supported", _OFF),
     "suffix": ("suffix is not supported", (*_OFF, "")),
@@ -96,8 +110,8 @@ class _Request(BaseModel):
 
     model: StrictStr
     max_tokens: StrictInt | None = None
-    temperature: Number | None = None
-    top_p: Number | None = None
+    temperature: Annotated[float, _range("temperature", 0, 2)] | None = None
+    top_p: Annotated[float, _range("top_p", 0, 1, open_lo=True)] | None = None
     stop: StrictStr | list[StrictStr] | None = None
     seed: StrictInt | None = None
     n: StrictInt | None = None

@@ -39,7 +39,7 @@ from ..scoring import EMBEDDING_SCORERS, STAT_KEYS, check_scores, score_keys
 from ..selection import Decision, ranked
 from ..selectors import SelectorSpec, get_selector
 from ..types import Candidate
-from ..vllm_hook import check_hook_config
+from ..hook.protocol import check_hook_config
 from .errors import ApiError, bad_field
 from .protocol import (AssistantMessage, BonSROptions, ChatChoice, ChatChunkChoice, ChatCompletion,
                        ChatCompletionChunk, ChatCompletionRequest, Completion, CompletionChoice, CompletionRequest,

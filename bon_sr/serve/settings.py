@@ -55,6 +55,10 @@ class ServeSettings:
     vllm_options: Mapping[str, Any] = field(default_factory=dict)
     tensor_parallel_size: int = 1
     data_parallel_size: int = 1
+    #: bytes of hook rows scored requests may hold at once (None: sized from the model;
+    #: see bon_sr.hook.aio.RowBudget); hook_queue: requests waiting for it before a 503
+    hook_memory: int | None = None
+    hook_queue: int = 256
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_n, int) or self.max_n < 1:

@@ -1,0 +1,151 @@
+"""The ONE order of a hooked sampling job, sans IO: sample -> fill -> collect -> retry.
+
+A plan is a generator of steps; a driver (``sync.py`` for ``vllm.LLM``, ``aio.py`` for
+``AsyncLLM``) performs each step with its engine and sends the reply back in::
+
+    Sample(requests, follow)   run every request; for each finished output ``o`` of
+                               request ``i``, also run ``follow(i, o)`` if it is not None
+                               (the candidate's fill); reply: the outputs, in order
+    Generate(requests)         run them; reply: None (their rows are what counts)
+    Collect(specs)             ``bon_sr_collect``; reply: the worker's results, in order
+
+and the generator's return value is the result. The sync driver runs a Sample's fills as
+one more batch after the samples; the async driver chains each fill right after its own
+candidate, so fills overlap the other candidates' decoding. Either way the requests, and
+so the candidates and scores, are the same.
+
+This module knows no engine and does no IO; it builds requests with ``protocol``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Generator, Sequence
+
+from ..hidden_states import HiddenStateConfig
+from ..types import Candidate
+from .protocol import (cache_salt, collect_spec, fan_out, fill_request, needs_fill, new_tag, score_request,
+                       scores_from_results, tokens_prompt)
+
+logger = logging.getLogger(__name__)
+
+EngineRequest = tuple[Any, Any]  # (TokensPrompt, SamplingParams)
+
+
+@dataclass(frozen=True)
+class Sample:
+    requests: list[EngineRequest]
+    follow: Callable[[int, Any], EngineRequest | None]
+
+
+@dataclass(frozen=True)
+class Generate:
+    requests: list[EngineRequest]
+
+
+@dataclass(frozen=True)
+class Collect:
+    specs: list[dict[str, Any]]
+
+
+Step = Sample | Generate | Collect
+Steps = Generator[Step, Any, Any]
+
+
+@dataclass(frozen=True)
+class Group:
+    """One prompt's candidates: ``params`` is the prompt's single-sample ``SamplingParams``."""
+
+    prompt_ids: tuple[int, ...]
+    params: Any
+    n: int
+    seed: int | None
+
+
+class ScoredSampling:
+    """Sample every group's candidates, score them in the worker, return them scored.
+
+    ``to_candidate(index, completion) -> Candidate`` turns a vLLM completion into a
+    candidate (the sampler's one rule). ``embed``: the results also carry each candidate's
+    ``embedding_last`` / ``embedding_mean`` (kept in ``self.embeddings`` after the run)."""
+
+    def __init__(self, groups: Sequence[Group], scoring: HiddenStateConfig, to_candidate: Callable[[int, Any], Any],
+                 *, logit_stats: bool = False, also: Sequence[str] = (), embed: bool = False):
+        self.scoring = scoring
+        self.logit_stats = bool(logit_stats)
+        self.also = tuple(also)  # checked where a caller passes it (HookSampler, VLLMBackend.sampler)
+        self.embed = bool(embed)
+        self.to_candidate = to_candidate
+        self.sizes = [g.n for g in groups]
+        self.keys: list[tuple[str, int, tuple[int, ...]]] = []  # (tag, index, prompt ids) per request
+        self.requests: list[EngineRequest] = []
+        for g in groups:
+            tag = new_tag()
+            salt = cache_salt(tag, scoring)
+            for i, child in enumerate(fan_out(g.params, g.n, g.seed, tag, len(g.prompt_ids), scoring,
+                                              logit_stats=self.logit_stats)):
+                self.requests.append((tokens_prompt(g.prompt_ids, salt), child))
+                self.keys.append((tag, i, g.prompt_ids))
+        self.embeddings: list[dict[str, list[float]]] | None = None
+
+    def tags(self) -> list[str]:
+        return sorted({tag for tag, _, _ in self.keys})
+
+    def _candidate(self, k: int, output: Any) -> Candidate:
+        return self.to_candidate(self.keys[k][1], output.outputs[0])
+
+    def _fill(self, k: int, output: Any) -> EngineRequest | None:
+        """The fill of request k if its last row is missing (see ``protocol.needs_fill``)."""
+        cand = self._candidate(k, output)
+        if not needs_fill(cand, isinstance(output.outputs[0].stop_reason, str)):
+            return None
+        tag, i, p_ids = self.keys[k]
+        return fill_request(tag, i, p_ids, cand.token_ids, self.scoring)
+
+    def _specs(self, cands: Sequence[Candidate]) -> list[dict[str, Any]]:
+        return [collect_spec(tag, i, len(p_ids), cand.num_tokens, self.scoring, logit_stats=self.logit_stats,
+                             release_group=True, also=self.also, embed=self.embed)
+                for (tag, i, p_ids), cand in zip(self.keys, cands)]
+
+    def steps(self) -> Steps:
+        outputs = yield Sample(self.requests, self._fill)
+        cands = [self._candidate(k, o) for k, o in enumerate(outputs)]
+        specs = self._specs(cands)
+        results = yield Collect(specs)
+        missed = [k for k, res in enumerate(results) if "missing" in res]
+        if missed:  # should not happen (see protocol.fill_request); recompute under a salt of their own
+            logger.warning("bon-sr hook: %d candidates missed rows after the fill step; recomputing them",
+                           len(missed))
+            yield Generate([fill_request(self.keys[k][0], self.keys[k][1], self.keys[k][2], cands[k].token_ids,
+                                         self.scoring, missing=results[k]["missing"]) for k in missed])
+            again = yield Collect([{**specs[k], "group": False} for k in missed])
+            results = list(results)
+            for k, res in zip(missed, again):
+                results[k] = res
+        scored = [c.with_scores(**s) for c, s in zip(cands, scores_from_results(results))]
+        if self.embed:
+            self.embeddings = [{k: res.get(k) for k in ("embedding_last", "embedding_mean")} for res in results]
+        out, pos = [], 0
+        for n in self.sizes:
+            out.append(scored[pos:pos + n])
+            pos += n
+        return out
+
+
+def score_steps(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]],
+                scoring: HiddenStateConfig, *, logit_stats: bool = False, tag: str | None = None) -> Steps:
+    """Score caller-supplied (prompt, response) pairs: teacher-forced prefills, then one collect."""
+    if len(prompt_ids) != len(response_ids):
+        raise ValueError("prompt_token_ids and response_token_ids must have the same length")
+    tag = tag or new_tag()
+    requests, specs = [], []
+    for i, (p, r) in enumerate(zip(prompt_ids, response_ids)):
+        p, r = [int(t) for t in p], [int(t) for t in r]
+        if p or r:
+            requests.append(score_request(tag, i, p, r, scoring, logit_stats=logit_stats))
+        specs.append(collect_spec(tag, i, len(p), len(r), scoring, logit_stats=logit_stats, group=False))
+    if requests:
+        yield Generate(requests)
+    results = yield Collect(specs)
+    return scores_from_results(results)

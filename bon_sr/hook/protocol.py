@@ -1,0 +1,269 @@
+"""What travels between bon-sr's drivers and the hook in vLLM's worker: tags, request
+metadata, collect specs and results, and their checks.
+
+Runs on the DRIVER (the caller's process). It builds ``SamplingParams`` / ``TokensPrompt``
+(public vLLM API, imported inside functions) and plain dicts; it knows nothing of vLLM's
+internals (``worker.py``), of the order of the steps (``plan.py``) or of engines.
+
+Request metadata (``SamplingParams.extra_args["bon_sr"]``, see :func:`request_meta`)::
+
+    tag: str        one sampling job (its candidates share prompt rows under ``full``)
+    index: int      the candidate within the job
+    p: int          prompt length
+    mode: str       sample | fill | score
+    group: bool     prompt rows live in the tag's group entry (sample, fill)
+    lo, hi: int     [lo, hi): absolute positions whose rows the worker keeps
+    stats: bool     keep log p and self-certainty per response token
+
+Collect spec (:func:`collect_spec`)::
+
+    tag, index, p, r, group, stats, release_group   as above; r = response length
+    start, end      [start, end): the rows scored
+    also            {token set: [start, end)}: more token sets from the same rows
+    embed           return ``embedding_last`` / ``embedding_mean`` (d floats each)
+
+Collect result: ``{"tag", "index", "stable_rank", "frobenius_sq", "spectral_sq",
+"scored_tokens", ["mean_logprob", "self_certainty"], ["also": {...}],
+["embedding_last", "embedding_mean"]}``, or ``{"tag", "index", "missing": [positions]}``
+(rows absent: the driver retries), or ``{"tag", "index", "error": "Type: message"}`` (the
+hook failed for this job: the driver raises :class:`HookError`).
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import replace
+from typing import Any, Sequence
+
+from ..errors import BonSRError, ConfigError
+from ..hidden_states import HiddenStateConfig
+from ..types import Candidate
+
+#: The documented ``worker_extension_cls`` (kept by the ``bon_sr.vllm_hook`` shim) and the
+#: class's home; an engine built with either has the hook.
+WORKER_EXTENSION = "bon_sr.vllm_hook.HookWorkerExtension"
+WORKER_EXTENSIONS = (WORKER_EXTENSION, "bon_sr.hook.worker.HookWorkerExtension")
+#: vLLM versions whose V1 model runner layout the hook was written against and tested on.
+KNOWN_VLLM = ("0.32.",)
+META_KEY = "bon_sr"
+RESULT_KEYS = ("stable_rank", "frobenius_sq", "spectral_sq", "scored_tokens")
+EMBED_KEYS = ("embedding_last", "embedding_mean")
+
+
+class HookError(BonSRError):
+    """The hook failed inside vLLM's worker for these requests (the engine and other
+    requests go on); ``worker_error`` names the worker's exception type."""
+
+    def __init__(self, message: str, worker_error: str = ""):
+        super().__init__(message)
+        self.worker_error = worker_error
+
+
+def check_hook_config(config: HiddenStateConfig, scorer: str = "hook") -> None:
+    """Raise ConfigError for what a vLLM scorer (the hook, or the pooling engine: both see
+    the same states) cannot compute; no engine needed. ``layer`` must be -1 here: callers
+    that know the model map its last index to -1 first."""
+    if config.norm != "post" or config.layer != -1:
+        raise ConfigError(f"The vLLM {scorer} scorer sees the last layer's post-final-norm states only "
+                          f"(got layer={config.layer}, norm={config.norm!r}); use scorer='hf'.")
+    if config.transform not in ("raw", "paper"):
+        raise ConfigError(f"The vLLM {scorer} scorer supports the raw transform only (got {config.transform!r}); "
+                          "use scorer='hf'.")
+    if config.token_set not in ("response", "full"):
+        raise ConfigError(f"The vLLM {scorer} scorer supports the token sets response and full (got "
+                          f"{config.token_set!r}); use scorer='hf'.")
+
+
+def check_also(config: HiddenStateConfig, also: Sequence[str]) -> tuple[str, ...]:
+    """Extra token sets one sampling pass can score besides ``config.token_set``: their
+    rows must be among the rows it keeps (``response`` inside ``full``), without a window."""
+    also = tuple(dict.fromkeys(also))
+    for t in also:
+        if t not in ("response", "full"):
+            raise ConfigError(f"Extra token set {t!r}: the hook scores 'response' or 'full'.")
+        if (t == "full" and config.token_set != "full") or config.window is not None:
+            raise ConfigError(f"Extra token set {t!r} needs token_set='full' and no window for the kept rows "
+                              f"(got token_set={config.token_set!r}, window={config.window}).")
+    return also
+
+
+def new_tag() -> str:
+    return uuid.uuid4().hex
+
+
+def row_range(prompt_len: int, max_len: int, config: HiddenStateConfig) -> tuple[int, int]:
+    """[lo, hi): positions whose rows the worker keeps for a candidate of at most
+    ``max_len`` response tokens (the window bounds what is kept, not just what is scored)."""
+    lo = 0 if config.token_set == "full" else prompt_len
+    hi = prompt_len + max_len
+    if config.window is not None:
+        hi = min(hi, lo + config.window)
+    return lo, max(lo, hi)
+
+
+def request_meta(tag: str, index: int, prompt_len: int, max_tokens: int, config: HiddenStateConfig, *,
+                 mode: str = "sample", logit_stats: bool = False, lo: int | None = None,
+                 hi: int | None = None) -> dict[str, Any]:
+    """The ``extra_args["bon_sr"]`` of one request. mode: sample | fill | score."""
+    r_lo, r_hi = row_range(prompt_len, max_tokens, config)
+    # Sampled groups share their prompt rows (kept once per tag); score mode keeps them
+    # per candidate, since one score call's pairs may have different prompts.
+    return {"tag": tag, "index": int(index), "p": int(prompt_len), "mode": mode, "group": mode != "score",
+            "lo": int(r_lo if lo is None else lo), "hi": int(r_hi if hi is None else hi),
+            "stats": bool(logit_stats)}
+
+
+def cache_salt(tag: str, config: HiddenStateConfig, *, mode: str = "sample", index: int = 0) -> str | None:
+    """``full`` must see its prompt rows computed under this tag; score mode must compute
+    every row of every candidate (identical or prefix-sharing responses would otherwise
+    skip rows through the prefix cache)."""
+    if mode == "score":
+        return f"bon-sr:{tag}:{index}"
+    return f"bon-sr:{tag}" if config.token_set == "full" else None
+
+
+def _final_only(params: Any) -> Any:
+    # One output per request when it finishes: a candidate does not wake the driver on
+    # every step (vLLM's own server asks for the same).
+    from vllm.sampling_params import RequestOutputKind
+
+    params.output_kind = RequestOutputKind.FINAL_ONLY
+    return params
+
+
+def fan_out(params: Any, n: int, seed: int | None, tag: str, prompt_len: int, config: HiddenStateConfig, *,
+            logit_stats: bool = False) -> list[Any]:
+    """n single-sample copies of ``params``, child i seeded ``seed + i`` and tagged
+    ``(tag, i)``: exactly what vLLM's own ``n=N`` fan-out does (v1/engine/parallel_sampling.py),
+    so the tokens equal ``SamplingParams(n=N, seed=seed)``'s, but each candidate is its own
+    request the worker can tell apart."""
+    out = []
+    for i in range(n):
+        child = params.clone()
+        child.n = 1
+        child.seed = None if seed is None else int(seed) + i
+        child.extra_args = {**(params.extra_args or {}),
+                            META_KEY: request_meta(tag, i, prompt_len, params.max_tokens, config,
+                                                   logit_stats=logit_stats)}
+        out.append(_final_only(child))
+    return out
+
+
+def needs_fill(candidate: Candidate, stop_string: bool) -> bool:
+    """True when the candidate's last kept token was sampled but (probably) never fed back:
+    every finish except an EOS / stop-token one. The worker stores a fill's row only if it
+    is still missing, so a redundant fill changes nothing."""
+    return candidate.num_tokens > 0 and (candidate.finish_reason != "stop" or stop_string)
+
+
+def _one_token_params(meta: dict[str, Any]) -> Any:
+    from vllm import SamplingParams
+
+    return _final_only(SamplingParams(max_tokens=1, temperature=0.0, detokenize=False,
+                                      extra_args={META_KEY: meta}))
+
+
+def tokens_prompt(ids: Sequence[int], salt: str | None) -> Any:
+    from vllm.inputs import TokensPrompt
+
+    prompt = TokensPrompt(prompt_token_ids=[int(t) for t in ids])
+    if salt is not None:
+        prompt["cache_salt"] = salt
+    return prompt
+
+
+def fill_request(tag: str, index: int, prompt_ids: Sequence[int], response_ids: Sequence[int],
+                 config: HiddenStateConfig, *, missing: Sequence[int] | None = None) -> tuple[Any, Any]:
+    """Prefill prompt + response so the last response row gets computed (and stored, if
+    missing). ``missing``: positions a collect reported absent (a retry): the prefill then
+    gets a salt of its own, so no prefix-cache hit can skip them, and keeps every row of
+    the token set in the candidate itself (collect it with ``group=False``)."""
+    p, r = len(prompt_ids), len(response_ids)
+    lo, hi = row_range(p, r, config)
+    salt = cache_salt(tag, config)
+    if missing:
+        salt = f"bon-sr:{tag}:{index}:retry"
+    else:
+        lo = max(lo, p + r - 1)
+    meta = request_meta(tag, index, p, r, config, mode="fill", lo=lo, hi=hi)
+    if missing:
+        meta["group"] = False  # a retry's prompt rows are its own, not the tag's
+    return tokens_prompt([*prompt_ids, *response_ids], salt), _one_token_params(meta)
+
+
+def score_request(tag: str, index: int, prompt_ids: Sequence[int], response_ids: Sequence[int],
+                  config: HiddenStateConfig, *, logit_stats: bool = False) -> tuple[Any, Any]:
+    """Teacher-force prompt + response (score mode): rows and logit stats come from the prefill."""
+    p, r = len(prompt_ids), len(response_ids)
+    meta = request_meta(tag, index, p, r, config, mode="score", logit_stats=logit_stats)
+    salt = cache_salt(tag, config, mode="score", index=index)
+    return tokens_prompt([*prompt_ids, *response_ids], salt), _one_token_params(meta)
+
+
+def collect_spec(tag: str, index: int, prompt_len: int, response_len: int, config: HiddenStateConfig, *,
+                 logit_stats: bool = False, release_group: bool = False, group: bool = True,
+                 also: Sequence[str] = (), embed: bool = False) -> dict[str, Any]:
+    """What the worker scores for one candidate: rows [start, end), logit stats over the
+    response [p, p + r). ``group``: the prompt rows live in the tag's group entry (sampling).
+    ``also``: more token sets scored from the same kept rows (``check_also``). ``embed``:
+    also return the last response row and the mean response row (float32, d each)."""
+    lo, hi = row_range(prompt_len, response_len, config)
+    spec = {"tag": tag, "index": int(index), "start": lo, "end": hi, "p": int(prompt_len), "group": bool(group),
+            "r": int(response_len), "stats": bool(logit_stats), "release_group": bool(release_group)}
+    if also:
+        spec["also"] = {t: list(row_range(prompt_len, response_len, replace(config, token_set=t))) for t in also}
+    if embed:
+        spec["embed"] = True
+    return spec
+
+
+def scores_from_results(results: Sequence[dict[str, Any]]) -> list[dict[str, float]]:
+    """The worker's per-candidate results as bon-sr score dicts (floats only; embeddings,
+    when asked for, stay in the results)."""
+    out = []
+    for res in results:
+        if "error" in res:
+            raise HookError(f"bon-sr hook failed in vLLM's worker for this request: {res['error']}",
+                            worker_error=str(res["error"]).split(":", 1)[0])
+        if "missing" in res:
+            raise HookError(f"bon-sr hook: candidate {res.get('index')} of tag {res.get('tag')} still misses "
+                            f"the rows of positions {res['missing'][:8]} after the fill step")
+        scores = {k: float(v) for k, v in res.items() if k not in ("tag", "index", "also", *EMBED_KEYS)}
+        for name, extra in (res.get("also") or {}).items():
+            scores[f"sr_{name}"] = float(extra["stable_rank"])
+        out.append(scores)
+    return out
+
+
+def dp_rank_for(tag: str, dp: int) -> int | None:
+    """The engine core one tagged job runs on: all its requests (samples, fills) must meet
+    the same worker, which holds their rows and whose prefix cache makes the fill cheap."""
+    return None if dp <= 1 else int(tag[:8], 16) % dp
+
+
+def merge_engine_results(per_engine: Sequence[Sequence[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One collect's results from every data-parallel engine core: per spec, the result of
+    the core that held the candidate (the others report its rows missing)."""
+    merged = []
+    for results in zip(*per_engine):
+        merged.append(next((r for r in results if "missing" not in r), results[0]))
+    return merged
+
+
+def hook_missing_message() -> str:
+    return ("This vLLM engine has no bon-sr hook. Build it with "
+            f"LLM(..., worker_extension_cls=\"{WORKER_EXTENSION}\", enable_prefix_caching=True) "
+            "(on CUDA also set the environment variable VLLM_USE_V2_MODEL_RUNNER=0 before creating it), "
+            "or use scorer='pooling'.")
+
+
+def has_hook_extension(llm: Any) -> bool:
+    engine = getattr(llm, "llm_engine", llm)
+    config = getattr(engine, "vllm_config", None)
+    ext = getattr(getattr(config, "parallel_config", None), "worker_extension_cls", "")
+    return ext in WORKER_EXTENSIONS
+
+
+def require_hook(llm: Any) -> None:
+    if not has_hook_extension(llm):
+        raise ConfigError(hook_missing_message())
