@@ -44,6 +44,7 @@ REQUIRED = {
     "peft": "the train extra",
     "psutil": "TRL and vLLM",
     "ray": "the ray extra",
+    "sacrebleu": "the dev extra",
 }
 
 

@@ -39,7 +39,8 @@ def test_lexical_identical_disjoint_and_hand_worked():
 
 
 def test_lexical_equals_sacrebleu_chrf():
-    sacrebleu = pytest.importorskip("sacrebleu", reason="sacrebleu is the dev extra's reference chrF")
+    import sacrebleu  # the dev extra's reference chrF (required: tests/conftest.py)
+
     texts = ["Natalia sold 48 clips in April and 24 in May, so 72 clips.",
              "In May she sold half as many: 48 / 2 = 24. Total: 48 + 24 = 72.",
              "def add(a, b):\n    return a + b\n", "The answer is 72.", "Über straße ñ 数学"]
@@ -259,7 +260,6 @@ class _TextEngine:
 
 
 def test_serve_mbr_and_auto_report_utilities(tiny_tokenizer):
-    pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
 
     from bon_sr.samplers import SamplingConfig

@@ -129,7 +129,6 @@ def test_collector_coalesces_concurrent_collects():
 
 
 def test_probe_names_missing_internals_before_any_engine(monkeypatch):
-    pytest.importorskip("vllm")
     from bon_sr.errors import ConfigError
     from bon_sr.hook import worker
     from bon_sr.vllm_backend import check_hook_internals

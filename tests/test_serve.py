@@ -32,7 +32,6 @@ import pytest
 from bon_sr.samplers import SamplingConfig
 from bon_sr.types import Candidate
 
-fastapi = pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from bon_sr.serve.app import create_app  # noqa: E402
@@ -320,7 +319,8 @@ def test_internal_errors_are_500_without_traceback(tiny_tokenizer):
 def test_vllm_validation_and_hook_errors_map_to_400_and_500(tiny_tokenizer):
     """vLLM's request-validation errors (whatever check slipped past the request model) are
     400s naming vLLM's parameter; a HookError is a 500 naming the worker's exception type."""
-    VLLMValidationError = pytest.importorskip("vllm.exceptions").VLLMValidationError
+    from vllm.exceptions import VLLMValidationError
+
     from bon_sr.hook import HookError
 
     c, engine = _client(tiny_tokenizer)
@@ -438,8 +438,6 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    if os.environ.get("BON_SR_ALLOW_SKIP_VLLM") == "1":
-        pytest.importorskip("vllm")
     import openai  # noqa: F401  (a vLLM dependency: the official client is the point)
 
     srv = Server(tmp_path_factory.mktemp("serve") / "server.log")
