@@ -15,12 +15,13 @@ from importlib.util import find_spec
 from typing import Any, Iterable, Iterator, Mapping, Sequence, Union
 
 from .answers import AnswerInput, get_extractor
+from .consensus import DEFAULT_UTILITY, UtilityInput, get_utility
 from .errors import ConfigError, InputError, MissingExtraError
 from .hidden_states import HiddenStateConfig
 from .models import DEFAULT_MODEL, ProgressFn, load_hf_model, model_context, resolve_model
 from .prompts import check_fits, derive_seed, encode_prompt, encode_response, validate_prompt
 from .samplers import SamplingConfig
-from .scoring import SCORE_SOURCES, SR_KEYS, STAT_KEYS, HFScorer, check_scores, score_keys
+from .scoring import EMBEDDING_SCORERS, SCORE_SOURCES, SR_KEYS, STAT_KEYS, HFScorer, check_scores, score_keys
 from .selection import decide
 from .selectors import SelectorFn, get_selector
 from .types import Candidate, PromptInput, Selection
@@ -88,6 +89,11 @@ class BestOfN:
     answer / answer_regex: the answer extractor voting selectors need (``numeric``,
         ``math``, ``choice``, ``exact``, a callable, or a regex); with any selector, each
         candidate's answer and vote share are reported.
+    utility: the similarity the consensus selectors (``mbr``, ``auto``) use: a name from
+        ``bon_sr.consensus.UTILITIES`` (``lexical``, the default, needs no hidden states;
+        ``hidden-*`` compare the frozen model's last-layer embeddings, which the ``hf``
+        scorer computes in its scoring pass) or a callable ``utility(a, b) -> float`` on
+        two texts. Each candidate's utility is reported as ``scores["mbr_utility"]``.
     score: None (default) scores only what the selector needs (``majority`` or ``random``
         run no hidden-state pass); True always computes stable rank; False never scores.
     logit_stats: also compute ``mean_logprob`` and ``self_certainty`` (automatic when the
@@ -112,6 +118,7 @@ class BestOfN:
         selector: str | SelectorFn = "stable-rank",
         answer: AnswerInput = None,
         answer_regex: str | None = None,
+        utility: UtilityInput = DEFAULT_UTILITY,
         score: bool | None = None,
         logit_stats: bool = False,
         token_set: str = "response",
@@ -137,8 +144,22 @@ class BestOfN:
             raise ConfigError(f"Selector '{self.selector_name}' votes over answers: pass an answer extractor "
                               "(--answer numeric|math|choice|exact or --answer-regex PATTERN; API: answer=, "
                               "answer_regex=).")
+        self.utility = get_utility(utility)
+        self.embeddings_needed = self.selector_spec.needs_similarity and self.utility.needs_embeddings
+        if self.embeddings_needed and score is False:
+            raise ConfigError(f"Utility '{self.utility.name}' reads embeddings from the scoring pass: drop "
+                              "score=False (--no-score), or use utility='lexical'.")
         self.backend = resolve_backend(backend)
         self.scorer_name = _resolve_scorer(scorer, self.backend)
+        if self.embeddings_needed and self.scorer_name not in EMBEDDING_SCORERS:
+            if scorer != "auto":
+                raise ConfigError(f"Utility '{self.utility.name}' compares the candidates' hidden-state embeddings, "
+                                  f"which the {self.scorer_name} scorer does not return yet; use scorer='hf' "
+                                  "(--scorer hf: a transformers forward of the frozen model beside vLLM) or "
+                                  "utility='lexical'.")
+            logger.info("utility '%s' needs embeddings: scoring with the transformers model (scorer 'hf')",
+                        self.utility.name)
+            self.scorer_name = "hf"
         self.score_keys = score_keys(self.selector_spec, score=score, logit_stats=logit_stats)
         check_scores(self.scorer_name, self.score_keys)
         if self.scorer_name in ("hook", "pooling") and self.scores_needed:
@@ -165,7 +186,8 @@ class BestOfN:
 
     @property
     def scores_needed(self) -> bool:
-        return bool(self.score_keys)
+        """Whether candidates go through a scoring pass (scores, or embeddings for MBR)."""
+        return bool(self.score_keys) or self.embeddings_needed
 
     def _load(self) -> None:
         hf_scores = self.scorer_name == "hf" and self.scores_needed
@@ -273,6 +295,7 @@ class BestOfN:
         sources = SCORE_SOURCES[self.scorer_name]
         return {"model": self.model_name, "backend": self.backend, "scorer": self.scorer_name,
                 "selector": self.selector_name, "answer": self.answers.name if self.answers else None,
+                "utility": self.utility.name if self.selector_spec.needs_similarity else None,
                 "sampling": self.sampling.to_dict(), "scoring": self.scoring.to_dict(),
                 "score_sources": {k: sources[k] for k in sorted(self.score_keys)}}
 
@@ -368,7 +391,12 @@ class BestOfN:
         # The pooling engine gives stable rank only; its mean_logprob is the sampler's.
         from_logprobs = self.scorer_name == "pooling" and "mean_logprob" in self.score_keys
         run_scorer = self.scorer_name != "pooling" or bool(self.score_keys & set(SR_KEYS))
-        scores = iter(self.scorer.score(flat_p, flat_r) if run_scorer else [{} for _ in flat_r])
+        embeddings = None
+        if self.embeddings_needed:
+            score_list, embedding_list = self.scorer.score_and_embed(flat_p, flat_r)
+            scores, embeddings = iter(score_list), iter(embedding_list)
+        else:
+            scores = iter(self.scorer.score(flat_p, flat_r) if run_scorer else [{} for _ in flat_r])
         out = []
         for group in groups:
             scored = []
@@ -376,7 +404,8 @@ class BestOfN:
                 extra = dict(next(scores))
                 if from_logprobs:
                     extra["mean_logprob"] = sum(c.logprobs) / len(c.logprobs) if c.logprobs else float("nan")
-                scored.append(c.with_scores(**extra))
+                c = c.with_scores(**extra)
+                scored.append(c if embeddings is None else replace(c, embeddings=next(embeddings)))
             out.append(scored)
         return out
 
@@ -398,7 +427,7 @@ class BestOfN:
                 check_fits(ids, max(c.num_tokens for c in group), self.context, where)
         groups = self._score(prompt_ids, groups, sampled=given is None)
         for prompt, ids, group, seed in zip(prompts, prompt_ids, groups, seeds):
-            d = decide(group, self.selector_spec, self.answers, seed=seed)
+            d = decide(group, self.selector_spec, self.answers, seed=seed, utility=self.utility)
             yield Selection(prompt=prompt, prompt_token_ids=tuple(ids), candidates=d.candidates,
                             best_index=d.pick.index, selector=self.selector_name, model=self.model_name,
                             rule=d.pick.rule, votes=d.votes)

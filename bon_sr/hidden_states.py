@@ -24,6 +24,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
+from .consensus import embedding_summary
 from .errors import ConfigError
 from .variants import parse_variant
 
@@ -198,12 +199,15 @@ class StateBatch:
     token_stats: when asked, per pair ``(mean log p(token), mean KL(uniform || p))`` over
         its response tokens under the model's own distribution (temperature 1), from this
         pass's last-layer logits; NaN for an empty response.
+    embeddings: when asked, per pair ``{"last": ..., "mean": ...}`` float32 tuples from the
+        last layer's post-norm rows of its response tokens (``consensus.embedding_summary``).
     """
 
     indices: list[int]
     states: dict[tuple[str, int], torch.Tensor]
     mask: torch.Tensor
     token_stats: list[tuple[float, float]] | None = None
+    embeddings: list[Mapping[str, tuple[float, ...]]] | None = None
 
 
 #: logit rows turned into log-softmax at once: bounds memory at rows x vocab x 4 bytes
@@ -246,6 +250,7 @@ def extract(
     max_batch_tokens: int = 8192,
     token_stats: bool = False,
     stat_lengths: Sequence[int] | None = None,
+    embeddings: bool = False,
 ) -> Iterator[StateBatch]:
     """Hidden states of every ``(norm, layer)`` view for each (prompt, response) pair, from
     one forward pass per micro-batch (see ``StateBatch``).
@@ -253,7 +258,9 @@ def extract(
     ``norm="post"`` applies the final norm (for the last layer: HF ``hidden_states[-1]``),
     ``"pre"`` is the decoder layer's raw output. ``token_set`` is ``response`` or ``full``
     (callers append the end-of-turn token for ``response+eot``). ``stat_lengths``: score the
-    token statistics over only the first k response tokens of each pair (default: all).
+    token statistics and the embeddings over only the first k response tokens of each pair
+    (default: all). ``embeddings``: each pair's last-response-token row and mean response
+    row of the last layer, post-norm (the consensus utilities), from the same pass.
     """
     if len(prompt_token_ids) != len(response_token_ids):
         raise ValueError("prompt_token_ids and response_token_ids must have the same length")
@@ -312,6 +319,13 @@ def extract(
                                                            targets))
                         else:
                             stats.append((math.nan, math.nan))
+                summaries = None
+                if embeddings:
+                    summaries = []
+                    for row, i in enumerate(batch):
+                        p, r = len(prompt_token_ids[i]), len(response_token_ids[i])
+                        r = r if stat_lengths is None else min(r, stat_lengths[i])
+                        summaries.append(embedding_summary(out.last_hidden_state[row, p:p + r]))
             spans = [scored_span(len(prompt_token_ids[i]), len(response_token_ids[i]), span_cfg) for i in batch]
             span_len = max([e - s for s, e in spans] + [1])
             mask = torch.zeros(len(batch), span_len, dtype=torch.bool, device=out.last_hidden_state.device)
@@ -324,7 +338,7 @@ def extract(
                     if e > s:
                         h[row, : e - s] = h_all[row, s:e]
                 picked[view] = h
-            yield StateBatch(list(batch), picked, mask, stats)
+            yield StateBatch(list(batch), picked, mask, stats, summaries)
     finally:
         for hook in hooks:
             hook.remove()

@@ -10,6 +10,9 @@ Every scorer returns, per (prompt ids, response ids) pair, one dict with the sam
 
 ``HFScorer`` reads the states through ``hidden_states.extract``; the vLLM scorers (the
 in-pass hook and the pooling engine, ``bon_sr.vllm_backend``) fill the same dict.
+``HFScorer.score_and_embed`` also returns each pair's embeddings for the hidden consensus
+utilities (``bon_sr.consensus``) from the same forward; ``EMBEDDING_SCORERS`` names the
+scorers that can.
 ``SCORERS`` names them; ``SCORE_SOURCES`` says where each score comes from on each, so a
 caller can validate a selector against a scorer before anything is loaded.
 
@@ -18,7 +21,7 @@ This module knows nothing about sampling or selection.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import torch
 
@@ -47,6 +50,11 @@ SCORE_SOURCES = {
     "hook": {**{k: "vllm hook" for k in SR_KEYS}, **{k: "vllm hook logits" for k in STAT_KEYS}},
     "pooling": {**{k: "vllm pooling engine" for k in SR_KEYS}, "mean_logprob": "vllm sampled-token logprobs"},
 }
+
+
+#: scorers that return per-candidate embeddings (``Candidate.embeddings``) for the hidden
+#: consensus utilities; the vLLM hook joins when it returns them from the sampling pass
+EMBEDDING_SCORERS = ("hf",)
 
 
 def sr_scores(res: StableRankResult, row: int) -> dict[str, float]:
@@ -125,15 +133,28 @@ class HFScorer:
     def score(
         self, prompt_token_ids: Sequence[Sequence[int]], response_token_ids: Sequence[Sequence[int]]
     ) -> list[dict[str, float]]:
+        return self._run(prompt_token_ids, response_token_ids, embed=False)[0]
+
+    def score_and_embed(
+        self, prompt_token_ids: Sequence[Sequence[int]], response_token_ids: Sequence[Sequence[int]]
+    ) -> tuple[list[dict[str, float]], list[Mapping[str, tuple[float, ...]]]]:
+        """``score``'s dicts and, from the same forward, each pair's embeddings
+        ``{"last": (d,), "mean": (d,)}``: its response rows of the last layer, post-norm,
+        float32, whatever layer, norm and token set the stable rank reads."""
+        return self._run(prompt_token_ids, response_token_ids, embed=True)
+
+    def _run(self, prompt_token_ids: Sequence[Sequence[int]], response_token_ids: Sequence[Sequence[int]], *,
+             embed: bool) -> tuple[list[dict[str, float]], list[Mapping[str, tuple[float, ...]]]]:
         cfg = self.config
         results: list[dict[str, float]] = [{} for _ in prompt_token_ids]
+        embeddings: list[Mapping[str, tuple[float, ...]]] = [{} for _ in prompt_token_ids]
         lengths = [len(r) for r in response_token_ids]
         if cfg.token_set == "response+eot":
             response_token_ids = with_end_of_turn(response_token_ids, end_of_turn_id(self.model, self.tokenizer))
         view = (cfg.norm, cfg.layer)
         for b in extract(self.model, prompt_token_ids, response_token_ids, views=[view], token_set=cfg.token_set,
                          window=cfg.window, max_batch_tokens=cfg.max_batch_tokens, token_stats=self.logit_stats,
-                         stat_lengths=lengths):
+                         stat_lengths=lengths, embeddings=embed):
             h, mask = b.states[view], b.mask
             if not self.variant.is_identity:
                 ids = (scored_token_ids(prompt_token_ids, response_token_ids, b.indices, h.shape[1], cfg)
@@ -144,4 +165,6 @@ class HFScorer:
             if b.token_stats is not None:
                 for i, (lp, sc) in zip(b.indices, b.token_stats):
                     results[i].update(mean_logprob=lp, self_certainty=sc)
-        return results
+            for i, e in zip(b.indices, b.embeddings or ()):
+                embeddings[i] = e
+        return results, embeddings

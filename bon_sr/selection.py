@@ -2,7 +2,9 @@
 
 ``decide`` is what ``BestOfN`` (and the OpenAI server) run on a prompt's scored candidates:
 it extracts each candidate's answer when an extractor is given, groups equal answers,
-records each candidate's vote share and the vote count per answer, and runs the selector.
+records each candidate's vote share and the vote count per answer, computes the pairwise
+similarity under the chosen utility for the consensus selectors (each candidate's MBR
+utility goes into ``scores["mbr_utility"]``), and runs the selector.
 This module knows nothing about models, sampling or scoring.
 """
 
@@ -12,6 +14,7 @@ from dataclasses import dataclass, replace
 from typing import Mapping, Sequence
 
 from .answers import AnswerExtractor
+from .consensus import UTILITY_KEY, Utility, get_utility, mbr_utilities, similarity
 from .selectors import Pick, SelectorSpec, select
 from .types import Candidate
 
@@ -27,7 +30,8 @@ class Decision:
 
 
 def decide(candidates: Sequence[Candidate], selector: SelectorSpec, answers: AnswerExtractor | None = None, *,
-           seed: int = 0) -> Decision:
+           seed: int = 0, utility: Utility | None = None) -> Decision:
+    """``utility``: the similarity the consensus selectors use (default: lexical)."""
     classes = None
     votes = None
     cands = list(candidates)
@@ -44,19 +48,28 @@ def decide(candidates: Sequence[Candidate], selector: SelectorSpec, answers: Ans
         cands = [replace(c, answer=a, vote_share=(size[g] / answered if g >= 0 else 0.0) if answered else None)
                  for c, a, g in zip(cands, found, classes)]
         votes = {label[g]: size[g] for g in sorted(size, key=lambda g: (-size[g], g))}
-    return Decision(tuple(cands), select(selector, cands, seed=seed, groups=classes), votes)
+    extra = {}
+    if selector.needs_similarity:
+        util = utility or get_utility()
+        matrix = similarity(cands, util)
+        cands = [c.with_scores(**{UTILITY_KEY: u}) for c, u in zip(cands, mbr_utilities(matrix))]
+        extra = {"similarity": matrix, "utility": util.name}
+    return Decision(tuple(cands), select(selector, cands, seed=seed, groups=classes, **extra), votes)
 
 
 def ranked(candidates: Sequence[Candidate], selector: SelectorSpec, answers: AnswerExtractor | None = None, *,
-           seed: int = 0, k: int = 1) -> tuple[Decision, list[int]]:
+           seed: int = 0, k: int = 1, utility: Utility | None = None) -> tuple[Decision, list[int]]:
     """The decision over all candidates, and the first ``k`` candidate indices in the
-    selector's order: its pick, then its pick among the rest, and so on (works for every
-    selector, voting and user callables included; OpenAI's ``n`` choices)."""
-    first = decide(candidates, selector, answers, seed=seed)
+    selector's order: the selector's full ranking when it gives one (``mbr``: by utility
+    over the whole group), else its pick, then its pick among the rest, and so on (works
+    for every selector, voting and user callables included; OpenAI's ``n`` choices)."""
+    first = decide(candidates, selector, answers, seed=seed, utility=utility)
+    if first.pick.order is not None:
+        return first, [first.candidates[i].index for i in first.pick.order[:k]]
     order = [first.candidates[first.pick.index].index]
     rest = [c for c in first.candidates if c.index != order[0]]
     while len(order) < min(k, len(first.candidates)):
-        d = decide(rest, selector, answers, seed=seed)
+        d = decide(rest, selector, answers, seed=seed, utility=utility)
         order.append(rest[d.pick.index].index)
         rest = [c for c in rest if c.index != order[-1]]
     return first, order

@@ -15,6 +15,12 @@ member comes earliest (``majority-sr``: to the higher best SR first). When no ca
 has an answer, a voting selector falls back to the rule named by ``fallback`` and says so
 in the returned ``Pick``.
 
+Consensus: ``mbr`` picks the candidate with the highest mean similarity to the others
+(Minimum Bayes Risk); it takes the N x N ``similarity`` matrix that the caller computed
+with a utility of ``bon_sr.consensus`` (``bon_sr.selection.decide`` does it in the product;
+the benchmark passes sub-matrices for subsets). ``auto`` votes when an answer extractor ran
+and at least half the candidates gave an answer, else runs ``mbr``.
+
 Measured on this project's runs (README, "Does it work?"): majority vote is the selector
 that helps at 0.5B (GSM8K 35.0% vs 21.4% random at n=16; MATH-500 13.0% vs 8.1% at n=8);
 the paper's ``stable-rank`` scored below random on both.
@@ -29,15 +35,19 @@ import random
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence, Union
 
+from .consensus import mbr_utilities
 from .errors import ConfigError
 
 
 @dataclass(frozen=True)
 class Pick:
-    """A selector's decision: the index, and the rule that decided it."""
+    """A selector's decision: the index, and the rule that decided it. ``order``: every
+    candidate index, best first, when the selector ranks them all (``mbr``: by utility);
+    None: callers rank by picking again among the rest (``selection.ranked``)."""
 
     index: int
     rule: str
+    order: tuple[int, ...] | None = None
 
 
 SelectorFn = Callable[..., Union[int, Pick]]
@@ -56,6 +66,12 @@ def argmax(values: Sequence[Any]) -> int:
         if _value(v) > _value(values[best]):
             best = i
     return best
+
+
+def ranking(values: Sequence[Any]) -> tuple[int, ...]:
+    """Every index, largest value first; NaN/None last; ties to the lower index
+    (``ranking(v)[0] == argmax(v)``)."""
+    return tuple(sorted(range(len(values)), key=lambda i: (-_value(values[i]), i)))
 
 
 def _need(candidates: Sequence[Any]) -> None:
@@ -184,25 +200,65 @@ def sr_weighted_vote(candidates: Sequence[Any], *, groups: Sequence[int] | None 
     return Pick(members[argmax([values[i] for i in members])], "SR-weighted vote")
 
 
+def mbr(candidates: Sequence[Any], *, similarity: Sequence[Sequence[float]] | None = None,
+        utility: str = "", **kwargs: Any) -> Pick:
+    """Minimum Bayes Risk: the candidate with the highest mean ``similarity`` to the other
+    candidates (``similarity[i][j]``: candidate i against j, N x N; ``bon_sr.consensus``).
+    ``Pick.order`` ranks every candidate by that utility. ``utility`` only names the
+    similarity in the rule (e.g. "mbr lexical")."""
+    _need(candidates)
+    if similarity is None:
+        raise ConfigError("selector 'mbr' needs the candidates' pairwise similarity: pass similarity= (an N x N "
+                          "matrix from bon_sr.consensus.similarity) or select through BestOfN with utility=.")
+    if len(similarity) != len(candidates):
+        raise ConfigError(f"the similarity matrix has {len(similarity)} rows for {len(candidates)} candidates.")
+    order = ranking(mbr_utilities(similarity))
+    return Pick(order[0], f"mbr {utility}".rstrip(), order)
+
+
+def auto(candidates: Sequence[Any], *, groups: Sequence[int] | None = None,
+         similarity: Sequence[Sequence[float]] | None = None, utility: str = "", **kwargs: Any) -> Pick:
+    """Majority vote when answers were extracted and at least half the candidates gave
+    one; otherwise ``mbr``. The rule says which decided and why."""
+    _need(candidates)
+    n = len(candidates)
+    if groups is None:
+        why = "no answer extractor"
+    else:
+        answered = sum(1 for g in _groups(candidates, groups) if g >= 0)
+        index = _vote(groups, [1.0] * n) if 2 * answered >= n else None
+        if index is not None:
+            return Pick(index, f"auto: majority ({answered}/{n} candidates gave an answer)")
+        why = f"only {answered}/{n} candidates gave an answer"
+    pick = mbr(candidates, similarity=similarity, utility=utility)
+    return Pick(pick.index, f"auto: {pick.rule} ({why})", pick.order)
+
+
 @dataclass(frozen=True)
 class SelectorSpec:
     """A selector with what it needs: score keys (None = unknown: score everything the
-    scorer gives) and whether it needs extracted answers."""
+    scorer gives), whether it needs extracted answers, and whether it needs the
+    candidates' pairwise ``similarity`` (the consensus selectors)."""
 
     name: str
     fn: SelectorFn
     description: str
     needs_scores: frozenset[str] | None = frozenset()
     needs_answers: bool = False
+    needs_similarity: bool = False
 
 
 SELECTORS: dict[str, SelectorSpec] = {s.name: s for s in [
+    SelectorSpec("auto", auto, "majority vote when an answer extractor is given and at least half the candidates "
+                 "gave an answer, else mbr", needs_similarity=True),
     SelectorSpec("first", first, "the first sample (= sampling once)"),
     SelectorSpec("longest", longest, "most response tokens"),
     SelectorSpec("majority", majority, "majority vote over extracted answers (self-consistency); "
                  "no answers: first candidate", needs_answers=True),
     SelectorSpec("majority-sr", majority_sr, "majority vote, ties split by stable rank; no answers: "
                  "highest stable rank", frozenset({"stable_rank"}), True),
+    SelectorSpec("mbr", mbr, "consensus (Minimum Bayes Risk): highest mean similarity to the other candidates "
+                 "under the chosen utility", needs_similarity=True),
     SelectorSpec("mean-logprob", score_max("mean_logprob", "mean-logprob"),
                  "highest mean token log-prob under the frozen model", frozenset({"mean_logprob"})),
     SelectorSpec("random", random_pick, "uniform pick with the prompt's seed"),
@@ -217,13 +273,15 @@ SELECTORS: dict[str, SelectorSpec] = {s.name: s for s in [
 
 def get_selector(selector: str | SelectorFn | SelectorSpec) -> SelectorSpec:
     """The registry entry for a name, or a spec for a user's callable. A callable may set
-    ``needs_scores`` (an iterable of score keys) and ``needs_answers`` attributes."""
+    ``needs_scores`` (an iterable of score keys), ``needs_answers`` and ``needs_similarity``
+    attributes."""
     if isinstance(selector, SelectorSpec):
         return selector
     if callable(selector):
         needs = getattr(selector, "needs_scores", None)
         return SelectorSpec(getattr(selector, "__name__", "custom"), selector, "user selector",
-                            None if needs is None else frozenset(needs), bool(getattr(selector, "needs_answers", False)))
+                            None if needs is None else frozenset(needs), bool(getattr(selector, "needs_answers", False)),
+                            bool(getattr(selector, "needs_similarity", False)))
     try:
         return SELECTORS[selector]
     except KeyError:

@@ -22,6 +22,10 @@ class Candidate:
     candidates they are the generated ids (end-of-sequence token removed), never a
     re-tokenisation of ``text``. ``answer`` and ``vote_share`` (the fraction of the
     candidates with an answer that gave this one) are set when an answer extractor ran.
+    ``embeddings`` holds, when a hidden consensus utility asked the scorer for them, the
+    frozen model's last-layer post-norm float32 vectors: ``"last"`` (the last response
+    token's row) and ``"mean"`` (the mean of the response rows); ``to_dict`` leaves them
+    out unless ``include_embeddings``.
     """
 
     text: str
@@ -32,6 +36,7 @@ class Candidate:
     scores: Mapping[str, float] = field(default_factory=dict)
     answer: str | None = None
     vote_share: float | None = None
+    embeddings: Mapping[str, tuple[float, ...]] | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -42,8 +47,12 @@ class Candidate:
         merged.update({k: float(v) for k, v in scores.items()})
         return replace(self, scores=merged)
 
-    def to_dict(self, *, include_token_ids: bool = True) -> dict[str, Any]:
-        out = asdict(self)
+    def to_dict(self, *, include_token_ids: bool = True, include_embeddings: bool = False) -> dict[str, Any]:
+        out = asdict(replace(self, embeddings=None))
+        if include_embeddings and self.embeddings is not None:
+            out["embeddings"] = {k: list(v) for k, v in self.embeddings.items()}
+        else:
+            del out["embeddings"]
         out["token_ids"] = list(self.token_ids) if include_token_ids else None
         if not include_token_ids:
             del out["token_ids"]
@@ -84,7 +93,8 @@ class Selection:
     def response(self) -> str:
         return self.best.text
 
-    def to_dict(self, *, keep_candidates: bool = True, include_token_ids: bool = True) -> dict[str, Any]:
+    def to_dict(self, *, keep_candidates: bool = True, include_token_ids: bool = True,
+                include_embeddings: bool = False) -> dict[str, Any]:
         prompt = self.prompt if isinstance(self.prompt, str) else [dict(m) for m in self.prompt]
         out: dict[str, Any] = {
             "prompt": prompt,
@@ -100,7 +110,8 @@ class Selection:
             out["answer"] = self.best.answer
             out["votes"] = dict(self.votes)
         if keep_candidates:
-            out["candidates"] = [c.to_dict(include_token_ids=include_token_ids) for c in self.candidates]
+            out["candidates"] = [c.to_dict(include_token_ids=include_token_ids, include_embeddings=include_embeddings)
+                                 for c in self.candidates]
         return out
 
 

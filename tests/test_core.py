@@ -116,7 +116,7 @@ def test_selectors_pick_and_break_ties_low_index():
 
 
 def test_unknown_selector_lists_available():
-    with pytest.raises(ConfigError, match="Unknown selector 'best'. Available: first, longest, majority"):
+    with pytest.raises(ConfigError, match="Unknown selector 'best'. Available: auto, first, longest, majority"):
         get_selector("best")
     assert list(SELECTORS) == sorted(SELECTORS)
 

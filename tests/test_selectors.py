@@ -109,7 +109,7 @@ def test_registry_and_user_callables():
     assert list(SELECTORS) == sorted(SELECTORS)
     assert {"stable-rank", "random", "first", "shortest", "longest", "majority", "majority-sr",
             "sr-weighted-vote", "self-certainty", "mean-logprob"} <= set(SELECTORS)
-    with pytest.raises(ConfigError, match="Unknown selector 'best'. Available: first, longest, majority"):
+    with pytest.raises(ConfigError, match="Unknown selector 'best'. Available: auto, first, longest, majority"):
         get_selector("best")
 
     def last(candidates, **kwargs):

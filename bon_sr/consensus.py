@@ -1,0 +1,195 @@
+"""Consensus utilities: how alike two candidates are, for Minimum Bayes Risk (MBR) selection.
+
+MBR picks the candidate that agrees most with the other candidates of its prompt: each
+candidate's utility is its mean similarity to the others (``mbr_utilities``), and the
+``mbr`` selector (``bon_sr.selectors``) takes the highest. A similarity is one of
+
+- ``lexical``: chrF (Popovic 2015; character n-grams up to 6, beta 2, whitespace removed)
+  computed by ``fastchrf``, a maintained Rust implementation written for MBR's pairwise
+  comparisons, scaled from chrF's 0..100 to 0..1. It equals sacrebleu's sentence chrF
+  (tests/test_consensus.py checks both on the same texts); fastchrf is used because it
+  scores all N x N pairs in one call without re-extracting each text's n-grams per pair.
+  chrF is not symmetric (beta 2 weighs recall): ``matrix[i][j]`` scores candidate i as the
+  hypothesis against candidate j as the reference, the MBR convention. An empty text has
+  chrF 0 against everything, itself included.
+- ``hidden-last`` / ``hidden-mean`` (and ``-centred``): cosine similarity of per-candidate
+  embeddings from the frozen model's last layer, post-norm, float32: the last response
+  token's row (``Candidate.embeddings["last"]``) or the mean of the response rows
+  (``["mean"]``), optionally centred by subtracting the mean embedding of the prompt's
+  candidates first (removes the direction every candidate shares, so the cosine measures
+  how candidates differ from each other). The scorer fills ``Candidate.embeddings``.
+- a user callable ``utility(a: str, b: str) -> float`` on the two texts.
+
+Every function returns plain nested lists (N x N, row = candidate), so callers (selectors,
+the benchmark's cache) need no tensors. NaN marks an undefined similarity (a candidate
+without a usable embedding); ``mbr_utilities`` skips NaN entries and a candidate with no
+defined similarity gets a NaN utility, which ranks last in every selector.
+
+This module knows nothing about models, sampling or which candidate wins. torch and
+fastchrf are imported where used, so importing it (and ``bon_sr.selectors``) stays light.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence, Union
+
+from .errors import ConfigError
+
+#: a user's similarity of two candidate texts (higher = more alike)
+UtilityFn = Callable[[str, str], float]
+#: what ``utility=`` accepts: a name from ``UTILITIES`` or a callable
+UtilityInput = Union[str, UtilityFn]
+#: the embedding keys a scorer may put on ``Candidate.embeddings``
+EMBEDDING_KEYS = ("last", "mean")
+#: the score key under which each candidate's MBR utility is reported
+UTILITY_KEY = "mbr_utility"
+
+Matrix = list[list[float]]
+
+
+def _texts(candidates: Sequence[Any]) -> list[str]:
+    return [c if isinstance(c, str) else c.text for c in candidates]
+
+
+def lexical_similarity(texts: Sequence[str]) -> Matrix:
+    """chrF between every pair of ``texts`` (N strings) scaled to [0, 1]: ``(N, N)``,
+    ``matrix[i][j]`` = chrF(hypothesis ``texts[i]``, reference ``texts[j]``) / 100.
+    Identical non-empty texts give 1.0; texts sharing no character n-gram give 0.0."""
+    if not texts:
+        return []
+    from fastchrf import pairwise_chrf  # a dependency of bon-sr, imported only when used
+
+    texts = [str(t) for t in texts]
+    return [[v / 100.0 for v in row] for row in pairwise_chrf([texts], [texts])[0]]
+
+
+def hidden_similarity(vectors: Any, *, centred: bool) -> Matrix:
+    """Cosine similarity of every pair of embeddings: ``vectors (N, d)`` (a float tensor or
+    nested lists) -> ``(N, N)`` in [-1, 1], computed in float64.
+
+    centred: subtract the mean of the N vectors first (the group's shared direction).
+    A row with a non-finite value is missing: its similarities are NaN and it is left out
+    of the centring mean. A zero vector (or a lone candidate after centring) has cosine 0
+    with everything."""
+    import torch
+
+    v = torch.as_tensor(vectors, dtype=torch.float64)
+    if v.ndim != 2:
+        raise ValueError(f"vectors must be (N, d), got shape {tuple(v.shape)}")
+    valid = torch.isfinite(v).all(dim=1)
+    v = torch.where(valid[:, None], v, torch.zeros_like(v))
+    if centred and bool(valid.any()):
+        v = v - v[valid].mean(dim=0, keepdim=True)
+    unit = v / v.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    sim = unit @ unit.T
+    missing = ~(valid[:, None] & valid[None, :])
+    return sim.masked_fill(missing, math.nan).tolist()
+
+
+def callable_similarity(texts: Sequence[str], fn: UtilityFn) -> Matrix:
+    """``(N, N)`` with ``matrix[i][j] = fn(texts[i], texts[j])`` (the diagonal too)."""
+    out: Matrix = []
+    name = getattr(fn, "__name__", "utility")
+    for a in texts:
+        row = []
+        for b in texts:
+            value = fn(a, b)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"utility '{name}' returned {value!r}; a utility returns a float similarity.")
+            row.append(float(value))
+        out.append(row)
+    return out
+
+
+def mbr_utilities(matrix: Sequence[Sequence[float]]) -> list[float]:
+    """Each candidate's mean similarity to the OTHER candidates: ``(N, N) -> (N,)``,
+    the diagonal ignored. NaN entries are skipped; a candidate with no defined similarity
+    gets NaN (it ranks last). A lone candidate (N = 1) has no one to agree with: 0.0."""
+    n = len(matrix)
+    if any(len(row) != n for row in matrix):
+        raise ConfigError(f"the similarity matrix must be N x N, got {n} rows of lengths "
+                          f"{sorted({len(row) for row in matrix})}.")
+    if n == 1:
+        return [0.0]
+    out = []
+    for i, row in enumerate(matrix):
+        values = [float(v) for j, v in enumerate(row) if j != i and not math.isnan(float(v))]
+        out.append(sum(values) / len(values) if values else math.nan)
+    return out
+
+
+@dataclass(frozen=True)
+class Utility:
+    """A similarity between candidates: ``embedding`` names the ``Candidate.embeddings``
+    key it reads (None: it reads the texts); ``fn`` is a user's text callable."""
+
+    name: str
+    description: str
+    embedding: str | None = None
+    centred: bool = False
+    fn: UtilityFn | None = None
+
+    @property
+    def needs_embeddings(self) -> bool:
+        return self.embedding is not None
+
+    def matrix(self, candidates: Sequence[Any]) -> Matrix:
+        if self.fn is not None:
+            return callable_similarity(_texts(candidates), self.fn)
+        if self.embedding is None:
+            return lexical_similarity(_texts(candidates))
+        vectors = []
+        for i, c in enumerate(candidates):
+            vec = (getattr(c, "embeddings", None) or {}).get(self.embedding)
+            if vec is None:
+                raise ConfigError(f"candidate {i} has no '{self.embedding}' embedding, which utility '{self.name}' "
+                                  "compares: the HF scorer computes embeddings in its scoring pass "
+                                  "(scorer='hf', --scorer hf); or use --utility lexical.")
+            vectors.append(vec)
+        if not vectors:
+            return []
+        return hidden_similarity(vectors, centred=self.centred)
+
+
+UTILITIES: dict[str, Utility] = {u.name: u for u in [
+    Utility("hidden-last", "cosine of the last response token's last-layer state", "last"),
+    Utility("hidden-last-centred", "cosine of the last response token's state, group mean removed", "last", True),
+    Utility("hidden-mean", "cosine of the mean last-layer state over the response", "mean"),
+    Utility("hidden-mean-centred", "cosine of the mean response state, group mean removed", "mean", True),
+    Utility("lexical", "chrF of the texts (character n-grams; no hidden states needed)"),
+]}
+DEFAULT_UTILITY = "lexical"
+
+
+def get_utility(utility: UtilityInput | Utility = DEFAULT_UTILITY) -> Utility:
+    """The registry entry for a name, or a ``Utility`` wrapping a user's text callable."""
+    if isinstance(utility, Utility):
+        return utility
+    if callable(utility):
+        return Utility(getattr(utility, "__name__", "custom"), "user utility", fn=utility)
+    try:
+        return UTILITIES[utility]
+    except (KeyError, TypeError):
+        raise ConfigError(f"Unknown utility '{utility}'. Available: {', '.join(sorted(UTILITIES))}, "
+                          "or a callable utility(a, b) -> float in the API.") from None
+
+
+def similarity(candidates: Sequence[Any], utility: UtilityInput | Utility = DEFAULT_UTILITY) -> Matrix:
+    """``(N, N)`` similarities of ``candidates`` (objects with ``.text``, and ``.embeddings``
+    for the hidden utilities; plain strings work for text utilities) under ``utility``."""
+    return get_utility(utility).matrix(candidates)
+
+
+def embedding_summary(rows: Any) -> Mapping[str, tuple[float, ...]]:
+    """A candidate's embeddings from its response rows ``(r, d)`` (last layer, post-norm):
+    ``{"last": row r-1, "mean": mean over the r rows}``, float32 values as Python floats;
+    NaN vectors for an empty response (they make its similarities NaN)."""
+    import torch
+
+    rows = torch.as_tensor(rows).float()
+    if rows.shape[0] == 0:
+        nan = (math.nan,) * int(rows.shape[-1])
+        return {"last": nan, "mean": nan}
+    return {"last": tuple(rows[-1].tolist()), "mean": tuple(rows.mean(dim=0).tolist())}
