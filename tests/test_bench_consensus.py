@@ -195,3 +195,16 @@ def test_squad_checker():
     assert check.is_correct("23", gold) and check.is_correct("23 Years.", gold)
     assert not check.is_correct("twenty-three years", gold) and not check.is_correct(None, gold)
     assert check.key("The Air Force") == check.key("air force")
+
+
+def test_ngram_f1_by_hand():
+    from bon_sr.bench.consensus import ngram_f1_similarity
+
+    # [1,2,3] vs [1,2,4]: unigrams 2*2/6, bigrams 2*1/4, trigrams 0, 4-grams none (0): mean over 4
+    m = ngram_f1_similarity([[1, 2, 3], [1, 2, 4], []])
+    assert m[0][1] == m[1][0] == pytest.approx((4 / 6 + 0.5) / 4)
+    assert m[0][0] == pytest.approx(3 / 4)  # identical 3 tokens: n = 1..3 give 1, n = 4 gives 0
+    assert m[2][0] == 0.0 and m[2][2] == 0.0
+    sims = Similarities(["", "", ""], token_ids=[[1, 2, 3], [1, 2, 4], [9]])
+    assert sims.matrix("ngram", [1, 0]) == [[m[1][1], m[1][0]], [m[0][1], m[0][0]]]
+    assert _weights("mbr-ngram", _scored(3, [True, False, True], sims)) == [1.0, 0.0, 0.0]

@@ -6,6 +6,9 @@ at n needs the similarities among just those n. Two kinds:
 - ``lexical`` (chrF, ``bon_sr.consensus.lexical_similarity``): computed from the cached
   texts whenever a report is made; a pair's chrF does not depend on the other candidates,
   so a subset's matrix is the sub-matrix of the full one. Nothing is stored.
+- ``ngram`` (bench-only, a candidate for the product): token n-gram F1, the mean over
+  n = 1..4 of the F1 of the two responses' multisets of token-id n-grams; symmetric, from
+  the cached token ids; computed like ``lexical``.
 - ``hidden-*`` (cosine of last-layer embeddings, ``bon_sr.consensus.hidden_similarity``):
   the vectors (d floats per candidate) are not cached. The sidecar
   ``cache/<task>.consensus.json`` keeps, per problem and embedding ("last", "mean"), the
@@ -41,6 +44,29 @@ from ..jsonl import write_text_atomic
 
 SIDECAR_VERSION = 1
 Matrix = list[list[float]]
+#: bench-only utilities, measured beside the product's ``bon_sr.consensus.UTILITIES``
+BENCH_UTILITIES = ("ngram",)
+NGRAM_MAX = 4
+
+
+def ngram_f1_similarity(sequences: Sequence[Sequence[int]], max_n: int = NGRAM_MAX) -> Matrix:
+    """``(N, N)`` token n-gram F1: for each pair, the mean over n = 1..max_n of
+    ``2 |A_n & B_n| / (|A_n| + |B_n|)`` (multiset n-grams; 0 for an n either lacks)."""
+    from collections import Counter
+
+    grams = [[Counter(tuple(seq[i:i + n]) for i in range(len(seq) - n + 1)) for n in range(1, max_n + 1)]
+             for seq in sequences]
+    out: Matrix = [[0.0] * len(grams) for _ in grams]
+    for i, a in enumerate(grams):
+        for j in range(i, len(grams)):
+            b = grams[j]
+            total = 0.0
+            for x, y in zip(a, b):
+                size = sum(x.values()) + sum(y.values())
+                if size:
+                    total += 2.0 * sum((x & y).values()) / size
+            out[i][j] = out[j][i] = total / max_n
+    return out
 
 
 def sidecar_path(cache_path: Path) -> Path:
@@ -89,19 +115,25 @@ class Similarities:
 
     texts: Sequence[str]
     grams: Mapping[str, Matrix] = field(default_factory=dict)
-    _lexical: Matrix | None = None
+    token_ids: Sequence[Sequence[int]] = ()
+    _full: dict[str, Matrix] = field(default_factory=dict)
 
     def available(self, utility: str) -> bool:
+        if utility in BENCH_UTILITIES:
+            return True
         u = UTILITIES[utility]
         return u.embedding is None or u.embedding in self.grams
 
     def matrix(self, utility: str, index: Sequence[int]) -> Matrix:
         """The ``utility`` similarities among the candidates ``index`` (a subset, in order)."""
+        if utility in BENCH_UTILITIES or UTILITIES[utility].embedding is None:
+            # pairwise utilities: a subset's matrix is the full matrix's sub-matrix
+            if utility not in self._full:
+                self._full[utility] = (ngram_f1_similarity(self.token_ids) if utility == "ngram"
+                                       else lexical_similarity(list(self.texts)))
+            full = self._full[utility]
+            return [[full[i][j] for j in index] for i in index]
         u = UTILITIES[utility]
-        if u.embedding is None:
-            if self._lexical is None:
-                self._lexical = lexical_similarity(list(self.texts))
-            return [[self._lexical[i][j] for j in index] for i in index]
         return gram_cosine(self.grams[u.embedding], index, centred=u.centred)
 
 
@@ -133,7 +165,7 @@ class ConsensusCache:
     def for_record(self, rec: Mapping[str, Any]) -> Similarities:
         pid = str(rec["id"])
         grams = {key: by_id[pid] for key, by_id in self.grams.items() if pid in by_id}
-        return Similarities([c["text"] for c in rec["candidates"]], grams)
+        return Similarities([c["text"] for c in rec["candidates"]], grams, [c["token_ids"] for c in rec["candidates"]])
 
     def put(self, problem_id: str, grams: Mapping[str, Matrix], info: Mapping[str, Any]) -> None:
         for key, g in grams.items():
@@ -148,7 +180,8 @@ class ConsensusCache:
 def attach_similarities(rec: Mapping[str, Any], cands: Sequence[Any], cache: "ConsensusCache | None") -> list[Any]:
     """A problem's ``bench.selectors.Scored`` candidates with their positions and the
     problem's ``Similarities`` (lexical only when ``cache`` is None)."""
-    sims = cache.for_record(rec) if cache is not None else Similarities([c["text"] for c in rec["candidates"]])
+    sims = cache.for_record(rec) if cache is not None else Similarities(
+        [c["text"] for c in rec["candidates"]], token_ids=[c["token_ids"] for c in rec["candidates"]])
     return [replace(c, index=i, similarities=sims) for i, c in enumerate(cands)]
 
 

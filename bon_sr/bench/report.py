@@ -152,7 +152,7 @@ PLOT_STYLES = {
     "sr-weighted-vote": ("#17becf", "-", "D"),
     "mean-logprob": ("#1f77b4", "-", "x"), "self-certainty": ("#aec7e8", "-", "x"),
     # consensus: lexical MBR and its mixes in browns, hidden-state MBR in pinks
-    "mbr-lexical": ("#8c564b", "-", "P"), "auto": ("#bcbd22", "-", "P"),
+    "mbr-lexical": ("#8c564b", "-", "P"), "mbr-ngram": ("#7f7f7f", "-", "P"), "auto": ("#bcbd22", "-", "P"),
     "majority-mbr-tiebreak": ("#c49c94", "-", "D"), "mbr-sr": ("#8c564b", "-.", "P"),
     "mbr-logprob": ("#8c564b", ":", "P"),
     "mbr-hidden-last": ("#e377c2", "-", "*"), "mbr-hidden-last-centred": ("#e377c2", "--", "*"),

@@ -211,6 +211,8 @@ BENCH_SELECTORS: dict[str, BenchSelector] = {s.name: s for s in [
                   "majority vote weighted by SR (response)"),
     *[BenchSelector(f"mbr-{u}", consensus("mbr", u), f"MBR: highest mean {u} similarity to the others", u)
       for u in UTILITIES],
+    BenchSelector("mbr-ngram", consensus("mbr", "ngram"),
+                  "MBR: highest mean token n-gram F1 (n = 1..4) to the others (bench-only utility)", "ngram"),
     BenchSelector("auto", consensus("auto", "lexical"),
                   "majority vote when at least half the candidates have an answer, else MBR (lexical)", "lexical"),
     BenchSelector("majority-mbr-tiebreak", majority_mbr("lexical"),
@@ -225,7 +227,7 @@ BENCH_SELECTORS: dict[str, BenchSelector] = {s.name: s for s in [
 def needs_embeddings(name: str) -> bool:
     """Whether the bench selector ``name`` reads hidden-state similarities."""
     sel = BENCH_SELECTORS.get(name)
-    return bool(sel and sel.utility and UTILITIES[sel.utility].needs_embeddings)
+    return bool(sel and sel.utility in UTILITIES and UTILITIES[sel.utility].needs_embeddings)
 
 
 def get_bench_selector(name: str) -> BenchSelector:
