@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh machine:
-#   make demo   installs everything, then runs `bon-sr generate` on examples/prompts.jsonl
+#   make demo   installs everything, runs `bon-sr generate` on examples/prompts.jsonl and shows each pick
 #   make test   installs everything, then runs the whole test suite (real-model tests included)
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -14,6 +14,7 @@ setup: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/bon-sr generate examples/prompts.jsonl -o out.jsonl --resume
+	$(VENV)/bin/bon-sr show out.jsonl
 
 test: $(STAMP)
 	$(PY) -m pytest -q -ra

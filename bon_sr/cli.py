@@ -176,6 +176,7 @@ def _model_progress(console: Any) -> Any:
 def _selection_options(fn: Any) -> Any:
     """Options shared by ``generate`` and ``score``: model, scorer, selector, answers, scoring."""
     from .bench.checkers import CHECKERS
+    from .consensus import DEFAULT_UTILITY, UTILITIES
     from .selectors import SELECTORS
 
     options = [
@@ -189,6 +190,14 @@ def _selection_options(fn: Any) -> Any:
         click.option("--selector", type=click.Choice(sorted(SELECTORS)), default="stable-rank", show_default=True,
                      help="How the best candidate is chosen. majority (self-consistency) measured best here "
                           "(README, 'Does it work?'); stable-rank is the paper's."),
+        click.option("--utility", type=click.Choice(sorted(UTILITIES)), default=DEFAULT_UTILITY, show_default=True,
+                     help="Similarity for the consensus selectors (mbr, auto): lexical = chrF of the texts (no "
+                          "hidden states); hidden-last / hidden-mean = cosine of the frozen model's last-layer "
+                          "state at the last response token / averaged over the response, -centred = minus the "
+                          "prompt's candidate mean (these score with --scorer hf)."),
+        click.option("--embeddings", "keep_embeddings", is_flag=True,
+                     help="Write each candidate's embeddings (last, mean) to OUTPUT when a hidden utility "
+                          "computed them (d floats each; large)."),
         click.option("--answer", type=click.Choice(sorted(CHECKERS)), default=None,
                      help="Extract each candidate's final answer (needed by majority, majority-sr, "
                           "sr-weighted-vote; reported with any selector)."),
@@ -296,6 +305,28 @@ def score(file: str, backend: str, seed: int, **common: Any) -> None:
     _run_command(file, common, dict(backend=backend, seed=seed), candidates="require")
 
 
+SHOW_EXAMPLE = """
+\b
+Example:
+  bon-sr show out.jsonl --id capital
+"""
+
+
+@main.command(epilog=SHOW_EXAMPLE)
+@click.argument("file", type=click.Path(dir_okay=False, path_type=str))
+@click.option("--id", "record_id", default=None, metavar="ID", help="Show only the prompt with this id.")
+def show(file: str, record_id: str | None) -> None:
+    """Show each prompt's candidates in FILE (written by generate or score): text, tokens,
+    scores, utilities, answers and votes, with the pick and the rule that chose it marked."""
+    from .errors import BonSRError
+    from .show import show_file
+
+    try:
+        show_file(file, record_id)
+    except BonSRError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
 def _run_command(path: str, common: dict[str, Any], sampling: dict[str, Any], *, candidates: str,
                  scale: dict[str, Any] | None = None) -> None:
     from .answers import get_extractor
@@ -308,6 +339,7 @@ def _run_command(path: str, common: dict[str, Any], sampling: dict[str, Any], *,
 
     output, resume, overwrite = common.pop("output"), common.pop("resume"), common.pop("overwrite")
     keep_candidates, chunk_size = common.pop("keep_candidates"), common.pop("chunk_size")
+    keep_embeddings = common.pop("keep_embeddings")
     if resume and overwrite:
         raise click.UsageError("--resume and --overwrite exclude each other.")
     console = _console()
@@ -332,6 +364,8 @@ def _run_command(path: str, common: dict[str, Any], sampling: dict[str, Any], *,
 
             vllm_options, ray_config = scale_options(scale, vllm_options, backend=sampling["backend"],
                                                      scorer=common["scorer"])
+            if ray_config is not None and keep_embeddings:
+                raise click.UsageError("--embeddings is not written on the Ray path; drop it or --ray.")
         records = read_prompt_file(path, candidates=candidates)
         if "max_new_tokens" in sampling:
             _check_fits_early(path, records, common["model"], sampling["max_new_tokens"], console)
@@ -355,7 +389,7 @@ def _run_command(path: str, common: dict[str, Any], sampling: dict[str, Any], *,
 
             return run_ray_generate(console, writer, todo, skipped, keep_candidates, chunk_size, options, ray_config)
         _run_generate(console, writer, todo, skipped, keep_candidates, chunk_size, options,
-                      given=candidates == "require")
+                      given=candidates == "require", keep_embeddings=keep_embeddings)
 
 
 def _check_fits_early(path: str, records: list[Any], model: str, max_new_tokens: int, console: Any) -> None:
@@ -413,13 +447,14 @@ def uses_vllm(options: dict[str, Any]) -> bool:
 
 
 def _run_generate(console: Any, writer: Any, todo: list[Any], skipped: int, keep_candidates: bool,
-                  chunk_size: int | None, options: dict[str, Any], *, given: bool = False) -> None:
+                  chunk_size: int | None, options: dict[str, Any], *, given: bool = False,
+                  keep_embeddings: bool = False) -> None:
     verbose = bool(click.get_current_context().find_root().params.get("verbose"))
     log_path = engine_log_path(str(writer.path)) if uses_vllm(options) and not verbose else None
     done = [0]
     with stopped_runs_resume(console, writer, done), stop_on_signals(), engine_output_to(log_path, console):
         _generate_loop(console, writer, todo, skipped, keep_candidates, chunk_size, options, given=given,
-                       done=done, log_path=log_path)
+                       done=done, log_path=log_path, keep_embeddings=keep_embeddings)
 
 
 @contextmanager
@@ -443,7 +478,7 @@ def stopped_runs_resume(console: Any, writer: Any, done: list[int]) -> Iterator[
 
 def _generate_loop(console: Any, writer: Any, todo: list[Any], skipped: int, keep_candidates: bool,
                    chunk_size: int | None, options: dict[str, Any], *, given: bool, done: list[int],
-                   log_path: Path | None) -> None:
+                   log_path: Path | None, keep_embeddings: bool = False) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
         TimeRemainingColumn
 
@@ -474,7 +509,7 @@ def _generate_loop(console: Any, writer: Any, todo: list[Any], skipped: int, kee
                                          candidates=[list(r.candidates or ()) for r in todo] if given else None)
             for record, sel in zip(todo, selections):
                 out = {"id": record.id}
-                out.update(sel.to_dict(keep_candidates=keep_candidates))
+                out.update(sel.to_dict(keep_candidates=keep_candidates, include_embeddings=keep_embeddings))
                 out["config"] = bon.config_dict()
                 writer.write(out)
                 done[0] += 1

@@ -24,7 +24,6 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
-from .consensus import embedding_summary
 from .errors import ConfigError
 from .variants import parse_variant
 
@@ -200,7 +199,7 @@ class StateBatch:
         its response tokens under the model's own distribution (temperature 1), from this
         pass's last-layer logits; NaN for an empty response.
     embeddings: when asked, per pair ``{"last": ..., "mean": ...}`` float32 tuples from the
-        last layer's post-norm rows of its response tokens (``consensus.embedding_summary``).
+        last layer's post-norm rows of its response tokens (``embedding_summary``).
     """
 
     indices: list[int]
@@ -230,6 +229,18 @@ def _mean_token_stats(lm_head: torch.nn.Module, h: torch.Tensor, targets: torch.
         total_lp += float(lp.sum())
         total_kl += float(kl.sum())
     return total_lp / h.shape[0], total_kl / h.shape[0]
+
+
+def embedding_summary(rows: torch.Tensor) -> Mapping[str, tuple[float, ...]]:
+    """A candidate's embeddings for the consensus utilities (``bon_sr.consensus``) from its
+    response rows ``(r, d)`` of the last layer, post-norm: ``{"last": row r-1, "mean": the
+    mean over the r rows}`` computed in float32, as Python floats; NaN vectors for an empty
+    response (its similarities are then NaN)."""
+    rows = rows.float()
+    if rows.shape[0] == 0:
+        nan = (math.nan,) * int(rows.shape[-1])
+        return {"last": nan, "mean": nan}
+    return {"last": tuple(rows[-1].tolist()), "mean": tuple(rows.mean(dim=0).tolist())}
 
 
 def _layer_index(layer: int, num_layers: int) -> int:

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from bon_sr.answers import get_extractor
-from bon_sr.consensus import UTILITIES, UTILITY_KEY, embedding_summary, get_utility, hidden_similarity, \
-    lexical_similarity, mbr_utilities, similarity
+from bon_sr.consensus import UTILITIES, UTILITY_KEY, get_utility, hidden_similarity, lexical_similarity, \
+    mbr_utilities, similarity
 from bon_sr.errors import ConfigError
 from bon_sr.selection import decide, ranked
 from bon_sr.selectors import Pick, get_selector, select
@@ -107,6 +107,8 @@ def test_utility_registry_and_callables():
 
 
 def test_embedding_summary():
+    from bon_sr.hidden_states import embedding_summary
+
     rows = torch.tensor([[1.0, 2.0], [3.0, 6.0]], dtype=torch.bfloat16)
     assert embedding_summary(rows) == {"last": (3.0, 6.0), "mean": (2.0, 4.0)}
     empty = embedding_summary(torch.zeros(0, 3))
@@ -209,6 +211,18 @@ def test_hidden_mbr_embeds_in_the_scoring_forward(tiny_model_dir, tiny_model):
     assert emb[0]["mean"] == pytest.approx(c.embeddings["mean"], abs=1e-5)
 
 
+@pytest.mark.vllm
+def test_hidden_utility_with_vllm_and_scorer_auto_scores_with_hf(tiny_model_dir):
+    from bon_sr.api import BestOfN
+
+    # the vLLM engines start lazily: scoring given candidates with the hf scorer starts none
+    with BestOfN(tiny_model_dir, backend="vllm", selector="mbr", utility="hidden-last", dtype="float32") as bon:
+        assert bon.scorer_name == "hf" and bon.config_dict()["scorer"] == "hf"
+        sel = bon.select("Q?", candidates=["abc", "abd", "xyz"])
+        assert sel.rule == "mbr hidden-last" and all(len(c.embeddings["last"]) == 32 for c in sel.candidates)
+        assert not bon._vllm._started
+
+
 @pytest.mark.parametrize("kwargs,needle", [
     (dict(selector="mbr", utility="bleu"), "Unknown utility 'bleu'"),
     (dict(selector="mbr", utility="hidden-mean", score=False), "drop score=False"),
@@ -220,3 +234,273 @@ def test_utility_options_are_checked_before_any_model_loads(kwargs, needle):
 
     with pytest.raises(ConfigError, match=needle):
         BestOfN("no-such-model", **kwargs)
+
+
+# -- the server, with an engine that returns fixed texts -----------------------------------
+
+class _TextEngine:
+    """``BonEngine``'s surface for the app: ready at once, returns ``texts`` as candidates."""
+
+    state, error, context = "ready", None, 512
+
+    def __init__(self, tokenizer, texts):
+        self.tokenizer, self.texts, self.jobs = tokenizer, texts, []
+
+    async def start(self):
+        return None
+
+    async def sample(self, job):
+        self.jobs.append(job)
+        return [Candidate(text=t, token_ids=(5,) * (i + 1), index=i, finish_reason="stop")
+                for i, t in enumerate(self.texts[:job.sampling.n])]
+
+    def close(self):
+        return None
+
+
+def test_serve_mbr_and_auto_report_utilities(tiny_tokenizer):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from bon_sr.serve.app import create_app
+    from bon_sr.serve.settings import ServeSettings
+
+    texts = ["Purple elephants.", "The total is 72 clips.", "She sold 72 clips.", "The total is 72 clips in all."]
+    engine = _TextEngine(tiny_tokenizer, texts)
+    body = {"model": "m", "messages": [{"role": "user", "content": "How many clips?"}]}
+    with TestClient(create_app(engine, ServeSettings(model="m", n=4, max_n=8, max_tokens=16))) as client:
+        r = client.post("/v1/chat/completions", json={**body, "n": 4, "bon_sr": {"selector": "mbr", "utility": "lexical"}})
+        assert r.status_code == 200, r.text
+        info = r.json()["bon_sr"]
+        utilities = [s[UTILITY_KEY] for s in info["scores"]]
+        assert info["rule"] == "mbr lexical" and info["utility"] == "lexical" and info["scorer"] is None
+        assert info["choice_indices"] == sorted(range(4), key=lambda i: (-utilities[i], i))   # choices by utility
+        assert info["choice_indices"][-1] == 0 and not engine.jobs[-1].score_keys              # no scoring pass
+        r = client.post("/v1/chat/completions", json={**body, "bon_sr": {"selector": "auto", "answer": "numeric"}})
+        assert r.json()["bon_sr"]["rule"] == "auto: majority (3/4 candidates gave an answer)"
+        r = client.post("/v1/chat/completions", json={**body, "bon_sr": {"selector": "mbr", "utility": "hidden-mean"}})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "bon_sr.utility"
+        assert "use bon_sr.utility 'lexical'" in r.json()["error"]["message"]
+        r = client.post("/v1/chat/completions", json={**body, "bon_sr": {"selector": "mbr", "utility": "bleu"}})
+        assert r.status_code == 400 and "Unknown utility 'bleu'" in r.json()["error"]["message"]
+
+
+def test_cli_score_with_mbr_auto_and_embeddings(tmp_path, tiny_model_dir):
+    import json
+
+    from click.testing import CliRunner
+
+    from bon_sr.cli import main
+
+    src = tmp_path / "c.jsonl"
+    src.write_text(json.dumps({"id": "a", "prompt": "2+2?",
+                               "candidates": ["It is 4.", "Purple.", "The answer is 4.", "4, it is 4."]}) + "\n")
+    base = ["score", str(src), "--model", tiny_model_dir, "--backend", "hf", "--dtype", "float32"]
+    out = tmp_path / "auto.jsonl"
+    r = CliRunner().invoke(main, [*base, "-o", str(out), "--selector", "auto", "--answer", "numeric"])
+    assert r.exit_code == 0, r.output
+    rec = json.loads(out.read_text())
+    assert rec["rule"] == "auto: majority (3/4 candidates gave an answer)" and rec["best_index"] == 0
+    assert rec["config"]["utility"] == "lexical" and UTILITY_KEY in rec["candidates"][1]["scores"]
+    out = tmp_path / "hidden.jsonl"
+    r = CliRunner().invoke(main, [*base, "-o", str(out), "--selector", "mbr", "--utility", "hidden-last-centred",
+                                  "--embeddings"])
+    assert r.exit_code == 0, r.output
+    rec = json.loads(out.read_text())
+    assert rec["rule"] == "mbr hidden-last-centred" and rec["config"]["scorer"] == "hf"
+    assert len(rec["candidates"][0]["embeddings"]["last"]) == 32            # the tiny model's width
+    r = CliRunner().invoke(main, [*base, "-o", str(tmp_path / "x.jsonl"), "--selector", "mbr", "--utility", "bleu"])
+    assert r.exit_code != 0 and "Invalid value for '--utility'" in r.output
+
+
+# -- bon-sr show --------------------------------------------------------------------------
+
+def _show(*args):
+    from click.testing import CliRunner
+
+    from bon_sr.cli import main
+
+    return CliRunner().invoke(main, ["show", *map(str, args)], env={"COLUMNS": "160"})
+
+
+def test_show_renders_records_and_refuses_garbled_files(tmp_path):
+    import json
+
+    from bon_sr.selection import decide as _decide
+    from bon_sr.types import Selection
+
+    texts = ["The answer is 4.", "It is 5.", "4, since 2+2=4.", "Purple."]
+    d = _decide(_cands(texts), get_selector("auto"), get_extractor("numeric"))
+    sel = Selection(prompt="2+2?", prompt_token_ids=(1,), candidates=d.candidates, best_index=d.pick.index,
+                    selector="auto", rule=d.pick.rule, votes=d.votes)
+    out = tmp_path / "out.jsonl"
+    out.write_text(json.dumps({"id": "q1", **sel.to_dict(), "config": {"utility": "lexical"}}) + "\n"
+                   + json.dumps({"id": "q2", **sel.to_dict(keep_candidates=False)}) + "\n")
+    r = _show(out, "--id", "q1")
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    assert "auto: majority (3/4 candidates gave an answer)" in r.output and "utility lexical" in r.output
+    picked = next(ln for ln in lines if ln.startswith("★"))
+    assert "The answer is 4." in picked and " 4 " in picked            # the pick, its answer ...
+    assert picked.split("│")[-2].strip() == "2"                          # ... and its answer's 2 votes
+    assert "utility = mbr_utility" in r.output and "q2" not in r.output
+    assert "candidates not kept" in _show(out, "--id", "q2").output
+    r = _show(out, "--id", "q9")
+    assert r.exit_code == 1 and "No record with id 'q9'" in r.output and "q1, q2" in r.output
+    assert "does not exist" in _show(tmp_path / "missing.jsonl").output
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": 1, "best_index": 5, "candidates": [{"text": "a"}]}\n')
+    r = _show(bad)
+    assert r.exit_code == 1 and "bad.jsonl:1: not a bon-sr output record" in r.output and "out of range" in r.output
+    bad.write_text('{"id": 1, "best_')
+    assert "bad.jsonl:1: malformed JSON" in _show(bad).output
+
+
+# =========================================================================== slow: the real default model
+
+def _run_cli(*args):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="160")
+    return subprocess.run([sys.executable, "-m", "bon_sr.cli", *map(str, args)], capture_output=True, text=True,
+                          env=env, cwd=Path(__file__).resolve().parents[1], timeout=600)
+
+
+PROMPTS = [{"id": "mul", "prompt": "What is 12 * 7? Answer with the number."},
+           {"id": "colour", "prompt": "Name one primary colour."}]
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_real_cli_generate_mbr_lexical_runs_no_scoring_pass_then_show(tmp_path, default_model_dir):
+    import json
+
+    src = tmp_path / "p.jsonl"
+    src.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
+    out = tmp_path / "mbr.jsonl"
+    # the default backend (vLLM here): lexical MBR needs no hidden states, so one plain n=N request
+    r = _run_cli("generate", src, "-o", out, "--selector", "mbr", "--utility", "lexical", "-n", 4,
+                 "--max-new-tokens", 24, "--seed", 1)
+    assert r.returncode == 0, r.stderr
+    recs = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [x["id"] for x in recs] == ["mul", "colour"]
+    for rec in recs:
+        cands = rec["candidates"]
+        assert rec["rule"] == "mbr lexical" and rec["config"]["utility"] == "lexical"
+        assert all(set(c["scores"]) == {UTILITY_KEY} for c in cands)          # no stable rank: no scoring pass
+        # the written utilities are the texts' chrF consensus, and the pick is their argmax
+        expected = mbr_utilities(lexical_similarity([c["text"] for c in cands]))
+        assert [c["scores"][UTILITY_KEY] for c in cands] == pytest.approx(expected)
+        assert rec["best_index"] == max(range(4), key=lambda i: (expected[i], -i))
+    r = _run_cli("show", out, "--id", "mul")
+    assert r.returncode == 0, r.stderr
+    picked = next(ln for ln in r.stdout.splitlines() if ln.startswith("★"))
+    assert "rule mbr lexical" in r.stdout and "colour" not in r.stdout.split("\n", 1)[0]
+    assert recs[0]["response"].strip().splitlines()[0][:20] in picked
+
+
+@pytest.mark.slow
+def test_real_cli_generate_auto_numeric_hf(tmp_path, default_model_dir):
+    import json
+
+    src = tmp_path / "p.jsonl"
+    src.write_text(json.dumps(PROMPTS[0]) + "\n")
+    out = tmp_path / "auto.jsonl"
+    r = _run_cli("generate", src, "-o", out, "--backend", "hf", "--selector", "auto", "--answer", "numeric",
+                 "-n", 4, "--max-new-tokens", 24, "--seed", 1)
+    assert r.returncode == 0, r.stderr
+    rec = json.loads(out.read_text())
+    answered = sum(c.get("answer") is not None for c in rec["candidates"])
+    if 2 * answered >= 4:
+        assert rec["rule"] == f"auto: majority ({answered}/4 candidates gave an answer)"
+        assert rec["votes"][rec["answer"]] == max(rec["votes"].values())
+    else:
+        assert rec["rule"] == f"auto: mbr lexical (only {answered}/4 candidates gave an answer)"
+    assert all(UTILITY_KEY in c["scores"] for c in rec["candidates"])
+    assert _run_cli("show", out).returncode == 0
+
+
+@pytest.mark.slow
+def test_real_select_best_hidden_mean_hf(default_model_dir):
+    from bon_sr import select_best
+    from bon_sr.models import load_hf_model
+
+    sel = select_best("Name one primary colour.", selector="mbr", utility="hidden-mean", backend="hf", n=4,
+                      max_new_tokens=16, seed=3, dtype="float32")
+    assert sel.rule == "mbr hidden-mean" and len(sel.candidates) == 4
+    model, _ = load_hf_model(default_model_dir, dtype="float32")
+    prompt = list(sel.prompt_token_ids)
+    means = []
+    for c in sel.candidates:
+        assert "stable_rank" in c.scores                         # from the same forward
+        with torch.no_grad():
+            h = model(torch.tensor([prompt + list(c.token_ids)]), output_hidden_states=True).hidden_states[-1][0]
+        rows = h[len(prompt):].float()
+        torch.testing.assert_close(torch.tensor(c.embeddings["mean"]), rows.mean(0), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(torch.tensor(c.embeddings["last"]), rows[-1], rtol=1e-4, atol=1e-4)
+        means.append(rows.mean(0))
+    expected = mbr_utilities(hidden_similarity(torch.stack(means), centred=False))
+    assert [c.scores[UTILITY_KEY] for c in sel.candidates] == pytest.approx(expected, abs=1e-5)
+    assert sel.best_index == max(range(4), key=lambda i: (expected[i], -i))
+    assert len(sel.best.embeddings["last"]) == 576                 # SmolLM2-135M's width
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_real_serve_mbr_with_the_openai_client(tmp_path, default_model_dir):
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import httpx
+    import openai
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(tmp_path / "serve.log", "w")
+    exe = Path(sys.executable).with_name("bon-sr")
+    proc = subprocess.Popen([str(exe), "serve", "--port", str(port), "--n", "4", "--max-tokens", "16"],
+                            stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, VLLM_LOGGING_LEVEL="WARNING"))
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=300)
+        model = client.models.list().data[0].id
+        chat = [{"role": "user", "content": "Name one primary colour."}]
+        resp = client.chat.completions.create(model=model, messages=chat, n=2, seed=5,
+                                              extra_body={"bon_sr": {"selector": "mbr", "utility": "lexical"}})
+        info = resp.model_extra["bon_sr"]
+        texts = [c["text"] for c in client.chat.completions.create(
+            model=model, messages=chat, seed=5, extra_body={"bon_sr": {"selector": "mbr", "return_candidates": True}}
+        ).model_extra["bon_sr"]["candidates"]]
+        expected = mbr_utilities(lexical_similarity(texts))        # the same seed: the same 4 candidates
+        assert info["rule"] == "mbr lexical" and info["utility"] == "lexical" and info["scorer"] is None
+        assert [s[UTILITY_KEY] for s in info["scores"]] == pytest.approx(expected)
+        assert info["choice_indices"] == sorted(range(4), key=lambda i: (-expected[i], i))[:2]
+        assert [c.message.content for c in resp.choices] == [texts[i] for i in info["choice_indices"]]
+        with pytest.raises(openai.BadRequestError, match="bon_sr.utility 'lexical'"):
+            client.chat.completions.create(model=model, messages=chat,
+                                           extra_body={"bon_sr": {"selector": "mbr", "utility": "hidden-mean"}})
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()

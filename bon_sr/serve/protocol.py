@@ -57,6 +57,7 @@ class BonSROptions(BaseModel):
 
     n: StrictInt | None = None
     selector: StrictStr | None = None
+    utility: StrictStr | None = None
     answer: StrictStr | None = None
     answer_regex: StrictStr | None = None
     token_set: StrictStr | None = None

@@ -34,7 +34,8 @@ from ..errors import BonSRError
 from ..hidden_states import HiddenStateConfig
 from ..prompts import check_fits, derive_seed, encode_prompt, validate_prompt
 from ..samplers import SamplingConfig
-from ..scoring import STAT_KEYS, check_scores, score_keys
+from ..consensus import DEFAULT_UTILITY, Utility, get_utility
+from ..scoring import EMBEDDING_SCORERS, STAT_KEYS, check_scores, score_keys
 from ..selection import Decision, ranked
 from ..selectors import SelectorSpec, get_selector
 from ..types import Candidate
@@ -65,6 +66,7 @@ class Job:
     return_candidates: bool
     stream: bool
     include_usage: bool
+    utility: Utility | None = None  # the consensus selectors' similarity
 
     @property
     def logit_stats(self) -> bool:
@@ -120,6 +122,11 @@ def plan(request: ChatCompletionRequest | CompletionRequest, settings: ServeSett
     if spec.needs_answers and answers is None:
         raise ApiError(400, f"Selector '{spec.name}' votes over answers: set bon_sr.answer (numeric, math, choice, "
                             "exact) or bon_sr.answer_regex.", param="bon_sr.answer")
+    utility = _check("bon_sr.utility", get_utility, bon.utility or DEFAULT_UTILITY)
+    if spec.needs_similarity and utility.needs_embeddings and SCORER not in EMBEDDING_SCORERS:
+        raise ApiError(400, f"Utility '{utility.name}' compares hidden-state embeddings, which the server's "
+                            f"{SCORER} scorer does not return yet; use bon_sr.utility 'lexical'.",
+                       param="bon_sr.utility")
     keys = _check("bon_sr.selector", score_keys, spec)
     _check("bon_sr.selector", check_scores, SCORER, keys)
     scoring = _check("bon_sr.token_set", HiddenStateConfig, token_set=bon.token_set or settings.token_set)
@@ -137,7 +144,7 @@ def plan(request: ChatCompletionRequest | CompletionRequest, settings: ServeSett
     stream = bool(request.stream)
     return Job(request_id=request_id, kind=kind, prompt_ids=tuple(prompt_ids), sampling=sampling, seed=seed,
                selector=spec, answers=answers, scoring=scoring, score_keys=keys, choices=choices,
-               return_candidates=bon.return_candidates, stream=stream,
+               return_candidates=bon.return_candidates, stream=stream, utility=utility,
                include_usage=stream and request.stream_options is not None and request.stream_options.include_usage)
 
 
@@ -189,7 +196,7 @@ def _encode(request: ChatCompletionRequest | CompletionRequest, tokenizer: Any) 
 
 def rank(candidates: Sequence[Candidate], job: Job) -> tuple[Decision, list[int]]:
     """The decision over all candidates and the first ``job.choices`` in the selector's order."""
-    return ranked(candidates, job.selector, job.answers, seed=job.seed, k=job.choices)
+    return ranked(candidates, job.selector, job.answers, seed=job.seed, k=job.choices, utility=job.utility)
 
 
 async def complete(request: ChatCompletionRequest | CompletionRequest, settings: ServeSettings,
@@ -213,6 +220,7 @@ def explain(job: Job, decision: Decision, order: list[int]) -> dict[str, Any]:
         "choice_indices": order,
         "selector": job.selector.name,
         "rule": decision.pick.rule,
+        "utility": job.utility.name if job.selector.needs_similarity and job.utility else None,
         "scorer": SCORER if job.score_keys else None,
         "seed": job.seed,
         "scores": [dict(c.scores) for c in cands],
