@@ -208,3 +208,25 @@ def test_ngram_f1_by_hand():
     sims = Similarities(["", "", ""], token_ids=[[1, 2, 3], [1, 2, 4], [9]])
     assert sims.matrix("ngram", [1, 0]) == [[m[1][1], m[1][0]], [m[0][1], m[0][0]]]
     assert _weights("mbr-ngram", _scored(3, [True, False, True], sims)) == [1.0, 0.0, 0.0]
+
+
+def test_cli_embeddings_flag_reaches_the_runner_and_refusals_are_clear(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from bon_sr.bench.cli import bench
+
+    seen = {}
+
+    def fake_run(config, out_dir, **kwargs):
+        seen.update(kwargs, selectors=config.selectors)
+        return {"task": "t", "problems": 0, "generated_now": 0, "n": [1], "results": {"1": {}}}
+
+    monkeypatch.setattr(runner, "run_bench", fake_run)
+    result = CliRunner().invoke(bench, ["--task", "gsm8k", "--no-generate", "--embeddings",
+                                        "--selectors", "mbr-lexical,mbr-hidden-mean", "-o", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert seen["embeddings"] is True and seen["generate"] is False
+    assert seen["selectors"] == ("mbr-lexical", "mbr-hidden-mean")
+    # asking by name for a hidden column the sidecar cannot give stops with the fix
+    with pytest.raises(ConfigError, match="--embeddings"):
+        Coverage(mixed=2, embedded=0, problems=2).usable(["mbr-hidden-mean"])
