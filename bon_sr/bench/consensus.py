@@ -41,6 +41,7 @@ import numpy as np
 from ..consensus import UTILITIES, lexical_similarity
 from ..errors import ConfigError, InputError
 from ..jsonl import write_text_atomic
+from .selectors import BENCH_SELECTORS, GREEDY, needs_embeddings
 
 SIDECAR_VERSION = 1
 Matrix = list[list[float]]
@@ -210,8 +211,6 @@ class Coverage:
     def usable(self, selectors: Sequence[str]) -> list[str]:
         """``selectors`` without the hidden-state ones when they cannot be evaluated: dropped
         from the default list, refused when asked for by name."""
-        from .selectors import BENCH_SELECTORS, GREEDY, needs_embeddings
-
         if self.complete:
             return list(selectors)
         hidden = [s for s in selectors if needs_embeddings(s)]
