@@ -162,7 +162,7 @@ def test_oracle_random_shortest():
 
 
 def test_selector_errors():
-    with pytest.raises(ConfigError, match="Unknown selector 'best'. Available: greedy, majority"):
+    with pytest.raises(ConfigError, match="Unknown selector 'best'. Available: auto, greedy, majority"):
         get_bench_selector("best")
     with pytest.raises(ConfigError, match="no 'self_certainty' score"):
         get_bench_selector("self-certainty").fn(cands([0], [True]))

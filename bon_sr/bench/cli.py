@@ -90,14 +90,18 @@ def _errors() -> tuple[type[BaseException], ...]:
                    "smaller loses less on interruption, larger batches vLLM better.")
 @click.option("--recheck", is_flag=True, help="Re-extract and re-check cached answers with the current checkers.")
 @click.option("--no-generate", is_flag=True, help="Report from the cache only; never load the model.")
+@click.option("--embeddings", is_flag=True,
+              help="Before reporting, run the frozen model (transformers) over the cached candidates of the problems "
+                   "with mixed correctness that DIR/cache/<task>.consensus.json lacks, for the hidden-state MBR "
+                   "columns (resumable; works with --no-generate).")
 @click.option("--bootstrap", type=int, default=1000, show_default=True, help="Bootstrap resamples for the CIs.")
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Directory for the cache (DIR/cache/) and the reports (DIR/<task>.json, .md, .png).")
 def bench(tasks: tuple[str, ...], preset: str | None, model: str, n_values: str, limit: int | None, backend: str,
           scorer: str, max_new_tokens: int | None, temperature: float, top_p: float, seed: int, subsets: int,
           selectors: str | None, data_source: str, checker: str | None, dtype: str, device: str | None,
-          max_batch_tokens: int, chunk_size: int | None, recheck: bool, no_generate: bool, bootstrap: int,
-          out_dir: str) -> None:
+          max_batch_tokens: int, chunk_size: int | None, recheck: bool, no_generate: bool, embeddings: bool,
+          bootstrap: int, out_dir: str) -> None:
     """Best-of-N benchmark: stable rank against greedy, random@n, majority vote,
     self-certainty, mean log-prob and the oracle. Interrupted runs resume from DIR/cache."""
     settings: dict[str, Any] = {"temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens,
@@ -133,7 +137,8 @@ def bench(tasks: tuple[str, ...], preset: str | None, model: str, n_values: str,
             _run_tasks(tasks, ns, settings, summaries, console, model=model, limit=limit, backend=backend,
                        scorer=scorer, sampling=sampling, scoring=scoring, subsets=subsets, selectors=selectors,
                        checker=checker, dtype=dtype, device=device, recheck=recheck, bootstrap=bootstrap,
-                       chunk_size=chunk_size, no_generate=no_generate, out_dir=out_dir)
+                       chunk_size=chunk_size, no_generate=no_generate, embeddings=embeddings,
+                       out_dir=out_dir)
         if preset == "paper":
             _paper_report(summaries, model, settings, out_dir)
     except _errors() as exc:
@@ -145,7 +150,7 @@ def bench(tasks: tuple[str, ...], preset: str | None, model: str, n_values: str,
 
 def _run_tasks(tasks: Sequence[str], ns: tuple[int, ...], settings: dict[str, Any],
                summaries: dict[str, dict[str, Any]], console: Any, *, selectors: str | None, no_generate: bool,
-               out_dir: str, **options: Any) -> None:
+               out_dir: str, embeddings: bool = False, **options: Any) -> None:
     from .runner import BenchConfig, run_bench
 
     for task in tasks:
@@ -155,7 +160,7 @@ def _run_tasks(tasks: Sequence[str], ns: tuple[int, ...], settings: dict[str, An
         config = BenchConfig(task=task, n=ns, max_new_tokens=settings["max_new_tokens"],
                              data_source=settings["data_source"], **options, **extra)
         with progress_bars(console) as progress:
-            summary = run_bench(config, out_dir, progress=progress, generate=not no_generate)
+            summary = run_bench(config, out_dir, progress=progress, generate=not no_generate, embeddings=embeddings)
         _echo_summary(summary, out_dir)
         summaries[summary["task"]] = summary
 

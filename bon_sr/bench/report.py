@@ -24,6 +24,8 @@ import numpy as np
 from .metrics import bootstrap_ci, bootstrap_indices
 from .selectors import GREEDY, RANDOM
 
+MAJORITY = "majority"
+
 POINTS_NOTE = ("points = absolute difference in percentage points; relative % = 100 x (acc - base) / base; "
                "95% CI = percentile bootstrap over problems (paired for differences)")
 
@@ -52,6 +54,7 @@ def summarize(evaluation: Mapping[str, Any], *, bootstrap: int = 1000, seed: int
         row: dict[str, Any] = {}
         greedy = np.asarray(acc[GREEDY][n]) if GREEDY in acc else None
         rand = np.asarray(acc[RANDOM][n]) if RANDOM in acc else None
+        vote = np.asarray(acc[MAJORITY][n]) if MAJORITY in acc else None
         for sel in acc:
             values = np.asarray(acc[sel][n], dtype=float)
             lo, hi = bootstrap_ci(values, idx)
@@ -63,6 +66,8 @@ def summarize(evaluation: Mapping[str, Any], *, bootstrap: int = 1000, seed: int
                 entry["vs_greedy"] = _compare(values, greedy, idx)
             if rand is not None and sel != RANDOM:
                 entry["vs_random"] = _compare(values, rand, idx)
+            if vote is not None and sel != MAJORITY:
+                entry["vs_majority"] = _compare(values, vote, idx)
             row[sel] = entry
         results[str(n)] = row
     return {"n": list(evaluation["n"]), "selectors": list(acc), "results": results,
@@ -101,20 +106,23 @@ def bench_markdown(summary: Mapping[str, Any]) -> str:
     ]
     if summary.get("missing"):
         lines += [f"**{summary['missing']} problems of the task are not in the cache yet.**", ""]
+    if summary.get("consensus"):
+        lines += [f"_{summary['consensus']}_", ""]
     for n in summary["results"]:
         lines += [f"## n = {n}", "",
                   "| selector | accuracy % [95% CI] | vs greedy: points [95% CI] | vs greedy: relative % "
-                  "| vs random@n: points [95% CI] | vs random@n: relative % | mean length (tokens) "
-                  "| cut at max tokens % |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| vs random@n: points [95% CI] | vs random@n: relative % | vs majority: points [95% CI] "
+                  "| mean length (tokens) | cut at max tokens % |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for sel in _order(summary, n):
             e = summary["results"][n][sel]
-            g, r = e.get("vs_greedy"), e.get("vs_random")
+            g, r, v = e.get("vs_greedy"), e.get("vs_random"), e.get("vs_majority")
             cells = [sel, f"{_pct(100 * e['accuracy'])} {_ci(e['ci95'])}",
                      f"{_pct(g['points'], True)} {_ci(g['points_ci95'], 1.0, True)}" if g else "-",
                      _pct(g["relative_pct"], True) if g else "-",
                      f"{_pct(r['points'], True)} {_ci(r['points_ci95'], 1.0, True)}" if r else "-",
                      _pct(r["relative_pct"], True) if r else "-",
+                     f"{_pct(v['points'], True)} {_ci(v['points_ci95'], 1.0, True)}" if v else "-",
                      f"{e['mean_length']:.0f}",
                      _pct(100 * e["truncated"]) if "truncated" in e else "n/a"]
             lines.append("| " + " | ".join(cells) + " |")
@@ -132,6 +140,12 @@ PLOT_STYLES = {
     "majority": ("#2ca02c", "-", "D"), "majority-sr-tiebreak": ("#98df8a", "-", "D"),
     "sr-weighted-vote": ("#17becf", "-", "D"),
     "mean-logprob": ("#1f77b4", "-", "x"), "self-certainty": ("#aec7e8", "-", "x"),
+    # consensus: lexical MBR and its mixes in browns, hidden-state MBR in pinks
+    "mbr-lexical": ("#8c564b", "-", "P"), "mbr-ngram": ("#7f7f7f", "-", "P"), "auto": ("#bcbd22", "-", "P"),
+    "majority-mbr-tiebreak": ("#c49c94", "-", "D"), "mbr-sr": ("#8c564b", "-.", "P"),
+    "mbr-logprob": ("#8c564b", ":", "P"),
+    "mbr-hidden-last": ("#e377c2", "-", "*"), "mbr-hidden-last-centred": ("#e377c2", "--", "*"),
+    "mbr-hidden-mean": ("#f7b6d2", "-", "*"), "mbr-hidden-mean-centred": ("#f7b6d2", "--", "*"),
 }
 
 

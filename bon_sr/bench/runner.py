@@ -23,6 +23,9 @@ subsets are enumerated (always at n = 1 and n = N).
 The cache holds no hidden states: prompt and candidate token ids, texts, finish reasons,
 extracted answers, correctness, answer groups and the scores. A new selector is evaluated
 from it without the model; a new scorer can re-run the frozen model on the token ids.
+The hidden-state MBR selectors read a sidecar, ``cache/<task>.consensus.json``: per
+problem with mixed correctness, the Gram matrices of the candidates' embeddings
+(``bench.consensus``, filled by the embedding pass ``--embeddings``).
 
 This module knows nothing about report formats (``bench.report``) or the CLI.
 """
@@ -45,6 +48,7 @@ from ..models import DEFAULT_MODEL, ProgressFn
 from ..prompts import check_fits, derive_seed
 from ..samplers import SamplingConfig
 from .checkers import get_checker
+from .consensus import ConsensusCache, attach_similarities, hidden_coverage
 from .scores import score_candidates
 from .selectors import BENCH_SELECTORS, GREEDY, Scored, get_bench_selector
 from .tasks import Problem, Task, load_task
@@ -338,8 +342,11 @@ def evaluate_records(
     *,
     subsets: int = 32,
     seed: int = 0,
+    consensus: Any = None,
 ) -> dict[str, Any]:
     """Per-problem accuracy, selected length and truncation of every selector at every n.
+    ``consensus``: the task's ``bench.consensus.ConsensusCache`` (similarities for the MBR
+    selectors; lexical ones from the texts when None).
 
     Returns ``{"ids": [...], "n": [...], "accuracy": {sel: {n: [per problem]}},
     "length": {sel: {n: [...]}}, "truncated": {sel: {n: [...]}}, "mixed": {n: count}}``;
@@ -351,6 +358,7 @@ def evaluate_records(
     cut: dict[str, dict[int, list[float]]] = {s: {n: [] for n in n_values} for s in selectors}
     for rec in records:
         cands = [scored_candidate(c) for c in rec["candidates"]]
+        cands = attach_similarities(rec, cands, consensus)
         for n in n_values:
             subs = subsets_for(len(cands), n, subsets, seed, str(rec["id"]))
             for name, fn in fns.items():
@@ -376,10 +384,12 @@ def evaluate_records(
 # -- the whole run ------------------------------------------------------------------------
 
 def run_bench(config: BenchConfig, out_dir: str | Path, *, progress: ProgressFn | None = None,
-              generate: bool = True, task: Task | None = None) -> dict[str, Any]:
+              generate: bool = True, task: Task | None = None, embeddings: bool = False) -> dict[str, Any]:
     """Generate what the cache lacks, evaluate, write the reports; return the summary.
 
     ``generate=False`` evaluates only what is cached (no model is loaded).
+    ``embeddings=True`` first runs the embedding pass (``bench.embeddings``) for the cached
+    problems the similarity sidecar lacks.
     """
     from .report import summarize, write_bench_report
 
@@ -430,13 +440,23 @@ def run_bench(config: BenchConfig, out_dir: str | Path, *, progress: ProgressFn 
     n_values = [n for n in config.n if n <= n_samples]
     if not n_values:
         raise ConfigError(f"The cache has {n_samples} samples per problem; ask for n <= {n_samples}.")
+    consensus = ConsensusCache(cache_path)
+    mixed = [r for r in chosen if is_mixed(r)]
+    if embeddings:
+        from .embeddings import embed_records
+
+        embed_records(mixed, consensus, model=str(meta.get("model", config.model)), dtype=config.dtype,
+                      device=config.device, max_batch_tokens=config.max_batch_tokens, progress=progress)
+    coverage = hidden_coverage(consensus, [str(r["id"]) for r in mixed], len(chosen))
+    selectors = coverage.usable(config.selectors)
     report(f"{task.name}: evaluating", None, None)
-    evaluation = evaluate_records(chosen, n_values, list(config.selectors), subsets=config.subsets, seed=config.seed)
+    evaluation = evaluate_records(chosen, n_values, selectors, subsets=config.subsets, seed=config.seed,
+                                  consensus=consensus)
     summary = summarize(evaluation, bootstrap=config.bootstrap, seed=config.seed)
     summary.update(task=task.name, problems=len(chosen), missing=len(task.problems) - len(chosen),
                    generated_now=generated, n_samples=n_samples, subsets=config.subsets,
                    config={**config.to_dict(), **{k: meta.get(k, v) for k, v in identity.items()}},
-                   cache=str(cache_path))
+                   cache=str(cache_path), consensus=coverage.note)
     write_bench_report(summary, out_dir, task.name)
     return summary
 

@@ -15,17 +15,28 @@ cache's score keys are ``sr_response`` / ``sr_full`` where the product says
 in the subset has an answer the first candidate is picked. Only the oracle and the
 expected-value random@n are bench-only: they are not picks a user could make.
 
+Consensus selectors (``mbr-*``, ``auto`` and the mixes) read the similarities among the
+subset's candidates from ``Scored.similarities`` (``bench.consensus``: chrF from the texts,
+cosines from the cached Gram matrices), so MBR at n compares only the n candidates it is
+given, as the product does. A hidden-state column on a problem the embedding pass skipped
+(all candidates equally right) counts a uniform pick: the same accuracy as any pick.
+
 Greedy is not here: it is a separate decode, not a pick from the samples. Selectors know
 nothing about models, sampling or answer checking beyond the cached ``group``/``correct``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+import math
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
+from ..consensus import UTILITIES, UTILITY_KEY, mbr_utilities
 from ..errors import ConfigError
 from ..selectors import get_selector, select
+
+if TYPE_CHECKING:
+    from .consensus import Similarities
 
 #: score names written by ``bench.scores`` into every cached candidate
 SCORE_KEYS = ("sr_response", "sr_full", "mean_logprob", "self_certainty")
@@ -40,6 +51,8 @@ class Scored:
     num_tokens: int
     scores: Mapping[str, float] = field(default_factory=dict)
     truncated: bool = False  # stopped by the token limit, not by end-of-turn
+    index: int = 0  # position among the problem's cached candidates
+    similarities: "Similarities | None" = field(default=None, compare=False, repr=False)
 
 
 Weights = list[float]
@@ -84,11 +97,97 @@ def random_expected(cands: Sequence[Scored]) -> Weights:
     return [1.0 / len(cands)] * len(cands)
 
 
+def _matrix(cands: Sequence[Scored], utility: str) -> list[list[float]] | None:
+    """The subset's ``utility`` similarities; None where the embedding pass did not run and
+    no pick can matter (every candidate equally right)."""
+    sims = cands[0].similarities
+    if sims is not None and sims.available(utility):
+        return sims.matrix(utility, [c.index for c in cands])
+    if len({c.correct for c in cands}) > 1:
+        raise ConfigError(f"A problem with mixed correctness has no '{utility}' similarities: run the embedding "
+                          "pass (bon-sr bench --no-generate --embeddings) or leave the hidden-state selectors out.")
+    return None
+
+
+def consensus(selector: str, utility: str, **options: Any) -> BenchSelectorFn:
+    """The product selector ``selector`` (``mbr``, ``auto``) given the subset's similarity
+    matrix under ``utility`` and, for ``auto``, the candidates' answer groups."""
+
+    def weights(cands: Sequence[Scored]) -> Weights:
+        _need(cands)
+        matrix = _matrix(cands, utility)
+        if matrix is None:
+            return random_expected(cands)
+        pick = select(get_selector(selector), cands, groups=[c.group for c in cands], similarity=matrix, **options)
+        return _one_hot(len(cands), pick.index)
+
+    weights.__doc__ = f"{selector} with the {utility} utility"
+    return weights
+
+
+def with_utility(cands: Sequence[Scored], utility: str) -> list[Scored] | None:
+    """The subset with each candidate's MBR utility (mean similarity to the others in the
+    subset) under ``scores[UTILITY_KEY]``; None as for ``_matrix``."""
+    matrix = _matrix(cands, utility)
+    if matrix is None:
+        return None
+    return [replace(c, scores={**c.scores, UTILITY_KEY: u}) for c, u in zip(cands, mbr_utilities(matrix))]
+
+
+def majority_mbr(utility: str) -> BenchSelectorFn:
+    """Majority vote; answer classes with equal votes split by their best MBR utility (the
+    product's ``majority-sr`` rule with the utility in place of SR); no answers: MBR."""
+    vote = picks("majority-sr", sr_key=UTILITY_KEY, fallback="stable-rank")
+
+    def weights(cands: Sequence[Scored]) -> Weights:
+        _need(cands)
+        scored = with_utility(cands, utility)
+        return random_expected(cands) if scored is None else vote(scored)
+
+    return weights
+
+
+def _ranks(values: Sequence[float]) -> list[float]:
+    """Rank of each value, 1 = highest; NaN ranks last; ties share their mean rank."""
+    keyed = [-math.inf if v is None or math.isnan(v) else float(v) for v in values]
+    order = sorted(range(len(keyed)), key=lambda i: -keyed[i])
+    ranks = [0.0] * len(keyed)
+    start = 0
+    while start < len(order):
+        end = start
+        while end + 1 < len(order) and keyed[order[end + 1]] == keyed[order[start]]:
+            end += 1
+        for k in range(start, end + 1):
+            ranks[order[k]] = (start + end) / 2 + 1
+        start = end + 1
+    return ranks
+
+
+def mbr_mix(utility: str, key: str) -> BenchSelectorFn:
+    """Borda count of the MBR utility and ``scores[key]``: the lowest rank sum wins; ties go
+    to the higher utility, then the earliest candidate."""
+
+    def weights(cands: Sequence[Scored]) -> Weights:
+        _need(cands)
+        scored = with_utility(cands, utility)
+        if scored is None:
+            return random_expected(cands)
+        util = [c.scores[UTILITY_KEY] for c in scored]
+        total = [a + b for a, b in zip(_ranks(util), _ranks([c.scores.get(key, math.nan) for c in cands]))]
+        u_rank = _ranks(util)
+        best = min(range(len(cands)), key=lambda i: (total[i], u_rank[i], i))
+        return _one_hot(len(cands), best)
+
+    return weights
+
+
 @dataclass(frozen=True)
 class BenchSelector:
     name: str
     fn: BenchSelectorFn
     description: str
+    #: the similarity a consensus selector reads (``bon_sr.consensus.UTILITIES``)
+    utility: str | None = None
 
 
 GREEDY = "greedy"
@@ -110,7 +209,25 @@ BENCH_SELECTORS: dict[str, BenchSelector] = {s.name: s for s in [
                   "highest stable rank, response tokens (paper)"),
     BenchSelector("sr-weighted-vote", picks("sr-weighted-vote", sr_key="sr_response", fallback="first"),
                   "majority vote weighted by SR (response)"),
+    *[BenchSelector(f"mbr-{u}", consensus("mbr", u), f"MBR: highest mean {u} similarity to the others", u)
+      for u in UTILITIES],
+    BenchSelector("mbr-ngram", consensus("mbr", "ngram"),
+                  "MBR: highest mean token n-gram F1 (n = 1..4) to the others (bench-only utility)", "ngram"),
+    BenchSelector("auto", consensus("auto", "lexical"),
+                  "majority vote when at least half the candidates have an answer, else MBR (lexical)", "lexical"),
+    BenchSelector("majority-mbr-tiebreak", majority_mbr("lexical"),
+                  "majority vote, ties split by MBR utility (lexical)", "lexical"),
+    BenchSelector("mbr-sr", mbr_mix("lexical", "sr_response"),
+                  "Borda count of MBR utility (lexical) and SR (response)", "lexical"),
+    BenchSelector("mbr-logprob", mbr_mix("lexical", "mean_logprob"),
+                  "Borda count of MBR utility (lexical) and mean log-prob", "lexical"),
 ]}
+
+
+def needs_embeddings(name: str) -> bool:
+    """Whether the bench selector ``name`` reads hidden-state similarities."""
+    sel = BENCH_SELECTORS.get(name)
+    return bool(sel and sel.utility in UTILITIES and UTILITIES[sel.utility].needs_embeddings)
 
 
 def get_bench_selector(name: str) -> BenchSelector:
