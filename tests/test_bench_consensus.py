@@ -151,7 +151,7 @@ def test_embedding_pass_fills_the_sidecar_and_reports_rederive(tmp_path, monkeyp
     from bon_sr.hidden_states import HiddenStateConfig
     from bon_sr.scoring import HFScorer
 
-    monkeypatch.setattr(runner, "_load_generator", lambda *a, **k: fake_generator(tiny_model, []))
+    monkeypatch.setattr(runner, "load_generator", lambda *a, **k: fake_generator(tiny_model, []))
     loads: list[str] = []
     monkeypatch.setattr(models, "resolve_model", lambda name, progress=None: name)
     monkeypatch.setattr(models, "load_hf_model", lambda path, **k: (loads.append(path), (tiny_model, None))[1])

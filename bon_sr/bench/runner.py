@@ -446,7 +446,7 @@ def run_bench(config: BenchConfig, out_dir: str | Path, *, progress: ProgressFn 
         from .embeddings import embed_records
 
         embed_records(mixed, consensus, model=str(meta.get("model", config.model)), dtype=config.dtype,
-                      device=config.device, max_batch_tokens=config.max_batch_tokens, progress=progress)
+                      device=config.device, max_batch_tokens=config.scoring.max_batch_tokens, progress=progress)
     coverage = hidden_coverage(consensus, [str(r["id"]) for r in mixed], len(chosen))
     selectors = coverage.usable(config.selectors)
     report(f"{task.name}: evaluating", None, None)
