@@ -92,7 +92,7 @@ class BestOfN:
     utility: the similarity the consensus selectors (``mbr``, ``auto``) use: a name from
         ``bon_sr.consensus.UTILITIES`` (``lexical``, the default, needs no hidden states;
         ``hidden-*`` compare the frozen model's last-layer embeddings, which the ``hf``
-        scorer computes in its scoring pass) or a callable ``utility(a, b) -> float`` on
+        and ``hook`` scorers compute in their scoring pass; ``pooling`` cannot) or a callable ``utility(a, b) -> float`` on
         two texts. Each candidate's utility is reported as ``scores["mbr_utility"]``.
     score: None (default) scores only what the selector needs (``majority`` or ``random``
         run no hidden-state pass); True always computes stable rank; False never scores.
@@ -156,9 +156,9 @@ class BestOfN:
         if self.embeddings_needed and self.scorer_name not in EMBEDDING_SCORERS:
             if scorer != "auto":
                 raise ConfigError(f"Utility '{self.utility.name}' compares the candidates' hidden-state embeddings, "
-                                  f"which the {self.scorer_name} scorer does not return yet; use scorer='hf' "
-                                  "(--scorer hf: a transformers forward of the frozen model beside vLLM) or "
-                                  "utility='lexical'.")
+                                  f"which the {self.scorer_name} scorer does not return; use scorer='hook' "
+                                  "(--scorer hook: vLLM's sampling pass), scorer='hf' (--scorer hf: a "
+                                  "transformers forward beside vLLM) or utility='lexical'.")
             logger.info("utility '%s' needs embeddings: scoring with the transformers model (scorer 'hf')",
                         self.utility.name)
             self.scorer_name = "hf"
@@ -246,7 +246,8 @@ class BestOfN:
 
             return HFSampler(self._hf_model, self.tokenizer, config)
         if self.scorer_name == "hook" and self.scores_needed:
-            return self._vllm.sampler(config, scoring=self.scoring, logit_stats=self.logit_stats, also=also)
+            return self._vllm.sampler(config, scoring=self.scoring, logit_stats=self.logit_stats, also=also,
+                                      embed=self.embeddings_needed)
         logprobs = self.scorer_name == "pooling" and "mean_logprob" in self.score_keys
         return self._vllm.sampler(config, logprobs=True) if logprobs else self._vllm.sampler(config)
 

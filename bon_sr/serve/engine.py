@@ -120,10 +120,11 @@ class BonEngine:
     # -- work ---------------------------------------------------------------------------
 
     async def sample(self, job: "Job") -> list[Candidate]:
-        if job.score_keys:
+        if job.score_keys or job.embed:
             return await sample_scored_async(self._llm, job.prompt_ids, job.sampling, seed=job.seed,
                                              scoring=job.scoring, logit_stats=job.logit_stats,
-                                             collector=self.collector, budget=self.budget, row_bytes=self.row_bytes)
+                                             collector=self.collector, budget=self.budget, row_bytes=self.row_bytes,
+                                             embed=job.embed)
         return await self._sample_unscored(job.prompt_ids, job.sampling, job.seed)
 
     async def _sample_unscored(self, prompt_ids: Sequence[int], sampling: Any, seed: int) -> list[Candidate]:
