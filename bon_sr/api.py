@@ -162,6 +162,10 @@ class BestOfN:
             logger.info("utility '%s' needs embeddings: scoring with the transformers model (scorer 'hf')",
                         self.utility.name)
             self.scorer_name = "hf"
+        if self.embeddings_needed and self.scorer_name == "hook" and self.scoring.window is not None:
+            raise ConfigError(f"Utility '{self.utility.name}' embeds the whole response, but with window="
+                              f"{self.scoring.window} the hook keeps only the window's rows; drop window "
+                              "(--window) or use scorer='hf' (--scorer hf).")
         self.score_keys = score_keys(self.selector_spec, score=score, logit_stats=logit_stats)
         check_scores(self.scorer_name, self.score_keys)
         if self.scorer_name in ("hook", "pooling") and self.scores_needed:

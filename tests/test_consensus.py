@@ -233,6 +233,7 @@ def test_hidden_utility_with_vllm_and_scorer_auto_embeds_in_the_hook(tiny_model_
     (dict(selector="mbr", utility="hidden-mean", score=False), "drop score=False"),
     (dict(backend="vllm", scorer="pooling", selector="auto", utility="hidden-mean-centred"),
      "pooling scorer does not return; use scorer='hook'"),
+    (dict(backend="vllm", selector="mbr", utility="hidden-mean", window=8), "drop window"),
 ])
 def test_utility_options_are_checked_before_any_model_loads(kwargs, needle):
     from bon_sr.api import BestOfN
