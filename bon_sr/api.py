@@ -92,8 +92,9 @@ class BestOfN:
     utility: the similarity the consensus selectors (``mbr``, ``auto``) use: a name from
         ``bon_sr.consensus.UTILITIES`` (``lexical``, the default, needs no hidden states;
         ``hidden-*`` compare the frozen model's last-layer embeddings, which the ``hf``
-        and ``hook`` scorers compute in their scoring pass; ``pooling`` cannot) or a callable ``utility(a, b) -> float`` on
-        two texts. Each candidate's utility is reported as ``scores["mbr_utility"]``.
+        and ``hook`` scorers compute in their scoring pass; ``pooling`` cannot) or a
+        callable ``utility(a, b) -> float`` on two texts. Each candidate's utility is
+        reported as ``scores["mbr_utility"]``.
     score: None (default) scores only what the selector needs (``majority`` or ``random``
         run no hidden-state pass); True always computes stable rank; False never scores.
     logit_stats: also compute ``mean_logprob`` and ``self_certainty`` (automatic when the
