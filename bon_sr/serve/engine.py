@@ -91,7 +91,7 @@ class BonEngine:
         # VLLMBackend starts no engine here: it loads the tokenizer, applies the CPU
         # environment defaults and knows the generate engine's arguments (KV bytes, eager,
         # chunked prefill off for per-request seeds, the hook extension, prefix caching).
-        backend = VLLMBackend(path, dtype=s.dtype, seed=s.seed, hook=True, **s.engine_options())
+        backend = VLLMBackend(path, dtype=s.dtype, seed=s.sampling.seed, hook=True, **s.engine_options())
         self.tokenizer = backend.tokenizer
         self.context = backend.context
         kwargs = backend.engine_kwargs("generate")
