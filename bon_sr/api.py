@@ -92,8 +92,9 @@ class BestOfN:
     utility: the similarity the consensus selectors (``mbr``, ``auto``) use: a name from
         ``bon_sr.consensus.UTILITIES`` (``lexical``, the default, needs no hidden states;
         ``hidden-*`` compare the frozen model's last-layer embeddings, which the ``hf``
-        scorer computes in its scoring pass) or a callable ``utility(a, b) -> float`` on
-        two texts. Each candidate's utility is reported as ``scores["mbr_utility"]``.
+        and ``hook`` scorers compute in their scoring pass; ``pooling`` cannot) or a
+        callable ``utility(a, b) -> float`` on two texts. Each candidate's utility is
+        reported as ``scores["mbr_utility"]``.
     score: None (default) scores only what the selector needs (``majority`` or ``random``
         run no hidden-state pass); True always computes stable rank; False never scores.
     logit_stats: also compute ``mean_logprob`` and ``self_certainty`` (automatic when the
@@ -156,12 +157,16 @@ class BestOfN:
         if self.embeddings_needed and self.scorer_name not in EMBEDDING_SCORERS:
             if scorer != "auto":
                 raise ConfigError(f"Utility '{self.utility.name}' compares the candidates' hidden-state embeddings, "
-                                  f"which the {self.scorer_name} scorer does not return yet; use scorer='hf' "
-                                  "(--scorer hf: a transformers forward of the frozen model beside vLLM) or "
-                                  "utility='lexical'.")
+                                  f"which the {self.scorer_name} scorer does not return; use scorer='hook' "
+                                  "(--scorer hook: vLLM's sampling pass), scorer='hf' (--scorer hf: a "
+                                  "transformers forward beside vLLM) or utility='lexical'.")
             logger.info("utility '%s' needs embeddings: scoring with the transformers model (scorer 'hf')",
                         self.utility.name)
             self.scorer_name = "hf"
+        if self.embeddings_needed and self.scorer_name == "hook" and self.scoring.window is not None:
+            raise ConfigError(f"Utility '{self.utility.name}' embeds the whole response, but with window="
+                              f"{self.scoring.window} the hook keeps only the window's rows; drop window "
+                              "(--window) or use scorer='hf' (--scorer hf).")
         self.score_keys = score_keys(self.selector_spec, score=score, logit_stats=logit_stats)
         check_scores(self.scorer_name, self.score_keys)
         if self.scorer_name in ("hook", "pooling") and self.scores_needed:
@@ -246,7 +251,8 @@ class BestOfN:
 
             return HFSampler(self._hf_model, self.tokenizer, config)
         if self.scorer_name == "hook" and self.scores_needed:
-            return self._vllm.sampler(config, scoring=self.scoring, logit_stats=self.logit_stats, also=also)
+            return self._vllm.sampler(config, scoring=self.scoring, logit_stats=self.logit_stats, also=also,
+                                      embed=self.embeddings_needed)
         logprobs = self.scorer_name == "pooling" and "mean_logprob" in self.score_keys
         return self._vllm.sampler(config, logprobs=True) if logprobs else self._vllm.sampler(config)
 

@@ -102,7 +102,7 @@ def _selection_options(fn: Any) -> Any:
                      help="Similarity for the consensus selectors (mbr, auto): lexical = chrF of the texts (no "
                           "hidden states); hidden-last / hidden-mean = cosine of the frozen model's last-layer "
                           "state at the last response token / averaged over the response, -centred = minus the "
-                          "prompt's candidate mean (these score with --scorer hf)."),
+                          "prompt's candidate mean (from the scoring pass: --scorer hook or hf, not pooling)."),
         click.option("--embeddings", "keep_embeddings", is_flag=True,
                      help="Write each candidate's embeddings (last, mean) to OUTPUT when a hidden utility "
                           "computed them (d floats each; large)."),

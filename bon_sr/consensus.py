@@ -151,8 +151,8 @@ class Utility:
             vec = (getattr(c, "embeddings", None) or {}).get(self.embedding)
             if vec is None:
                 raise ConfigError(f"candidate {i} has no '{self.embedding}' embedding, which utility '{self.name}' "
-                                  "compares: the HF scorer computes embeddings in its scoring pass "
-                                  "(scorer='hf', --scorer hf); or use --utility lexical.")
+                                  "compares: the hf and hook scorers compute embeddings in their scoring "
+                                  "pass (scorer='hf' or 'hook', --scorer hf|hook); or use --utility lexical.")
             vectors.append(vec)
         if not vectors:
             return []

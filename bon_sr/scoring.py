@@ -53,8 +53,9 @@ SCORE_SOURCES = {
 
 
 #: scorers that return per-candidate embeddings (``Candidate.embeddings``) for the hidden
-#: consensus utilities; the vLLM hook joins when it returns them from the sampling pass
-EMBEDDING_SCORERS = ("hf",)
+#: consensus utilities (the hook from its sampling pass, or its teacher-forced prefill for
+#: caller-supplied candidates); the pooling engine returns none
+EMBEDDING_SCORERS = ("hf", "hook")
 
 
 def sr_scores(res: StableRankResult, row: int) -> dict[str, float]:

@@ -451,17 +451,18 @@ class VLLMBackend:
     # -- components ---------------------------------------------------------------------
 
     def sampler(self, sampling: SamplingConfig, scoring: HiddenStateConfig | None = None, *,
-                logit_stats: bool = False, logprobs: bool | None = None, also: Sequence[str] = ()) -> Any:
+                logit_stats: bool = False, logprobs: bool | None = None, also: Sequence[str] = (),
+                embed: bool = False) -> Any:
         """Candidates of ``sample`` / ``sample_and_greedy``; with ``scoring`` (needs
         ``hook=True``) their ``scores`` already hold the hook's score dict (``also``: more
-        token sets, see ``HookSampler``)."""
+        token sets; ``embed``: ``Candidate.embeddings`` too; see ``HookSampler``)."""
         if scoring is not None:
             self.check_scorer("hook", scoring)
             also = check_also(scoring, also)
-        elif also:
-            raise ConfigError("also= needs scoring= (the hook scores while it samples).")
+        elif also or embed:
+            raise ConfigError("also= and embed= need scoring= (the hook scores while it samples).")
         return _LazySampler(self, sampling, bool(self.options.get("logprobs", False) if logprobs is None
-                                                 else logprobs), scoring, logit_stats, tuple(also))
+                                                 else logprobs), scoring, logit_stats, tuple(also), embed)
 
     def hook_scorer(self, scoring: HiddenStateConfig, *, logit_stats: bool = False) -> "_LazyHookScorer":
         """Scores caller-supplied candidates with the hook (teacher-forced prefill in the
@@ -535,9 +536,11 @@ class _LazySampler:
     """Starts the generate engine on the first ``sample`` call, then delegates."""
 
     def __init__(self, backend: VLLMBackend, config: SamplingConfig, logprobs: bool,
-                 scoring: HiddenStateConfig | None = None, logit_stats: bool = False, also: tuple[str, ...] = ()):
+                 scoring: HiddenStateConfig | None = None, logit_stats: bool = False, also: tuple[str, ...] = (),
+                 embed: bool = False):
         self.backend = backend
         self.also = also
+        self.embed = embed
         self.config = config
         self.logprobs = logprobs
         self.scoring = scoring
@@ -552,7 +555,8 @@ class _LazySampler:
                 from .hook.sync import HookSampler
 
                 self._inner = HookSampler(llm, self.config, _last_layer(self.scoring), logit_stats=self.logit_stats,
-                                          logprobs=self.logprobs, per_request_seeds=seeds, also=self.also)
+                                          logprobs=self.logprobs, per_request_seeds=seeds, also=self.also,
+                                          embed=self.embed)
             else:
                 from .samplers.vllm import VLLMSampler
 
@@ -582,13 +586,20 @@ class _LazyHookScorer:
         self.logit_stats = logit_stats
         self._inner: Any = None
 
-    def score(self, prompt_token_ids: Sequence[Sequence[int]],
-              response_token_ids: Sequence[Sequence[int]]) -> list[dict[str, float]]:
+    def _scorer(self) -> Any:
         if self._inner is None:
             from .hook.sync import HookScorer
 
             self._inner = HookScorer(self.backend.generate_llm, _last_layer(self.config), logit_stats=self.logit_stats)
-        return self._inner.score(prompt_token_ids, response_token_ids)
+        return self._inner
+
+    def score(self, prompt_token_ids: Sequence[Sequence[int]],
+              response_token_ids: Sequence[Sequence[int]]) -> list[dict[str, float]]:
+        return self._scorer().score(prompt_token_ids, response_token_ids)
+
+    def score_and_embed(self, prompt_token_ids: Sequence[Sequence[int]],
+                        response_token_ids: Sequence[Sequence[int]]) -> tuple[list[dict[str, float]], list[Any]]:
+        return self._scorer().score_and_embed(prompt_token_ids, response_token_ids)
 
 
 class _LazyScorer:

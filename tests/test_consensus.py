@@ -213,22 +213,28 @@ def test_hidden_mbr_embeds_in_the_scoring_forward(tiny_model_dir, tiny_model):
 
 
 @pytest.mark.vllm
-def test_hidden_utility_with_vllm_and_scorer_auto_scores_with_hf(tiny_model_dir):
+def test_hidden_utility_with_vllm_and_scorer_auto_embeds_in_the_hook(tiny_model_dir):
     from bon_sr.api import BestOfN
 
-    # the vLLM engines start lazily: scoring given candidates with the hf scorer starts none
+    # the vLLM engines start lazily: building the sampler starts none
     with BestOfN(tiny_model_dir, backend="vllm", selector="mbr", utility="hidden-last", dtype="float32") as bon:
-        assert bon.scorer_name == "hf" and bon.config_dict()["scorer"] == "hf"
-        sel = bon.select("Q?", candidates=["abc", "abd", "xyz"])
-        assert sel.rule == "mbr hidden-last" and all(len(c.embeddings["last"]) == 32 for c in sel.candidates)
+        assert bon.scorer_name == "hook" and bon.config_dict()["scorer"] == "hook"
+        assert bon.sampler.embed is True and bon.sampler.scoring is not None     # embeddings from the sampling pass
         assert not bon._vllm._started
+    # lexical consensus asks the hook for nothing: a plain sampler, no embeddings
+    with BestOfN(tiny_model_dir, backend="vllm", selector="mbr", utility="lexical", dtype="float32") as bon:
+        assert not bon.scores_needed and bon.sampler.scoring is None and bon.sampler.embed is False
+    with BestOfN(tiny_model_dir, backend="vllm", selector="stable-rank", utility="hidden-last",
+                 dtype="float32") as bon:
+        assert bon.sampler.embed is False                       # the utility is unused: no embeddings
 
 
 @pytest.mark.parametrize("kwargs,needle", [
     (dict(selector="mbr", utility="bleu"), "Unknown utility 'bleu'"),
     (dict(selector="mbr", utility="hidden-mean", score=False), "drop score=False"),
-    (dict(backend="vllm", scorer="hook", selector="mbr", utility="hidden-last"), "use scorer='hf'"),
-    (dict(backend="vllm", scorer="pooling", selector="auto", utility="hidden-mean-centred"), "use scorer='hf'"),
+    (dict(backend="vllm", scorer="pooling", selector="auto", utility="hidden-mean-centred"),
+     "pooling scorer does not return; use scorer='hook'"),
+    (dict(backend="vllm", selector="mbr", utility="hidden-mean", window=8), "drop window"),
 ])
 def test_utility_options_are_checked_before_any_model_loads(kwargs, needle):
     from bon_sr.api import BestOfN
@@ -252,8 +258,13 @@ class _TextEngine:
 
     async def sample(self, job):
         self.jobs.append(job)
-        return [Candidate(text=t, token_ids=(5,) * (i + 1), index=i, finish_reason="stop")
+        return [Candidate(text=t, token_ids=(5,) * (i + 1), index=i, finish_reason="stop",
+                          embeddings=self.embeddings[i] if job.embed else None)
                 for i, t in enumerate(self.texts[:job.sampling.n])]
+
+    #: what the hook returns with job.embed (the real hook: tests/test_vllm_hook.py)
+    embeddings = [{"last": (1.0, 0.0), "mean": (1.0, 0.1)}, {"last": (0.0, 1.0), "mean": (0.9, 0.2)},
+                  {"last": (1.0, 0.2), "mean": (0.1, 1.0)}, {"last": (0.9, 0.1), "mean": (1.0, 0.0)}]
 
     def close(self):
         return None
@@ -279,9 +290,14 @@ def test_serve_mbr_and_auto_report_utilities(tiny_tokenizer):
         assert info["choice_indices"][-1] == 0 and not engine.jobs[-1].score_keys              # no scoring pass
         r = client.post("/v1/chat/completions", json={**body, "bon_sr": {"selector": "auto", "answer": "numeric"}})
         assert r.json()["bon_sr"]["rule"] == "auto: majority (3/4 candidates gave an answer)"
+        assert not engine.jobs[-1].embed                                                      # lexical: none
         r = client.post("/v1/chat/completions", json={**body, "bon_sr": {"selector": "mbr", "utility": "hidden-mean"}})
-        assert r.status_code == 400 and r.json()["error"]["param"] == "bon_sr.utility"
-        assert "use bon_sr.utility 'lexical'" in r.json()["error"]["message"]
+        assert r.status_code == 200, r.text
+        info = r.json()["bon_sr"]
+        assert engine.jobs[-1].embed and info["rule"] == "mbr hidden-mean" and info["scorer"] == "hook"
+        expected = mbr_utilities(hidden_similarity([e["mean"] for e in _TextEngine.embeddings], centred=False))
+        assert [s[UTILITY_KEY] for s in info["scores"]] == pytest.approx(expected)
+        assert info["selected_index"] == max(range(4), key=lambda i: (expected[i], -i))
         r = client.post("/v1/chat/completions", json={**body, "bon_sr": {"selector": "mbr", "utility": "bleu"}})
         assert r.status_code == 400 and "Unknown utility 'bleu'" in r.json()["error"]["message"]
 
@@ -374,20 +390,26 @@ PROMPTS = [{"id": "mul", "prompt": "What is 12 * 7? Answer with the number."},
            {"id": "colour", "prompt": "Name one primary colour."}]
 
 
-@pytest.mark.slow
-@pytest.mark.vllm
-def test_real_cli_generate_mbr_lexical_runs_no_scoring_pass_then_show(tmp_path, default_model_dir):
+def _generate_mbr(tmp_path, utility, *args):
+    """``bon-sr generate`` of PROMPTS with mbr and ``utility`` (4 candidates, 24 tokens, seed 1)."""
     import json
 
     src = tmp_path / "p.jsonl"
     src.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
-    out = tmp_path / "mbr.jsonl"
-    # the default backend (vLLM here): lexical MBR needs no hidden states, so one plain n=N request
-    r = _run_cli("generate", src, "-o", out, "--selector", "mbr", "--utility", "lexical", "-n", 4,
+    out = tmp_path / f"{utility}.jsonl"
+    r = _run_cli("generate", src, "-o", out, "--selector", "mbr", "--utility", utility, *args, "-n", 4,
                  "--max-new-tokens", 24, "--seed", 1)
     assert r.returncode == 0, r.stderr
     recs = [json.loads(x) for x in out.read_text().splitlines()]
     assert [x["id"] for x in recs] == ["mul", "colour"]
+    return out, recs
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_real_cli_generate_mbr_lexical_runs_no_scoring_pass_then_show(tmp_path, default_model_dir):
+    # the default backend (vLLM here): lexical MBR needs no hidden states, so one plain n=N request
+    out, recs = _generate_mbr(tmp_path, "lexical")
     for rec in recs:
         cands = rec["candidates"]
         assert rec["rule"] == "mbr lexical" and rec["config"]["utility"] == "lexical"
@@ -451,6 +473,24 @@ def test_real_select_best_hidden_mean_hf(default_model_dir):
 
 @pytest.mark.slow
 @pytest.mark.vllm
+def test_real_cli_generate_mbr_hidden_mean_embeds_in_the_hook(tmp_path, default_model_dir):
+    """vLLM backend, scorer auto (the hook): the embeddings come from the sampling pass, and
+    the written utilities are the recomputation from the written embeddings."""
+    _, recs = _generate_mbr(tmp_path, "hidden-mean", "--embeddings")
+    for rec in recs:
+        cands = rec["candidates"]
+        assert rec["rule"] == "mbr hidden-mean" and rec["config"]["scorer"] == "hook"
+        assert rec["config"]["backend"] == "vllm"
+        for c in cands:
+            assert c["scores"]["stable_rank"] >= 1.0                      # the hook scored them in the same pass
+            assert len(c["embeddings"]["mean"]) == len(c["embeddings"]["last"]) == 576    # SmolLM2-135M's width
+        expected = mbr_utilities(hidden_similarity([c["embeddings"]["mean"] for c in cands], centred=False))
+        assert [c["scores"][UTILITY_KEY] for c in cands] == pytest.approx(expected, abs=1e-6)
+        assert rec["best_index"] == max(range(4), key=lambda i: (expected[i], -i))
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
 def test_real_serve_mbr_with_the_openai_client(tmp_path, default_model_dir):
     import os
     import signal
@@ -494,9 +534,12 @@ def test_real_serve_mbr_with_the_openai_client(tmp_path, default_model_dir):
         assert [s[UTILITY_KEY] for s in info["scores"]] == pytest.approx(expected)
         assert info["choice_indices"] == sorted(range(4), key=lambda i: (-expected[i], i))[:2]
         assert [c.message.content for c in resp.choices] == [texts[i] for i in info["choice_indices"]]
-        with pytest.raises(openai.BadRequestError, match="bon_sr.utility 'lexical'"):
-            client.chat.completions.create(model=model, messages=chat,
-                                           extra_body={"bon_sr": {"selector": "mbr", "utility": "hidden-mean"}})
+        # a hidden utility: the hook returns the embeddings from the sampling pass
+        hidden = client.chat.completions.create(
+            model=model, messages=chat, seed=5, extra_body={"bon_sr": {"selector": "mbr", "utility": "hidden-mean"}}
+        ).model_extra["bon_sr"]
+        assert hidden["rule"] == "mbr hidden-mean" and hidden["scorer"] == "hook"
+        assert all(s["stable_rank"] >= 1.0 and -1.0 <= s[UTILITY_KEY] <= 1.0 for s in hidden["scores"])
     finally:
         proc.send_signal(signal.SIGTERM)
         try:

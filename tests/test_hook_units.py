@@ -186,10 +186,36 @@ def test_a_window_inside_the_prompt_keeps_prompt_rows_only():
     hook = WorkerHook(runner, store=True)
     runner.step(hook, {"a": (0, prompt)})
     runner.step(hook, {"a": (P, torch.randn(1, D))})
-    res = hook.collect([collect_spec("T", 0, P, 2, cfg, release_group=True)])[0]
+    res = hook.collect([collect_spec("T", 0, P, 2, cfg, release_group=True, embed=True)])[0]
     want = stable_rank(prompt[None, :3], torch.ones(1, 3, dtype=torch.bool))
     assert res["scored_tokens"] == 3 and res["stable_rank"] == pytest.approx(float(want.stable_rank[0]), rel=1e-6)
     assert hook.stats()["rows"] == 0
+    # no response rows kept: NaN embeddings of the model's width (as hidden_states.embedding_summary)
+    assert len(res["embedding_last"]) == len(res["embedding_mean"]) == D
+    assert all(np.isnan(res["embedding_last"])) and all(np.isnan(res["embedding_mean"]))
+
+
+def test_score_steps_with_embed_return_the_candidates_embeddings():
+    """Score mode asks the worker for embeddings only with embed=True and returns them with
+    the scores, keyed as Candidate.embeddings (the HF scorer's "last" / "mean")."""
+    from bon_sr.hook.plan import Collect, Generate, score_steps
+
+    def drive(embed):
+        steps = score_steps([[1, 2], [1, 2]], [[3, 4], [5]], HiddenStateConfig(), embed=embed)
+        assert isinstance(next(steps), Generate)
+        collect = steps.send(None)
+        assert isinstance(collect, Collect) and all(sp.get("embed", False) is embed for sp in collect.specs)
+        results = [{"tag": "t", "index": i, "stable_rank": 1.5 + i, **({"embedding_last": [float(i), 1.0],
+                                                                        "embedding_mean": [0.5, float(i)]}
+                                                                       if embed else {})} for i in range(2)]
+        with pytest.raises(StopIteration) as stop:
+            steps.send(results)
+        return stop.value.value
+
+    assert drive(False) == [{"stable_rank": 1.5}, {"stable_rank": 2.5}]
+    scores, embeddings = drive(True)
+    assert scores == [{"stable_rank": 1.5}, {"stable_rank": 2.5}]
+    assert embeddings == [{"last": (0.0, 1.0), "mean": (0.5, 0.0)}, {"last": (1.0, 1.0), "mean": (0.5, 1.0)}]
 
 
 def test_fills_go_first_only_on_a_priority_engine():

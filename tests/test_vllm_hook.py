@@ -168,7 +168,11 @@ def runs(model_path):
         # embeddings of the response rows (for consensus selectors), from the same pass
         emb = vllm_hook.HookSampler(llm, SamplingConfig(n=3, stop=(".",), **base), HiddenStateConfig(token_set="full"),
                                     embed=True)
-        out["embed"] = (emb.sample(pids[:2], seeds=[31, 32]), emb.last_embeddings)
+        out["embed"] = emb.sample(pids[:2], seeds=[31, 32])
+        # ... and from score mode (bon-sr score), an empty response included
+        fp, fr = _pairs(out["embed"], pids)
+        fp, fr = [*fp, pids[0]], [*fr, []]
+        out["embed_score"] = (fp, fr, vllm_hook.HookScorer(llm, HiddenStateConfig()).score_and_embed(fp, fr))
         # a failure inside the worker for one job fails that call only; the engine goes on
         faulty = vllm_hook.HookSampler(llm, SamplingConfig(n=2, **base), HiddenStateConfig())
         with pytest.raises(HookError, match=f"RuntimeError: fault injected by {FAULT_ENV}") as err:
@@ -217,11 +221,13 @@ def references(model_path, runs):
     import torch
 
     rows = []
-    for p, r in zip(*_pairs(runs["embed"][0], pids)):
+    for p, r in zip(*_pairs(runs["embed"], pids)):
         with torch.inference_mode():
             h = model(torch.tensor([p + r]), output_hidden_states=True).hidden_states[-1][0, len(p):]
         rows.append((h[-1], h.mean(0)))
     ref["hf_embed"] = rows
+    fp, fr, _ = runs["embed_score"]
+    ref["hf_score_and_embed"] = HFScorer(model, HiddenStateConfig()).score_and_embed(fp, fr)
     del model
     gc.collect()
     return ref
@@ -254,17 +260,28 @@ def test_a_worker_fault_fails_only_its_call_and_the_engine_goes_on(runs):
 
 
 def test_embeddings_equal_hf_rows(runs, references):
-    """embed=True: per candidate the last response row and the mean response row, float32,
-    equal to HF's hidden_states[-1] rows (the same rows stable rank uses)."""
+    """embed=True: each candidate's ``embeddings`` are the last response row and the mean
+    response row, float32, equal to HF's hidden_states[-1] rows (the same rows stable rank
+    uses) and to HFScorer.score_and_embed; score mode (caller-supplied candidates) gives
+    the same numbers, and NaN vectors for an empty response, as the HF scorer does."""
     import torch
 
-    (groups, embeddings) = runs["embed"]
-    cands = [c for g in groups for c in g]
-    assert len(embeddings) == len(cands) == 6
-    for c, e, (last, mean) in zip(cands, embeddings, references["hf_embed"]):
-        assert len(e["embedding_last"]) == len(e["embedding_mean"]) == 576
-        torch.testing.assert_close(torch.tensor(e["embedding_last"]), last.float(), rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(torch.tensor(e["embedding_mean"]), mean.float(), rtol=1e-4, atol=1e-4)
+    cands = [c for g in runs["embed"] for c in g]
+    assert len(cands) == 6
+    _, hf_embeddings = references["hf_score_and_embed"]
+    _, _, (hook_scores, hook_embeddings) = runs["embed_score"]
+    for c, (last, mean), hf, scored in zip(cands, references["hf_embed"], hf_embeddings, hook_embeddings):
+        e = c.embeddings
+        assert len(e["last"]) == len(e["mean"]) == 576
+        torch.testing.assert_close(torch.tensor(e["last"]), last.float(), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(torch.tensor(e["mean"]), mean.float(), rtol=1e-4, atol=1e-4)
+        for key in ("last", "mean"):
+            torch.testing.assert_close(torch.tensor(e[key]), torch.tensor(hf[key]), rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(torch.tensor(scored[key]), torch.tensor(hf[key]), rtol=1e-4, atol=1e-4)
+    empty, hf_empty = hook_embeddings[-1], hf_embeddings[-1]
+    assert len(empty["last"]) == len(hf_empty["last"]) == 576
+    assert all(math.isnan(v) for v in (*empty["last"], *empty["mean"], *hf_empty["last"], *hf_empty["mean"]))
+    assert len(hook_scores) == 7 and all(s["stable_rank"] >= 1.0 for s in hook_scores[:-1])
 
 
 # ------------------------------------------------------------------ equality

@@ -20,13 +20,13 @@ This module knows no engine and does no IO; it builds requests with ``protocol``
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Generator, Sequence
 
 from ..hidden_states import HiddenStateConfig
 from ..types import Candidate
-from .protocol import (cache_salt, collect_spec, fan_out, fill_request, needs_fill, new_tag, score_request,
-                       scores_from_results, tokens_prompt)
+from .protocol import (cache_salt, collect_spec, embeddings_from_results, fan_out, fill_request, needs_fill, new_tag,
+                       score_request, scores_from_results, tokens_prompt)
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +67,8 @@ class ScoredSampling:
     """Sample every group's candidates, score them in the worker, return them scored.
 
     ``to_candidate(index, completion) -> Candidate`` turns a vLLM completion into a
-    candidate (the sampler's one rule). ``embed``: the results also carry each candidate's
-    ``embedding_last`` / ``embedding_mean`` (kept in ``self.embeddings`` after the run)."""
+    candidate (the sampler's one rule). ``embed``: each candidate also gets its
+    ``embeddings`` (``{"last", "mean"}``, d floats each, from the rows it was scored on)."""
 
     def __init__(self, groups: Sequence[Group], scoring: HiddenStateConfig, to_candidate: Callable[[int, Any], Any],
                  *, logit_stats: bool = False, also: Sequence[str] = (), embed: bool = False):
@@ -87,7 +87,6 @@ class ScoredSampling:
                                               logit_stats=self.logit_stats)):
                 self.requests.append((tokens_prompt(g.prompt_ids, salt), child))
                 self.keys.append((tag, i, g.prompt_ids))
-        self.embeddings: list[dict[str, list[float]]] | None = None
 
     def tags(self) -> list[str]:
         return sorted({tag for tag, _, _ in self.keys})
@@ -125,7 +124,7 @@ class ScoredSampling:
                 results[k] = res
         scored = [c.with_scores(**s) for c, s in zip(cands, scores_from_results(results))]
         if self.embed:
-            self.embeddings = [{k: res.get(k) for k in ("embedding_last", "embedding_mean")} for res in results]
+            scored = [replace(c, embeddings=e) for c, e in zip(scored, embeddings_from_results(results))]
         out, pos = [], 0
         for n in self.sizes:
             out.append(scored[pos:pos + n])
@@ -134,8 +133,11 @@ class ScoredSampling:
 
 
 def score_steps(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]],
-                scoring: HiddenStateConfig, *, logit_stats: bool = False, tag: str | None = None) -> Steps:
-    """Score caller-supplied (prompt, response) pairs: teacher-forced prefills, then one collect."""
+                scoring: HiddenStateConfig, *, logit_stats: bool = False, tag: str | None = None,
+                embed: bool = False) -> Steps:
+    """Score caller-supplied (prompt, response) pairs: teacher-forced prefills, then one collect.
+    Returns the score dicts; with ``embed``, ``(score dicts, embeddings)`` (``Candidate.embeddings``
+    per pair, from the same rows)."""
     if len(prompt_ids) != len(response_ids):
         raise ValueError("prompt_token_ids and response_token_ids must have the same length")
     tag = tag or new_tag()
@@ -144,8 +146,10 @@ def score_steps(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequ
         p, r = [int(t) for t in p], [int(t) for t in r]
         if p or r:
             requests.append(score_request(tag, i, p, r, scoring, logit_stats=logit_stats))
-        specs.append(collect_spec(tag, i, len(p), len(r), scoring, logit_stats=logit_stats, group=False))
+        specs.append(collect_spec(tag, i, len(p), len(r), scoring, logit_stats=logit_stats, group=False,
+                                  embed=embed))
     if requests:
         yield Generate(requests)
     results = yield Collect(specs)
-    return scores_from_results(results)
+    scores = scores_from_results(results)
+    return (scores, embeddings_from_results(results)) if embed else scores

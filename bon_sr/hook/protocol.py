@@ -235,6 +235,16 @@ def scores_from_results(results: Sequence[dict[str, Any]]) -> list[dict[str, flo
     return out
 
 
+def embeddings_from_results(results: Sequence[dict[str, Any]]) -> list[dict[str, tuple[float, ...]] | None]:
+    """Each result's ``embedding_last`` / ``embedding_mean`` as ``Candidate.embeddings``
+    (``{"last": ..., "mean": ...}``, the HF scorer's keys); None where the worker had none."""
+    out: list[dict[str, tuple[float, ...]] | None] = []
+    for res in results:
+        last, mean = (res.get(k) for k in EMBED_KEYS)
+        out.append(None if last is None or mean is None else {"last": tuple(last), "mean": tuple(mean)})
+    return out
+
+
 def dp_rank_for(tag: str, dp: int) -> int | None:
     """The engine core one tagged job runs on: all its requests (samples, fills) must meet
     the same worker, which holds their rows and whose prefix cache makes the fill cheap."""

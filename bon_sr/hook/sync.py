@@ -70,8 +70,8 @@ class HookSampler:
     hold the stable rank (and, with ``logit_stats``, mean_logprob / self_certainty).
     ``also``: token sets scored too, from the same rows, as ``sr_<token set>`` (e.g.
     ``token_set='full'`` with ``also=('response',)`` gives both of the paper's readings).
-    ``embed``: after each call ``last_embeddings`` holds, per candidate (flattened in
-    order), ``{"embedding_last": [d floats], "embedding_mean": [d floats]}``."""
+    ``embed``: each candidate also carries ``embeddings`` (``{"last", "mean"}``, d floats
+    each, from the rows its stable rank reads) for the hidden consensus utilities."""
 
     def __init__(self, llm: Any, config: Any, scoring: HiddenStateConfig | None = None, *,
                  logit_stats: bool = False, logprobs: bool = False, per_request_seeds: bool = True,
@@ -86,7 +86,6 @@ class HookSampler:
         self.config = config
         self.logit_stats = bool(logit_stats)
         self.embed = bool(embed)
-        self.last_embeddings: list[dict[str, list[float]]] | None = None
         self._base = VLLMSampler(llm, config, logprobs=logprobs, per_request_seeds=per_request_seeds)
 
     def _run(self, prompt_ids: Sequence[Sequence[int]], groups: Sequence[tuple[int, int | None, bool]]
@@ -98,9 +97,7 @@ class HookSampler:
             todo.append(Group(tuple(int(t) for t in ids), base, n, base.seed))
         plan = ScoredSampling(todo, self.scoring, self._base.to_candidate, logit_stats=self.logit_stats,
                               also=self.also, embed=self.embed)
-        out = drive(self.llm, plan.steps(), plan.tags())
-        self.last_embeddings = plan.embeddings
-        return out
+        return drive(self.llm, plan.steps(), plan.tags())
 
     def sample(self, prompt_token_ids: Sequence[Sequence[int]], *, n: int | None = None,
                seeds: Sequence[int]) -> list[list[Candidate]]:
@@ -132,9 +129,19 @@ class HookScorer:
 
     def score(self, prompt_token_ids: Sequence[Sequence[int]],
               response_token_ids: Sequence[Sequence[int]]) -> list[dict[str, float]]:
+        return self._run(prompt_token_ids, response_token_ids, embed=False)
+
+    def score_and_embed(self, prompt_token_ids: Sequence[Sequence[int]], response_token_ids: Sequence[Sequence[int]]
+                        ) -> tuple[list[dict[str, float]], list[Any]]:
+        """``score``'s dicts and each pair's ``Candidate.embeddings`` from the same prefill
+        (``HFScorer.score_and_embed``'s contract)."""
+        return self._run(prompt_token_ids, response_token_ids, embed=True)
+
+    def _run(self, prompt_token_ids: Sequence[Sequence[int]], response_token_ids: Sequence[Sequence[int]], *,
+             embed: bool) -> Any:
         from .protocol import new_tag
 
         tag = new_tag()
         steps = score_steps(prompt_token_ids, response_token_ids, self.scoring, logit_stats=self.logit_stats,
-                            tag=tag)
+                            tag=tag, embed=embed)
         return drive(self.llm, steps, [tag])

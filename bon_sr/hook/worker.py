@@ -556,8 +556,12 @@ class WorkerHook:
 
     def _embeddings(self, embeds: list[tuple[dict[str, Any], np.ndarray]]) -> None:
         for target, slots in embeds:
-            if not len(slots) or self.rows.buf is None:
+            if self.rows.buf is None:
                 target.update(embedding_last=None, embedding_mean=None)
+                continue
+            if not len(slots):  # an empty response: NaN vectors, as hidden_states.embedding_summary
+                nan = [math.nan] * int(self.rows.buf.shape[-1])
+                target.update(embedding_last=nan, embedding_mean=list(nan))
                 continue
             rows = self.rows.buf.index_select(0, _index(slots, self.rows.buf.device)).float()
             target.update(embedding_last=rows[-1].tolist(), embedding_mean=rows.mean(0).tolist())

@@ -91,7 +91,7 @@ class BonEngine:
         # VLLMBackend starts no engine here: it loads the tokenizer, applies the CPU
         # environment defaults and knows the generate engine's arguments (KV bytes, eager,
         # chunked prefill off for per-request seeds, the hook extension, prefix caching).
-        backend = VLLMBackend(path, dtype=s.dtype, seed=s.seed, hook=True, **s.engine_options())
+        backend = VLLMBackend(path, dtype=s.dtype, seed=s.sampling.seed, hook=True, **s.engine_options())
         self.tokenizer = backend.tokenizer
         self.context = backend.context
         kwargs = backend.engine_kwargs("generate")
@@ -120,10 +120,11 @@ class BonEngine:
     # -- work ---------------------------------------------------------------------------
 
     async def sample(self, job: "Job") -> list[Candidate]:
-        if job.score_keys:
+        if job.score_keys or job.embed:
             return await sample_scored_async(self._llm, job.prompt_ids, job.sampling, seed=job.seed,
                                              scoring=job.scoring, logit_stats=job.logit_stats,
-                                             collector=self.collector, budget=self.budget, row_bytes=self.row_bytes)
+                                             collector=self.collector, budget=self.budget, row_bytes=self.row_bytes,
+                                             embed=job.embed)
         return await self._sample_unscored(job.prompt_ids, job.sampling, job.seed)
 
     async def _sample_unscored(self, prompt_ids: Sequence[int], sampling: Any, seed: int) -> list[Candidate]:

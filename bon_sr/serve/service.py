@@ -35,7 +35,7 @@ from ..hidden_states import HiddenStateConfig
 from ..prompts import check_fits, derive_seed, encode_prompt, validate_prompt
 from ..samplers import SamplingConfig
 from ..consensus import DEFAULT_UTILITY, Utility, get_utility
-from ..scoring import EMBEDDING_SCORERS, STAT_KEYS, check_scores, score_keys
+from ..scoring import STAT_KEYS, check_scores, score_keys
 from ..selection import Decision, ranked
 from ..selectors import SelectorSpec, get_selector
 from ..types import Candidate
@@ -71,6 +71,11 @@ class Job:
     @property
     def logit_stats(self) -> bool:
         return bool(self.score_keys & set(STAT_KEYS))
+
+    @property
+    def embed(self) -> bool:
+        """Whether the hook also returns each candidate's embeddings (a hidden utility)."""
+        return bool(self.selector.needs_similarity and self.utility is not None and self.utility.needs_embeddings)
 
 
 @dataclass(frozen=True)
@@ -123,10 +128,6 @@ def plan(request: ChatCompletionRequest | CompletionRequest, settings: ServeSett
         raise ApiError(400, f"Selector '{spec.name}' votes over answers: set bon_sr.answer (numeric, math, choice, "
                             "exact) or bon_sr.answer_regex.", param="bon_sr.answer")
     utility = _check("bon_sr.utility", get_utility, bon.utility or DEFAULT_UTILITY)
-    if spec.needs_similarity and utility.needs_embeddings and SCORER not in EMBEDDING_SCORERS:
-        raise ApiError(400, f"Utility '{utility.name}' compares hidden-state embeddings, which the server's "
-                            f"{SCORER} scorer does not return yet; use bon_sr.utility 'lexical'.",
-                       param="bon_sr.utility")
     keys = _check("bon_sr.selector", score_keys, spec)
     _check("bon_sr.selector", check_scores, SCORER, keys)
     scoring = _check("bon_sr.token_set", replace, settings.scoring,
@@ -222,7 +223,7 @@ def explain(job: Job, decision: Decision, order: list[int]) -> dict[str, Any]:
         "selector": job.selector.name,
         "rule": decision.pick.rule,
         "utility": job.utility.name if job.selector.needs_similarity and job.utility else None,
-        "scorer": SCORER if job.score_keys else None,
+        "scorer": SCORER if job.score_keys or job.embed else None,
         "seed": job.seed,
         "scores": [dict(c.scores) for c in cands],
         "num_tokens": [c.num_tokens for c in cands],
