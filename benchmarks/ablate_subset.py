@@ -16,9 +16,8 @@ import json
 import math
 from pathlib import Path
 
-from bon_sr.bench.ablate import AblateConfig, cell_groups, cell_metrics, cell_name
+from bon_sr.bench.ablate import AblateConfig, cell_groups, cell_metrics, cell_name, length_correction
 from bon_sr.bench.runner import read_cache
-from bon_sr.variants import parse_variant
 
 
 def main() -> None:
@@ -41,7 +40,7 @@ def main() -> None:
         if not path.is_file():
             raise SystemExit(f"{path} does not exist; cell stems look like paper__post__L23.")
         scores = [math.nan if v is None else v for v in json.loads(path.read_text())["scores"]][: len(owner)]
-        length = parse_variant(name.split("__")[0]).length_correction
+        length = length_correction(name.split("__")[0])
         m = cell_metrics(cell_groups(records, scores, owner, length), config)
         lo, hi = m["auc_ci95"]
         print(f"{name}: AUC {m['auc']:.3f} [{lo:.3f}, {hi:.3f}] over {m['prompts']} mixed problems; "

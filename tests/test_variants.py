@@ -369,3 +369,99 @@ def test_ablate_errors(tmp_path, tiny_model_dir, tiny_tokenizer):
     assert res.exit_code != 0 and "out of range" in res.output
     res = CliRunner().invoke(main, [*base, "--task", "math500"])
     assert res.exit_code != 0 and "No bench cache" in res.output
+
+
+# -- ablate: hidden-state MBR cells ------------------------------------------------------------
+
+def test_ablate_consensus_cells_are_the_mbr_of_extract_states(tmp_path, tiny_model_dir, tiny_tokenizer):
+    """--consensus adds mbr-hidden-* cells at every layer: each candidate's score is its MBR
+    utility over the embeddings of that layer's states (the product's embedding_summary,
+    hidden_similarity and mbr_utilities), and the cell's BoN is the max-utility pick."""
+    from bon_sr.api import load_hf_model
+    from bon_sr.bench.ablate import CONSENSUS_NOTE
+    from bon_sr.cli import main
+    from bon_sr.consensus import hidden_similarity, mbr_utilities
+    from bon_sr.hidden_states import embedding_summary, extract
+
+    synthetic_cache(tmp_path / "bench", tiny_tokenizer, tiny_model_dir, problems=6)
+    out = tmp_path / "abl"
+    res = CliRunner().invoke(main, ["ablate", "--cache", str(tmp_path / "bench"), "--variants", "paper",
+                                    "--consensus", "last,mean", "--layers", "0,-1", "--bootstrap", "200",
+                                    "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((out / "ablate.json").read_text())
+    mbr = ["mbr-hidden-last", "mbr-hidden-last-centred", "mbr-hidden-mean", "mbr-hidden-mean-centred"]
+    assert summary["variants"] == ["paper", *mbr]
+    assert summary["config"]["consensus"] == ["last", "mean"] and summary["note"].endswith(CONSENSUS_NOTE)
+    cells = {(c["variant"], c["norm"], c["layer"]): c for c in summary["cells"]}
+    assert set(cells) == {(v, "post", lay) for v in ["paper", *mbr] for lay in (0, 2)}
+    assert "| mbr-hidden-mean-centred | post | 0 |" in (out / "ablate.md").read_text()
+
+    recs = [json.loads(x) for x in (tmp_path / "bench" / "cache" / "gsm8k.jsonl").read_text().splitlines()]
+    model, _ = load_hf_model(tiny_model_dir, device="cpu")
+    for layer in (0, 2):
+        per_layer = []
+        for rec in recs:
+            responses = [c["token_ids"] for c in rec["candidates"]]
+            embs = [None] * len(responses)
+            for b in extract(model, [rec["prompt_token_ids"]] * len(responses), responses,
+                             views=[("post", layer)], embeddings=layer == 2):
+                h = b.states[("post", layer)]
+                for row, i in enumerate(b.indices):
+                    embs[i] = embedding_summary(h[row, : int(b.mask[row].sum())])
+                    if layer == 2:  # at the last layer: the product's own embeddings (hook and HF scorer)
+                        assert embs[i]["mean"] == pytest.approx(b.embeddings[row]["mean"], abs=1e-6)
+                        assert embs[i]["last"] == pytest.approx(b.embeddings[row]["last"], abs=1e-6)
+            per_layer.append(embs)
+        for key in ("last", "mean"):
+            for centred in (False, True):
+                variant = f"mbr-hidden-{key}" + ("-centred" if centred else "")
+                scores = json.loads((out / "cells" / f"{variant}__post__L{layer}.json").read_text())["scores"]
+                picks = []
+                for k, (rec, embs) in enumerate(zip(recs, per_layer)):
+                    want = mbr_utilities(hidden_similarity([e[key] for e in embs], centred=centred))
+                    got = scores[4 * k:4 * k + 4]
+                    assert got == pytest.approx(want, abs=1e-5), (variant, layer, k)
+                    best = max(range(4), key=lambda j: got[j])
+                    assert sorted(got)[-2] < got[best]   # a strict maximum: the pick is unambiguous
+                    picks.append(float(rec["candidates"][best]["correct"]))
+                assert cells[(variant, "post", layer)]["bon"]["accuracy"] == pytest.approx(sum(picks) / len(recs))
+
+
+def test_ablate_without_consensus_keeps_the_committed_report_layout(tmp_path, tiny_model_dir, tiny_tokenizer):
+    """Without --consensus the summary has the committed reports' keys and note, and the
+    committed ablate.md re-derives from its ablate.json unchanged (no model needed)."""
+    from pathlib import Path
+
+    from bon_sr.bench.ablate import NOTE, AblateConfig, ablate_markdown, run_ablate
+
+    synthetic_cache(tmp_path / "bench", tiny_tokenizer, tiny_model_dir, problems=3)
+    summary = run_ablate(AblateConfig(cache_dir=str(tmp_path / "bench"), variants=("paper", "center+length"),
+                                      bootstrap=100), tmp_path / "abl")
+    committed = sorted(Path(__file__).parent.parent.glob("benchmarks/results/*/ablate*/ablate.json"))
+    assert committed
+    for path in committed:
+        old = json.loads(path.read_text())
+        assert set(summary) == set(old) and set(summary["config"]) == set(old["config"]), path
+        assert summary["note"] == NOTE == old["note"]
+        assert ablate_markdown(old) + "\n" == (path.parent / "ablate.md").read_text(), path
+    assert summary["variants"] == ["paper", "center+length"]
+    # adding --consensus to the finished run computes only the new cells
+    stamp = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "abl" / "cells").glob("*__L*.json")}
+    again = run_ablate(AblateConfig(cache_dir=str(tmp_path / "bench"), variants=("paper", "center+length"),
+                                    consensus=("last",), bootstrap=100), tmp_path / "abl")
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "abl" / "cells").glob("*__L*.json")
+            if p.name in stamp} == stamp
+    assert [c["variant"] for c in again["cells"]] == ["paper", "center+length", "mbr-hidden-last",
+                                                     "mbr-hidden-last-centred"]
+
+
+def test_ablate_consensus_errors(tmp_path, tiny_model_dir, tiny_tokenizer):
+    from bon_sr.cli import main
+
+    synthetic_cache(tmp_path / "bench", tiny_tokenizer, tiny_model_dir, problems=2)
+    base = ["ablate", "--cache", str(tmp_path / "bench"), "-o", str(tmp_path / "o")]
+    res = CliRunner().invoke(main, [*base, "--consensus", "first"])
+    assert res.exit_code != 0 and "Unknown consensus embedding 'first'" in res.output
+    res = CliRunner().invoke(main, [*base, "--consensus", "last", "--token-set", "full"])
+    assert res.exit_code != 0 and "--token-set response" in res.output

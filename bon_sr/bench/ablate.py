@@ -25,6 +25,13 @@ oracle and the cache's own reference scores (mean log-prob, self-certainty, leng
 - Resumable: each finished cell is written to ``OUT/cells/<variant>__<norm>__L<layer>.json``
   (and calibration statistics next to them); a rerun computes only missing cells.
   ``OUT/cells/meta.json`` pins what the cells were made from; a mismatch is refused.
+- Consensus cells (``consensus=("last", "mean")``, ``--consensus``; off by default): for every
+  requested norm and layer, hidden-state MBR beside the SR variants, from the SAME pass's
+  states: each candidate's embedding of its scored rows (``hidden_states.embedding_summary``:
+  the last row, the mean row), cosine similarities within its prompt's candidates, raw and
+  centred (``consensus.hidden_similarity``), and its MBR utility (``consensus.mbr_utilities``)
+  as the cell's score, so the AUC and the max-score pick are the MBR selector's. Their variant
+  names are ``mbr-`` + the product's utility name (``mbr-hidden-last-centred``).
 
 Reports: ``OUT/ablate.json``, ``OUT/ablate.md`` and ``OUT/ablate.png`` (layer x variant
 heat map of the within-prompt AUC, one panel per norm). This module draws no progress
@@ -43,10 +50,11 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
+from ..consensus import EMBEDDING_KEYS, UTILITIES, Utility, hidden_similarity, mbr_utilities
 from ..errors import ConfigError, InputError
 from ..jsonl import write_text_atomic
-from ..hidden_states import (NORMS, TOKEN_SETS, HiddenStateConfig, decoder_parts, end_of_turn_id, extract,
-                             model_special_ids, scored_token_ids, with_end_of_turn)
+from ..hidden_states import (NORMS, TOKEN_SETS, HiddenStateConfig, decoder_parts, embedding_summary,
+                             end_of_turn_id, extract, model_special_ids, scored_token_ids, with_end_of_turn)
 from ..models import ProgressFn
 from ..stable_rank import stable_rank
 from ..variants import CalibrationAccumulator, CalibrationStats, TransformContext, length_corrected, parse_variant
@@ -67,6 +75,11 @@ NOTE = ("AUC = within-prompt Mann-Whitney AUC of the score for right vs wrong ca
         "the max-score candidate over all N, ties split; 95% CI = percentile bootstrap over prompts "
         "(paired for the difference with the paper's cell). Many cells are compared: about 1 in 20 is expected "
         "to clear 0.5 by chance, and the best cell's AUC is optimistic.")
+#: prefix of a consensus cell's variant name: ``mbr-`` + a hidden utility of ``bon_sr.consensus``
+CONSENSUS_PREFIX = "mbr-"
+CONSENSUS_NOTE = (" mbr-hidden-* cells: hidden-state MBR at that norm and layer; a candidate's score is its "
+                  "mean cosine similarity to the other candidates of its prompt (centred: the group's mean "
+                  "embedding removed first), so BoN is the MBR pick.")
 
 
 @dataclass(frozen=True)
@@ -88,10 +101,17 @@ class AblateConfig:
     max_batch_tokens: int = 8192
     bootstrap: int = 1000
     seed: int = 0
+    consensus: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for v in self.variants:
             parse_variant(v)
+        for key in self.consensus:
+            if key not in EMBEDDING_KEYS:
+                raise ConfigError(f"Unknown consensus embedding '{key}'. Available: {', '.join(EMBEDDING_KEYS)}")
+        if self.consensus and self.token_set == "full":
+            raise ConfigError("Consensus cells embed the response rows; use --token-set response or "
+                              "response+eot with --consensus.")
         for n in self.norms:
             if n not in NORMS:
                 raise ConfigError(f"Unknown norm '{n}'. Available: {', '.join(NORMS)}")
@@ -111,6 +131,23 @@ Cell = tuple[str, str, int]   # (variant spec, norm, layer index >= 0)
 def cell_name(cell: Cell) -> str:
     """The stem of a cell's file in OUT/cells/, e.g. ``paper__post__L23``."""
     return f"{cell[0]}__{cell[1]}__L{cell[2]}"
+
+
+def consensus_variants(keys: Sequence[str]) -> list[str]:
+    """The consensus cells' variant names for embedding ``keys`` (raw and centred each)."""
+    return [CONSENSUS_PREFIX + u.name for u in UTILITIES.values() if u.embedding in keys]
+
+
+def consensus_utility(variant: str) -> Utility | None:
+    """The hidden utility a consensus cell's variant names; None for an SR variant."""
+    if not variant.startswith(CONSENSUS_PREFIX):
+        return None
+    return UTILITIES[variant[len(CONSENSUS_PREFIX):]]
+
+
+def length_correction(variant: str) -> bool:
+    """Whether a cell's scores are length-corrected (never for a consensus cell)."""
+    return consensus_utility(variant) is None and parse_variant(variant).length_correction
 
 
 # -- inputs ----------------------------------------------------------------------------------
@@ -194,10 +231,15 @@ def _calibrate(model: Any, inputs: _Inputs, keys: Sequence[tuple[str, int]], con
 def score_cells(model: Any, inputs: _Inputs, cells: Sequence[Cell],
                 stats: Mapping[tuple[str, int], CalibrationStats], config: AblateConfig,
                 report: ProgressFn) -> dict[Cell, list[float]]:
-    """Per-candidate SR of each cell's row transforms (length correction comes later)."""
+    """Per-candidate SR of each cell's row transforms (length correction comes later), and
+    the MBR utilities of the consensus cells, from one pass."""
     keys = sorted({(n, lay) for _, n, lay in cells})
-    row_specs = {cell: "+".join(p.name for p in parse_variant(cell[0]).row_parts) or "raw" for cell in cells}
+    mbr_cells = [c for c in cells if consensus_utility(c[0]) is not None]
+    sr_cells = [c for c in cells if c not in mbr_cells]
+    row_specs = {cell: "+".join(p.name for p in parse_variant(cell[0]).row_parts) or "raw" for cell in sr_cells}
     sr: dict[tuple[str, str, int], list[float]] = {}
+    # (norm, layer) -> per candidate {"last": ..., "mean": ...} of its scored rows
+    embs: dict[tuple[str, int], list] = {(n, lay): [None] * len(inputs.owner) for _, n, lay in mbr_cells}
     span_cfg = HiddenStateConfig(token_set=config.token_set)
     done = 0
     for b in extract(model, inputs.prompts, inputs.responses, views=keys, token_set=config.token_set,
@@ -205,7 +247,10 @@ def score_cells(model: Any, inputs: _Inputs, cells: Sequence[Cell],
         batch, states, mask = b.indices, b.states, b.mask
         ids = scored_token_ids(inputs.prompts, inputs.responses, batch, mask.shape[1], span_cfg)
         for (norm, layer), h in states.items():
-            for spec in sorted({row_specs[c] for c in cells if c[1] == norm and c[2] == layer}):
+            if (norm, layer) in embs:
+                for row, i in enumerate(batch):
+                    embs[(norm, layer)][i] = embedding_summary(h[row, : int(mask[row].sum())])
+            for spec in sorted({row_specs[c] for c in sr_cells if c[1] == norm and c[2] == layer}):
                 variant = parse_variant(spec)
                 ctx = TransformContext(stats=stats.get((norm, layer)), token_ids=ids, special_ids=inputs.special_ids)
                 hv, mv = variant.apply(h, mask, ctx)
@@ -216,7 +261,19 @@ def score_cells(model: Any, inputs: _Inputs, cells: Sequence[Cell],
         done += len(batch)
         report("scoring cells", done, len(inputs.owner))
     # No problem with mixed correctness means no rows at all: every cell is empty, not a KeyError.
-    return {cell: sr.get((row_specs[cell], cell[1], cell[2]), [math.nan] * len(inputs.owner)) for cell in cells}
+    out = {cell: sr.get((row_specs[cell], cell[1], cell[2]), [math.nan] * len(inputs.owner)) for cell in sr_cells}
+    groups: dict[int, list[int]] = {}
+    for i, k in enumerate(inputs.owner):
+        groups.setdefault(k, []).append(i)
+    for cell in mbr_cells:
+        utility = consensus_utility(cell[0])
+        values = [math.nan] * len(inputs.owner)
+        for members in groups.values():
+            vectors = [embs[(cell[1], cell[2])][i][utility.embedding] for i in members]
+            for i, u in zip(members, mbr_utilities(hidden_similarity(vectors, centred=utility.centred))):
+                values[i] = u
+        out[cell] = values
+    return out
 
 
 def cell_groups(records: Sequence[Mapping[str, Any]], values: Sequence[float], owner: Sequence[int],
@@ -321,7 +378,9 @@ def run_ablate(config: AblateConfig, out_dir: str | Path, *, progress: ProgressF
                                   f"(use -{num_layers}..{num_layers - 1} or 'all')")
         layers = sorted({lay % num_layers for lay in config.layers})
     reference: Cell = (PAPER, "post", num_layers - 1)
-    cells: list[Cell] = [(v, n, lay) for v in config.variants for n in config.norms for lay in layers]
+    mbr_variants = consensus_variants(config.consensus)
+    cells: list[Cell] = [(v, n, lay) for v in [*config.variants, *mbr_variants] for n in config.norms
+                         for lay in layers]
     if reference not in cells:
         cells.insert(0, reference)
 
@@ -338,7 +397,8 @@ def run_ablate(config: AblateConfig, out_dir: str | Path, *, progress: ProgressF
         special = frozenset(getattr(tokenizer, "all_special_ids", []) or []) | model_special_ids(model)
         inputs = _Inputs(prompts, responses, owner, special)
         stats: dict[tuple[str, int], CalibrationStats] = {}
-        need = sorted({(n, lay) for v, n, lay in todo if parse_variant(v).needs_calibration})
+        need = sorted({(n, lay) for v, n, lay in todo
+                       if consensus_utility(v) is None and parse_variant(v).needs_calibration})
         missing = []
         for key in need:
             saved = _read_saved(cells_dir / f"calibration__{key[0]}__L{key[1]}.json")
@@ -373,7 +433,7 @@ def run_ablate(config: AblateConfig, out_dir: str | Path, *, progress: ProgressF
     mixed = [i for i, a in enumerate(ref_auc) if a is not None]
     idx = bootstrap_indices(len(mixed), config.bootstrap, config.seed) if mixed else None
     for cell in cells:
-        groups = cell_groups(records, results[cell], owner, parse_variant(cell[0]).length_correction)
+        groups = cell_groups(records, results[cell], owner, length_correction(cell[0]))
         m = cell_metrics(groups, config)
         m.pop("_bon_per_problem")
         entry = {"variant": cell[0], "norm": cell[1], "layer": cell[2], **m}
@@ -395,10 +455,13 @@ def run_ablate(config: AblateConfig, out_dir: str | Path, *, progress: ProgressF
         "random_init": config.random_init, "token_set": config.token_set, "reused_token_ids": reuse_ids,
         "problems": len(records), "mixed_problems": len(mixed),
         "n_samples": min(len(r["candidates"]) for r in records), "num_layers": num_layers, "layers": layers,
-        "norms": list(config.norms), "variants": list(dict.fromkeys([PAPER, *config.variants])),
+        "norms": list(config.norms), "variants": list(dict.fromkeys([PAPER, *config.variants, *mbr_variants])),
         "reference_cell": list(reference), "cells": summary_cells, "reference_scores": refs,
-        "baselines": _baselines(records, config), "config": asdict(config), "note": NOTE,
+        "baselines": _baselines(records, config), "config": asdict(config),
+        "note": NOTE + (CONSENSUS_NOTE if mbr_variants else ""),
     }
+    if not config.consensus:
+        del summary["config"]["consensus"]   # without the option, the report's layout is the old one
     write_ablate_report(summary, out_dir)
     return summary
 

@@ -36,6 +36,10 @@ def _split(value: str) -> tuple[str, ...]:
               help="Comma-separated variant specs; join transforms with '+' (e.g. center+drop-massive). "
                    "Default: paper,center,drop-first,drop-special,drop-massive-seq,drop-massive,standardize,"
                    "center+drop-massive,paper+length,center+length.")
+@click.option("--consensus", default=None,
+              help="Comma-separated embeddings (last, mean): add hidden-state MBR cells (raw and centred, "
+                   "named mbr-hidden-*) beside the variants at every layer and norm, from the same pass. "
+                   "Default: none.")
 @click.option("--layers", default="-1", show_default=True,
               help="Comma-separated decoder layers (Python indexing, -1 = last) or 'all'.")
 @click.option("--norms", default="post", show_default=True, help="Comma-separated: post, pre (final norm).")
@@ -57,7 +61,7 @@ def _split(value: str) -> tuple[str, ...]:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the bootstrap and the random init.")
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Directory for OUT/ablate.json, .md, .png and the resumable OUT/cells/.")
-def ablate(cache_dir: str, task: str | None, variants: str | None, layers: str, norms: str, token_set: str,
+def ablate(cache_dir: str, task: str | None, variants: str | None, consensus: str | None, layers: str, norms: str, token_set: str,
            scoring_model: str | None, random_init: bool, calibration_problems: int, limit: int | None, dtype: str,
            device: str | None, max_batch_tokens: int, bootstrap: int, seed: int, out_dir: str) -> None:
     """Scorer ablation over cached bench samples: within-prompt AUC, pairwise and Best-of-N
@@ -67,6 +71,8 @@ def ablate(cache_dir: str, task: str | None, variants: str | None, layers: str, 
 
     try:
         extra = {"variants": _split(variants)} if variants else {}
+        if consensus:
+            extra["consensus"] = _split(consensus)
         config = AblateConfig(cache_dir=cache_dir, task=task, layers=_parse_layers(layers), norms=_split(norms),
                               token_set=token_set, scoring_model=scoring_model, random_init=random_init,
                               calibration_problems=calibration_problems, limit=limit, dtype=dtype, device=device,
