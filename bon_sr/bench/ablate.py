@@ -261,7 +261,7 @@ def score_cells(model: Any, inputs: _Inputs, cells: Sequence[Cell],
         done += len(batch)
         report("scoring cells", done, len(inputs.owner))
     # No problem with mixed correctness means no rows at all: every cell is empty, not a KeyError.
-    out = {cell: sr.get((row_specs[cell], cell[1], cell[2]), [math.nan] * len(inputs.owner)) for cell in sr_cells}
+    result = {cell: sr.get((row_specs[cell], cell[1], cell[2]), [math.nan] * len(inputs.owner)) for cell in sr_cells}
     groups: dict[int, list[int]] = {}
     for i, k in enumerate(inputs.owner):
         groups.setdefault(k, []).append(i)
@@ -272,8 +272,8 @@ def score_cells(model: Any, inputs: _Inputs, cells: Sequence[Cell],
             vectors = [embs[(cell[1], cell[2])][i][utility.embedding] for i in members]
             for i, u in zip(members, mbr_utilities(hidden_similarity(vectors, centred=utility.centred))):
                 values[i] = u
-        out[cell] = values
-    return out
+        result[cell] = values
+    return result
 
 
 def cell_groups(records: Sequence[Mapping[str, Any]], values: Sequence[float], owner: Sequence[int],
