@@ -59,6 +59,14 @@ def pytest_configure(config: pytest.Config) -> None:
                                 + ", ".join(missing) + f". Install them with: {INSTALL}")
 
 
+def sr_in_range(scores) -> bool:
+    """A candidate's ``scores``: SR is 0 for no scored rows, else in [1, rows], at most the rank
+    of its rows (a score read from other rows, the prompt's say, can break the upper bound; a
+    bare ">= 1" cannot fail, the estimator clamps to 1)."""
+    sr, rows = scores["stable_rank"], scores["scored_tokens"]
+    return (sr == 0.0) == (rows == 0) and (rows == 0 or 1.0 <= sr <= rows)
+
+
 #: command-line pieces that start bon-sr's CLI in a child process
 CLI_MARKS = ("bon_sr.cli", "benchmarks.faults.launcher", "bon-sr")
 

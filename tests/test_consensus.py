@@ -8,6 +8,8 @@ import math
 import pytest
 import torch
 
+from conftest import sr_in_range
+
 from bon_sr.answers import get_extractor
 from bon_sr.consensus import UTILITIES, UTILITY_KEY, get_utility, hidden_similarity, lexical_similarity, \
     mbr_utilities, similarity
@@ -482,7 +484,7 @@ def test_real_cli_generate_mbr_hidden_mean_embeds_in_the_hook(tmp_path, default_
         assert rec["rule"] == "mbr hidden-mean" and rec["config"]["scorer"] == "hook"
         assert rec["config"]["backend"] == "vllm"
         for c in cands:
-            assert c["scores"]["stable_rank"] >= 1.0                      # the hook scored them in the same pass
+            assert sr_in_range(c["scores"])                               # the hook scored them in the same pass
             assert len(c["embeddings"]["mean"]) == len(c["embeddings"]["last"]) == 576    # SmolLM2-135M's width
         expected = mbr_utilities(hidden_similarity([c["embeddings"]["mean"] for c in cands], centred=False))
         assert [c["scores"][UTILITY_KEY] for c in cands] == pytest.approx(expected, abs=1e-6)
@@ -539,7 +541,7 @@ def test_real_serve_mbr_with_the_openai_client(tmp_path, default_model_dir):
             model=model, messages=chat, seed=5, extra_body={"bon_sr": {"selector": "mbr", "utility": "hidden-mean"}}
         ).model_extra["bon_sr"]
         assert hidden["rule"] == "mbr hidden-mean" and hidden["scorer"] == "hook"
-        assert all(s["stable_rank"] >= 1.0 and -1.0 <= s[UTILITY_KEY] <= 1.0 for s in hidden["scores"])
+        assert all(sr_in_range(s) and -1.0 <= s[UTILITY_KEY] <= 1.0 for s in hidden["scores"])
     finally:
         proc.send_signal(signal.SIGTERM)
         try:

@@ -24,6 +24,8 @@ import pytest
 
 import vllm  # noqa: F401  (required, like every part make test installs: tests/conftest.py)
 
+from conftest import sr_in_range
+
 from bon_sr import vllm_hook
 from bon_sr.errors import ConfigError
 from bon_sr.hook import HookError, hook_stats
@@ -49,13 +51,6 @@ FAULT_SEED = 777
 
 def _rel(a: float, b: float) -> float:
     return abs(a - b) / max(abs(b), 1e-12)
-
-
-def _sr_in_range(c) -> bool:
-    """SR is 0 for no scored rows, else in [1, rows]: at most the rank of its rows (a score read
-    from other rows, the prompt's say, can break the upper bound; a bare ">= 1" cannot fail)."""
-    sr, rows = c.scores["stable_rank"], c.scores["scored_tokens"]
-    return (sr == 0.0) == (rows == 0) and (rows == 0 or 1.0 <= sr <= rows)
 
 
 @pytest.fixture(scope="module")
@@ -255,7 +250,7 @@ def test_an_abandoned_sync_call_releases_its_rows(runs):
 def test_a_worker_fault_fails_only_its_call_and_the_engine_goes_on(runs):
     worker_error, later = runs["fault"]
     assert worker_error == "RuntimeError"
-    assert len(later[0]) == 2 and all(_sr_in_range(c) for c in later[0])
+    assert len(later[0]) == 2 and all(sr_in_range(c.scores) for c in later[0])
     assert runs["leftover"]["failed_jobs"] == 1
 
 
@@ -281,7 +276,7 @@ def test_embeddings_equal_hf_rows(runs, references):
     empty, hf_empty = hook_embeddings[-1], hf_embeddings[-1]
     assert len(empty["last"]) == len(hf_empty["last"]) == 576
     assert all(math.isnan(v) for v in (*empty["last"], *empty["mean"], *hf_empty["last"], *hf_empty["mean"]))
-    assert len(hook_scores) == 7 and all(s["stable_rank"] >= 1.0 for s in hook_scores[:-1])
+    assert len(hook_scores) == 7 and all(sr_in_range(s) for s in hook_scores[:-1])
 
 
 # ------------------------------------------------------------------ equality
@@ -385,7 +380,7 @@ def test_greedy_candidates_are_scored(runs):
     groups, greedy = runs["greedy"]
     assert len(groups) == 2 and len(greedy) == 2
     for c in [*greedy, *(c for g in groups for c in g)]:
-        assert _sr_in_range(c) and math.isfinite(c.scores["mean_logprob"])
+        assert sr_in_range(c.scores) and math.isfinite(c.scores["mean_logprob"])
 
 
 # ------------------------------------------------------------------ AsyncLLM
@@ -455,7 +450,7 @@ def test_async_engine_gives_the_sync_candidates_and_scores(model_path, runs, ref
     failed = [k for k, o in enumerate(outcome) if isinstance(o, Exception)]
     assert failed == [2] and isinstance(outcome[2], HookError), outcome
     assert outcome[2].worker_error == "RuntimeError"
-    assert all(len(o) == 4 and all(_sr_in_range(c) for c in o) for o in outcome if o is not outcome[2])
+    assert all(len(o) == 4 and all(sr_in_range(c.scores) for c in o) for o in outcome if o is not outcome[2])
     assert after["rows"] == 0 and after["candidates"] == 0 and after["groups"] == 0, after
 
 
@@ -496,8 +491,7 @@ def test_backend_hook_path_uses_one_engine(backend, runs):
     sampler = backend.sampler(SamplingConfig(n=3, max_new_tokens=16), HiddenStateConfig(), logit_stats=True)
     groups, greedy = sampler.sample_and_greedy(runs["prompt_ids"][:2], seeds=[1, 2])
     for c in [*greedy, *(c for g in groups for c in g)]:
-        assert c.scores["stable_rank"] >= 1.0 or c.num_tokens == 0
-        assert c.scores["scored_tokens"] == c.num_tokens
+        assert sr_in_range(c.scores) and c.scores["scored_tokens"] == c.num_tokens
         assert "mean_logprob" in c.scores and "self_certainty" in c.scores
     fp, fr = _pairs(groups, runs["prompt_ids"][:2])
     rescored = backend.hook_scorer(HiddenStateConfig()).score(fp, fr)

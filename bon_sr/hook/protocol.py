@@ -37,6 +37,7 @@ from typing import Any, Sequence
 
 from ..errors import BonSRError, ConfigError
 from ..hidden_states import HiddenStateConfig
+from ..scoring import SR_KEYS
 from ..types import Candidate
 
 #: The documented ``worker_extension_cls`` (kept by the ``bon_sr.vllm_hook`` shim) and the
@@ -46,7 +47,8 @@ WORKER_EXTENSIONS = (WORKER_EXTENSION, "bon_sr.hook.worker.HookWorkerExtension")
 #: vLLM versions whose V1 model runner layout the hook was written against and tested on.
 KNOWN_VLLM = ("0.32.",)
 META_KEY = "bon_sr"
-RESULT_KEYS = ("stable_rank", "frobenius_sq", "spectral_sq", "scored_tokens")
+#: the stable-rank keys of each worker result: the same names every scorer writes
+RESULT_KEYS = SR_KEYS
 EMBED_KEYS = ("embedding_last", "embedding_mean")
 
 
