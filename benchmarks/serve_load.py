@@ -15,7 +15,8 @@ bon-sr / vLLM. On a shared machine wall-clock figures move with the neighbours' 
 Both servers run the same engine settings (eager, 2 GiB KV cache on CPU, chunked prefill
 off so per-request seeds work, prefix caching on, bon-sr's fast top-p plugin on), so the
 ratio is what Best-of-N adds on top of sampling N candidates: the hook's row capture, the
-fill step for length-cut candidates, the collect RPC, and selection. Start-up is not timed;
+extra decoded token of length-cut candidates (or their fill prefills, bon-sr-fill), the
+collect RPC, and selection. Start-up is not timed;
 each server gets four warm-up requests first, and each cell an untimed round of C requests.
 Bounded: at most --requests requests per cell and no new request after --cell-seconds.
 
@@ -49,6 +50,12 @@ from typing import Any
 # the prompts of benchmarks/throughput.py (this script's folder is on sys.path when run)
 from throughput import DEFAULT_PROMPTS as PROMPTS
 
+from bon_sr.hook.protocol import LAST_ROW_ENV
+
+#: server kinds that are ``bon-sr serve``: "bon-sr-fill" runs it with fills for length-cut
+#: candidates instead of the extra decoded token (LAST_ROW_ENV=fill), for the comparison
+BON_SR_KINDS = ("bon-sr", "bon-sr-fill")
+
 
 def _port() -> int:
     with socket.socket() as s:
@@ -58,7 +65,7 @@ def _port() -> int:
 
 def _commands(kind: str, model: str, path: str, port: int, max_n: int) -> list[str]:
     bindir = Path(sys.executable).parent
-    if kind == "bon-sr":
+    if kind in BON_SR_KINDS:
         return [str(bindir / "bon-sr"), "serve", "--model", model, "--port", str(port), "--max-n", str(max_n),
                 "--log-level", "warning"]
     # `vllm serve` itself: its console script looks up the distribution "vllm", which the
@@ -80,6 +87,8 @@ def _start(kind: str, args: argparse.Namespace, path: str, log: Path) -> tuple[s
         apply_cpu_env_defaults()  # the same thread binding and top-p plugin for both servers
     port = _port()
     env = dict(os.environ, VLLM_LOGGING_LEVEL="WARNING")
+    if kind == "bon-sr-fill":
+        env[LAST_ROW_ENV] = "fill"
     proc = subprocess.Popen(_commands(kind, args.model, path, port, max(args.n_values)), env=env,
                             stdout=log.open("w"), stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
@@ -109,7 +118,7 @@ def _stop(proc: subprocess.Popen) -> None:
 def _body(kind: str, model: str, i: int, n: int, max_tokens: int) -> dict[str, Any]:
     body: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
                             "max_tokens": max_tokens, "temperature": 0.7, "top_p": 0.9, "seed": 1000 + i}
-    if kind == "bon-sr":
+    if kind in BON_SR_KINDS:
         body["bon_sr"] = {"n": n}
     else:
         body["n"] = n
@@ -206,7 +215,9 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--cell-seconds", type=float, default=300.0, help="no new request after this many seconds")
     ap.add_argument("--start-timeout", type=float, default=600.0)
-    ap.add_argument("--servers", default="bon-sr,vllm")
+    ap.add_argument("--servers", default="bon-sr,vllm",
+                    help="comma-separated, run in this order (reversed every other round): bon-sr, vllm, and "
+                         "bon-sr-fill (bon-sr with fill prefills instead of the extra decoded token)")
     ap.add_argument("--no-warm-cells", dest="warm_cells", action="store_false",
                     help="skip the untimed round of C requests before each cell")
     ap.add_argument("--rounds", type=int, default=1, help="run the grid R times, alternating the server order")
@@ -249,16 +260,14 @@ def _print_table(rows: list[dict]) -> None:
     print("\n| N | concurrency | rounds | bon-sr req/s | vLLM req/s | ratio | bon-sr p50 s | vLLM p50 s | p50 ratio "
           "| bon-sr cpu-s/req | vLLM cpu-s/req | cpu ratio |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for n, c in sorted({(n, c) for _, n, c in cells}):
-        if ("bon-sr", n, c) not in cells or ("vllm", n, c) not in cells:
-            continue
-        k = min(len(cells[("bon-sr", n, c)]), len(cells[("vllm", n, c)]))
-        b = {key: med("bon-sr", n, c, key) for key in ("rps", "p50", "cpu_req")}
-        v = {key: med("vllm", n, c, key) for key in ("rps", "p50", "cpu_req")}
-        print(f"| {n} | {c} | {k} | {b['rps']:.3f} | {v['rps']:.3f} | {b['rps'] / v['rps']:.2f} | {b['p50']:.2f} | "
-              f"{v['p50']:.2f} | {b['p50'] / v['p50']:.2f} | {b['cpu_req']:.2f} | {v['cpu_req']:.2f} | "
-              f"{b['cpu_req'] / v['cpu_req']:.2f} |")
-
-
-if __name__ == "__main__":
-    main()
+    for kind in BON_SR_KINDS:
+        for n, c in sorted({(n, c) for _, n, c in cells}):
+            if (kind, n, c) not in cells or ("vllm", n, c) not in cells:
+                continue
+            k = min(len(cells[(kind, n, c)]), len(cells[("vllm", n, c)]))
+            b = {key: med(kind, n, c, key) for key in ("rps", "p50", "cpu_req")}
+            v = {key: med("vllm", n, c, key) for key in ("rps", "p50", "cpu_req")}
+            label = "" if kind == "bon-sr" else f" ({kind})"
+            print(f"| {n}{label} | {c} | {k} | {b['rps']:.3f} | {v['rps']:.3f} | {b['rps'] / v['rps']:.2f} | "
+                  f"{b['p50']:.2f} | {v['p50']:.2f} | {b['p50'] / v['p50']:.2f} | {b['cpu_req']:.2f} | "
+                  f"{v['cpu_req']:.2f} | {b['cpu_req'] / v['cpu_req']:.2f} |")

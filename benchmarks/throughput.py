@@ -3,7 +3,7 @@
 For each N in --n-values, on the same prompts and per-prompt seeds:
   (a)  plain vLLM: one llm.generate with SamplingParams(n=N) per prompt, nothing else;
   (h)  bon-sr, vLLM sampler with the in-pass hook (bon_sr.vllm_hook): one engine, the
-       candidates come back scored (fill step and collect RPC included in the time);
+       candidates come back scored (extra decoded token, any fill and the collect RPC timed);
   (a') (a)'s requests on (h)'s engine, run right before each (h) round: on a machine
        shared with other work, h/a' (same process, interleaved) is the fair overhead;
   (b)  bon-sr, vLLM sampler + vLLM pooling scorer (the second engine);

@@ -403,7 +403,8 @@ class VLLMBackend:
                 kwargs.update(enable_chunked_prefill=False,
                               max_num_batched_tokens=max(int(self.context or 0), 2048))
             if self.hook:
-                # Prefix caching turns the hook's fill step into a one-block prefill.
+                # Prefix caching turns the hook's fills (stop strings, context-capped
+                # candidates) into prefills of their last block.
                 kwargs.update(worker_extension_cls=WORKER_EXTENSION, enable_prefix_caching=True)
         kwargs.update(opts.get(f"{prefix}engine_kwargs") or {})
         return kwargs

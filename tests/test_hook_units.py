@@ -226,3 +226,83 @@ def test_fills_go_first_only_on_a_priority_engine():
 
     assert fill_priority(engine("priority")) == -1
     assert fill_priority(engine("fcfs")) == 0 and fill_priority(object()) == 0
+
+
+def _plan_outputs(tok, plan_kwargs, completions, monkeypatch, last_row="extend"):
+    """Step a one-prompt ScoredSampling with fake vLLM outputs: (sample step, fills, specs, candidates)."""
+    from vllm.outputs import CompletionOutput
+
+    from bon_sr.hook.plan import Collect, Group, Sample, ScoredSampling
+    from bon_sr.hook.protocol import LAST_ROW_ENV
+    from bon_sr.samplers import SamplingConfig
+    from bon_sr.samplers.vllm import VLLMSampler
+
+    monkeypatch.setenv(LAST_ROW_ENV, last_row)
+    base = VLLMSampler(None, SamplingConfig(n=len(completions), max_new_tokens=3))
+    prompt = tuple(tok.encode("Q: hi", add_special_tokens=False))
+    plan = ScoredSampling([Group(prompt, base.request_params(1, 7), len(completions), 7)], HiddenStateConfig(),
+                          base.to_candidate, **plan_kwargs)
+    steps = plan.steps()
+    sample = next(steps)
+    assert isinstance(sample, Sample)
+    outs = [SimpleNamespace(outputs=[CompletionOutput(index=0, text=tok.decode(ids, skip_special_tokens=True), token_ids=ids,
+                                                      cumulative_logprob=None, logprobs=None, finish_reason=fin,
+                                                      stop_reason=None)]) for ids, fin in completions]
+    fills = [sample.follow(k, o) for k, o in enumerate(outs)]
+    collect = steps.send(outs)
+    assert isinstance(collect, Collect)
+    results = [{"tag": sp["tag"], "index": sp["index"], "stable_rank": 1.0} for sp in collect.specs]
+    with pytest.raises(StopIteration) as stop:
+        steps.send(results)
+    return sample, fills, collect.specs, stop.value.value[0]
+
+
+def test_candidates_decode_one_token_past_max_tokens_and_are_trimmed(tiny_tokenizer, monkeypatch):
+    """With the tokenizer, requests ask for max_tokens + 1 (the rows kept stay max_tokens');
+    a candidate that got the extra token reads as a max_tokens request: first 3 tokens,
+    finish "length" (even when the extra token was EOS), their text; it needs no fill."""
+    tok = tiny_tokenizer
+    abcd, ab = tok.encode("abcd", add_special_tokens=False), tok.encode("ab", add_special_tokens=False)
+    eos = tok.eos_token_id
+    sample, fills, specs, cands = _plan_outputs(
+        tok, {"tokenizer": tok}, [(abcd, "length"), ([*abcd[:3], eos], "stop"), ([*ab, eos], "stop")], monkeypatch)
+    assert [p.max_tokens for _, p in sample.requests] == [4, 4, 4]
+    p = len(sample.requests[0][0]["prompt_token_ids"])
+    assert {p_.extra_args["bon_sr"]["hi"] for _, p_ in sample.requests} == {p + 3}
+    assert fills == [None, None, None]
+    assert [c.text for c in cands] == ["abc", "abc", "ab"]
+    assert [c.finish_reason for c in cands] == ["length", "length", "stop"]
+    assert [c.num_tokens for c in cands] == [3, 3, 2] and [sp["r"] for sp in specs] == [3, 3, 2]
+
+
+def test_without_a_tokenizer_or_with_the_fill_switch_length_cut_candidates_get_fills(tiny_tokenizer, monkeypatch):
+    from bon_sr.errors import ConfigError
+    from bon_sr.hook.protocol import LAST_ROW_ENV, extend_by_default
+
+    tok = tiny_tokenizer
+    abc = tok.encode("abc", add_special_tokens=False)
+    for kwargs, switch in (({}, "extend"), ({"tokenizer": tok}, "fill")):
+        sample, fills, _, cands = _plan_outputs(tok, kwargs, [(abc, "length")], monkeypatch, last_row=switch)
+        assert sample.requests[0][1].max_tokens == 3
+        assert fills[0] is not None and fills[0][1].extra_args["bon_sr"]["mode"] == "fill"
+        assert cands[0].text == "abc" and cands[0].finish_reason == "length"
+    monkeypatch.setenv(LAST_ROW_ENV, "both")
+    with pytest.raises(ConfigError, match="BON_SR_HOOK_LAST_ROW='both'.*'extend'"):
+        extend_by_default()
+
+
+@pytest.mark.slow
+def test_text_decoder_writes_the_response_as_after_its_prompt(default_model_dir):
+    """The default model's tokenizer: a response decoded after a few prompt tokens equals
+    the plain decode when that is context-free, for text with multi-byte characters."""
+    from transformers import AutoTokenizer
+
+    from bon_sr.hook.protocol import text_decoder
+    from bon_sr.prompts import encode_prompt
+
+    tok = AutoTokenizer.from_pretrained(default_model_dir)
+    prompt = encode_prompt(tok, "Say something.")
+    for text in ("Paris is the capital.", " été, où, ça 🎉", "x = {'a': 1}\n\n  y"):
+        ids = tok.encode(text, add_special_tokens=False)
+        assert text_decoder(tok, prompt)(ids) == text
+        assert text_decoder(tok, prompt)(ids[:-1]) == tok.decode(ids[:-1])

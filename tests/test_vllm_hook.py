@@ -29,6 +29,7 @@ from conftest import sr_in_range
 from bon_sr import vllm_hook
 from bon_sr.errors import ConfigError
 from bon_sr.hook import HookError, hook_stats
+from bon_sr.hook.protocol import LAST_ROW_ENV
 from bon_sr.hook.worker import FAULT_ENV
 from bon_sr.hidden_states import HiddenStateConfig
 from bon_sr.models import DEFAULT_MODEL, load_hf_model, resolve_model
@@ -97,6 +98,25 @@ class _Interrupted:
         return self.llm.collective_rpc(name, *args, **kwargs)
 
 
+class _Counting:
+    """A hooked LLM that counts the requests it runs by their hook mode (sample, fill)."""
+
+    def __init__(self, llm):
+        self.llm, self.llm_engine, self.modes = llm, llm.llm_engine, {}
+
+    def get_tokenizer(self):
+        return self.llm.get_tokenizer()
+
+    def generate(self, prompts, params, **kwargs):
+        for p in params:
+            mode = ((p.extra_args or {}).get("bon_sr") or {}).get("mode")
+            self.modes[mode] = self.modes.get(mode, 0) + 1
+        return self.llm.generate(prompts, params, **kwargs)
+
+    def collective_rpc(self, *args, **kwargs):
+        return self.llm.collective_rpc(*args, **kwargs)
+
+
 def _close(llm) -> None:
     llm.llm_engine.engine_core.shutdown()
     gc.collect()
@@ -129,11 +149,22 @@ def runs(model_path):
                           [3, 4, 5]),
             "window_full": (SamplingConfig(n=2, **base), HiddenStateConfig(token_set="full", window=40), [3, 4, 5]),
         }
-        groups = {}
+        groups, counted = {}, _Counting(llm)
         for name, (samp, scoring, seeds) in cases.items():
-            sampler = vllm_hook.HookSampler(llm, samp, scoring, logit_stats=True)
+            sampler = vllm_hook.HookSampler(counted if name == "n16_response" else llm, samp, scoring,
+                                            logit_stats=True)
             groups[name] = (scoring, sampler.sample(pids, seeds=seeds))
         out["groups"] = groups
+        out["modes"] = counted.modes
+        # the same candidates with fills instead of the extra decoded token (the benchmark switch)
+        os.environ[LAST_ROW_ENV] = "fill"
+        try:
+            counted = _Counting(llm)
+            samp, scoring, seeds = cases["n16_response"]
+            out["fill_path"] = (vllm_hook.HookSampler(counted, samp, scoring, logit_stats=True).sample(pids, seeds=seeds),
+                                counted.modes)
+        finally:
+            os.environ.pop(LAST_ROW_ENV, None)
         # both of the paper's token sets from one sampling pass (what the bench uses); stop
         # strings and a length cap make some candidates need the fill step
         out["also"] = vllm_hook.HookSampler(llm, SamplingConfig(n=4, stop=(".",), **base),
@@ -148,6 +179,8 @@ def runs(model_path):
                   for s in seeds]
         outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in pids], params, use_tqdm=False)
         out["fan_out"] = [[list(c.token_ids) for c in sorted(o.outputs, key=lambda c: c.index)] for o in outs]
+        out["fan_out_text"] = [[(c.text, c.finish_reason) for c in sorted(o.outputs, key=lambda c: c.index)]
+                               for o in outs]
         # the greedy candidate rides along with scores too
         out["greedy"] = vllm_hook.HookSampler(llm, SamplingConfig(n=2, **base), HiddenStateConfig(),
                                               logit_stats=True).sample_and_greedy(pids[:2], seeds=[3, 4])
@@ -374,6 +407,30 @@ def test_separate_seeded_requests_equal_vllm_fan_out(runs, references):
     ours = [[list(c.token_ids) for c in g] for g in runs["groups"]["n16_response"][1]]
     theirs = [[ids[:-1] if ids and ids[-1] == eos else ids for ids in g] for g in runs["fan_out"]]
     assert ours == theirs
+
+
+def test_length_cut_candidates_need_no_fill_and_read_as_plain_max_tokens(runs):
+    """Each candidate decodes one token past max_tokens and is trimmed back: no fill request
+    runs, and texts, finish reasons and token counts are those of vLLM's own n=N request."""
+    groups = runs["groups"]["n16_response"][1]
+    assert runs["modes"] == {"sample": 48}, runs["modes"]
+    ours = [[(c.text, c.finish_reason) for c in g] for g in groups]
+    assert ours == runs["fan_out_text"]
+    cut = [c for g in groups for c in g if c.finish_reason == "length"]
+    assert cut and all(c.num_tokens == 24 for c in cut)
+
+
+def test_fill_path_gives_the_same_candidates_and_scores(runs):
+    filled, modes = runs["fill_path"]
+    extended = runs["groups"]["n16_response"][1]
+    cut = sum(c.finish_reason == "length" for g in extended for c in g)
+    assert modes == {"sample": 48, "fill": cut}, modes
+    for a_group, b_group in zip(filled, extended):
+        assert [(c.text, c.token_ids, c.finish_reason) for c in a_group] == \
+            [(c.text, c.token_ids, c.finish_reason) for c in b_group]
+        for a, b in zip(a_group, b_group):
+            assert _rel(a.scores["stable_rank"], b.scores["stable_rank"]) <= SR_TOL
+            assert a.scores["mean_logprob"] == pytest.approx(b.scores["mean_logprob"], rel=1e-4, abs=1e-4)
 
 
 def test_greedy_candidates_are_scored(runs):

@@ -258,13 +258,15 @@ async def sample_scored_async(engine: Any, prompt_ids: Sequence[int], sampling: 
                               scoring: HiddenStateConfig | None = None, n: int | None = None,
                               logit_stats: bool = False, collector: Collector | None = None,
                               budget: RowBudget | None = None, row_bytes: int = 0,
-                              embed: bool = False) -> list[Candidate]:
+                              embed: bool = False, tokenizer: Any = None) -> list[Candidate]:
     """One prompt's n scored candidates on an ``AsyncLLM`` whose workers have the hook
     (``worker_extension_cls=WORKER_EXTENSION``; ``await install_hook_async(engine)`` once
     after creating it). ``sampling`` is a ``bon_sr.samplers.SamplingConfig``; the requests
     are the sync path's, so the same seed gives the same candidates and scores.
     ``budget``: the job first reserves its worst-case rows (``row_bytes`` each) there.
-    ``embed``: the candidates also carry ``embeddings`` (``HookSampler``'s)."""
+    ``embed``: the candidates also carry ``embeddings`` (``HookSampler``'s). ``tokenizer``:
+    the model's (default: the engine's ``get_tokenizer()``), for the extra-token decode that
+    spares length-cut candidates a fill (``plan.ScoredSampling``)."""
     from ..samplers.vllm import VLLMSampler
 
     scoring = scoring or HiddenStateConfig()
@@ -273,7 +275,10 @@ async def sample_scored_async(engine: Any, prompt_ids: Sequence[int], sampling: 
     base = VLLMSampler(None, sampling)
     group = Group(tuple(int(t) for t in prompt_ids), base.request_params(1, seed or 0), n,
                   None if seed is None else int(seed))
-    plan = ScoredSampling([group], scoring, base.to_candidate, logit_stats=logit_stats, embed=embed)
+    if tokenizer is None and callable(getattr(engine, "get_tokenizer", None)):
+        tokenizer = engine.get_tokenizer()
+    plan = ScoredSampling([group], scoring, base.to_candidate, logit_stats=logit_stats, embed=embed,
+                          tokenizer=tokenizer)
     if budget is None:
         return (await drive_async(engine, plan.steps(), plan.tags(), collector=collector))[0]
     nbytes = job_bytes(len(group.prompt_ids), n, sampling.max_new_tokens, scoring, row_bytes)

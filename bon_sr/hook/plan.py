@@ -9,10 +9,13 @@ A plan is a generator of steps; a driver (``sync.py`` for ``vllm.LLM``, ``aio.py
     Generate(requests)         run them; reply: None (their rows are what counts)
     Collect(specs)             ``bon_sr_collect``; reply: the worker's results, in order
 
-and the generator's return value is the result. The sync driver runs a Sample's fills as
-one more batch after the samples; the async driver chains each fill right after its own
-candidate, so fills overlap the other candidates' decoding. Either way the requests, and
-so the candidates and scores, are the same.
+and the generator's return value is the result. Given the engine's tokenizer, a plan's
+sample requests decode one token past ``max_tokens`` and trim it (``protocol.fan_out``'s
+``extend``), so a length-cut candidate's last row is computed in the sampling pass; fills
+remain for what that cannot cover (a stop string, a candidate cut by the context length).
+The sync driver runs a Sample's fills as one more batch after the samples; the async
+driver chains each fill right after its own candidate, so fills overlap the other
+candidates' decoding. Either way the candidates and scores are the same.
 
 This module knows no engine and does no IO; it builds requests with ``protocol``.
 """
@@ -25,8 +28,9 @@ from typing import Any, Callable, Generator, Sequence
 
 from ..hidden_states import HiddenStateConfig
 from ..types import Candidate
-from .protocol import (cache_salt, collect_spec, embeddings_from_results, fan_out, fill_request, needs_fill, new_tag,
-                       score_request, scores_from_results, tokens_prompt)
+from .protocol import (cache_salt, collect_spec, embeddings_from_results, extend_by_default, fan_out, fill_request,
+                       needs_fill, new_tag, score_request, scores_from_results, text_decoder, tokens_prompt,
+                       trim_completion)
 
 logger = logging.getLogger(__name__)
 
@@ -68,36 +72,55 @@ class ScoredSampling:
 
     ``to_candidate(index, completion) -> Candidate`` turns a vLLM completion into a
     candidate (the sampler's one rule). ``embed``: each candidate also gets its
-    ``embeddings`` (``{"last", "mean"}``, d floats each, from the rows it was scored on)."""
+    ``embeddings`` (``{"last", "mean"}``, d floats each, from the rows it was scored on).
+    ``tokenizer``: the engine's (it writes a trimmed candidate's text); None: no extra
+    token, every length-cut candidate gets a fill."""
 
     def __init__(self, groups: Sequence[Group], scoring: HiddenStateConfig, to_candidate: Callable[[int, Any], Any],
-                 *, logit_stats: bool = False, also: Sequence[str] = (), embed: bool = False):
+                 *, logit_stats: bool = False, also: Sequence[str] = (), embed: bool = False,
+                 tokenizer: Any = None):
         self.scoring = scoring
         self.logit_stats = bool(logit_stats)
         self.also = tuple(also)  # checked where a caller passes it (HookSampler, VLLMBackend.sampler)
         self.embed = bool(embed)
         self.to_candidate = to_candidate
+        # With the engine's tokenizer, each candidate decodes one token past max_tokens and
+        # is trimmed back (protocol.fan_out's extend): no fill for length-cut candidates.
+        self.extend = tokenizer is not None and extend_by_default()
+        self.tokenizer = tokenizer
         self.sizes = [g.n for g in groups]
         self.keys: list[tuple[str, int, tuple[int, ...]]] = []  # (tag, index, prompt ids) per request
+        self.params: list[Any] = []  # the prompt's single-sample params, per request
         self.requests: list[EngineRequest] = []
+        self._done: dict[int, tuple[Candidate, bool]] = {}  # request -> (candidate, its last row computed)
         for g in groups:
             tag = new_tag()
             salt = cache_salt(tag, scoring)
             for i, child in enumerate(fan_out(g.params, g.n, g.seed, tag, len(g.prompt_ids), scoring,
-                                              logit_stats=self.logit_stats)):
+                                              logit_stats=self.logit_stats, extend=self.extend)):
                 self.requests.append((tokens_prompt(g.prompt_ids, salt), child))
                 self.keys.append((tag, i, g.prompt_ids))
+                self.params.append(g.params)
 
     def tags(self) -> list[str]:
         return sorted({tag for tag, _, _ in self.keys})
 
-    def _candidate(self, k: int, output: Any) -> Candidate:
-        return self.to_candidate(self.keys[k][1], output.outputs[0])
+    def _candidate(self, k: int, output: Any) -> tuple[Candidate, bool]:
+        """Request k's candidate, and whether its last row was surely computed (it was
+        decoded past: the extra token is trimmed here)."""
+        if k not in self._done:
+            completion, cap = output.outputs[0], self.params[k].max_tokens
+            extended = self.extend and len(completion.token_ids) > cap
+            if extended:
+                decode = text_decoder(self.tokenizer, self.keys[k][2], self.params[k].skip_special_tokens)
+                completion = trim_completion(completion, cap, decode)
+            self._done[k] = (self.to_candidate(self.keys[k][1], completion), extended)
+        return self._done[k]
 
     def _fill(self, k: int, output: Any) -> EngineRequest | None:
         """The fill of request k if its last row is missing (see ``protocol.needs_fill``)."""
-        cand = self._candidate(k, output)
-        if not needs_fill(cand, isinstance(output.outputs[0].stop_reason, str)):
+        cand, extended = self._candidate(k, output)
+        if extended or not needs_fill(cand, isinstance(output.outputs[0].stop_reason, str)):
             return None
         tag, i, p_ids = self.keys[k]
         return fill_request(tag, i, p_ids, cand.token_ids, self.scoring)
@@ -109,7 +132,7 @@ class ScoredSampling:
 
     def steps(self) -> Steps:
         outputs = yield Sample(self.requests, self._fill)
-        cands = [self._candidate(k, o) for k, o in enumerate(outputs)]
+        cands = [self._candidate(k, o)[0] for k, o in enumerate(outputs)]
         specs = self._specs(cands)
         results = yield Collect(specs)
         missed = [k for k, res in enumerate(results) if "missing" in res]

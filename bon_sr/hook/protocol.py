@@ -31,9 +31,10 @@ hook failed for this job: the driver raises :class:`HookError`).
 
 from __future__ import annotations
 
+import os
 import uuid
 from dataclasses import replace
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from ..errors import BonSRError, ConfigError
 from ..hidden_states import HiddenStateConfig
@@ -50,6 +51,11 @@ META_KEY = "bon_sr"
 #: the stable-rank keys of each worker result: the same names every scorer writes
 RESULT_KEYS = SR_KEYS
 EMBED_KEYS = ("embedding_last", "embedding_mean")
+#: "extend" (default) or "fill": how a length-cut candidate's last row gets computed
+#: (see ``fan_out``'s ``extend`` and ``fill_request``); a benchmark switch
+LAST_ROW_ENV = "BON_SR_HOOK_LAST_ROW"
+#: prompt tokens decoded before a trimmed response, for its text (``text_decoder``)
+DECODE_CONTEXT = 6
 
 
 class HookError(BonSRError):
@@ -134,21 +140,62 @@ def _final_only(params: Any) -> Any:
 
 
 def fan_out(params: Any, n: int, seed: int | None, tag: str, prompt_len: int, config: HiddenStateConfig, *,
-            logit_stats: bool = False) -> list[Any]:
+            logit_stats: bool = False, extend: bool = False) -> list[Any]:
     """n single-sample copies of ``params``, child i seeded ``seed + i`` and tagged
     ``(tag, i)``: exactly what vLLM's own ``n=N`` fan-out does (v1/engine/parallel_sampling.py),
     so the tokens equal ``SamplingParams(n=N, seed=seed)``'s, but each candidate is its own
-    request the worker can tell apart."""
+    request the worker can tell apart. ``extend``: each child decodes one token past
+    ``params.max_tokens`` (the rows kept stay those of ``max_tokens``): the step that samples
+    the extra token computes the last kept token's row, so a length-cut candidate needs no
+    fill; :func:`trim_completion` gives back what ``max_tokens`` alone would have."""
     out = []
     for i in range(n):
         child = params.clone()
         child.n = 1
+        if extend:
+            child.max_tokens = params.max_tokens + 1
         child.seed = None if seed is None else int(seed) + i
         child.extra_args = {**(params.extra_args or {}),
                             META_KEY: request_meta(tag, i, prompt_len, params.max_tokens, config,
                                                    logit_stats=logit_stats)}
         out.append(_final_only(child))
     return out
+
+
+def extend_by_default() -> bool:
+    """Whether sampling plans decode the extra token (``fan_out``'s ``extend``) rather than
+    fill; the environment variable ``BON_SR_HOOK_LAST_ROW=fill`` turns it off (the fill
+    path, kept for what the extra token cannot cover, is then measurable on its own)."""
+    value = os.environ.get(LAST_ROW_ENV, "extend")
+    if value not in ("extend", "fill"):
+        raise ConfigError(f"{LAST_ROW_ENV}={value!r}: use 'extend' (the default) or 'fill'.")
+    return value == "extend"
+
+
+def text_decoder(tokenizer: Any, prompt_ids: Sequence[int], skip_special_tokens: bool = True
+                 ) -> Callable[[Sequence[int]], str]:
+    """``decode(response ids) -> text`` as vLLM's detokenizer writes a response after this
+    prompt: a few prompt tokens of context first (a tokenizer may write a token's leading
+    space differently at the start of a string), no clean-up of spaces."""
+    tail = [int(t) for t in prompt_ids[-DECODE_CONTEXT:]]
+    kw = {"skip_special_tokens": skip_special_tokens, "clean_up_tokenization_spaces": False}
+    head = tokenizer.decode(tail, **kw)
+
+    def decode(ids: Sequence[int]) -> str:
+        text = tokenizer.decode([*tail, *(int(t) for t in ids)], **kw)
+        return text[len(head):] if text.startswith(head) else tokenizer.decode([int(t) for t in ids], **kw)
+
+    return decode
+
+
+def trim_completion(completion: Any, cap: int, decode: Callable[[Sequence[int]], str]) -> Any:
+    """A vLLM ``CompletionOutput`` decoded one token past ``cap`` (``fan_out``'s ``extend``)
+    as a ``max_tokens=cap`` request gives it: the first ``cap`` tokens (and logprobs),
+    ``finish_reason`` "length" whatever ended the longer one, the text of those tokens."""
+    ids = [int(t) for t in completion.token_ids[:cap]]
+    logprobs = completion.logprobs[:cap] if completion.logprobs is not None else None
+    return replace(completion, token_ids=ids, text=decode(ids), logprobs=logprobs,
+                               cumulative_logprob=None, finish_reason="length", stop_reason=None)
 
 
 def needs_fill(candidate: Candidate, stop_string: bool) -> bool:

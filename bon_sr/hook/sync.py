@@ -87,6 +87,9 @@ class HookSampler:
         self.logit_stats = bool(logit_stats)
         self.embed = bool(embed)
         self._base = VLLMSampler(llm, config, logprobs=logprobs, per_request_seeds=per_request_seeds)
+        # for the extra decoded token's trim (plan.ScoredSampling); an engine without one fills
+        get_tokenizer = getattr(llm, "get_tokenizer", None)
+        self.tokenizer = get_tokenizer() if callable(get_tokenizer) else None
 
     def _run(self, prompt_ids: Sequence[Sequence[int]], groups: Sequence[tuple[int, int | None, bool]]
              ) -> list[list[Candidate]]:
@@ -96,7 +99,7 @@ class HookSampler:
             base = self._base.request_params(1, seed or 0, greedy=greedy)
             todo.append(Group(tuple(int(t) for t in ids), base, n, base.seed))
         plan = ScoredSampling(todo, self.scoring, self._base.to_candidate, logit_stats=self.logit_stats,
-                              also=self.also, embed=self.embed)
+                              also=self.also, embed=self.embed, tokenizer=self.tokenizer)
         return drive(self.llm, plan.steps(), plan.tags())
 
     def sample(self, prompt_token_ids: Sequence[Sequence[int]], *, n: int | None = None,

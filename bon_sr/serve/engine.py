@@ -2,8 +2,8 @@
 
 Concurrent HTTP requests submit their candidates to the same ``AsyncLLM``, which batches
 them in one engine step loop: no lock, no synchronous ``vllm.LLM`` inside ``async def``.
-Sampling and scoring are ``bon_sr.hook.sample_scored_async``: the same fan-out,
-seeds, fill step and collect as ``BestOfN(backend="vllm", scorer="hook")``, so a request
+Sampling and scoring are ``bon_sr.hook.sample_scored_async``: the same fan-out, seeds,
+extra decoded token, fills and collect as ``BestOfN(backend="vllm", scorer="hook")``, so a request
 with seed S samples and scores what ``BestOfN.select(prompt, seed=S)`` does. A job that
 needs no scores (``majority``, ``random``, ...) runs one plain ``n=N`` request, as
 ``BestOfN``'s unscored vLLM sampler does.
@@ -124,7 +124,7 @@ class BonEngine:
             return await sample_scored_async(self._llm, job.prompt_ids, job.sampling, seed=job.seed,
                                              scoring=job.scoring, logit_stats=job.logit_stats,
                                              collector=self.collector, budget=self.budget, row_bytes=self.row_bytes,
-                                             embed=job.embed)
+                                             embed=job.embed, tokenizer=self.tokenizer)
         return await self._sample_unscored(job.prompt_ids, job.sampling, job.seed)
 
     async def _sample_unscored(self, prompt_ids: Sequence[int], sampling: Any, seed: int) -> list[Candidate]:
