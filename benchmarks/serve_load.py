@@ -271,3 +271,7 @@ def _print_table(rows: list[dict]) -> None:
             print(f"| {n}{label} | {c} | {k} | {b['rps']:.3f} | {v['rps']:.3f} | {b['rps'] / v['rps']:.2f} | "
                   f"{b['p50']:.2f} | {v['p50']:.2f} | {b['p50'] / v['p50']:.2f} | {b['cpu_req']:.2f} | "
                   f"{v['cpu_req']:.2f} | {b['cpu_req'] / v['cpu_req']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -306,3 +306,20 @@ def test_text_decoder_writes_the_response_as_after_its_prompt(default_model_dir)
         ids = tok.encode(text, add_special_tokens=False)
         assert text_decoder(tok, prompt)(ids) == text
         assert text_decoder(tok, prompt)(ids[:-1]) == tok.decode(ids[:-1])
+
+
+def test_a_candidate_that_fills_the_context_gets_no_fill_and_is_scored_without_its_last_row(tiny_tokenizer,
+                                                                                            monkeypatch):
+    tok = tiny_tokenizer
+    abc = tok.encode("abc", add_special_tokens=False)
+    sample, fills, specs, cands = _plan_outputs(tok, {"tokenizer": tok, "context": 5 + 3}, [(abc, "length")],
+                                                monkeypatch)
+    p = len(sample.requests[0][0]["prompt_token_ids"])
+    assert p == 5 and fills == [None]
+    assert (specs[0]["start"], specs[0]["end"], specs[0]["r"]) == (p, p + 2, 3)
+    assert cands[0].num_tokens == 3 and cands[0].finish_reason == "length"
+    # a window that ends before the last token is not shortened
+    spec = collect_spec("t", 0, p, 3, HiddenStateConfig(window=2), last_row=False)
+    assert (spec["start"], spec["end"]) == (p, p + 2)
+    spec = collect_spec("t", 0, p, 3, HiddenStateConfig(token_set="full"), also=("response",), last_row=False)
+    assert (spec["start"], spec["end"], spec["also"]["response"]) == (0, p + 2, [p, p + 2])

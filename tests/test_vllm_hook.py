@@ -174,6 +174,13 @@ def runs(model_path):
         samp, scoring, seeds = cases["n16_response"]
         sampler = vllm_hook.HookSampler(llm, samp, scoring, logit_stats=True)
         out["alone"] = [sampler.sample([p], seeds=[s])[0] for p, s in zip(pids, seeds)]
+        # a prompt whose candidates fill the context (2048): neither the extra token nor a
+        # fill can compute the last row; scored without it, nothing fails
+        counted = _Counting(llm)
+        long_prompt = [*pids[0], *([pids[0][-1]] * (2048 - 6 - len(pids[0])))]
+        out["context"] = (vllm_hook.HookSampler(counted, SamplingConfig(n=3, temperature=0.8, top_p=0.9,
+                                                                        max_new_tokens=6), HiddenStateConfig(),
+                                                logit_stats=True).sample([long_prompt], seeds=[3])[0], counted.modes)
         # vLLM's own n=N fan-out, untagged requests on the same engine
         params = [SamplingParams(n=16, temperature=0.8, top_p=0.9, max_tokens=24, seed=s, skip_special_tokens=True)
                   for s in seeds]
@@ -418,6 +425,16 @@ def test_length_cut_candidates_need_no_fill_and_read_as_plain_max_tokens(runs):
     assert ours == runs["fan_out_text"]
     cut = [c for g in groups for c in g if c.finish_reason == "length"]
     assert cut and all(c.num_tokens == 24 for c in cut)
+
+
+def test_candidates_that_fill_the_context_are_scored_without_their_last_row(runs):
+    cands, modes = runs["context"]
+    assert modes == {"sample": 3}, modes
+    cut = [c for c in cands if c.finish_reason == "length"]
+    assert cut, "some candidate reached the context length"
+    for c in cut:
+        assert c.num_tokens == 6 and c.scores["scored_tokens"] == 5 and sr_in_range(c.scores)
+        assert math.isfinite(c.scores["mean_logprob"])
 
 
 def test_fill_path_gives_the_same_candidates_and_scores(runs):

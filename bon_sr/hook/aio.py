@@ -28,7 +28,7 @@ from typing import Any, Sequence
 from ..hidden_states import HiddenStateConfig
 from ..types import Candidate
 from .plan import Collect, Generate, Group, Sample, ScoredSampling, Steps
-from .protocol import check_hook_config, dp_rank_for, merge_engine_results, require_hook
+from .protocol import check_hook_config, dp_rank_for, engine_context, merge_engine_results, require_hook
 
 logger = logging.getLogger(__name__)
 
@@ -278,7 +278,7 @@ async def sample_scored_async(engine: Any, prompt_ids: Sequence[int], sampling: 
     if tokenizer is None and callable(getattr(engine, "get_tokenizer", None)):
         tokenizer = engine.get_tokenizer()
     plan = ScoredSampling([group], scoring, base.to_candidate, logit_stats=logit_stats, embed=embed,
-                          tokenizer=tokenizer)
+                          tokenizer=tokenizer, context=engine_context(engine))
     if budget is None:
         return (await drive_async(engine, plan.steps(), plan.tags(), collector=collector))[0]
     nbytes = job_bytes(len(group.prompt_ids), n, sampling.max_new_tokens, scoring, row_bytes)

@@ -74,11 +74,13 @@ class ScoredSampling:
     candidate (the sampler's one rule). ``embed``: each candidate also gets its
     ``embeddings`` (``{"last", "mean"}``, d floats each, from the rows it was scored on).
     ``tokenizer``: the engine's (it writes a trimmed candidate's text); None: no extra
-    token, every length-cut candidate gets a fill."""
+    token, every length-cut candidate gets a fill. ``context``: the engine's
+    ``max_model_len``; a candidate that reaches it cannot be decoded past nor filled, and is
+    scored without its last token's row (``scored_tokens`` says so)."""
 
     def __init__(self, groups: Sequence[Group], scoring: HiddenStateConfig, to_candidate: Callable[[int, Any], Any],
                  *, logit_stats: bool = False, also: Sequence[str] = (), embed: bool = False,
-                 tokenizer: Any = None):
+                 tokenizer: Any = None, context: int | None = None):
         self.scoring = scoring
         self.logit_stats = bool(logit_stats)
         self.also = tuple(also)  # checked where a caller passes it (HookSampler, VLLMBackend.sampler)
@@ -88,6 +90,7 @@ class ScoredSampling:
         # is trimmed back (protocol.fan_out's extend): no fill for length-cut candidates.
         self.extend = tokenizer is not None and extend_by_default()
         self.tokenizer = tokenizer
+        self.context = context
         self.sizes = [g.n for g in groups]
         self.keys: list[tuple[str, int, tuple[int, ...]]] = []  # (tag, index, prompt ids) per request
         self.params: list[Any] = []  # the prompt's single-sample params, per request
@@ -117,18 +120,25 @@ class ScoredSampling:
             self._done[k] = (self.to_candidate(self.keys[k][1], completion), extended)
         return self._done[k]
 
+    def _fills_context(self, k: int, cand: Candidate) -> bool:
+        return self.context is not None and len(self.keys[k][2]) + cand.num_tokens >= self.context
+
     def _fill(self, k: int, output: Any) -> EngineRequest | None:
-        """The fill of request k if its last row is missing (see ``protocol.needs_fill``)."""
+        """The fill of request k if its last row is missing (see ``protocol.needs_fill``);
+        none for a candidate that filled the context (vLLM cannot prefill a prompt of the
+        whole context length): it is scored without its last row."""
         cand, extended = self._candidate(k, output)
-        if extended or not needs_fill(cand, isinstance(output.outputs[0].stop_reason, str)):
+        if extended or self._fills_context(k, cand) or \
+                not needs_fill(cand, isinstance(output.outputs[0].stop_reason, str)):
             return None
         tag, i, p_ids = self.keys[k]
         return fill_request(tag, i, p_ids, cand.token_ids, self.scoring)
 
     def _specs(self, cands: Sequence[Candidate]) -> list[dict[str, Any]]:
         return [collect_spec(tag, i, len(p_ids), cand.num_tokens, self.scoring, logit_stats=self.logit_stats,
-                             release_group=True, also=self.also, embed=self.embed)
-                for (tag, i, p_ids), cand in zip(self.keys, cands)]
+                             release_group=True, also=self.also, embed=self.embed,
+                             last_row=self._done[k][1] or not self._fills_context(k, cand))
+                for k, ((tag, i, p_ids), cand) in enumerate(zip(self.keys, cands))]
 
     def steps(self) -> Steps:
         outputs = yield Sample(self.requests, self._fill)

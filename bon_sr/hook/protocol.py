@@ -251,16 +251,24 @@ def score_request(tag: str, index: int, prompt_ids: Sequence[int], response_ids:
 
 def collect_spec(tag: str, index: int, prompt_len: int, response_len: int, config: HiddenStateConfig, *,
                  logit_stats: bool = False, release_group: bool = False, group: bool = True,
-                 also: Sequence[str] = (), embed: bool = False) -> dict[str, Any]:
+                 also: Sequence[str] = (), embed: bool = False, last_row: bool = True) -> dict[str, Any]:
     """What the worker scores for one candidate: rows [start, end), logit stats over the
     response [p, p + r). ``group``: the prompt rows live in the tag's group entry (sampling).
     ``also``: more token sets scored from the same kept rows (``check_also``). ``embed``:
-    also return the last response row and the mean response row (float32, d each)."""
-    lo, hi = row_range(prompt_len, response_len, config)
+    also return the last response row and the mean response row (float32, d each).
+    ``last_row=False``: leave the last response token's row out (it cannot be computed: the
+    candidate filled the context, see ``plan.ScoredSampling``)."""
+    end = prompt_len + response_len
+
+    def span(cfg: HiddenStateConfig) -> list[int]:
+        lo, hi = row_range(prompt_len, response_len, cfg)
+        return [lo, max(lo, hi - 1) if not last_row and hi == end else hi]
+
+    lo, hi = span(config)
     spec = {"tag": tag, "index": int(index), "start": lo, "end": hi, "p": int(prompt_len), "group": bool(group),
             "r": int(response_len), "stats": bool(logit_stats), "release_group": bool(release_group)}
     if also:
-        spec["also"] = {t: list(row_range(prompt_len, response_len, replace(config, token_set=t))) for t in also}
+        spec["also"] = {t: span(replace(config, token_set=t)) for t in also}
     if embed:
         spec["embed"] = True
     return spec
@@ -314,6 +322,12 @@ def hook_missing_message() -> str:
             f"LLM(..., worker_extension_cls=\"{WORKER_EXTENSION}\", enable_prefix_caching=True) "
             "(on CUDA also set the environment variable VLLM_USE_V2_MODEL_RUNNER=0 before creating it), "
             "or use scorer='pooling'.")
+
+
+def engine_context(engine: Any) -> int | None:
+    """``max_model_len`` of a vLLM engine (``LLMEngine`` or ``AsyncLLM``); None if it has none."""
+    value = getattr(getattr(engine, "model_config", None), "max_model_len", None)
+    return int(value) if isinstance(value, int) else None
 
 
 def has_hook_extension(llm: Any) -> bool:

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 from ..hidden_states import HiddenStateConfig
 from ..types import Candidate
 from .plan import Collect, Generate, Group, Sample, ScoredSampling, Steps, score_steps
-from .protocol import check_also, check_hook_config, require_hook
+from .protocol import check_also, check_hook_config, engine_context, require_hook
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +90,7 @@ class HookSampler:
         # for the extra decoded token's trim (plan.ScoredSampling); an engine without one fills
         get_tokenizer = getattr(llm, "get_tokenizer", None)
         self.tokenizer = get_tokenizer() if callable(get_tokenizer) else None
+        self.context = engine_context(getattr(llm, "llm_engine", None))
 
     def _run(self, prompt_ids: Sequence[Sequence[int]], groups: Sequence[tuple[int, int | None, bool]]
              ) -> list[list[Candidate]]:
@@ -99,7 +100,8 @@ class HookSampler:
             base = self._base.request_params(1, seed or 0, greedy=greedy)
             todo.append(Group(tuple(int(t) for t in ids), base, n, base.seed))
         plan = ScoredSampling(todo, self.scoring, self._base.to_candidate, logit_stats=self.logit_stats,
-                              also=self.also, embed=self.embed, tokenizer=self.tokenizer)
+                              also=self.also, embed=self.embed, tokenizer=self.tokenizer,
+                              context=self.context)
         return drive(self.llm, plan.steps(), plan.tags())
 
     def sample(self, prompt_token_ids: Sequence[Sequence[int]], *, n: int | None = None,
