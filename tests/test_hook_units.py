@@ -318,6 +318,11 @@ def test_a_candidate_that_fills_the_context_gets_no_fill_and_is_scored_without_i
     assert p == 5 and fills == [None]
     assert (specs[0]["start"], specs[0]["end"], specs[0]["r"]) == (p, p + 2, 3)
     assert cands[0].num_tokens == 3 and cands[0].finish_reason == "length"
+    # a candidate ended by EOS had its last kept row computed: kept, whatever the context
+    eos = tok.eos_token_id
+    _, fills, specs, _ = _plan_outputs(tok, {"tokenizer": tok, "context": 5 + 2}, [([*abc[:2], eos], "stop")],
+                                       monkeypatch)
+    assert fills == [None] and (specs[0]["end"], specs[0]["r"]) == (p + 2, 2)
     # a window that ends before the last token is not shortened
     spec = collect_spec("t", 0, p, 3, HiddenStateConfig(window=2), last_row=False)
     assert (spec["start"], spec["end"]) == (p, p + 2)

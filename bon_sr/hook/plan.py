@@ -109,27 +109,27 @@ class ScoredSampling:
         return sorted({tag for tag, _, _ in self.keys})
 
     def _candidate(self, k: int, output: Any) -> tuple[Candidate, bool]:
-        """Request k's candidate, and whether its last row was surely computed (it was
-        decoded past: the extra token is trimmed here)."""
+        """Request k's candidate, and whether its last row was computed in the sampling pass
+        (decoded past, the extra token trimmed here; or ended by EOS / a stop token)."""
         if k not in self._done:
             completion, cap = output.outputs[0], self.params[k].max_tokens
             extended = self.extend and len(completion.token_ids) > cap
             if extended:
                 decode = text_decoder(self.tokenizer, self.keys[k][2], self.params[k].skip_special_tokens)
                 completion = trim_completion(completion, cap, decode)
-            self._done[k] = (self.to_candidate(self.keys[k][1], completion), extended)
+            cand = self.to_candidate(self.keys[k][1], completion)
+            self._done[k] = (cand, extended or not needs_fill(cand, isinstance(completion.stop_reason, str)))
         return self._done[k]
 
     def _fills_context(self, k: int, cand: Candidate) -> bool:
         return self.context is not None and len(self.keys[k][2]) + cand.num_tokens >= self.context
 
     def _fill(self, k: int, output: Any) -> EngineRequest | None:
-        """The fill of request k if its last row is missing (see ``protocol.needs_fill``);
-        none for a candidate that filled the context (vLLM cannot prefill a prompt of the
-        whole context length): it is scored without its last row."""
-        cand, extended = self._candidate(k, output)
-        if extended or self._fills_context(k, cand) or \
-                not needs_fill(cand, isinstance(output.outputs[0].stop_reason, str)):
+        """The fill of request k if its last row is missing; none for a candidate that
+        filled the context (vLLM cannot prefill a prompt of the whole context length): it is
+        scored without its last row."""
+        cand, row_done = self._candidate(k, output)
+        if row_done or self._fills_context(k, cand):
             return None
         tag, i, p_ids = self.keys[k]
         return fill_request(tag, i, p_ids, cand.token_ids, self.scoring)

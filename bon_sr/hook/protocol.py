@@ -194,8 +194,8 @@ def trim_completion(completion: Any, cap: int, decode: Callable[[Sequence[int]],
     ``finish_reason`` "length" whatever ended the longer one, the text of those tokens."""
     ids = [int(t) for t in completion.token_ids[:cap]]
     logprobs = completion.logprobs[:cap] if completion.logprobs is not None else None
-    return replace(completion, token_ids=ids, text=decode(ids), logprobs=logprobs,
-                               cumulative_logprob=None, finish_reason="length", stop_reason=None)
+    return replace(completion, token_ids=ids, text=decode(ids), logprobs=logprobs, cumulative_logprob=None,
+                   finish_reason="length", stop_reason=None)
 
 
 def needs_fill(candidate: Candidate, stop_string: bool) -> bool:
