@@ -480,6 +480,11 @@ def test_async_engine_gives_the_sync_candidates_and_scores(model_path, runs, ref
         await vllm_hook.install_hook_async(engine)
         cands = await vllm_hook.sample_scored_async(engine, runs["prompt_ids"][0], sampling, seed=3,
                                                     scoring=HiddenStateConfig(), logit_stats=True)
+        # stop strings: candidates they end get chained fills (the extra token cannot help)
+        stopped = await vllm_hook.sample_scored_async(
+            engine, runs["prompt_ids"][0], SamplingConfig(n=4, stop=(".", " is"), temperature=0.8, top_p=0.9,
+                                                          max_new_tokens=24),
+            seed=3, scoring=HiddenStateConfig(token_set="full"), logit_stats=True)
         # a client that goes away mid-request: its requests abort and the worker frees their rows
         long = SamplingConfig(n=4, temperature=0.8, top_p=0.9, max_new_tokens=400)
         task = asyncio.ensure_future(vllm_hook.sample_scored_async(engine, runs["prompt_ids"][1], long, seed=5,
@@ -498,7 +503,7 @@ def test_async_engine_gives_the_sync_candidates_and_scores(model_path, runs, ref
                 for k, seed in enumerate([3, 4, FAULT_SEED, 6, 7, 8])]
         outcome = await asyncio.gather(*jobs, return_exceptions=True)
         after = await _poll_async(lambda: vllm_hook.hook_stats_async(engine), lambda s: s["rows"] == 0)
-        return cands, released, (outcome, after)
+        return (cands, stopped), released, (outcome, after)
 
     async def _poll_async(read, done, timeout=60.0):
         import time
@@ -511,7 +516,7 @@ def test_async_engine_gives_the_sync_candidates_and_scores(model_path, runs, ref
         return value
 
     try:
-        cands, stats, (outcome, after) = asyncio.run(run())
+        (cands, stopped), stats, (outcome, after) = asyncio.run(run())
     finally:
         engine.shutdown()
         gc.collect()
@@ -520,6 +525,13 @@ def test_async_engine_gives_the_sync_candidates_and_scores(model_path, runs, ref
     for a, b in zip(cands, sync):
         assert _rel(a.scores["stable_rank"], b.scores["stable_rank"]) <= SR_TOL
         assert a.scores["mean_logprob"] == pytest.approx(b.scores["mean_logprob"], rel=1e-4, abs=1e-4)
+    sync_stopped = runs["groups"]["stop_full"][1][0]
+    assert [(c.token_ids, c.text, c.finish_reason) for c in stopped] == \
+        [(c.token_ids, c.text, c.finish_reason) for c in sync_stopped]
+    assert any(c.finish_reason == "stop" and c.text != runs["tokenizer"].decode(list(c.token_ids))
+               for c in stopped), "a stop string ended some candidate (its row came from a fill)"
+    for a, b in zip(stopped, sync_stopped):
+        assert _rel(a.scores["stable_rank"], b.scores["stable_rank"]) <= SR_TOL
     assert stats["candidates"] == 0 and stats["groups"] == 0 and stats["rows"] == 0, stats  # nothing left
     failed = [k for k, o in enumerate(outcome) if isinstance(o, Exception)]
     assert failed == [2] and isinstance(outcome[2], HookError), outcome
