@@ -96,6 +96,7 @@ class ScoredSampling:
         self.params: list[Any] = []  # the prompt's single-sample params, per request
         self.requests: list[EngineRequest] = []
         self._done: dict[int, tuple[Candidate, bool]] = {}  # request -> (candidate, its last row computed)
+        self._decoders: dict[str, Callable[[Sequence[int]], str]] = {}  # tag -> text_decoder of its prompt
         for g in groups:
             tag = new_tag()
             salt = cache_salt(tag, scoring)
@@ -115,11 +116,17 @@ class ScoredSampling:
             completion, cap = output.outputs[0], self.params[k].max_tokens
             extended = self.extend and len(completion.token_ids) > cap
             if extended:
-                decode = text_decoder(self.tokenizer, self.keys[k][2], self.params[k].skip_special_tokens)
-                completion = trim_completion(completion, cap, decode)
+                completion = trim_completion(completion, cap, self._decoder(k))
             cand = self.to_candidate(self.keys[k][1], completion)
             self._done[k] = (cand, extended or not needs_fill(cand, isinstance(completion.stop_reason, str)))
         return self._done[k]
+
+    def _decoder(self, k: int) -> Callable[[Sequence[int]], str]:
+        """Request k's text decoder, built once per prompt (its candidates share it)."""
+        tag = self.keys[k][0]
+        if tag not in self._decoders:
+            self._decoders[tag] = text_decoder(self.tokenizer, self.keys[k][2], self.params[k].skip_special_tokens)
+        return self._decoders[tag]
 
     def _fills_context(self, k: int, cand: Candidate) -> bool:
         return self.context is not None and len(self.keys[k][2]) + cand.num_tokens >= self.context
