@@ -15,9 +15,13 @@ package (``from benchmarks.faults import kill``).
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
 import string
 import subprocess
 import sys
+import time
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -164,3 +168,56 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+class ServeProcess:
+    """One ``bon-sr serve`` process on a free loopback port (``args`` after ``--port``,
+    ``env`` on top of this process's, vLLM's log at WARNING), its output in ``log_path``.
+    ``wait_ready()`` polls /health (recording each status in ``health``); ``stop()`` sends
+    SIGTERM, kills after ``timeout`` and returns the exit code (idempotent)."""
+
+    def __init__(self, log_path: Path, args: tuple[str, ...] = (), env: dict[str, str] | None = None):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        exe = Path(sys.executable).with_name("bon-sr")
+        self.log = open(log_path, "w")
+        self.proc = subprocess.Popen([str(exe), "serve", "--port", str(self.port), *args], stdout=self.log,
+                                     stderr=subprocess.STDOUT,
+                                     env=dict(os.environ, VLLM_LOGGING_LEVEL="WARNING", **(env or {})))
+        self.health: list[int] = []
+
+    def wait_ready(self, timeout: float = 600.0) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"bon-sr serve exited with {self.proc.returncode}:\n{self.tail()}")
+            try:
+                code = httpx.get(self.base + "/health", timeout=5).status_code
+                self.health.append(code)
+                if code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"bon-sr serve not ready after {timeout} s:\n{self.tail()}")
+
+    def tail(self, n: int = 4000) -> str:
+        self.log.flush()
+        return self.log_path.read_text(errors="replace")[-n:]
+
+    def stop(self, timeout: float = 120.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if not self.log.closed:
+            self.log.close()
+        return self.proc.returncode

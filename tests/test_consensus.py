@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from conftest import sr_in_range
+from conftest import ServeProcess, sr_in_range
 
 from bon_sr.answers import get_extractor
 from bon_sr.consensus import UTILITIES, UTILITY_KEY, get_utility, hidden_similarity, lexical_similarity, \
@@ -494,35 +494,12 @@ def test_real_cli_generate_mbr_hidden_mean_embeds_in_the_hook(tmp_path, default_
 @pytest.mark.slow
 @pytest.mark.vllm
 def test_real_serve_mbr_with_the_openai_client(tmp_path, default_model_dir):
-    import os
-    import signal
-    import socket
-    import subprocess
-    import sys
-    import time
-    from pathlib import Path
-
-    import httpx
     import openai
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = open(tmp_path / "serve.log", "w")
-    exe = Path(sys.executable).with_name("bon-sr")
-    proc = subprocess.Popen([str(exe), "serve", "--port", str(port), "--n", "4", "--max-tokens", "16"],
-                            stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, VLLM_LOGGING_LEVEL="WARNING"))
+    server = ServeProcess(tmp_path / "serve.log", ("--n", "4", "--max-tokens", "16"))
     try:
-        deadline = time.monotonic() + 600
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=300)
+        server.wait_ready()
+        client = openai.OpenAI(base_url=server.base + "/v1", api_key="x", max_retries=0, timeout=300)
         model = client.models.list().data[0].id
         chat = [{"role": "user", "content": "Name one primary colour."}]
         resp = client.chat.completions.create(model=model, messages=chat, n=2, seed=5,
@@ -543,10 +520,4 @@ def test_real_serve_mbr_with_the_openai_client(tmp_path, default_model_dir):
         assert hidden["rule"] == "mbr hidden-mean" and hidden["scorer"] == "hook"
         assert all(sr_in_range(s) and -1.0 <= s[UTILITY_KEY] <= 1.0 for s in hidden["scores"])
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+        server.stop()

@@ -17,17 +17,15 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+
+from conftest import ServeProcess
 
 from bon_sr.samplers import SamplingConfig
 from bon_sr.types import Candidate
@@ -380,60 +378,16 @@ FAULT_SEED = 777
 SEEN: dict[str, object] = {}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """One ``bon-sr serve`` process; ``stop()`` sends SIGTERM and waits (idempotent)."""
+class Server(ServeProcess):
+    """``bon-sr serve`` with this module's settings (SERVER, API_KEY); requests seeded
+    FAULT_SEED fail inside the worker's hook (a test knob of bon_sr.hook.worker)."""
 
     def __init__(self, log_path: Path, extra: tuple[str, ...] = ()):
-        self.port = _free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        exe = Path(sys.executable).with_name("bon-sr")
-        cmd = [str(exe), "serve", "--model", MODEL, "--port", str(self.port), "--api-key", API_KEY,
-               "--n", str(SERVER["n"]), "--max-n", str(SERVER["max_n"]), "--max-tokens", str(SERVER["max_tokens"]),
-               "--seed", str(SERVER["seed"]), "--max-body-bytes", str(SERVER["max_body_bytes"]), *extra]
-        # requests seeded FAULT_SEED fail inside the worker's hook (a test knob of bon_sr.hook.worker)
-        env = dict(os.environ, VLLM_LOGGING_LEVEL="WARNING", BON_SR_HOOK_FAULT_SEED=str(FAULT_SEED))
-        self.log = open(log_path, "w")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
-        self.health: list[int] = []
-
-    def wait_ready(self, timeout: float = 600.0) -> None:
-        import httpx
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"bon-sr serve exited with {self.proc.returncode}:\n{self.tail()}")
-            try:
-                code = httpx.get(self.base + "/health", timeout=5).status_code
-                self.health.append(code)
-                if code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError(f"bon-sr serve not ready after {timeout} s:\n{self.tail()}")
-
-    def tail(self, n: int = 4000) -> str:
-        self.log.flush()
-        return self.log_path.read_text(errors="replace")[-n:]
-
-    def stop(self, timeout: float = 120.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close() if not self.log.closed else None
-        return self.proc.returncode
+        super().__init__(log_path, ("--model", MODEL, "--api-key", API_KEY, "--n", str(SERVER["n"]),
+                                    "--max-n", str(SERVER["max_n"]), "--max-tokens", str(SERVER["max_tokens"]),
+                                    "--seed", str(SERVER["seed"]), "--max-body-bytes",
+                                    str(SERVER["max_body_bytes"]), *extra),
+                         env={"BON_SR_HOOK_FAULT_SEED": str(FAULT_SEED)})
 
 
 @pytest.fixture(scope="module")
