@@ -305,7 +305,7 @@ def test_no_namespaces_fails_with_the_reason(tmp_path):
                           os.path.realpath(sys.executable), code],
                          env={"PYTHONPATH": str(stage), "PATH": os.environ["PATH"]}, cwd=stage, capture_output=True, text=True,
                          timeout=60)
-    assert "unshare(user, mount, pid, net, ipc, uts namespaces)" in out.stdout, out.stdout + out.stderr
+    assert "unshare(user, mount, pid, net, ipc, uts, cgroup namespaces)" in out.stdout, out.stdout + out.stderr
     assert "user.max_user_namespaces" in out.stdout and UNSAFE_ENV in out.stdout
 
 

@@ -44,7 +44,7 @@ if sys.path and sys.path[0] == os.path.dirname(os.path.abspath(__file__)):
     del sys.path[0]
 
 # Linux constants (include/uapi/linux/{sched,mount,prctl,capability}.h)
-CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
+CLONE_NEWNS, CLONE_NEWCGROUP, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x02000000, 0x04000000, 0x08000000
 CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_NOATIME, MS_NODIRATIME, MS_BIND = 32, 1024, 2048, 4096
@@ -197,8 +197,8 @@ def write_proc(pid: int, name: str, text: str) -> None:
 
 def keeper(job: dict, from_monitor: int, to_monitor: int) -> None:
     die_with_parent(alive_fd=from_monitor)
-    check(libc.unshare(CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS),
-          "unshare(user, mount, pid, net, ipc, uts namespaces)")
+    flags = CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWCGROUP
+    check(libc.unshare(flags), "unshare(user, mount, pid, net, ipc, uts, cgroup namespaces)")
     os.write(to_monitor, b"u")
     if os.read(from_monitor, 1) != b"g":
         raise SetupError("uid/gid maps", detail="the monitor could not write them")
@@ -294,49 +294,57 @@ def build_root(limits: dict) -> None:
     /proc and size-limited /tmp and /dev/shm. Nothing else of the host is visible: no /home,
     no /root beyond the interpreter's prefix, no /work, no /run (sockets), no /sys."""
     mount(None, "/", None, MS_REC | MS_PRIVATE)
-    new = "/tmp"  # only a mount point: the tmpfs covers it in this mount namespace alone
-    mount("tmpfs", new, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,nr_inodes=4096,mode=755")
+    # The tmpfs goes on /tmp only to become the root: after pivot_root the host's tree is under
+    # /oldroot, its /tmp uncovered again, and every bind source is read from there.
+    mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,nr_inodes=4096,mode=755")
+    os.mkdir("/tmp/oldroot")
+    os.chdir("/tmp")
+    machine = os.uname().machine
+    if machine not in SYS_PIVOT_ROOT:
+        raise SetupError("pivot_root", detail=f"its system call number on {machine} is not known here")
+    check(libc.syscall(SYS_PIVOT_ROOT[machine], b".", b"oldroot"), "pivot_root")
+    os.chdir("/")
+    old = "/oldroot"
     bound: list[str] = []
     for path in ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc/ld.so.cache"):
-        if os.path.islink(path):
-            make_parents(new + path)
-            os.symlink(os.readlink(path), new + path)
-        elif os.path.exists(path):
-            bind_ro(path, new + path)
+        if os.path.islink(old + path):
+            make_parents(path)
+            os.symlink(os.readlink(old + path), path)
+        elif os.path.exists(old + path):
+            bind_ro(old + path, path)
             bound.append(path)
     for path in interpreter_paths():
         if not any(path == b or path.startswith(b + "/") for b in bound):
-            bind_ro(path, new + path)
+            bind_ro(old + path, path)
             bound.append(path)
-    make_parents(new + "/dev/x")
+    os.makedirs("/dev/shm", mode=0o755)
     for dev in ("null", "zero", "full", "random", "urandom"):
-        open(f"{new}/dev/{dev}", "w").close()
-        mount(f"/dev/{dev}", f"{new}/dev/{dev}", None, MS_BIND)
+        open(f"/dev/{dev}", "w").close()
+        mount(f"{old}/dev/{dev}", f"/dev/{dev}", None, MS_BIND)
+        mount(None, f"/dev/{dev}", None, MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NOEXEC | kept_flags(f"/dev/{dev}"))
     for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
                          ("stderr", "/proc/self/fd/2")):
-        os.symlink(target, f"{new}/dev/{name}")
-    for d in ("/dev/shm", "/proc", "/tmp"):
-        os.makedirs(new + d, mode=0o755, exist_ok=True)
+        os.symlink(target, f"/dev/{name}")
+    os.mkdir("/proc")
+    os.mkdir("/tmp")
     # before the old root goes: in a user namespace the kernel mounts a proc only while another
     # one is fully visible
-    mount("proc", new + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
     tmpfs = f"size={limits['tmpfs_mb']}m,nr_inodes={limits['tmpfs_files']},mode=1777"
     for d in ("/tmp", "/dev/shm"):
-        mount("tmpfs", new + d, "tmpfs", MS_NOSUID | MS_NODEV, tmpfs)
-
-    os.chdir(new)
-    check(libc.syscall(SYS_PIVOT_ROOT[os.uname().machine], b".", b"."), "pivot_root")
-    check(libc.umount2(b".", MNT_DETACH), "umount the old root")
-    os.chdir("/")
+        mount("tmpfs", d, "tmpfs", MS_NOSUID | MS_NODEV, tmpfs)
+    check(libc.umount2(old.encode(), MNT_DETACH), "umount the old root")
+    os.rmdir(old)
     mount(None, "/", None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
 
 
 def interpreter_paths() -> list[str]:
-    prefix = os.path.realpath(sys.base_prefix)
-    exe_dir = os.path.dirname(os.path.realpath(sys.executable))
-    paths = [prefix]
-    if not (exe_dir == prefix or exe_dir.startswith(prefix + "/")):
-        paths.append(exe_dir)
+    """Where the interpreter's files are: its prefix(es), and its binary's directory if apart."""
+    paths: list[str] = []
+    for path in (sys.base_prefix, sys.base_exec_prefix, os.path.dirname(os.path.realpath(sys.executable))):
+        path = os.path.realpath(path)
+        if not any(path == p or path.startswith(p + "/") for p in paths):
+            paths.append(path)
     return paths
 
 
@@ -359,7 +367,7 @@ def bind_ro(source: str, target: str) -> None:
 
 def mounts_under(target: str) -> list[str]:
     points = []
-    with open("/proc/self/mountinfo") as fh:
+    with open("/oldroot/proc/self/mountinfo") as fh:
         for line in fh:
             point = line.split()[4].replace("\\040", " ")
             if point == target or point.startswith(target + "/"):

@@ -96,7 +96,7 @@ def run_programs(programs: Sequence[Program], *, limits: Limits = Limits(), max_
     sandboxed = _sandbox_or_opt_out(allow_unsandboxed)
     children = [_Child(i, p, limits, sandboxed=sandboxed) for i, p in enumerate(programs)]
     try:
-        _drive(children, workers=max_workers or os.cpu_count() or 1)
+        _drive(children, workers=max_workers or _cores())
     finally:
         for child in children:
             child.close()
@@ -276,7 +276,8 @@ class _Child:
         if setup_error is not None or runner_error is not None:
             rec = setup_error or {"setup_error": str(runner_error.get("error")), "step": "runner", "errno": 0}
             raise SandboxUnavailable(_explain(str(rec.get("step")), int(rec.get("errno") or 0), str(rec["setup_error"])))
-        end = next((r for r in reversed(self.control) if "end" in r), None)
+        # init's report (the program ended) comes before the keeper's (wall clock): the first wins
+        end = next((r for r in self.control if "end" in r), None)
         wall = (self.finished_at or time.monotonic()) - self.started
         cpu = end.get("cpu_s") if end else None
         if end is None and not self.killed:
@@ -348,6 +349,13 @@ def _drive(children: list[_Child], *, workers: int) -> None:
                     running.remove(child)
 
 
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # the cores this process may use, not the machine's
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def _json(line: bytes) -> dict[str, Any] | None:
     try:
         rec = json.loads(line)
@@ -404,7 +412,7 @@ def _explain(step: str, err: int, detail: str) -> str:
     if step.startswith("mount proc"):
         lines.append("Mounting /proc for the sandbox's pid namespace was refused: the kernel allows it only "
                      "where the host's /proc is fully visible (no masked paths).")
-    lines.append("The sandbox needs user, mount, pid, network, ipc and uts namespaces (Linux 5.3 or later); "
+    lines.append("The sandbox needs user, mount, pid, network, ipc, uts and cgroup namespaces (Linux 5.3 or later); "
                  "`unshare --user --map-root-user --mount --pid --net --fork true` is a quick test.")
     lines.append(OPT_OUT)
     return "\n".join(lines)
