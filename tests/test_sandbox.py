@@ -617,6 +617,53 @@ def test_caller_killed_takes_the_sandbox_with_it(tmp_path):
     assert processes_of(tag) == []
 
 
+def test_caller_kills_past_the_deadline(host, monkeypatch):
+    """The caller's last resort, were a sandbox's own wall clock to fail: past the deadline it
+    has the zygote kill that sandbox, and returns only once its pid namespace is empty."""
+    monkeypatch.setattr(sandbox_runner, "GRACE_S", -1.5)  # the caller's deadline before the keeper's
+    src = """
+    import os, time
+    for i in range(10):
+        if os.fork() == 0:
+            os.setsid()
+            time.sleep(600)
+            os._exit(0)
+    time.sleep(600)
+    """
+    r = contained(host, src, (Example(expr="1"),), Limits(cpu_s=1, wall_s=3, memory_mb=256, processes=32))
+    assert r.status == "timeout" and "killed by the caller" in r.error
+
+
+def test_caller_error_mid_batch_leaves_nothing(host, monkeypatch):
+    """An exception in the caller while sandboxes run (here: on the program's first output,
+    after it forked its sleepers) kills every sandbox of the batch before it propagates."""
+    tag = new_tag()
+    src = tagged("""
+    import os, time
+    for i in range(10):
+        if os.fork() == 0:
+            os.setsid()
+            time.sleep(600)
+            os._exit(0)
+    os.write(3, b'{"kind": "started"}\\n')
+    time.sleep(600)
+    """, tag)
+    real = sandbox_runner._Child.on_event
+
+    def on_event(self, sel, what):
+        real(self, sel, what)
+        if b"started" in self.out:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(sandbox_runner._Child, "on_event", on_event)
+    with pytest.raises(KeyboardInterrupt):
+        run_programs([Program(src), BENIGN, BENIGN], limits=Limits(cpu_s=5, wall_s=20, processes=32))
+    assert processes_of(tag) == []
+    monkeypatch.undo()
+    host.unchanged()
+    assert run_programs([BENIGN])[0].passed
+
+
 # ---------------------------------------------------------------------------------------------
 # as a normal user
 

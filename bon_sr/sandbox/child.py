@@ -1,26 +1,31 @@
-"""The sandbox's child side: a standalone script, run by ``bon_sr.sandbox.runner`` as
-``python -S -s -B -X utf8 child.py`` with an empty environment (only PYTHONHASHSEED=0 and a
-fixed PATH/HOME/LC_ALL), the job on stdin (marshal: it comes from the caller, never from the
-program), results as JSON lines on stdout and the sandbox's own reports (set-up errors, how the
-run ended) as JSON lines on stderr.
+"""The sandbox's child side: a standalone script, run by ``bon_sr.sandbox.runner`` once per
+batch as ``python -S -s -B -X utf8 child.py SOCKET_FD CALLER_PID`` with an empty environment
+(only PYTHONHASHSEED=0 and a fixed PATH/HOME/LC_ALL). That process, the zygote, receives one
+message per program on a unix socket: three descriptors, the job's pipe (marshal: it comes
+from the caller, never from a program), the results pipe (JSON lines from the program's
+runner) and the control pipe (JSON lines from the sandbox itself: set-up errors, how the run
+ended), and forks a monitor for it. Forking a started interpreter costs a fraction of starting
+one, which every program would pay.
 
 It imports only the standard library and nothing from bon_sr: inside the sandbox only the
 interpreter's own prefix and the system directories exist. It avoids the modules that pull in
-``re`` and ``enum`` (json, signal, socket: their C halves serve), since its start-up is paid
-once per program. It knows nothing about prompts, candidates or selection; it runs one program
-and its examples.
+``re`` and ``enum`` (json, signal, socket: their C halves serve), which would lengthen the
+zygote's start and every program's namespace. It knows nothing about prompts, candidates or
+selection; it runs programs and their examples.
 
 Process tree (sandboxed)::
 
-    monitor   (the caller's child, host namespaces) writes the user namespace's id maps
-     └ keeper (host pid namespace, in the new user/mount/net/ipc/uts namespaces) wall clock
-        └ init    pid 1 of a new pid namespace: builds the root, pivots, reaps
-           └ runner  pid 2: limits, drops every privilege, runs the program and its examples
+    zygote      (the caller's child) one per batch; forks a monitor per program
+     └ monitor  (host namespaces) writes the user namespace's id maps
+        └ keeper  (host pid namespace, in the new user/mount/net/ipc/uts/cgroup namespaces) wall clock
+           └ init    pid 1 of a new pid namespace: builds the root, pivots, reaps
+              └ runner  pid 2: limits, drops every privilege, runs the program and its examples
 
-Each link dies with its parent (PR_SET_PDEATHSIG, checked against a pipe for the race at
-start); when init dies the kernel kills everything left in its pid namespace, double-forked
-and setsid descendants included, before init's parent can reap it. So when the monitor has
-reaped the keeper, nothing the program started is alive.
+Each link dies with its parent (PR_SET_PDEATHSIG, checked against a pipe or the parent's pid
+for the race at start); when init dies the kernel kills everything left in its pid namespace,
+double-forked and setsid descendants included, before init's parent can reap it. The control
+pipe is held by the monitor, the keeper and init (never by the program): it closes once the
+keeper has reaped init, that is once nothing the program started is alive.
 """
 
 from __future__ import annotations
@@ -648,16 +653,59 @@ def unsandboxed(job: dict) -> None:
     os._exit(0)
 
 
-def main() -> None:
+def zygote(sock_fd: int, caller: int) -> None:
+    """Fork a monitor per message until the caller closes the socket, then wait for them all.
+    A kill message (the caller's last resort past a wall limit) kills one monitor: its keeper
+    and init follow by their death signals."""
+    die_with_parent(parent=caller)
+    sock = _socket.socket(fileno=sock_fd)
+    monitors: dict[int, int] = {}  # job id -> pid, until reaped (so a kill never hits a reused pid)
+    while True:
+        msg, ancdata, _, _ = sock.recvmsg(64, _socket.CMSG_LEN(3 * 4))
+        if not msg:
+            break
+        kind, _, job_id = msg.decode().partition(" ")
+        fds = [int.from_bytes(data[i:i + 4], sys.byteorder) for level, typ, data in ancdata
+               if level == _socket.SOL_SOCKET and typ == _socket.SCM_RIGHTS for i in range(0, len(data) - 3, 4)]
+        if kind == "run" and len(fds) == 3:
+            pid = os.fork()
+            if pid == 0:
+                sock.close()
+                for target, fd in enumerate(fds):
+                    os.dup2(fd, target)
+                os.closerange(3, 1 << 16)
+                run_one()
+            monitors[int(job_id)] = pid
+        elif kind == "kill" and int(job_id) in monitors:
+            os.kill(monitors[int(job_id)], signal.SIGKILL)
+        for fd in fds:
+            os.close(fd)
+        reap(monitors, block=False)
+    reap(monitors, block=True)
+    os._exit(0)
+
+
+def reap(monitors: dict[int, int], *, block: bool) -> None:
+    for job_id, pid in list(monitors.items()):
+        if os.waitpid(pid, 0 if block else os.WNOHANG)[0] == pid:
+            del monitors[job_id]
+
+
+def run_one() -> None:
+    """In a fresh monitor: the job from fd 0, then stdin becomes /dev/null."""
     data = b""
     while chunk := os.read(0, 1 << 16):
         data += chunk
     null = os.open("/dev/null", os.O_RDONLY)
     os.dup2(null, 0)
     os.close(null)
-    job = marshal.loads(data)
+    try:
+        job = marshal.loads(data)
+    except (EOFError, ValueError, TypeError):
+        report({"setup_error": "the job could not be read", "step": "job", "errno": 0})
+        os._exit(1)
     (monitor if job["sandboxed"] else unsandboxed)(job)
 
 
 if __name__ == "__main__":
-    main()
+    zygote(int(sys.argv[1]), int(sys.argv[2]))
