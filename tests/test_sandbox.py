@@ -189,6 +189,19 @@ def test_results_per_example_kind():
     assert r.to_dict()["examples"][0] == {"status": "pass", "value_repr": "4", "stdout": "called 2\n"}
 
 
+def test_doctest_tracebacks_and_crashes():
+    src = "def f(x):\n    if x < 0:\n        raise ValueError('negative')\n    return x\n"
+    tb = "Traceback (most recent call last):\n  ...\n"
+    [r, crash] = run_programs([
+        Program(src, (Example(doctest="f(-1)\n", want=tb + "ValueError: negative\n"),
+                      Example(doctest="f(-1)\n", want=tb + "ValueError: other\n"),
+                      Example(doctest="f(-1)\n", want="-1\n"))),
+        Program("import os\n", (Example(expr="1"), Example(expr="os.abort()"), Example(expr="2")))])
+    assert [e.status for e in r.examples] == ["pass", "fail", "error"]
+    assert (crash.status, crash.error_type) == ("crashed", "SIGABRT")
+    assert values(crash) == ["1", "SIGABRT", "SIGABRT"]
+
+
 def test_behaviour_groups_alike_programs_and_splits_others():
     examples = (Example(expr="sq(3)"), Example(expr="sq(-2)"))
     same_a = Program("def sq(x):\n    return x * x\n", examples)

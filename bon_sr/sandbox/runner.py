@@ -1,6 +1,6 @@
 """The caller's side: run a batch of programs, each in its own sandbox, in parallel bounded by
-the cores (twice their number); read each one's capped JSON lines and hand back RunResults; check the machine can
-do it.
+the cores (twice their number); read each one's capped JSON lines and hand back RunResults;
+check that the machine can do it.
 
 A batch starts one fresh interpreter (``subprocess``: fork + exec, so nothing of the caller's
 memory, threads or file descriptors crosses; never ``multiprocessing``) with an empty

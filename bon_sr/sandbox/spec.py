@@ -7,7 +7,9 @@ program's source (then its ``setup``) left behind:
     Example(expr="f(1)", expected="2")         pass when ``f(1) == 2`` (both evaluated in the child)
     Example(stmt="assert f(1) == 2, 'msg'")    pass when it runs, fail on AssertionError
     Example(doctest="f(1)\\n", want="2\\n")     pass when the interactive output matches, as doctest
-                                               compares (``flags``: "ELLIPSIS", "NORMALIZE_WHITESPACE")
+                                               compares (``flags``: "ELLIPSIS", "NORMALIZE_WHITESPACE";
+                                               a want that is a traceback matches the exception's
+                                               "Type: message" line)
 
 Each gives an ExampleResult: status ``pass`` | ``fail`` | ``error``, the exception's type and
 message when one was raised, the value's repr (``expr``), what it printed; all capped.
@@ -93,7 +95,10 @@ class Program:
 @dataclass(frozen=True)
 class Limits:
     """Per program. The defaults suit the examples of a code prompt (milliseconds each); the
-    wall limit counts the sandbox's start (about 0.1 s, more when the cores are busy)."""
+    wall limit counts the sandbox's start (tens of milliseconds, more when the cores are busy).
+    CPU time is counted in whole seconds (rounded up) per process; wall time for the whole
+    run; memory (address space) per process, so a program's tree may hold up to
+    ``processes * memory_mb``."""
 
     cpu_s: float = 2.0
     wall_s: float = 5.0
