@@ -146,7 +146,7 @@ def main() -> None:
     failed = [i for i, r in enumerate(warm) if not r.passed]
     if failed:
         raise SystemExit(f"programs {failed} do not pass their examples: {[warm[i].to_dict() for i in failed]}")
-    batch_s, program_s, cpu_s, timeouts = [], [], [], 0
+    batch_s, program_s, cpu_s, plain_s, timeouts = [], [], [], [], 0
     for _ in range(args.repeats):
         c0 = os.times()
         t0 = time.perf_counter()
@@ -156,7 +156,8 @@ def main() -> None:
         cpu_s.append((c1.children_user + c1.children_system - c0.children_user - c0.children_system) / len(programs))
         program_s += [r.wall_s for r in results]
         timeouts += sum(r.status == "timeout" for r in results)
-    plain_s = [plain_batch_seconds(programs, workers) for _ in range(args.repeats)]
+        # right after, so that both see the same load from whatever else runs on the machine
+        plain_s.append(plain_batch_seconds(programs, workers))
 
     sampling, source = args.sampling_s, "given with --sampling-s"
     if args.sample:
@@ -167,9 +168,10 @@ def main() -> None:
             "batch_s_median": med, "batch_s_min": min(batch_s), "batch_s_max": max(batch_s),
             "program_wall_s_median": statistics.median(program_s), "program_cpu_s_median": statistics.median(cpu_s),
             "plain_batch_s_median": statistics.median(plain_s), "timeouts": timeouts,
-            "sampling_s": sampling, "pct_of_sampling": 100 * med / sampling}
+            "sampling_s": sampling, "pct_of_sampling": 100 * med / sampling, "load_average": os.getloadavg()[0]}
     print(f"# {platform.machine()}, {os.cpu_count()} cores ({workers} workers), Linux {platform.release()}, "
-          f"Python {platform.python_version()}; {len(programs)} programs x 3 asserts, {args.repeats} batches")
+          f"Python {platform.python_version()}; {len(programs)} programs x 3 asserts, {args.repeats} batches; "
+          f"load average {os.getloadavg()[0]:.1f}")
     print(f"batch (sandboxed)    median {med:.3f} s   (min {min(batch_s):.3f}, max {max(batch_s):.3f})")
     print(f"program in a batch   median {rows['program_wall_s_median']:.3f} s wall, "
           f"{rows['program_cpu_s_median'] * 1e3:.1f} ms CPU (the process tree)")

@@ -348,7 +348,8 @@ def test_opt_out_runs_unsandboxed_only_where_no_sandbox(monkeypatch, caplog):
 
 def test_infinite_loop(host):
     r = contained(host, "while True:\n    pass\n", (Example(expr="1"),))
-    assert r.status == "timeout" and r.error_type == "Timeout" and "CPU" in r.error
+    # the CPU limit stops it, or the wall limit first when the machine is busy
+    assert r.status == "timeout" and r.error_type == "Timeout" and ("CPU" in r.error or "wall" in r.error)
     spin = "def f():\n    while True:\n        pass\n"
     r = contained(host, spin, (Example(expr="1 + 1"), Example(expr="f()"), Example(expr="2")))
     assert values(r) == ["2", "Timeout", "Timeout"], "examples before the loop keep their results"
@@ -381,7 +382,7 @@ def test_forked_sleepers_all_die(host, ends):
     assert values(r) == (["200"] if ends == "exits" else ["Timeout"])
 
 
-def test_process_limit_binds_as_root(host):
+def test_process_limit_binds(host):
     src = """
     import os, time
     def spawn(n):
@@ -591,7 +592,8 @@ def test_no_inherited_descriptors_no_privileges(host):
     r = contained(host, src, examples)
     assert eval(r.examples[0].value_repr) == ["0", "1", "2", "3", "4"], "0-2 /dev/null, 3 results, 4 the listing"
     status = eval(r.examples[1].value_repr)
-    assert status["Uid"].split() == ["65534"] * 4 and status["Gid"].split() == ["65534"] * 4
+    uid = "65534" if os.geteuid() == 0 else "0"  # a normal user is uid 0 of its namespace, without capabilities
+    assert status["Uid"].split() == [uid] * 4 and status["Gid"].split() == [uid] * 4
     assert {status[k] for k in ("CapEff", "CapPrm", "CapBnd")} == {"0000000000000000"} and status["NoNewPrivs"] == "1"
     assert all(v != "'ok'" for v in values(r)[2:]), values(r)
 
