@@ -1,17 +1,14 @@
 """The sandbox's child side: a standalone script, run by ``bon_sr.sandbox.runner`` once per
 batch as ``python -S -s -B -X utf8 child.py SOCKET_FD CALLER_PID`` with an empty environment
 (only PYTHONHASHSEED=0 and a fixed PATH/HOME/LC_ALL). That process, the zygote, receives one
-message per program on a unix socket: three descriptors, the job's pipe (marshal: it comes
-from the caller, never from a program), the results pipe (JSON lines from the program's
-runner) and the control pipe (JSON lines from the sandbox itself: set-up errors, how the run
-ended), and forks a monitor for it. Forking a started interpreter costs a fraction of starting
-one, which every program would pay.
+message per program on a unix socket: three descriptors, the job's pipe (one JSON object), the
+results pipe (JSON lines from the program's runner) and the control pipe (JSON lines from the
+sandbox itself: set-up errors, how the run ended), and forks a monitor for it. Forking a
+started interpreter costs a fraction of starting one, which every program would pay.
 
 It imports only the standard library and nothing from bon_sr: inside the sandbox only the
-interpreter's own prefix and the system directories exist. It avoids the modules that pull in
-``re`` and ``enum`` (json, signal, socket: their C halves serve), which would lengthen the
-zygote's start and every program's namespace. It knows nothing about prompts, candidates or
-selection; it runs programs and their examples.
+interpreter's own prefix and the system directories exist. It knows nothing about prompts,
+candidates or selection; it runs programs and their examples.
 
 Process tree (sandboxed)::
 
@@ -30,17 +27,14 @@ keeper has reaped init, that is once nothing the program started is alive.
 
 from __future__ import annotations
 
-# The C halves of json, signal and socket: the Python halves import re and enum, about a third of
-# this script's start-up, which every program pays.
-import _json  # noqa: PLC2701
-import _signal as signal  # noqa: PLC2701
-import _socket  # noqa: PLC2701
 import ctypes
 import errno
-import marshal
+import json
 import os
 import resource
 import select
+import signal
+import socket
 import sys
 import time
 
@@ -63,9 +57,6 @@ LINUX_CAPABILITY_VERSION_3 = 0x20080522
 SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203, "s390x": 217}
 
 SANDBOX_UID = 65534  # "nobody": the program's uid when the caller is root
-SIGNAL_NAMES: dict[int, str] = {}
-for _name in sorted(n for n in dir(signal) if n.startswith("SIG") and not n.startswith("SIG_")):
-    SIGNAL_NAMES.setdefault(getattr(signal, _name), _name)  # SIGABRT before its alias SIGIOT
 
 libc = ctypes.CDLL(None, use_errno=True)
 libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
@@ -84,23 +75,8 @@ class SetupError(Exception):
         super().__init__(f"{step}: {text}" + (f" ({errno.errorcode.get(err, err)})" if err else ""))
 
 
-def encode(obj) -> str:
-    """JSON for what the child sends: dicts with str keys, lists, str, int, float, bool, None."""
-    if isinstance(obj, str):
-        return _json.encode_basestring_ascii(obj)
-    if obj is None or isinstance(obj, bool):
-        return {None: "null", True: "true", False: "false"}[obj]
-    if isinstance(obj, (int, float)):
-        return repr(obj) if obj == obj and obj not in (float("inf"), float("-inf")) else "null"
-    if isinstance(obj, dict):
-        return "{" + ",".join(f"{encode(str(k))}:{encode(v)}" for k, v in obj.items()) + "}"
-    if isinstance(obj, (list, tuple)):
-        return "[" + ",".join(encode(v) for v in obj) + "]"
-    return encode(str(obj))
-
-
 def send(fd: int, obj: dict) -> None:
-    os.write(fd, (encode(obj) + "\n").encode())
+    os.write(fd, (json.dumps(obj) + "\n").encode())
 
 
 def report(obj: dict) -> None:
@@ -258,7 +234,7 @@ def init(job: dict, keeper_alive: int) -> None:
     os.umask(0o022)  # the directories of the new root must be traversable by the program's uid
     signal.signal(signal.SIGINT, signal.SIG_DFL)  # as pid 1, a signal without a handler is ignored
     build_root(job["limits"])
-    _socket.sethostname("sandbox")
+    socket.sethostname("sandbox")
     try:
         with open("/proc/sys/user/max_user_namespaces", "w") as fh:
             # no nested user namespace: it would hand the program capabilities over a fresh one
@@ -287,7 +263,7 @@ def end_record(status: int, usage, limits: dict) -> dict:
         sig = os.WTERMSIG(status)
         if sig == signal.SIGXCPU or (sig == signal.SIGKILL and cpu >= limits["cpu_s"]):
             return {**rec, "end": "timeout", "why": f"CPU time limit ({limits['cpu_s']} s)"}
-        return {**rec, "end": "signal", "signal": SIGNAL_NAMES.get(sig, f"signal {sig}")}
+        return {**rec, "end": "signal", "signal": signal.Signals(sig).name}
     return {**rec, "end": "exit", "code": os.WEXITSTATUS(status)}
 
 
@@ -667,15 +643,15 @@ def zygote(sock_fd: int, caller: int) -> None:
     A kill message (the caller's last resort past a wall limit) kills one monitor: its keeper
     and init follow by their death signals."""
     die_with_parent(parent=caller)
-    sock = _socket.socket(fileno=sock_fd)
+    sock = socket.socket(fileno=sock_fd)
     monitors: dict[int, int] = {}  # job id -> pid, until reaped (so a kill never hits a reused pid)
     while True:
-        msg, ancdata, _, _ = sock.recvmsg(64, _socket.CMSG_LEN(3 * 4))
+        msg, ancdata, _, _ = sock.recvmsg(64, socket.CMSG_LEN(3 * 4))
         if not msg:
             break
         kind, _, job_id = msg.decode().partition(" ")
         fds = [int.from_bytes(data[i:i + 4], sys.byteorder) for level, typ, data in ancdata
-               if level == _socket.SOL_SOCKET and typ == _socket.SCM_RIGHTS for i in range(0, len(data) - 3, 4)]
+               if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS for i in range(0, len(data) - 3, 4)]
         if kind == "run" and len(fds) == 3:
             pid = os.fork()
             if pid == 0:
@@ -709,8 +685,8 @@ def run_one() -> None:
     os.dup2(null, 0)
     os.close(null)
     try:
-        job = marshal.loads(data)
-    except (EOFError, ValueError, TypeError):
+        job = json.loads(data)
+    except ValueError:
         report({"setup_error": "the job could not be read", "step": "job", "errno": 0})
         os._exit(1)
     (monitor if job["sandboxed"] else unsandboxed)(job)

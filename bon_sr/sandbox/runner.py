@@ -20,7 +20,6 @@ from __future__ import annotations
 import array
 import json
 import logging
-import marshal
 import os
 import select
 import selectors
@@ -220,7 +219,7 @@ class _Child:
         job = {"sandboxed": self.sandboxed, "parent_pid": zygote.proc.pid, "started": time.time(),
                "probe": self.probe, "limits": self.limits.to_job(), "source": self.program.source,
                "setup": self.program.setup, "examples": [e.to_job() for e in self.program.examples]}
-        out_r, err_r = zygote.spawn(self.index, marshal.dumps(job))
+        out_r, err_r = zygote.spawn(self.index, json.dumps(job).encode())
         for name, fd in (("out", out_r), ("err", err_r)):
             os.set_blocking(fd, False)
             sel.register(fd, selectors.EVENT_READ, (self, name))
