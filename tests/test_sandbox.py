@@ -12,6 +12,7 @@ as root there; ``test_unprivileged_user`` runs the same checks as uid 65534.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -187,6 +188,7 @@ def test_results_per_example_kind():
                    ("pass", None, "5.0", "called 2.5\n"), ("error", "NameError", None, "")]
     assert r.examples[2].error == "negative" and r.examples[4].error == "wrong"
     assert r.to_dict()["examples"][0] == {"status": "pass", "value_repr": "4", "stdout": "called 2\n"}
+    assert RunResult.from_dict(json.loads(json.dumps(r.to_dict()))) == dataclasses.replace(r, wall_s=round(r.wall_s, 4))
 
 
 def test_doctest_tracebacks_and_crashes():

@@ -150,6 +150,10 @@ class ExampleResult:
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v not in (None, "")}
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ExampleResult:
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
+
 
 @dataclass(frozen=True)
 class RunResult:
@@ -186,3 +190,10 @@ class RunResult:
             out["cpu_s"] = self.cpu_s
         out.update({k: v for k, v in (("error_type", self.error_type), ("error", self.error)) if v is not None})
         return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RunResult:
+        """The inverse of to_dict (``passed`` is derived, not read)."""
+        return cls(status=data["status"], examples=tuple(ExampleResult.from_dict(e) for e in data["examples"]),
+                   error_type=data.get("error_type"), error=data.get("error"), sandboxed=data.get("sandboxed", True),
+                   wall_s=data.get("wall_s", 0.0), cpu_s=data.get("cpu_s"))
