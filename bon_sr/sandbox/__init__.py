@@ -1,0 +1,58 @@
+"""Run model-written Python in a sandbox: each program in its own contained process, its
+examples evaluated there, the results back as capped JSON.
+
+    spec.py     Program, Example, Limits in; RunResult, ExampleResult out (plain dataclasses)
+    runner.py   run_programs(): one child per program, in parallel up to the cores; check_sandbox()
+    child.py    the child (a standalone script, standard library only): namespaces, root, limits
+
+    results = run_programs([Program(source, (Example(expr="f(1)", expected="2"),))])
+    results[0].passed, results[0].behaviour, results[0].to_dict()
+
+Infrastructure: it knows nothing about prompts, candidates, answers or selection, and imports
+nothing of bon_sr but its errors.
+
+Threat model. A program runs as its own process tree in new user, mount, pid, network, IPC
+and UTS namespaces, with:
+  - a root of its own: read-only binds of /usr, /bin, /lib* and the interpreter's prefix, a
+    minimal /dev, its own /proc, size- and file-count-limited tmpfs /tmp (its cwd) and
+    /dev/shm. The host's /home, /root (beyond the interpreter), /tmp, /run, /sys and the
+    project are not there, so it cannot read what the invoking user can read (a 0600 file, a
+    key) nor write anywhere outside its tmpfs;
+  - an empty environment, no inherited file descriptors, stdin from /dev/null;
+  - no network: a fresh network namespace with only its own loopback, down, so no host
+    listener (loopback included) and no abstract unix socket is reachable;
+  - its own pid namespace: it sees and can signal only its own processes, not the caller's
+    command lines (`bon-sr serve --api-key KEY`) or any other process;
+  - no privilege: as root the caller maps root and 'nobody' and the program runs as uid/gid
+    65534; as a normal user it stays that user, mapped onto uid 0 of its namespace. Either way
+    no capabilities (bounding and ambient sets empty, securebits locked), no_new_privs, and no
+    nested user namespace (its namespace allows 0);
+  - limits: CPU time (RLIMIT_CPU, per process), wall time (the whole tree), address space,
+    file size, open files, processes and threads (RLIMIT_NPROC, counted per sandbox), result
+    bytes; at any limit, or when the caller or its thread dies, the pid namespace's init dies
+    and the kernel kills every process in it, double-forked and setsid ones included.
+Not covered: kernel vulnerabilities (the program can make any system call an unprivileged
+process can: there is no seccomp filter), CPU side channels (Spectre-class) and timing
+between co-located programs, the shared CPU and memory bandwidth (a program can slow its
+neighbours within its limits), and the truth of its own report: the program runs in the same
+interpreter as the code that evaluates its examples, so a hostile program can forge its own
+results (it cannot touch another program's). Without a sandbox (the explicit
+``allow_unsandboxed`` / BON_SR_UNSAFE_NO_SANDBOX=1 opt-out, used only where none can be
+built) none of the above holds beyond the limits, the empty environment and the fresh
+directory.
+"""
+
+from .runner import UNSAFE_ENV, SandboxUnavailable, check_sandbox, run_programs
+from .spec import Example, ExampleResult, Limits, Program, RunResult
+
+__all__ = [
+    "Example",
+    "ExampleResult",
+    "Limits",
+    "Program",
+    "RunResult",
+    "SandboxUnavailable",
+    "UNSAFE_ENV",
+    "check_sandbox",
+    "run_programs",
+]
