@@ -1,6 +1,6 @@
 """What consensus selection (``--selector mbr``) costs next to sampling the candidates.
 
-Times the product's selection step, ``bon_sr.selection.decide`` with the ``mbr`` selector
+Times the product's selection step, ``bon_sr.selection.decide.decide`` with the ``mbr`` selector
 (the N x N similarity, each candidate's utility, the pick), at N = 16 and 64:
 
   lexical   chrF between real model outputs: the candidate texts of the committed GSM8K
@@ -34,9 +34,9 @@ from pathlib import Path
 
 import torch
 
-from bon_sr.consensus import get_utility
-from bon_sr.selection import decide
-from bon_sr.selectors import get_selector
+from bon_sr.selection.consensus import get_utility
+from bon_sr.selection.decide import decide
+from bon_sr.selection.selectors import get_selector
 from bon_sr.types import Candidate
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -2,10 +2,10 @@
 
 Contenders, all fed the same batch (B, T, d) in the chosen dtype:
   svdvals32  torch.linalg.svdvals in float32 (what a user would write by hand)
-  exact64    bon_sr.stable_rank.stable_rank_exact (float64 SVD; the reference)
-  fast       bon_sr.stable_rank.stable_rank(backend="torch") (block subspace iteration,
+  exact64    bon_sr.scoring.stable_rank.stable_rank_exact (float64 SVD; the reference)
+  fast       bon_sr.scoring.stable_rank.stable_rank(backend="torch") (block subspace iteration,
              exact fallback; the pure-torch estimator)
-  triton     bon_sr.stable_rank.stable_rank(backend="triton") (the fused kernel; only on
+  triton     bon_sr.scoring.stable_rank.stable_rank(backend="triton") (the fused kernel; only on
              CUDA with triton importable)
 
 Two kinds of batch: "hidden" (decaying column scales plus 3 massive-activation columns,
@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from bon_sr.stable_rank import stable_rank, stable_rank_exact
+from bon_sr.scoring.stable_rank import stable_rank, stable_rank_exact
 
 BATCHES = (16, 64)
 LENGTHS = (512, 2048)

@@ -52,7 +52,7 @@ def main() -> None:
 
     from bon_sr import BestOfN
     from bon_sr.models import resolve_model
-    from bon_sr.prompts import PromptRecord
+    from bon_sr.sampling.prompts import PromptRecord
     from bon_sr.scale.ray_data import RayConfig, iter_records
 
     resolve_model(args.model)                     # convert/cache once, outside every timing

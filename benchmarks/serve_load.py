@@ -81,7 +81,7 @@ def _commands(kind: str, model: str, path: str, port: int, max_n: int) -> list[s
 def _start(kind: str, args: argparse.Namespace, path: str, log: Path) -> tuple[subprocess.Popen, str]:
     import httpx
 
-    from bon_sr.vllm_backend import apply_cpu_env_defaults, is_cpu_platform
+    from bon_sr.sampling.vllm_platform import apply_cpu_env_defaults, is_cpu_platform
 
     if is_cpu_platform():
         apply_cpu_env_defaults()  # the same thread binding and top-p plugin for both servers

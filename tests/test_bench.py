@@ -15,13 +15,14 @@ import pytest
 import torch
 
 from bon_sr.bench import checkers, metrics, report, runner
-from bon_sr.answers import group_answers, last_boxed
+from bon_sr.selection.answers import group_answers, last_boxed
 from bon_sr.bench.checkers import get_checker
+from bon_sr.bench.rank_eval import pair_outcome
 from bon_sr.bench.selectors import BENCH_SELECTORS, Scored, get_bench_selector
 from bon_sr.bench.tasks import Task, load_task
 from bon_sr.errors import ConfigError, InputError
-from bon_sr.samplers import SamplingConfig
-from bon_sr.samplers.fake import FakeSampler
+from bon_sr.sampling import SamplingConfig
+from bon_sr.sampling.fake import FakeSampler
 
 
 
@@ -315,8 +316,8 @@ def tiny_model():
 
 def test_scores_match_hfscorer_and_logits(tiny_model):
     from bon_sr.bench.scores import score_candidates
-    from bon_sr.hidden_states import HiddenStateConfig
-    from bon_sr.scoring import HFScorer
+    from bon_sr.scoring.hidden_states import HiddenStateConfig
+    from bon_sr.scoring.scorers import HFScorer
 
     prompts = [[1, 2, 3, 4], [5, 6]]
     responses = [[7, 8, 9], [10, 11, 12, 13, 14]]
@@ -442,10 +443,10 @@ def test_bench_config_validation():
 
 
 def test_rank_eval_outcomes():
-    assert runner.pair_outcome(2.0, 1.0) == 1.0
-    assert runner.pair_outcome(1.0, 2.0) == 0.0
-    assert runner.pair_outcome(1.0, 1.0) == 0.5
-    assert runner.pair_outcome(float("nan"), 1.0) == 0.5
+    assert pair_outcome(2.0, 1.0) == 1.0
+    assert pair_outcome(1.0, 2.0) == 0.0
+    assert pair_outcome(1.0, 1.0) == 0.5
+    assert pair_outcome(float("nan"), 1.0) == 0.5
     s = report.summarize_pairs({"a": [1.0, 0.0, 1.0, 0.5]}, ["x", "x", "y", "y"], bootstrap=200)
     assert s["categories"]["all"]["a"]["accuracy"] == pytest.approx(0.625)
     assert s["categories"]["x"]["a"]["accuracy"] == pytest.approx(0.5)
@@ -548,7 +549,7 @@ def test_real_rank_eval(tmp_path, one_thread):
 
 
 def test_extract_number_boxed_without_digits_falls_back():
-    from bon_sr.answers import extract_number
+    from bon_sr.selection.answers import extract_number
 
     # A \boxed{} with no number (seen on GSM8K from Qwen2.5-Coder-0.5B) must not crash:
     # the next rule (last number of the response) applies.

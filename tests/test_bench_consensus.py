@@ -20,7 +20,7 @@ from bon_sr.bench import runner
 from bon_sr.bench.consensus import ConsensusCache, Coverage, Similarities, gram_cosine, gram_matrix, sidecar_path
 from bon_sr.bench.selectors import BENCH_SELECTORS, GREEDY, Scored, _ranks, get_bench_selector, mbr_mix
 from bon_sr.bench.tasks import Task
-from bon_sr.consensus import hidden_similarity, lexical_similarity
+from bon_sr.selection.consensus import hidden_similarity, lexical_similarity
 from bon_sr.errors import ConfigError
 
 from test_bench import fake_generator, tiny_model  # noqa: F401  (fixture)
@@ -148,8 +148,8 @@ def test_sidecar_path_and_version(tmp_path):
 
 
 def test_embedding_pass_fills_the_sidecar_and_reports_rederive(tmp_path, monkeypatch, tiny_model):  # noqa: F811
-    from bon_sr.hidden_states import HiddenStateConfig
-    from bon_sr.scoring import HFScorer
+    from bon_sr.scoring.hidden_states import HiddenStateConfig
+    from bon_sr.scoring.scorers import HFScorer
 
     monkeypatch.setattr(runner, "load_generator", lambda *a, **k: fake_generator(tiny_model, []))
     loads: list[str] = []

@@ -10,12 +10,12 @@ import torch
 
 from conftest import ServeProcess, sr_in_range
 
-from bon_sr.answers import get_extractor
-from bon_sr.consensus import UTILITIES, UTILITY_KEY, get_utility, hidden_similarity, lexical_similarity, \
+from bon_sr.selection.answers import get_extractor
+from bon_sr.selection.consensus import UTILITIES, UTILITY_KEY, get_utility, hidden_similarity, lexical_similarity, \
     mbr_utilities, similarity
 from bon_sr.errors import ConfigError
-from bon_sr.selection import decide, ranked
-from bon_sr.selectors import Pick, get_selector, select
+from bon_sr.selection.decide import decide, ranked
+from bon_sr.selection.selectors import Pick, get_selector, select
 from bon_sr.types import Candidate
 
 NAN = math.nan
@@ -110,7 +110,7 @@ def test_utility_registry_and_callables():
 
 
 def test_embedding_summary():
-    from bon_sr.hidden_states import embedding_summary
+    from bon_sr.scoring.hidden_states import embedding_summary
 
     rows = torch.tensor([[1.0, 2.0], [3.0, 6.0]], dtype=torch.bfloat16)
     assert embedding_summary(rows) == {"last": (3.0, 6.0), "mean": (2.0, 4.0)}
@@ -188,8 +188,8 @@ def test_lexical_mbr_through_the_api_runs_no_scoring_pass(tiny_model_dir):
 
 def test_hidden_mbr_embeds_in_the_scoring_forward(tiny_model_dir, tiny_model):
     from bon_sr.api import BestOfN
-    from bon_sr.hidden_states import HiddenStateConfig
-    from bon_sr.scoring import HFScorer
+    from bon_sr.scoring.hidden_states import HiddenStateConfig
+    from bon_sr.scoring.scorers import HFScorer
 
     bon = BestOfN(tiny_model_dir, backend="hf", selector="mbr", utility="hidden-mean", dtype="float32")
     sel = bon.select("Q?", candidates=["abc", "abd", "xyz", ""])
@@ -275,7 +275,7 @@ class _TextEngine:
 def test_serve_mbr_and_auto_report_utilities(tiny_tokenizer):
     from fastapi.testclient import TestClient
 
-    from bon_sr.samplers import SamplingConfig
+    from bon_sr.sampling import SamplingConfig
     from bon_sr.serve.app import create_app
     from bon_sr.serve.settings import ServeSettings
 
@@ -345,7 +345,7 @@ def _show(*args):
 def test_show_renders_records_and_refuses_garbled_files(tmp_path):
     import json
 
-    from bon_sr.selection import decide as _decide
+    from bon_sr.selection.decide import decide as _decide
     from bon_sr.types import Selection
 
     texts = ["The answer is 4.", "It is 5.", "4, since 2+2=4.", "Purple."]

@@ -14,15 +14,15 @@ from click.testing import CliRunner
 
 import bon_sr
 from bon_sr import BestOfN, Candidate, ConfigError, InputError
-from bon_sr.hidden_states import HiddenStateConfig, iter_hidden_states, scored_span
-from bon_sr.scoring import HFScorer
+from bon_sr.scoring.hidden_states import HiddenStateConfig, iter_hidden_states, scored_span
+from bon_sr.scoring.scorers import HFScorer
 from bon_sr.jsonl import JsonlWriter
-from bon_sr.prompts import derive_seed, encode_prompt, read_prompt_file
-from bon_sr.samplers import SamplingConfig, truncate_at_stop
-from bon_sr.samplers.fake import FakeSampler
-from bon_sr.samplers.hf import HFSampler
-from bon_sr.selectors import SELECTORS, get_selector
-from bon_sr.stable_rank import stable_rank_exact
+from bon_sr.sampling.prompts import derive_seed, encode_prompt, read_prompt_file
+from bon_sr.sampling import SamplingConfig, truncate_at_stop
+from bon_sr.sampling.fake import FakeSampler
+from bon_sr.sampling.hf import HFSampler
+from bon_sr.selection.selectors import SELECTORS, get_selector
+from bon_sr.scoring.stable_rank import stable_rank_exact
 
 
 def test_public_surface_sorted_and_importable():
@@ -321,13 +321,13 @@ def test_split_gguf_parts_join_in_numeric_order_and_are_checked(tmp_path, monkey
 
 
 def test_missing_extra_names_pip_extra(monkeypatch):
-    from bon_sr import api
+    from bon_sr import options
     from bon_sr.errors import MissingExtraError
 
-    monkeypatch.setattr(api, "vllm_available", lambda: False)
+    monkeypatch.setattr(options, "vllm_available", lambda: False)
     with pytest.raises(MissingExtraError, match=r"pip install 'bon-sr\[vllm\]'"):
-        api.resolve_backend("vllm")
-    assert api.resolve_backend("auto") == "hf"
+        options.resolve_backend("vllm")
+    assert options.resolve_backend("auto") == "hf"
 
 
 # -- output file ------------------------------------------------------------------------------

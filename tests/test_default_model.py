@@ -59,11 +59,11 @@ def test_hidden_states_equal_hf_output_on_real_model(bon):
     r = bon.tokenizer("Hi there, friend!", add_special_tokens=False)["input_ids"]
     with torch.no_grad():
         ref = bon.hf_model(torch.tensor([p + r]), output_hidden_states=True).hidden_states[-1][0]
-    from bon_sr.stable_rank import stable_rank_exact
+    from bon_sr.scoring.stable_rank import stable_rank_exact
 
     for token_set, rows in (("response", ref[len(p):]), ("full", ref)):
-        from bon_sr.hidden_states import HiddenStateConfig
-        from bon_sr.scoring import HFScorer
+        from bon_sr.scoring.hidden_states import HiddenStateConfig
+        from bon_sr.scoring.scorers import HFScorer
 
         score = HFScorer(bon.hf_model, HiddenStateConfig(token_set=token_set)).score([p], [r])[0]
         assert score["scored_tokens"] == rows.shape[0]

@@ -16,8 +16,8 @@ from bon_sr.bench.cli import bench as bench_cmd
 from bon_sr.bench.runner import BenchConfig
 from bon_sr.cli import generate as generate_cmd
 from bon_sr.cli import score as score_cmd
-from bon_sr.hidden_states import HiddenStateConfig
-from bon_sr.samplers import SamplingConfig
+from bon_sr.scoring.hidden_states import HiddenStateConfig
+from bon_sr.sampling import SamplingConfig
 from bon_sr.serve.cli import serve as serve_cmd
 from bon_sr.serve.settings import ServeSettings
 from bon_sr.train.config import TrainConfig, get_preset

@@ -229,12 +229,12 @@ def test_vllm_kill9_sigterm_no_orphans_and_a_quiet_terminal(tmp_path, default_mo
 _PARENT = r'''
 import multiprocessing as mp, os, sys, time
 def child():
-    from bon_sr.vllm_plugin import die_with_parent
+    from bon_sr.sampling.vllm_plugin import die_with_parent
     print("armed" if die_with_parent() else "not armed", os.getpid(), flush=True)
     time.sleep(120)
 if __name__ == "__main__":
     if sys.argv[1] == "flag":
-        from bon_sr.vllm_plugin import mark_engine_parent
+        from bon_sr.sampling.vllm_plugin import mark_engine_parent
         mark_engine_parent()
     p = mp.get_context("spawn").Process(target=child)
     p.start()
@@ -269,7 +269,7 @@ def test_mark_engine_parent_only_from_the_main_thread(monkeypatch):
     import os
     import threading
 
-    from bon_sr import vllm_plugin
+    from bon_sr.sampling import vllm_plugin
 
     monkeypatch.setenv(vllm_plugin.PARENT_ENV, "1")
     t = threading.Thread(target=vllm_plugin.mark_engine_parent)

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from bon_sr.hidden_states import HiddenStateConfig
+from bon_sr.scoring.hidden_states import HiddenStateConfig
 from bon_sr.hook import Collector, HookError, collect_spec, request_meta, scores_from_results
 from bon_sr.hook.worker import FAULT_ENV, WorkerHook
-from bon_sr.stable_rank import stable_rank
+from bon_sr.scoring.stable_rank import stable_rank
 
 P, D = 5, 8
 
@@ -131,7 +131,7 @@ def test_collector_coalesces_concurrent_collects():
 def test_probe_names_missing_internals_before_any_engine(monkeypatch):
     from bon_sr.errors import ConfigError
     from bon_sr.hook import worker
-    from bon_sr.vllm_backend import check_hook_internals
+    from bon_sr.engines import check_hook_internals
 
     probe = worker.probe_vllm.__wrapped__  # uncached
     assert probe().startswith("0.32")
@@ -234,8 +234,8 @@ def _plan_outputs(tok, plan_kwargs, completions, monkeypatch, last_row="extend")
 
     from bon_sr.hook.plan import Collect, Group, Sample, ScoredSampling
     from bon_sr.hook.protocol import LAST_ROW_ENV
-    from bon_sr.samplers import SamplingConfig
-    from bon_sr.samplers.vllm import VLLMSampler
+    from bon_sr.sampling import SamplingConfig
+    from bon_sr.sampling.vllm import VLLMSampler
 
     monkeypatch.setenv(LAST_ROW_ENV, last_row)
     base = VLLMSampler(None, SamplingConfig(n=len(completions), max_new_tokens=3))
@@ -298,7 +298,7 @@ def test_text_decoder_writes_the_response_as_after_its_prompt(default_model_dir)
     from transformers import AutoTokenizer
 
     from bon_sr.hook.protocol import text_decoder
-    from bon_sr.prompts import encode_prompt
+    from bon_sr.sampling.prompts import encode_prompt
 
     tok = AutoTokenizer.from_pretrained(default_model_dir)
     prompt = encode_prompt(tok, "Say something.")

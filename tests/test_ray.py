@@ -24,7 +24,7 @@ from click.testing import CliRunner
 from bon_sr.cli import main
 from bon_sr.errors import ConfigError
 from bon_sr.scale.ray_data import CRASH_ONCE_ENV
-from bon_sr.vllm_backend import parallel_vllm_options
+from bon_sr.engines import parallel_vllm_options
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = [{"id": f"q{i}", "prompt": f"What is {i} + {i + 1}? Answer briefly."} for i in range(7)]

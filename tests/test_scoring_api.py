@@ -14,8 +14,8 @@ from click.testing import CliRunner
 from bon_sr import BestOfN, select_best
 from bon_sr.cli import main
 from bon_sr.errors import ConfigError
-from bon_sr.hidden_states import HiddenStateConfig
-from bon_sr.scoring import HFScorer
+from bon_sr.scoring.hidden_states import HiddenStateConfig
+from bon_sr.scoring.scorers import HFScorer
 
 PROMPTS = [[1, 5, 6, 7, 8], [1, 9, 10], [1, 11, 12, 13]]
 RESPONSES = [[20, 21, 22, 23], [24, 25, 26, 27, 28, 29, 30], [31]]
@@ -148,7 +148,7 @@ def test_cli_score_bad_input(tmp_path, row, needle):
 
 
 def test_prompt_file_with_a_byte_order_mark(tmp_path):
-    from bon_sr.prompts import read_prompt_file
+    from bon_sr.sampling.prompts import read_prompt_file
 
     p = tmp_path / "bom.jsonl"
     p.write_bytes(b"\xef\xbb\xbf" + b'{"id": "x", "prompt": "hi"}\n')
@@ -160,7 +160,7 @@ def test_end_of_turn_of_a_multi_eos_model_comes_from_the_chat_template(tiny_mode
     template, not the order of the eos list, decides (here: <|im_end|>, id 2)."""
     import copy
 
-    from bon_sr.hidden_states import end_of_turn_id
+    from bon_sr.scoring.hidden_states import end_of_turn_id
 
     model = copy.deepcopy(tiny_model)
     im_start, im_end = tiny_tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])

@@ -1,4 +1,4 @@
-"""Selectors against hand-worked cases, run twice: on the product path (``bon_sr.selectors``
+"""Selectors against hand-worked cases, run twice: on the product path (``bon_sr.selection.selectors``
 with ``Candidate`` objects) and through the benchmark's weight wrapper (``bench.selectors``
 with cached ``Scored`` records). Both must agree because the bench owns no second copy."""
 
@@ -8,10 +8,10 @@ import math
 
 import pytest
 
-from bon_sr.answers import get_extractor
+from bon_sr.selection.answers import get_extractor
 from bon_sr.bench.selectors import Scored, get_bench_selector
 from bon_sr.errors import ConfigError
-from bon_sr.selectors import SELECTORS, Pick, argmax, get_selector, select
+from bon_sr.selection.selectors import SELECTORS, Pick, argmax, get_selector, select
 from bon_sr.types import Candidate
 
 NAN = math.nan

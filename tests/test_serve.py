@@ -25,10 +25,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ServeProcess
+from conftest import FakeEngine, ServeProcess
 
-from bon_sr.samplers import SamplingConfig
-from bon_sr.types import Candidate
+from bon_sr.sampling import SamplingConfig
 
 from fastapi.testclient import TestClient  # noqa: E402
 
@@ -39,45 +38,6 @@ MODEL = "smollm2-135m-instruct"
 
 
 # =========================================================================== fast: fake engine
-
-
-class FakeEngine:
-    """BonEngine's surface; candidate i says 'answer <i % 2>' and has stable rank i + 1,
-    so stable-rank picks the last and majority picks answer 0 or 1 by count."""
-
-    def __init__(self, tokenizer, *, context=512, load_s=0.0, fail=None, delay_s=0.0):
-        self.tokenizer = tokenizer
-        self.context = context
-        self.state = "loading"
-        self.error = None
-        self.load_s = load_s
-        self.fail = fail
-        self.delay_s = delay_s
-        self.jobs = []
-        self.cancelled = 0
-        self.closed = False
-
-    async def start(self):
-        await asyncio.sleep(self.load_s)
-        if self.fail:
-            self.state, self.error = "failed", self.fail
-        else:
-            self.state = "ready"
-
-    async def sample(self, job):
-        self.jobs.append(job)
-        try:
-            await asyncio.sleep(self.delay_s)
-        except asyncio.CancelledError:
-            self.cancelled += 1
-            raise
-        n = job.sampling.n
-        return [Candidate(text=f"The answer is {i % 2}.", token_ids=tuple(range(3 + i)), index=i,
-                          finish_reason="stop", scores={"stable_rank": float(i + 1)} if job.score_keys else {})
-                for i in range(n)]
-
-    def close(self):
-        self.closed = True
 
 
 def _client(tiny_tokenizer, settings=None, **engine_kwargs):
@@ -146,7 +106,7 @@ def test_completions_take_raw_text_and_token_ids(client, tiny_tokenizer):
 
 
 def test_seed_derives_from_run_seed_and_id_like_generate(client):
-    from bon_sr.prompts import derive_seed
+    from bon_sr.sampling.prompts import derive_seed
 
     client.post("/v1/chat/completions", json=chat(bon_sr={"id": "q7"}))
     assert client.engine.jobs[-1].seed == derive_seed(0, "q7")
@@ -500,7 +460,7 @@ def test_real_errors(server, oai):
 def test_real_32_concurrent_requests(oai, server):
     from openai import AsyncOpenAI
 
-    from bon_sr.prompts import derive_seed
+    from bon_sr.sampling.prompts import derive_seed
 
     async def run():
         client = AsyncOpenAI(base_url=server.base + "/v1", api_key=API_KEY, max_retries=0, timeout=600)

@@ -1,4 +1,4 @@
-"""Tests for bon_sr.stable_rank: hand-derived values, masks, degenerate inputs, and the
+"""Tests for bon_sr.scoring.stable_rank: hand-derived values, masks, degenerate inputs, and the
 fast estimator against the float64 SVD on gapped, near-degenerate and Gaussian spectra."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from bon_sr.stable_rank import StableRankResult, stable_rank, stable_rank_exact
+from bon_sr.scoring.stable_rank import StableRankResult, stable_rank, stable_rank_exact
 
 BOTH = pytest.mark.parametrize("fn", [stable_rank, stable_rank_exact], ids=["fast", "exact"])
 
@@ -171,7 +171,7 @@ def test_estimator_on_gaussian_matrices(B, T, d):
 def test_exact_fallback_rescues_unconverged_items(monkeypatch):
     # One pass can never show convergence (there is no previous Ritz value to compare),
     # so every item of this flat-spectrum batch must take the exact float64 fallback.
-    module = sys.modules["bon_sr.stable_rank"]
+    module = sys.modules["bon_sr.scoring.stable_rank"]
     calls = []
     real = module.exact_top_eig
     monkeypatch.setattr(module, "exact_top_eig", lambda x: calls.append(x.shape[0]) or real(x))
@@ -184,7 +184,7 @@ def test_exact_fallback_rescues_unconverged_items(monkeypatch):
 
 def test_no_fallback_warns_and_returns_estimate(caplog):
     h = torch.randn(2, 60, 50, generator=torch.Generator().manual_seed(8))
-    with caplog.at_level(logging.WARNING, logger="bon_sr.stable_rank"):
+    with caplog.at_level(logging.WARNING, logger="bon_sr.scoring.stable_rank"):
         r = stable_rank(h, max_iter=2, exact_fallback=False)
     assert "did not converge" in caplog.text
     assert r.iterations.tolist() == [2, 2]
@@ -215,7 +215,7 @@ def test_deterministic_whatever_the_callers_rng_and_the_batch():
     alone = torch.cat([stable_rank(h[i:i + 1]).stable_rank for i in range(4)])
     torch.testing.assert_close(alone, a.stable_rank, rtol=1e-6, atol=0)
     # and a fresh interpreter computes the same bits
-    code = ("import torch; from bon_sr.stable_rank import stable_rank; "
+    code = ("import torch; from bon_sr.scoring.stable_rank import stable_rank; "
             "h = torch.randn(4, 70, 50, generator=torch.Generator().manual_seed(9)); "
             "print(' '.join(x.hex() for x in stable_rank(h).stable_rank.double().tolist()))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
@@ -332,7 +332,7 @@ def test_fell_back_flags_the_exact_fallback():
 
 
 def test_a_failed_cholesky_goes_to_the_fallback_and_is_reported():
-    from bon_sr.sr_core import orthonormalise, start_block, subspace_iteration
+    from bon_sr.scoring.sr_core import orthonormalise, start_block, subspace_iteration
 
     y = torch.randn(3, 8, 4)
     y[1, 2, 1] = float("nan")

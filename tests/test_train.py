@@ -16,8 +16,8 @@ import torch
 from click.testing import CliRunner
 
 from bon_sr.errors import ConfigError, InputError
-from bon_sr.hidden_states import HiddenStateConfig
-from bon_sr.scoring import HFScorer
+from bon_sr.scoring.hidden_states import HiddenStateConfig
+from bon_sr.scoring.scorers import HFScorer
 from bon_sr.train import StableRankReward, get_preset, repeated_ngram_fraction
 from bon_sr.train.cli import train as train_cmd
 

@@ -1,4 +1,4 @@
-"""Tests for the fused Triton stable-rank kernel (bon_sr.kernels.triton_sr).
+"""Tests for the fused Triton stable-rank kernel (bon_sr.scoring.kernels.triton_sr).
 
 On the CPU the kernel runs in Triton's interpreter. TRITON_INTERPRET=1 must be set
 when the kernel module is imported (``triton.jit`` reads it then and decorates the kernel
@@ -32,10 +32,10 @@ def _restore_interpret() -> None:
 
 os.environ["TRITON_INTERPRET"] = "1"  # for the kernel's import; see the docstring
 try:
-    from bon_sr.kernels.triton_sr import hthy, stable_rank_triton
+    from bon_sr.scoring.kernels.triton_sr import hthy, stable_rank_triton
 finally:
     _restore_interpret()
-from bon_sr.stable_rank import stable_rank, stable_rank_exact
+from bon_sr.scoring.stable_rank import stable_rank, stable_rank_exact
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -196,7 +196,7 @@ def test_kernel_hands_items_it_cannot_take_back_to_the_dispatcher():
 
 
 def test_auto_on_cpu_uses_torch(monkeypatch):
-    import bon_sr.kernels.triton_sr as mod
+    import bon_sr.scoring.kernels.triton_sr as mod
 
     def boom(*args, **kwargs):
         raise AssertionError("auto picked the Triton kernel for a CPU tensor")
@@ -207,7 +207,7 @@ def test_auto_on_cpu_uses_torch(monkeypatch):
 
 
 def test_forced_triton_on_cpu_runs_under_interpreter(monkeypatch):
-    import bon_sr.kernels.triton_sr as mod
+    import bon_sr.scoring.kernels.triton_sr as mod
 
     calls = []
     real = mod.stable_rank_triton
@@ -227,9 +227,9 @@ def test_backend_errors(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="needs h on a CUDA device"):
         stable_rank(h, backend="triton")
-    import bon_sr.kernels
+    import bon_sr.scoring.kernels
 
-    monkeypatch.setattr(bon_sr.kernels, "triton_available", lambda: False)
+    monkeypatch.setattr(bon_sr.scoring.kernels, "triton_available", lambda: False)
     with pytest.raises(ImportError, match="needs the triton package"):
         stable_rank(h, backend="triton")
 
@@ -238,7 +238,7 @@ def test_import_bon_sr_does_not_import_triton():
     import subprocess
     import sys
 
-    code = "import sys, bon_sr, bon_sr.stable_rank, bon_sr.kernels; sys.exit('triton' in sys.modules)"
+    code = "import sys, bon_sr, bon_sr.scoring.stable_rank, bon_sr.scoring.kernels; sys.exit('triton' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], env={**os.environ, "TRITON_INTERPRET": "0"}).returncode == 0
 
 
@@ -258,8 +258,8 @@ def test_compiled_kernel_on_cuda(dtype):
     code = f"""
 import torch
 dt = getattr(torch, {name!r})
-from bon_sr.stable_rank import stable_rank, stable_rank_exact
-import bon_sr.kernels.triton_sr as mod
+from bon_sr.scoring.stable_rank import stable_rank, stable_rank_exact
+import bon_sr.scoring.kernels.triton_sr as mod
 calls = []
 real = mod.stable_rank_triton
 mod.stable_rank_triton = lambda *a, **k: calls.append(1) or real(*a, **k)

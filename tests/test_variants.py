@@ -1,4 +1,4 @@
-"""Scorer variants (bon_sr.variants), the dense metrics (bench.metrics) and `bon-sr ablate`
+"""Scorer variants (bon_sr.scoring.variants), the dense metrics (bench.metrics) and `bon-sr ablate`
 end to end on a synthetic bench cache scored by the tiny random model."""
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from torch.testing import assert_close
 
 from bon_sr.bench.metrics import bon_accuracy, bon_pick, pairwise_accuracy, prompt_auc, within_prompt_auc
 from bon_sr.errors import ConfigError
-from bon_sr.hidden_states import HiddenStateConfig, iter_hidden_states
-from bon_sr.scoring import HFScorer
-from bon_sr.stable_rank import stable_rank_exact
-from bon_sr.variants import (MASSIVE_K, VARIANTS, CalibrationAccumulator, CalibrationStats, TransformContext,
+from bon_sr.scoring.hidden_states import HiddenStateConfig, iter_hidden_states
+from bon_sr.scoring.scorers import HFScorer
+from bon_sr.scoring.stable_rank import stable_rank_exact
+from bon_sr.scoring.variants import (MASSIVE_K, VARIANTS, CalibrationAccumulator, CalibrationStats, TransformContext,
                              length_corrected, parse_variant)
 
 
@@ -162,7 +162,7 @@ def test_registry_errors():
 # -- the core scorer with a transform --------------------------------------------------------
 
 def _pairs(tok):
-    from bon_sr.prompts import encode_prompt, encode_response
+    from bon_sr.sampling.prompts import encode_prompt, encode_response
 
     prompts = [encode_prompt(tok, "What is 2+2?"), encode_prompt(tok, "Name a colour.")]
     responses = [encode_response(tok, "It is 4, because 2 and 2 make 4."), encode_response(tok, "Blue")]
@@ -227,7 +227,7 @@ def test_bon_accuracy():
 
 def synthetic_cache(root, tok, model_dir, problems=10, n=4, seed=0, uniform=()):
     """A bench cache as runner.py writes it: random responses, random correctness."""
-    from bon_sr.prompts import encode_prompt, encode_response
+    from bon_sr.sampling.prompts import encode_prompt, encode_response
 
     rng = random.Random(seed)
     (root / "cache").mkdir(parents=True)
@@ -343,7 +343,7 @@ def test_layer_states_match_single_layer_scorer(tiny_model):
     """Every (norm, layer) from one pass equals iter_hidden_states for that layer alone, in any
     request order (regression: a post-norm intermediate layer once overwrote the last
     layer's pre-norm input, because it calls the final norm again)."""
-    from bon_sr.hidden_states import extract, iter_hidden_states
+    from bon_sr.scoring.hidden_states import extract, iter_hidden_states
 
     prompts, responses = [[1, 2, 3], [4, 5]], [[6, 7, 8, 9], [10, 11, 12]]
     wanted = [("post", 0), ("pre", 2), ("post", 1), ("pre", 0), ("post", 2), ("pre", 1)]
@@ -380,8 +380,8 @@ def test_ablate_consensus_cells_are_the_mbr_of_extract_states(tmp_path, tiny_mod
     from bon_sr.api import load_hf_model
     from bon_sr.bench.ablate import CONSENSUS_NOTE
     from bon_sr.cli import main
-    from bon_sr.consensus import hidden_similarity, mbr_utilities
-    from bon_sr.hidden_states import embedding_summary, extract
+    from bon_sr.selection.consensus import hidden_similarity, mbr_utilities
+    from bon_sr.scoring.hidden_states import embedding_summary, extract
 
     synthetic_cache(tmp_path / "bench", tiny_tokenizer, tiny_model_dir, problems=6)
     out = tmp_path / "abl"
@@ -433,7 +433,8 @@ def test_ablate_without_consensus_keeps_the_committed_report_layout(tmp_path, ti
     committed ablate.md re-derives from its ablate.json unchanged (no model needed)."""
     from pathlib import Path
 
-    from bon_sr.bench.ablate import NOTE, AblateConfig, ablate_markdown, run_ablate
+    from bon_sr.bench.ablate import NOTE, AblateConfig, run_ablate
+    from bon_sr.bench.ablate_report import ablate_markdown
 
     synthetic_cache(tmp_path / "bench", tiny_tokenizer, tiny_model_dir, problems=3)
     summary = run_ablate(AblateConfig(cache_dir=str(tmp_path / "bench"), variants=("paper", "center+length"),

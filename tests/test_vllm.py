@@ -21,15 +21,16 @@ import pytest
 import torch
 import vllm
 
-from bon_sr import vllm_backend
+from bon_sr import engines
+from bon_sr.sampling import vllm_platform
 from bon_sr.api import BestOfN
 from bon_sr.errors import ConfigError, MissingExtraError, ModelError
-from bon_sr.hidden_states import HiddenStateConfig
+from bon_sr.scoring.hidden_states import HiddenStateConfig
 from bon_sr.models import DEFAULT_MODEL, load_hf_model, resolve_model
-from bon_sr.prompts import encode_prompt, encode_response
-from bon_sr.samplers import SamplingConfig
-from bon_sr.scoring import HFScorer
-from bon_sr.vllm_backend import VLLMBackend
+from bon_sr.sampling.prompts import encode_prompt, encode_response
+from bon_sr.sampling import SamplingConfig
+from bon_sr.scoring.scorers import HFScorer
+from bon_sr.engines import VLLMBackend
 
 pytestmark = pytest.mark.vllm
 slow = pytest.mark.slow
@@ -118,39 +119,39 @@ def _rel(a: float, b: float) -> float:
 def test_missing_vllm_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", None)
     with pytest.raises(MissingExtraError, match=r"bon-sr\[vllm(-cpu)?\]"):
-        vllm_backend.import_vllm()
+        vllm_platform.import_vllm()
 
 
 def test_cpu_list_syntax():
-    assert vllm_backend._cpu_list([0, 1]) == "0-1"
-    assert vllm_backend._cpu_list([5, 0, 1, 2, 7]) == "0-2,5,7"
+    assert vllm_platform.cpu_list([0, 1]) == "0-1"
+    assert vllm_platform.cpu_list([5, 0, 1, 2, 7]) == "0-2,5,7"
 
 
 def test_cpu_binding_splits_cores_between_data_parallel_engine_cores(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4})
     for dp, want in ((1, "0-4"), (2, "0-1|2-4"), (5, "0|1|2|3|4")):
         monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
-        vllm_backend.apply_cpu_env_defaults(dp)
+        vllm_platform.apply_cpu_env_defaults(dp)
         assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == want
     for given, dp, want in (("3", 1, "3"), ("0-1|2-4", 2, "0-1|2-4"), ("auto", 2, "auto"),  # the user's choice
                             ("0-1", 2, "0|1"), ("0-2,5", 2, "0-1|2,5")):  # a single list is shared out
         monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", given)
-        vllm_backend.apply_cpu_env_defaults(dp)
+        vllm_platform.apply_cpu_env_defaults(dp)
         assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == want
     monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND")
     with pytest.raises(ConfigError, match="at least 6 CPU cores"):
-        vllm_backend.apply_cpu_env_defaults(6)
+        vllm_platform.apply_cpu_env_defaults(6)
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "x-y")
     with pytest.raises(ConfigError, match="not a CPU list"):
-        vllm_backend.apply_cpu_env_defaults(2)
+        vllm_platform.apply_cpu_env_defaults(2)
 
 
 def test_data_parallel_goes_to_the_generate_engine_only():
-    opts = vllm_backend.parallel_vllm_options({}, tensor_parallel_size=2, data_parallel_size=4)
+    opts = engines.parallel_vllm_options({}, tensor_parallel_size=2, data_parallel_size=4)
     assert opts == {"engine_kwargs": {"tensor_parallel_size": 2, "data_parallel_size": 4},
                     "pooling_engine_kwargs": {"tensor_parallel_size": 2}}
     with pytest.raises(ConfigError, match="data_parallel_size must be >= 1"):
-        vllm_backend.parallel_vllm_options({}, data_parallel_size=0)
+        engines.parallel_vllm_options({}, data_parallel_size=0)
 
 
 def test_dp_results_merge_takes_the_core_that_held_each_candidate():
@@ -420,7 +421,7 @@ def test_bench_backend_vllm_scores_in_the_sampling_pass(tmp_path, reuse_engines,
 
 @slow
 def test_bench_scorer_hf_samples_and_greedy_in_one_call(tmp_path, reuse_engines, monkeypatch):
-    from bon_sr.samplers.vllm import VLLMSampler
+    from bon_sr.sampling.vllm import VLLMSampler
 
     calls = []
     real = VLLMSampler._generate

@@ -31,12 +31,12 @@ from bon_sr.errors import ConfigError
 from bon_sr.hook import HookError, hook_stats
 from bon_sr.hook.protocol import LAST_ROW_ENV
 from bon_sr.hook.worker import FAULT_ENV
-from bon_sr.hidden_states import HiddenStateConfig
+from bon_sr.scoring.hidden_states import HiddenStateConfig
 from bon_sr.models import DEFAULT_MODEL, load_hf_model, resolve_model
-from bon_sr.prompts import encode_prompt, encode_response
-from bon_sr.samplers import SamplingConfig
-from bon_sr.scoring import HFScorer
-from bon_sr.vllm_backend import VLLMBackend
+from bon_sr.sampling.prompts import encode_prompt, encode_response
+from bon_sr.sampling import SamplingConfig
+from bon_sr.scoring.scorers import HFScorer
+from bon_sr.engines import VLLMBackend
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 

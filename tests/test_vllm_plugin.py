@@ -1,4 +1,4 @@
-"""The CPU top-p plugin (bon_sr.vllm_plugin) against vLLM's own sort-based top-p.
+"""The CPU top-p plugin (bon_sr.sampling.vllm_plugin) against vLLM's own sort-based top-p.
 
 No engine is started: the plugin's mask is compared with vLLM's reference function on
 logits shaped like a real decode step, and the entry-point wiring is checked.
@@ -12,7 +12,7 @@ import pytest
 import torch
 from vllm.v1.sample.ops import topk_topp_sampler
 
-from bon_sr import vllm_plugin
+from bon_sr.sampling import vllm_plugin
 
 pytestmark = pytest.mark.vllm
 

@@ -145,7 +145,7 @@ def _names_place(message: str, path: Path) -> bool:
 def fuzz_in_process(cases: Sequence[FuzzCase]) -> list[FuzzOutcome]:
     """read_prompt_file on each case: bad ones raise InputError naming the file (and line)."""
     from bon_sr.errors import InputError
-    from bon_sr.prompts import read_prompt_file
+    from bon_sr.sampling.prompts import read_prompt_file
 
     out = []
     for case in cases:

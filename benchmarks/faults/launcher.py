@@ -42,14 +42,15 @@ def install(mark: Callable[[str], None], torn_write: int = 0, torn_at: float = 0
     """Wrap bon-sr's phase methods with ``mark``; ``torn_write``: the record to tear (0: none)."""
     import json
 
-    from bon_sr import api, jsonl, scoring
-    from bon_sr.samplers import hf
+    from bon_sr import api, jsonl
+    from bon_sr.scoring import scorers
+    from bon_sr.sampling import hf
 
     _traced(api.BestOfN, "__init__", "load", mark)
     for name in ("sample", "sample_and_greedy"):
         if hasattr(hf.HFSampler, name):
             _traced(hf.HFSampler, name, "sample", mark)
-    _traced(scoring.HFScorer, "score", "score", mark)
+    _traced(scorers.HFScorer, "score", "score", mark)
     writes = [0]
     original_write = jsonl.JsonlWriter.write
 

@@ -8,7 +8,8 @@ use by the runner. The click commands live in ``bon_sr.bench.cli``.
 from __future__ import annotations
 
 from .checkers import CHECKERS, Checker, get_checker, register_checker
-from .runner import BenchConfig, evaluate_records, run_bench, run_rank_eval
+from .rank_eval import run_rank_eval
+from .runner import BenchConfig, evaluate_records, run_bench
 from .selectors import BENCH_SELECTORS, get_bench_selector
 from .tasks import BUILTIN_TASKS, Problem, Task, load_task
 

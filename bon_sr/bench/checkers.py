@@ -1,10 +1,10 @@
-"""Answer checkers: the product's answer formats (``bon_sr.answers``) plus the gold rule.
+"""Answer checkers: the product's answer formats (``bon_sr.selection.answers``) plus the gold rule.
 
 A checker is plain functions: ``extract(response) -> answer | None``, ``gold(reference) ->
 answer`` (normalises the task's reference) and ``equal(a, b) -> bool``; checkers whose
 answers have a canonical form also give ``key(answer)`` so that majority vote can group
 answers without pairwise comparisons. Extraction and equivalence are the product's
-(``bon_sr.answers``, which ``--answer`` uses too); only the gold rules live here.
+(``bon_sr.selection.answers``, which ``--answer`` uses too); only the gold rules live here.
 
 A task file may grade with a checker of its own: ``register_checker(Checker(...))`` before
 its problems name it. Checkers know nothing about models, sampling or selection.
@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from ..answers import ANSWER_FORMATS, canonical_number, group_answers, last_boxed, normalize_text, parse_number
+from ..selection.answers import ANSWER_FORMATS, canonical_number, group_answers, last_boxed, normalize_text, parse_number
 from ..errors import ConfigError
 
 __all__ = ["CHECKERS", "Checker", "get_checker", "gold_letter", "gold_math", "gold_number", "register_checker"]

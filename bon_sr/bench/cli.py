@@ -12,9 +12,9 @@ from typing import Any, Sequence
 import click
 
 from ..cli_runtime import progress_bars
-from ..hidden_states import HiddenStateConfig
+from ..scoring.hidden_states import HiddenStateConfig
 from ..models import DEFAULT_MODEL
-from ..samplers import SamplingConfig
+from ..sampling import SamplingConfig
 
 
 def _parse_n(value: str) -> tuple[int, ...]:
@@ -248,7 +248,7 @@ def rank_eval(pairs_file: str | None, rewardbench: bool, model: str, limit: int 
     zero-shot rewards (the paper's RewardBench protocol), overall and per category."""
     from .data import load_pairs, load_rewardbench_hub
     from .rewardbench import is_rewardbench
-    from .runner import run_rank_eval
+    from .rank_eval import run_rank_eval
 
     if not pairs_file and not rewardbench:
         raise click.UsageError("Give exactly one of --pairs FILE.jsonl or --rewardbench (the hub); "
@@ -277,7 +277,7 @@ def rank_eval(pairs_file: str | None, rewardbench: bool, model: str, limit: int 
 def _rewardbench_report(pairs: list[dict[str, Any]], model: str, source: str, out_dir: str) -> None:
     from .paper import read_rank_records, rewardbench_summary
     from .report import rewardbench_markdown, write_json_markdown
-    from .runner import RANK_SCORERS
+    from .rank_eval import RANK_SCORERS
 
     records = read_rank_records(out_dir, [str(p["id"]) for p in pairs])
     summary = rewardbench_summary(records, RANK_SCORERS, model=model, source=source)

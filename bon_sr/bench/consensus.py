@@ -3,13 +3,13 @@
 The bench evaluates a selector on subsets of a problem's cached candidates, so an MBR pick
 at n needs the similarities among just those n. Two kinds:
 
-- ``lexical`` (chrF, ``bon_sr.consensus.lexical_similarity``): computed from the cached
+- ``lexical`` (chrF, ``bon_sr.selection.consensus.lexical_similarity``): computed from the cached
   texts whenever a report is made; a pair's chrF does not depend on the other candidates,
   so a subset's matrix is the sub-matrix of the full one. Nothing is stored.
 - ``ngram`` (bench-only, a candidate for the product): token n-gram F1, the mean over
   n = 1..4 of the F1 of the two responses' multisets of token-id n-grams; symmetric, from
   the cached token ids; computed like ``lexical``.
-- ``hidden-*`` (cosine of last-layer embeddings, ``bon_sr.consensus.hidden_similarity``):
+- ``hidden-*`` (cosine of last-layer embeddings, ``bon_sr.selection.consensus.hidden_similarity``):
   the vectors (d floats per candidate) are not cached. The sidecar
   ``cache/<task>.consensus.json`` keeps, per problem and embedding ("last", "mean"), the
   N x N GRAM matrix of the raw float32 vectors (inner products in float64, 9 significant
@@ -38,14 +38,14 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ..consensus import UTILITIES, lexical_similarity
+from ..selection.consensus import UTILITIES, lexical_similarity
 from ..errors import ConfigError, InputError
 from ..jsonl import write_text_atomic
 from .selectors import BENCH_SELECTORS, GREEDY, needs_embeddings
 
 SIDECAR_VERSION = 1
 Matrix = list[list[float]]
-#: bench-only utilities, measured beside the product's ``bon_sr.consensus.UTILITIES``
+#: bench-only utilities, measured beside the product's ``bon_sr.selection.consensus.UTILITIES``
 BENCH_UTILITIES = ("ngram",)
 NGRAM_MAX = 4
 
@@ -91,7 +91,7 @@ def gram_matrix(vectors: Sequence[Sequence[float]]) -> Matrix:
 def gram_cosine(gram: Sequence[Sequence[float]], index: Sequence[int], *, centred: bool) -> Matrix:
     """Cosine similarities of the candidates ``index`` (a subset, in order) from their
     Gram matrix: ``(len(index), len(index))``, equal to
-    ``bon_sr.consensus.hidden_similarity(vectors[index], centred=centred)``: NaN for a
+    ``bon_sr.selection.consensus.hidden_similarity(vectors[index], centred=centred)``: NaN for a
     missing vector, left out of the centring mean; a zero vector has cosine 0."""
     g = np.asarray(gram, dtype=np.float64)[np.ix_(index, index)]
     valid = np.isfinite(np.diag(g))

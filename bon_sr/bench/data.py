@@ -239,7 +239,7 @@ def gpqa_order(record_id: str, num_options: int = 4) -> list[int]:
     the correct answer in the hub's columns) drawn from a seed derived from the record id, so
     every run and machine shows a question's options in the same order and the correct one is
     not always first."""
-    from ..prompts import derive_seed
+    from ..sampling.prompts import derive_seed
 
     order = list(range(num_options))
     random.Random(derive_seed(0, f"gpqa:{record_id}")).shuffle(order)

@@ -36,9 +36,9 @@ def embed_records(
 ) -> int:
     """Fill ``cache`` for the ``records`` it lacks (the caller passes the problems with mixed
     correctness); return how many problems were embedded now."""
-    from ..hidden_states import HiddenStateConfig
+    from ..scoring.hidden_states import HiddenStateConfig
     from ..models import load_hf_model, resolve_model
-    from ..scoring import HFScorer
+    from ..scoring.scorers import HFScorer
 
     report = progress or (lambda msg, done, total: None)
     todo = [r for r in records if not cache.has(str(r["id"]))]

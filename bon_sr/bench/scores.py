@@ -24,9 +24,9 @@ from typing import Any, Sequence
 
 import torch
 
-from ..hidden_states import HiddenStateConfig, extract
-from ..scoring import HFScorer
-from ..stable_rank import stable_rank
+from ..scoring.hidden_states import HiddenStateConfig, extract
+from ..scoring.scorers import HFScorer
+from ..scoring.stable_rank import stable_rank
 
 
 def score_candidates(

@@ -6,7 +6,7 @@ returns uniform weights, so its accuracy is the EXPECTED correctness of a random
 (mean correctness over the candidates), not one noisy draw. The accuracy of a selector
 on a subset is then ``sum(w_i * correct_i)`` and its selected length ``sum(w_i * len_i)``.
 
-Every pick is made by the product's own selector (``bon_sr.selectors``, wrapped by
+Every pick is made by the product's own selector (``bon_sr.selection.selectors``, wrapped by
 ``picks``): the same function ``bon-sr generate`` runs, with its tie rule (the EARLIEST
 candidate in the subset: subsets keep sampling order, so the same cache always gives the
 same numbers, a random tie-break in expectation) and its NaN rule (NaN ranks last). The
@@ -31,9 +31,9 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
-from ..consensus import UTILITIES, UTILITY_KEY, mbr_utilities
+from ..selection.consensus import UTILITIES, UTILITY_KEY, mbr_utilities
 from ..errors import ConfigError
-from ..selectors import get_selector, select
+from ..selection.selectors import get_selector, select
 
 if TYPE_CHECKING:
     from .consensus import Similarities
@@ -71,7 +71,7 @@ def _need(cands: Sequence[Scored]) -> None:
 
 
 def picks(selector: str, **options: Any) -> BenchSelectorFn:
-    """The product selector ``selector`` (``bon_sr.selectors``) as one-hot weights: the
+    """The product selector ``selector`` (``bon_sr.selection.selectors``) as one-hot weights: the
     same function the API and CLI run, on the cache's score keys, falling back to the first
     candidate when no candidate of the subset has an answer."""
     spec = get_selector(selector)
@@ -186,7 +186,7 @@ class BenchSelector:
     name: str
     fn: BenchSelectorFn
     description: str
-    #: the similarity a consensus selector reads (``bon_sr.consensus.UTILITIES``)
+    #: the similarity a consensus selector reads (``bon_sr.selection.consensus.UTILITIES``)
     utility: str | None = None
 
 

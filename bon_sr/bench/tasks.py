@@ -25,7 +25,7 @@ from typing import Any, Callable, Mapping
 from ..errors import ConfigError, InputError
 from ..models import ProgressFn
 from ..jsonl import iter_json_lines
-from ..prompts import validate_prompt
+from ..sampling.prompts import validate_prompt
 from ..types import PromptInput
 from .checkers import get_checker
 from .data import load_dataset_items

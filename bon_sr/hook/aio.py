@@ -25,7 +25,7 @@ import uuid
 import weakref
 from typing import Any, Sequence
 
-from ..hidden_states import HiddenStateConfig
+from ..scoring.hidden_states import HiddenStateConfig
 from ..types import Candidate
 from .plan import Collect, Generate, Group, Sample, ScoredSampling, Steps
 from .protocol import check_hook_config, dp_rank_for, engine_context, merge_engine_results, require_hook
@@ -261,13 +261,13 @@ async def sample_scored_async(engine: Any, prompt_ids: Sequence[int], sampling: 
                               embed: bool = False, tokenizer: Any = None) -> list[Candidate]:
     """One prompt's n scored candidates on an ``AsyncLLM`` whose workers have the hook
     (``worker_extension_cls=WORKER_EXTENSION``; ``await install_hook_async(engine)`` once
-    after creating it). ``sampling`` is a ``bon_sr.samplers.SamplingConfig``; the requests
+    after creating it). ``sampling`` is a ``bon_sr.sampling.SamplingConfig``; the requests
     are the sync path's, so the same seed gives the same candidates and scores.
     ``budget``: the job first reserves its worst-case rows (``row_bytes`` each) there.
     ``embed``: the candidates also carry ``embeddings`` (``HookSampler``'s). ``tokenizer``:
     the model's (default: the engine's ``get_tokenizer()``), for the extra-token decode that
     spares length-cut candidates a fill (``plan.ScoredSampling``)."""
-    from ..samplers.vllm import VLLMSampler
+    from ..sampling.vllm import VLLMSampler
 
     scoring = scoring or HiddenStateConfig()
     check_hook_config(scoring)

@@ -26,7 +26,7 @@ import logging
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Generator, Sequence
 
-from ..hidden_states import HiddenStateConfig
+from ..scoring.hidden_states import HiddenStateConfig
 from ..types import Candidate
 from .protocol import (cache_salt, collect_spec, embeddings_from_results, extend_by_default, fan_out, fill_request,
                        needs_fill, new_tag, score_request, scores_from_results, text_decoder, tokens_prompt,

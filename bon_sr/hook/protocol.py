@@ -37,8 +37,8 @@ from dataclasses import replace
 from typing import Any, Callable, Sequence
 
 from ..errors import BonSRError, ConfigError
-from ..hidden_states import HiddenStateConfig
-from ..scoring import SR_KEYS
+from ..scoring.hidden_states import HiddenStateConfig
+from ..scoring.scorers import SR_KEYS
 from ..types import Candidate
 
 #: The documented ``worker_extension_cls`` (kept by the ``bon_sr.vllm_hook`` shim) and the

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Sequence
 
-from ..hidden_states import HiddenStateConfig
+from ..scoring.hidden_states import HiddenStateConfig
 from ..types import Candidate
 from .plan import Collect, Generate, Group, Sample, ScoredSampling, Steps, score_steps
 from .protocol import check_also, check_hook_config, engine_context, require_hook
@@ -76,7 +76,7 @@ class HookSampler:
     def __init__(self, llm: Any, config: Any, scoring: HiddenStateConfig | None = None, *,
                  logit_stats: bool = False, logprobs: bool = False, per_request_seeds: bool = True,
                  also: Sequence[str] = (), embed: bool = False):
-        from ..samplers.vllm import VLLMSampler
+        from ..sampling.vllm import VLLMSampler
 
         self.scoring = scoring or HiddenStateConfig()
         check_hook_config(self.scoring)

@@ -30,7 +30,7 @@ engine core and every request in it). An exception while handling some requests 
 only their jobs (tags): their rows are dropped, later steps skip them, and their collect
 answers ``{"error": "Type: message"}``, which the driver raises as ``HookError``.
 
-Rows live in one growing arena per worker (``_Arena``: a (capacity, d) tensor and a free
+Rows live in one growing arena per worker (``Arena``: a (capacity, d) tensor and a free
 list of slots); each candidate maps its positions to slots, so a step copies every tagged
 row with one ``index_select`` and one ``index_copy_``, whatever the number of candidates.
 """
@@ -48,7 +48,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from .collect import collect
 from .protocol import KNOWN_VLLM, META_KEY
+from .store import Arena, Entry, index_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -112,103 +114,6 @@ def check_runner(runner: Any, vllm_config: Any) -> None:
         raise RuntimeError(f"bon-sr hook: the model runner has no {', '.join(missing)}; use scorer='pooling'.")
 
 
-# =========================================================================== storage
-
-
-def _index(values: Sequence[int] | np.ndarray, device: torch.device) -> torch.Tensor:
-    """int64 indices on ``device``; on CUDA through pinned memory, so the copy does not
-    block the host until the stream drains."""
-    t = torch.as_tensor(np.asarray(values, dtype=np.int64))
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t if device.type == "cpu" else t.to(device)
-
-
-class _Arena:
-    """Rows of every entry in one (capacity, width) tensor; slots from a free list. Grows
-    by doubling; dropped whole when nothing is live."""
-
-    def __init__(self) -> None:
-        self.buf: torch.Tensor | None = None
-        self.free: list[int] = []
-        self.live = 0
-
-    def alloc(self, k: int, like: torch.Tensor) -> list[int]:
-        if self.buf is None:
-            self.buf = like.new_empty((max(64, k), like.shape[-1]))
-            self.free = list(range(self.buf.shape[0] - 1, -1, -1))
-        if len(self.free) < k:
-            old = self.buf.shape[0]
-            new = max(2 * old, old + k)
-            grown = self.buf.new_empty((new, self.buf.shape[1]))
-            grown[:old] = self.buf
-            self.buf = grown
-            self.free[:0] = range(new - 1, old - 1, -1)
-        out = self.free[-k:] if k else []
-        del self.free[len(self.free) - k:]
-        self.live += k
-        return out
-
-    def release(self, slots: np.ndarray) -> None:
-        slots = slots[slots >= 0]
-        self.free.extend(slots.tolist())
-        self.live -= len(slots)
-        if self.live == 0:
-            self.buf, self.free = None, []
-
-    def bytes(self) -> int:
-        return 0 if self.buf is None else self.buf.numel() * self.buf.element_size()
-
-
-class _Entry:
-    """One candidate's (or one tag's prompt, for ``full``) slots by absolute position.
-
-    Life cycle: created when the hook first sees one of its positions scheduled; a step
-    that computes a position writes its row (a later write wins: recompute after
-    preemption is safe); freed by ``bon_sr_collect``, ``bon_sr_release`` (aborted jobs),
-    a failure of its job, or ORPHAN_SECONDS after it was last touched (a lost driver)."""
-
-    __slots__ = ("base", "slots", "sbase", "sslots", "touched")
-
-    def __init__(self) -> None:
-        self.base = 0
-        self.slots = np.empty(0, dtype=np.int64)  # position base + j -> arena slot, -1 missing
-        self.sbase = 0
-        self.sslots = np.empty(0, dtype=np.int64)  # the same for the (2,) logit stats
-        self.touched = time.monotonic()
-
-    @staticmethod
-    def _cover(base: int, arr: np.ndarray, lo: int, hi: int) -> tuple[int, np.ndarray]:
-        if hi <= lo:
-            return base, arr
-        if not len(arr):
-            return lo, np.full(hi - lo, -1, dtype=np.int64)
-        end = base + len(arr)
-        if lo >= base and hi <= end:
-            return base, arr
-        nb, ne = min(base, lo), (max(hi, base + 2 * len(arr)) if hi > end else end)
-        out = np.full(ne - nb, -1, dtype=np.int64)
-        out[base - nb:base - nb + len(arr)] = arr
-        return nb, out
-
-    def rows(self, lo: int, hi: int) -> np.ndarray:
-        """The (writable) slot view of positions [lo, hi), grown to cover them."""
-        self.base, self.slots = self._cover(self.base, self.slots, lo, hi)
-        return self.slots[lo - self.base:hi - self.base]
-
-    def stats(self, lo: int, hi: int) -> np.ndarray:
-        self.sbase, self.sslots = self._cover(self.sbase, self.sslots, lo, hi)
-        return self.sslots[lo - self.sbase:hi - self.sbase]
-
-    def get(self, arr_base: int, arr: np.ndarray, lo: int, hi: int) -> np.ndarray:
-        """Slots of [lo, hi) without growing (-1 where absent)."""
-        out = np.full(max(0, hi - lo), -1, dtype=np.int64)
-        a, b = max(lo, arr_base), min(hi, arr_base + len(arr))
-        if a < b:
-            out[a - lo:b - lo] = arr[a - arr_base:b - arr_base]
-        return out
-
-
 class WorkerHook:
     """The per-runner state: which live request is which candidate, and the candidates' rows."""
 
@@ -216,28 +121,28 @@ class WorkerHook:
         self.runner = runner
         self.store = store  # False on TP ranks > 0: rank 0 alone keeps and computes
         self.meta: dict[str, dict[str, Any] | None] = {}  # internal request id -> meta (None: untagged)
-        self.cands: dict[tuple[str, int], _Entry] = {}
-        self.groups: dict[str, _Entry] = {}  # tag -> the prompt rows of token set full
-        self.rows = _Arena()
-        self.stat_rows = _Arena()
+        self.cands: dict[tuple[str, int], Entry] = {}
+        self.groups: dict[str, Entry] = {}  # tag -> the prompt rows of token set full
+        self.rows = Arena()
+        self.stat_rows = Arena()
         self.failed: dict[str, tuple[str, float]] = {}  # tag -> ("Type: message", when)
         self.released: dict[str, float] = {}  # tag -> when: an aborted job's late steps store nothing
-        self.pending: list[tuple[int, _Entry, int, str]] = []  # (logits row, entry, predicted pos, tag)
+        self.pending: list[tuple[int, Entry, int, str]] = []  # (logits row, entry, predicted pos, tag)
         self.last_sweep = time.monotonic()
         fault = os.environ.get(FAULT_ENV)
         self.fault_seed = int(fault) if fault else None
 
     # -- failure and release ------------------------------------------------------------
-    def _drop(self, tag: str) -> int:
+    def drop(self, tag: str) -> int:
         keys = [k for k in self.cands if k[0] == tag]
         for k in keys:
-            self._free(self.cands.pop(k))
+            self.free(self.cands.pop(k))
         group = self.groups.pop(tag, None)
         if group is not None:
-            self._free(group)
+            self.free(group)
         return len(keys) + (group is not None)
 
-    def _free(self, entry: _Entry) -> None:
+    def free(self, entry: Entry) -> None:
         self.rows.release(entry.slots)
         self.stat_rows.release(entry.sslots)
         entry.slots = entry.sslots = np.empty(0, dtype=np.int64)
@@ -250,7 +155,7 @@ class WorkerHook:
                 logger.error("bon-sr hook: job %s failed in the worker (%s); its requests go on unscored", tag, why,
                              exc_info=exc)
             self.failed[tag] = (why, now)
-            self._drop(tag)
+            self.drop(tag)
 
     def release(self, tags: Sequence[str]) -> int:
         """Drop every entry of ``tags`` (their requests were aborted); returns how many."""
@@ -258,7 +163,7 @@ class WorkerHook:
         n = 0
         for tag in tags:
             self.released[tag] = now
-            n += self._drop(tag)
+            n += self.drop(tag)
         return n
 
     # -- per step -----------------------------------------------------------------------
@@ -300,7 +205,7 @@ class WorkerHook:
         src: list[int] = []
         dst: list[int] = []
         step_tags: set[str] = set()
-        score_rows: list[tuple[str, _Entry, list[int], list[int], str]] = []
+        score_rows: list[tuple[str, Entry, list[int], list[int], str]] = []
         failures: list[tuple[str, BaseException]] = []
         for i, req_id in enumerate(batch.req_ids):
             meta = self._meta(req_id)
@@ -317,7 +222,7 @@ class WorkerHook:
                 failures.append((tag, exc))
         if src:
             try:
-                self.rows.buf.index_copy_(0, _index(dst, h.device), h.index_select(0, _index(src, h.device)))
+                self.rows.buf.index_copy_(0, index_tensor(dst, h.device), h.index_select(0, index_tensor(src, h.device)))
             except Exception as exc:  # noqa: BLE001 - every job that wrote this step
                 failures += [(t, exc) for t in sorted(step_tags)]
         # freed only now: a failed job's slots must not be handed to another request of this step
@@ -341,7 +246,7 @@ class WorkerHook:
         key = (tag, meta["index"])
         cand = self.cands.get(key)
         if cand is None:
-            cand = self.cands[key] = _Entry()
+            cand = self.cands[key] = Entry()
             first_kept = max(lo, p) if group else lo
             if hi > first_kept:
                 cand.rows(first_kept, hi)  # sized once: decode never regrows
@@ -352,7 +257,7 @@ class WorkerHook:
         if group:
             g_entry = self.groups.get(tag)
             if g_entry is None and a < min(b, p):
-                g_entry = self.groups[tag] = _Entry()
+                g_entry = self.groups[tag] = Entry()
             if g_entry is not None:
                 g_entry.touched = now  # decode keeps the shared prompt rows alive (no orphan sweep)
                 spans = [(g_entry, a, min(b, p)), (cand, max(a, p), b)]
@@ -392,14 +297,14 @@ class WorkerHook:
                 if preds:
                     score_rows.append((req_id, cand, preds, [first + q - start for q in preds], tag))
 
-    def _score_stats(self, req_id: str, cand: _Entry, preds: list[int], idx_rows: list[int],
+    def _score_stats(self, req_id: str, cand: Entry, preds: list[int], idx_rows: list[int],
                      h: torch.Tensor) -> None:
         """Score mode: log p and KL(U||p) of the known response tokens from the step's rows."""
         req_tokens = self.runner.requests[req_id].prompt_token_ids
         for s in range(0, len(preds), 256):  # bounds rows x vocab x 4 bytes
             part = preds[s:s + 256]
-            x = self.runner.model.compute_logits(h.index_select(0, _index(idx_rows[s:s + 256], h.device))).float()
-            targets = _index([req_tokens[q + 1] for q in part], x.device)
+            x = self.runner.model.compute_logits(h.index_select(0, index_tensor(idx_rows[s:s + 256], h.device))).float()
+            targets = index_tensor([req_tokens[q + 1] for q in part], x.device)
             self._write_stats(cand, [q + 1 for q in part], x, targets)
 
     def _write_stats(self, cand_or_list: Any, positions: list[int], x: torch.Tensor, targets: torch.Tensor) -> None:
@@ -415,7 +320,7 @@ class WorkerHook:
             if view[0] < 0:
                 view[0] = self.stat_rows.alloc(1, st)[0]
             dst.append(int(view[0]))
-        self.stat_rows.buf.index_copy_(0, _index(dst, st.device), st)
+        self.stat_rows.buf.index_copy_(0, index_tensor(dst, st.device), st)
 
     def sample(self, original: Any, logits: torch.Tensor | None, spec_decode_metadata: Any) -> Any:
         """vLLM's ``_sample`` with the logit statistics of the pending candidates taken
@@ -425,7 +330,7 @@ class WorkerHook:
         if not pending or logits is None:
             return original(logits, spec_decode_metadata)
         try:
-            idx = _index([r for r, _, _, _ in pending], logits.device)
+            idx = index_tensor([r for r, _, _, _ in pending], logits.device)
             x = logits.index_select(0, idx).float()  # before the sampler scales logits in place
         except Exception as exc:  # noqa: BLE001
             self.fail([p[3] for p in pending], exc)
@@ -446,7 +351,7 @@ class WorkerHook:
         old = {k[0] for k, v in self.cands.items() if now - v.touched > ORPHAN_SECONDS}
         old |= {k for k, v in self.groups.items() if now - v.touched > ORPHAN_SECONDS}
         for tag in old:
-            self._drop(tag)
+            self.drop(tag)
         if old:
             logger.warning("bon-sr hook: dropped the rows of %d uncollected jobs older than %.0f s", len(old),
                            ORPHAN_SECONDS)
@@ -454,130 +359,14 @@ class WorkerHook:
             for tag in [t for t, v in table.items() if now - (v if isinstance(v, float) else v[1]) > ORPHAN_SECONDS]:
                 del table[tag]
 
-    # -- collect ------------------------------------------------------------------------
     def collect(self, specs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-        results: list[dict[str, Any]] = [{} for _ in specs]
-        mats: list[tuple[dict[str, Any], np.ndarray]] = []  # (result dict, arena slots)
-        stats_of: list[tuple[dict[str, Any], np.ndarray]] = []
-        embeds: list[tuple[dict[str, Any], np.ndarray]] = []
-        failed_tags: set[str] = set()
-        for k, spec in enumerate(specs):
-            tag = spec["tag"]
-            head = {"tag": tag, "index": spec["index"]}
-            if tag in self.failed:
-                results[k] = {**head, "error": self.failed[tag][0]}
-                failed_tags.add(tag)
-                continue
-            try:
-                cand = self.cands.get((tag, spec["index"]))
-                group = self.groups.get(tag)
-                p = spec["p"] if spec["group"] else spec["start"]  # rows below p come from the group entry
-                spans = [(None, spec["start"], spec["end"]), *((n, int(a), int(b)) for n, (a, b) in
-                                                               (spec.get("also") or {}).items())]
-                res: dict[str, Any] = dict(head)
-                if len(spans) > 1:
-                    res["also"] = {}
-                parts, missing = [], []
-                for name, s, e in spans:
-                    slots = np.concatenate([
-                        _slots(group, s, min(e, p)), _slots(cand, max(s, p), e)])
-                    if (slots < 0).any():
-                        missing += [q for q, sl in zip([*range(s, min(e, p)), *range(max(s, p), e)], slots) if sl < 0]
-                    parts.append((res if name is None else res["also"].setdefault(name, {}), slots))
-                if missing:
-                    results[k] = {**head, "missing": sorted(set(missing))}
-                    failed_tags.add(tag)
-                    continue
-                mats += parts
-                if spec["stats"]:
-                    r, q0 = spec["r"], spec["p"]
-                    st = cand.get(cand.sbase, cand.sslots, q0, q0 + r) if cand is not None else np.empty(0, np.int64)
-                    if r and (st >= 0).all():
-                        stats_of.append((res, st))
-                    else:
-                        res.update(mean_logprob=float("nan"), self_certainty=float("nan"))
-                if spec.get("embed"):
-                    resp = _slots(cand, max(spec["start"], spec["p"]), spec["end"])
-                    embeds.append((res, resp[resp >= 0]))
-                results[k] = res
-            except Exception as exc:  # noqa: BLE001 - this job only
-                self.fail([tag], exc)
-                results[k] = {**head, "error": f"{type(exc).__name__}: {exc}"}
-                failed_tags.add(tag)
-        self._stable_ranks(mats)
-        self._mean_stats(stats_of)
-        self._embeddings(embeds)
-        for k, spec in enumerate(specs):
-            if "missing" not in results[k]:
-                entry = self.cands.pop((spec["tag"], spec["index"]), None)
-                if entry is not None:
-                    self._free(entry)
-            if spec.get("release_group") and spec["tag"] not in failed_tags:
-                group = self.groups.pop(spec["tag"], None)
-                if group is not None:
-                    self._free(group)
-            if "error" in results[k]:
-                self._drop(spec["tag"])
-        return results
-
-    def _stable_ranks(self, mats: list[tuple[dict[str, Any], np.ndarray]], budget: int = 16384) -> None:
-        """Stable rank of each (result dict, slots) pair, written into the dict; batched by
-        length, each batch gathered from the arena with one index (padding masked out)."""
-        from ..stable_rank import stable_rank
-
-        mats = sorted(mats, key=lambda m: -len(m[1]))
-        pos = 0
-        while pos < len(mats):
-            width = max(1, len(mats[pos][1]))
-            batch = mats[pos:pos + max(1, budget // width)]
-            pos += len(batch)
-            idx = np.zeros((len(batch), width), dtype=np.int64)
-            mask = np.zeros((len(batch), width), dtype=bool)
-            for row, (_, slots) in enumerate(batch):
-                idx[row, :len(slots)] = slots
-                mask[row, :len(slots)] = True
-            buf = self.rows.buf
-            if buf is None:  # nothing stored at all: every batch entry is empty
-                h = torch.zeros(len(batch), width, 1)
-            else:
-                h = buf.index_select(0, _index(idx.reshape(-1), buf.device)).view(len(batch), width, -1).float()
-            m = torch.as_tensor(mask, device=h.device)
-            res = stable_rank(h, m)
-            table = torch.stack([res.stable_rank, res.frobenius_sq, res.spectral_sq,
-                                 res.num_tokens.to(res.stable_rank.dtype)], dim=1).double().tolist()
-            for (target, _), (sr, fro, spec, num) in zip(batch, table):
-                target.update(stable_rank=sr, frobenius_sq=fro, spectral_sq=spec, scored_tokens=num)
-
-    def _mean_stats(self, stats_of: list[tuple[dict[str, Any], np.ndarray]]) -> None:
-        for target, slots in stats_of:
-            mean = self.stat_rows.buf.index_select(0, _index(slots, self.stat_rows.buf.device)).float().mean(0)
-            lp, sc = mean.tolist()
-            target.update(mean_logprob=lp, self_certainty=sc)
-
-    def _embeddings(self, embeds: list[tuple[dict[str, Any], np.ndarray]]) -> None:
-        for target, slots in embeds:
-            if self.rows.buf is None:
-                target.update(embedding_last=None, embedding_mean=None)
-                continue
-            if not len(slots):  # an empty response: NaN vectors, as hidden_states.embedding_summary
-                nan = [math.nan] * int(self.rows.buf.shape[-1])
-                target.update(embedding_last=nan, embedding_mean=list(nan))
-                continue
-            rows = self.rows.buf.index_select(0, _index(slots, self.rows.buf.device)).float()
-            target.update(embedding_last=rows[-1].tolist(), embedding_mean=rows.mean(0).tolist())
+        """``bon_sr_collect``'s answer (``hook.collect.collect``)."""
+        return collect(self, specs)
 
     def stats(self) -> dict[str, int]:
         return {"installed": 1, "candidates": len(self.cands), "groups": len(self.groups),
                 "tracked_requests": len(self.meta), "rows": self.rows.live, "row_bytes": self.rows.bytes(),
                 "failed_jobs": len(self.failed)}
-
-
-def _slots(entry: _Entry | None, lo: int, hi: int) -> np.ndarray:
-    if hi <= lo:
-        return np.empty(0, dtype=np.int64)
-    if entry is None:
-        return np.full(hi - lo, -1, dtype=np.int64)
-    return entry.get(entry.base, entry.slots, lo, hi)
 
 
 # =========================================================================== extension

@@ -22,8 +22,8 @@ def scale_options(scale: Mapping[str, Any], vllm_options: dict[str, Any], *, bac
     """(vllm_options with TP/PP in engine_kwargs, RayConfig or None) from the generate flags
     ``ray``, ``ray_address``, ``replicas``, ``gpus_per_replica``, ``tensor_parallel_size`` and
     ``pipeline_parallel_size``."""
-    from ..api import vllm_available
-    from ..vllm_backend import parallel_vllm_options
+    from ..options import vllm_available
+    from ..engines import parallel_vllm_options
     from .ray_data import RayConfig, import_ray
 
     tp, pp = scale["tensor_parallel_size"], scale["pipeline_parallel_size"]

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 from ..errors import BonSRError, ConfigError, MissingExtraError
-from ..prompts import PromptRecord
+from ..sampling.prompts import PromptRecord
 
 logger = logging.getLogger(__name__)
 
@@ -154,7 +154,7 @@ class Replica:
 
 
 def default_batch_size(options: Mapping[str, Any]) -> int:
-    from ..api import vllm_available
+    from ..options import vllm_available
 
     backend = options.get("backend", "auto")
     hf = backend == "hf" or (backend == "auto" and not vllm_available())

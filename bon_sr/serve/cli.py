@@ -10,11 +10,12 @@ from typing import Any
 
 import click
 
-from ..answers import ANSWER_FORMATS
-from ..hidden_states import HiddenStateConfig
+from ..selection.answers import ANSWER_FORMATS
+from ..selection.consensus import DEFAULT_UTILITY, UTILITIES
+from ..scoring.hidden_states import HiddenStateConfig
 from ..models import DEFAULT_MODEL
-from ..samplers import SamplingConfig
-from ..selectors import SELECTORS
+from ..sampling import SamplingConfig
+from ..selection.selectors import SELECTORS
 
 SERVE_EXAMPLE = """
 \b
@@ -51,6 +52,8 @@ start after Best-of-N has finished: the selected answer is sent as SSE chunks.
 @click.option("--answer", type=click.Choice(sorted(ANSWER_FORMATS)), default=None,
               help="Default answer extractor (needed by the voting selectors).")
 @click.option("--answer-regex", default=None, metavar="PATTERN", help="Default answer regex instead of --answer.")
+@click.option("--utility", type=click.Choice(sorted(UTILITIES)), default=DEFAULT_UTILITY, show_default=True,
+              help="Default similarity of the consensus selectors (mbr, auto); a request may set bon_sr.utility.")
 @click.option("--token-set", type=click.Choice(["response", "full"]), default=HiddenStateConfig.token_set,
               show_default=True,
               help="Default tokens whose hidden states are scored.")
@@ -85,7 +88,7 @@ start after Best-of-N has finished: the selected answer is sent as SSE chunks.
 def serve(host: str, port: int, vllm_opts: tuple[str, ...], log_level: str, n: int, temperature: float,
           top_p: float, max_tokens: int, seed: int, token_set: str, **options: Any) -> None:
     """Serve Best-of-N behind an OpenAI-compatible API (/v1/chat/completions, /v1/completions)."""
-    from ..cli_runtime import parse_options
+    from ..cli_runtime import click_error, parse_options
     from ..errors import BonSRError
     from .settings import ServeSettings
 
@@ -94,7 +97,7 @@ def serve(host: str, port: int, vllm_opts: tuple[str, ...], log_level: str, n: i
         settings = ServeSettings(sampling=sampling, scoring=HiddenStateConfig(token_set=token_set),
                                  vllm_options=parse_options(vllm_opts), **options)
     except BonSRError as exc:
-        raise click.ClickException(str(exc)) from exc
+        raise click_error(exc) from exc
     import logging
 
     import uvicorn

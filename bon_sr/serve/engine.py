@@ -84,7 +84,7 @@ class BonEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         from ..models import resolve_model
-        from ..vllm_backend import VLLMBackend, check_hook_internals
+        from ..engines import VLLMBackend, check_hook_internals
 
         s = self.settings
         path = resolve_model(s.model)
@@ -102,7 +102,7 @@ class BonEngine:
         # probed here, before the engine starts.
         os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
         check_hook_internals()
-        from ..vllm_plugin import mark_engine_parent
+        from ..sampling.vllm_plugin import mark_engine_parent
 
         # the engine's processes die with the server, even on kill -9 (this thread lives as
         # long as the event loop's executor, i.e. as long as the engine)
@@ -131,7 +131,7 @@ class BonEngine:
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
 
-        from ..samplers.vllm import VLLMSampler
+        from ..sampling.vllm import VLLMSampler
 
         # BestOfN's unscored vLLM sampler: one request with n=N, children seeded seed+i.
         base = VLLMSampler(None, sampling)

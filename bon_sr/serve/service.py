@@ -4,7 +4,7 @@
 ``BestOfN`` uses (``get_selector``, ``get_extractor``, ``score_keys``/``check_scores``,
 ``validate_prompt``/``encode_prompt``/``check_fits``, ``derive_seed``), so a bad field
 fails here with a 400 naming it, before anything is sampled. ``complete`` samples through
-the engine, decides with ``bon_sr.selection.ranked``, and renders the ChatCompletion /
+the engine, decides with ``bon_sr.selection.decide.ranked``, and renders the ChatCompletion /
 Completion (or its SSE chunks) with the ``bon_sr`` object that explains the choice.
 
 Choices (OpenAI ``n``): the top ``n`` candidates in the selector's order, defined by
@@ -29,17 +29,17 @@ import json
 from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
-from ..answers import AnswerExtractor, get_extractor
-from ..errors import BonSRError
-from ..hidden_states import HiddenStateConfig
-from ..prompts import check_fits, derive_seed, encode_prompt, validate_prompt
-from ..samplers import SamplingConfig
-from ..consensus import DEFAULT_UTILITY, Utility, get_utility
-from ..scoring import STAT_KEYS, check_scores, score_keys
-from ..selection import Decision, ranked
-from ..selectors import SelectorSpec, get_selector
+from ..selection.answers import AnswerExtractor
+from ..errors import BonSRError, OptionError, spell
+from ..scoring.hidden_states import HiddenStateConfig
+from ..sampling.prompts import encode_prompt, validate_prompt
+from ..sampling import SamplingConfig
+from ..selection.consensus import Utility
+from ..scoring.scorers import STAT_KEYS
+from ..selection.decide import Decision, ranked
+from ..selection.selectors import SelectorSpec
 from ..types import Candidate
-from ..hook.protocol import check_hook_config
+from ..options import RunPlan, resolve
 from .errors import ApiError, bad_field
 from .protocol import (AssistantMessage, BonSROptions, ChatChoice, ChatChunkChoice, ChatCompletion,
                        ChatCompletionChunk, ChatCompletionRequest, Completion, CompletionChoice, CompletionRequest,
@@ -86,6 +86,18 @@ class Reply:
     chunks: list[str] | None = None
 
 
+def _resolve_call(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """``fn(...)`` with an option error answered as a 400 naming the request's field."""
+    try:
+        return fn(*args, **kwargs)
+    except OptionError as exc:
+        raise bad_field(spell(exc.option, "server"), exc.render("server")) from None
+
+
+def _resolve(**options: Any) -> RunPlan:
+    return _resolve_call(resolve, **options)
+
+
 def _check(param: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
     try:
         return fn(*args, **kwargs)
@@ -119,38 +131,28 @@ def plan(request: ChatCompletionRequest | CompletionRequest, settings: ServeSett
     if not 1 <= choices <= n:
         raise ApiError(400, f"n (choices returned) must be between 1 and the number of candidates bon_sr.n={n}, "
                             f"got {choices}.", param="n")
-    spec = _check("bon_sr.selector", get_selector, bon.selector or settings.selector)
-    if bon.answer is not None or bon.answer_regex is not None:
-        answers = _check("bon_sr.answer", get_extractor, bon.answer, regex=bon.answer_regex)
-    else:
-        answers = get_extractor(settings.answer, regex=settings.answer_regex)
-    if spec.needs_answers and answers is None:
-        raise ApiError(400, f"Selector '{spec.name}' votes over answers: set bon_sr.answer (numeric, math, choice, "
-                            "exact) or bon_sr.answer_regex.", param="bon_sr.answer")
-    utility = _check("bon_sr.utility", get_utility, bon.utility or DEFAULT_UTILITY)
-    keys = _check("bon_sr.selector", score_keys, spec)
-    _check("bon_sr.selector", check_scores, SCORER, keys)
-    scoring = _check("bon_sr.token_set", replace, settings.scoring,
-                     token_set=bon.token_set or settings.scoring.token_set)
-    _check("bon_sr.token_set", check_hook_config, scoring)
-    sampling = _sampling(request, settings, n)
+    # what a request may override: selector, answer format (with its regex), utility,
+    # token set, the sampling fields; the scorer is the server's (the hook)
+    answer, answer_regex = ((bon.answer, bon.answer_regex) if bon.answer is not None or bon.answer_regex is not None
+                            else (settings.answer, settings.answer_regex))
+    run = _resolve(selector=bon.selector or settings.selector, answer=answer, answer_regex=answer_regex,
+                   utility=bon.utility or settings.utility, backend="vllm", scorer=SCORER,
+                   sampling=_sampling(request, settings, n),
+                   scoring=replace(settings.scoring, token_set=bon.token_set or settings.scoring.token_set))
     request_id = new_id("chatcmpl" if kind == "chat" else "cmpl")
     prompt_ids, where = _encode(request, engine.tokenizer)
-    _check(where, check_fits, prompt_ids, sampling.max_new_tokens, engine.context, where)
-    if request.seed is not None:
-        if not 0 <= request.seed < MAX_SEED:
-            raise ApiError(400, f"seed must be between 0 and 2**62, got {request.seed}.", param="seed")
-        seed = request.seed
-    else:
-        seed = derive_seed(settings.sampling.seed, str(bon.id if bon.id is not None else request_id))
+    _check(where, run.check_fits, prompt_ids, engine.context, where)
+    seed = _resolve_call(run.seed_for, str(bon.id if bon.id is not None else request_id), request.seed)
     stream = bool(request.stream)
-    return Job(request_id=request_id, kind=kind, prompt_ids=tuple(prompt_ids), sampling=sampling, seed=seed,
-               selector=spec, answers=answers, scoring=scoring, score_keys=keys, choices=choices,
-               return_candidates=bon.return_candidates, stream=stream, utility=utility,
+    return Job(request_id=request_id, kind=kind, prompt_ids=tuple(prompt_ids), sampling=run.sampling, seed=seed,
+               selector=run.selector, answers=run.answers, scoring=run.scoring, score_keys=run.score_keys,
+               choices=choices, return_candidates=bon.return_candidates, stream=stream, utility=run.utility,
                include_usage=stream and request.stream_options is not None and request.stream_options.include_usage)
 
 
-def _sampling(request: ChatCompletionRequest | CompletionRequest, settings: ServeSettings, n: int) -> SamplingConfig:
+def _sampling(request: ChatCompletionRequest | CompletionRequest, settings: ServeSettings, n: int) -> dict[str, Any]:
+    """The sampling values of a request under the server's policy (its defaults, temperature
+    0 as greedy decoding); ``resolve`` checks them."""
     max_tokens = getattr(request, "max_completion_tokens", None) or request.max_tokens
     param = "max_completion_tokens" if getattr(request, "max_completion_tokens", None) else "max_tokens"
     max_tokens = settings.sampling.max_new_tokens if max_tokens is None else max_tokens
@@ -169,8 +171,8 @@ def _sampling(request: ChatCompletionRequest | CompletionRequest, settings: Serv
     stop = request.stop_list()
     if any(not s for s in stop):
         raise ApiError(400, "stop strings must be non-empty.", param="stop")
-    return _check("bon_sr", SamplingConfig, n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_tokens,
-                  stop=stop, greedy=greedy, seed=settings.sampling.seed)
+    return dict(n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_tokens, stop=stop, greedy=greedy,
+                seed=settings.sampling.seed)
 
 
 def _encode(request: ChatCompletionRequest | CompletionRequest, tokenizer: Any) -> tuple[list[int], str]:

@@ -12,14 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from ..answers import get_extractor
 from ..errors import ConfigError
-from ..hidden_states import HiddenStateConfig
 from ..models import DEFAULT_MODEL
-from ..samplers import SamplingConfig
-from ..scoring import check_scores, score_keys
-from ..selectors import get_selector
-from ..vllm_hook import check_hook_config
+from ..options import resolve
+from ..sampling import SamplingConfig
+from ..scoring.hidden_states import HiddenStateConfig
+from ..selection.consensus import DEFAULT_UTILITY
 
 #: The server scores inside vLLM's sampling pass (one AsyncLLM engine).
 SCORER = "hook"
@@ -29,14 +27,14 @@ SCORER = "hook"
 class ServeSettings:
     """model: alias, local directory or HF id; served_model_name: the name clients send as
     ``model`` (default: ``model`` as given). sampling (n, temperature, top_p,
-    max_new_tokens), scoring (token_set), selector, answer, answer_regex: the defaults of a
+    max_new_tokens), scoring (token_set), selector, answer, answer_regex, utility: the defaults of a
     request that does not set them; ``sampling.seed`` is the run seed a request's seed
     derives from when it gives none. These are the ``SamplingConfig`` and
     ``HiddenStateConfig`` that ``BestOfN`` and ``bon-sr generate`` use, with their defaults
     and checks. max_n: the largest ``bon_sr.n`` a request may ask for. max_body_bytes:
     larger bodies get a 413.
     body_timeout: seconds a client may take to send its whole body (then 408).
-    vllm_options: ``bon_sr.vllm_backend.OPTIONS`` (as ``--vllm-opt`` of ``generate``).
+    vllm_options: ``bon_sr.engines.OPTIONS`` (as ``--vllm-opt`` of ``generate``).
     tensor_parallel_size, data_parallel_size: vLLM's, for the one engine (data parallel:
     that many engine cores on this node; each scored request runs on one of them)."""
 
@@ -49,6 +47,7 @@ class ServeSettings:
     selector: str = "stable-rank"
     answer: str | None = None
     answer_regex: str | None = None
+    utility: str = DEFAULT_UTILITY
     max_body_bytes: int = 1 << 20
     body_timeout: float = 30.0
     dtype: str = "auto"
@@ -69,18 +68,14 @@ class ServeSettings:
             raise ConfigError(f"--max-body-bytes must be at least 1024, got {self.max_body_bytes}")
         if not self.body_timeout > 0:
             raise ConfigError(f"--body-timeout must be > 0 seconds, got {self.body_timeout}")
-        spec = get_selector(self.selector)
-        answers = get_extractor(self.answer, regex=self.answer_regex)
-        if spec.needs_answers and answers is None:
-            raise ConfigError(f"--selector {spec.name} votes over answers: add --answer numeric|math|choice|exact "
-                              "or --answer-regex PATTERN.")
-        check_scores(SCORER, score_keys(spec))
-        check_hook_config(self.scoring)
+        # the defaults a request starts from: checked as one run plan, as the CLI checks its own
+        resolve(selector=self.selector, answer=self.answer, answer_regex=self.answer_regex, utility=self.utility,
+                backend="vllm", scorer=SCORER, sampling=self.sampling, scoring=self.scoring)
         self.engine_options()  # sizes >= 1, not given twice
 
     def engine_options(self) -> dict[str, Any]:
         """``vllm_options`` with the parallel sizes in the engine's arguments."""
-        from ..vllm_backend import parallel_vllm_options
+        from ..engines import parallel_vllm_options
 
         return parallel_vllm_options(self.vllm_options, tensor_parallel_size=self.tensor_parallel_size,
                                      data_parallel_size=self.data_parallel_size)

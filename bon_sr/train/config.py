@@ -16,9 +16,9 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from ..errors import ConfigError
-from ..hidden_states import HiddenStateConfig
+from ..scoring.hidden_states import HiddenStateConfig
 from ..models import DEFAULT_MODEL
-from ..samplers import SamplingConfig
+from ..sampling import SamplingConfig
 
 #: Attention and MLP projections of Llama/Qwen/Mistral-style decoders.
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -24,7 +24,7 @@ What is scored, per completion:
   the policy cannot reshape the geometry it is rewarded on;
 - or by ``reward_model``, a separate frozen copy, when the policy has no adapters (full
   fine-tuning); a policy without adapters and no reward model is refused;
-- through ``bon_sr.scoring.HFScorer``, the Best-of-N scorer itself (token set, layer, norm,
+- through ``bon_sr.scoring.scorers.HFScorer``, the Best-of-N scorer itself (token set, layer, norm,
   window and the padded-token budget that bounds memory, as in ``HiddenStateConfig``).
 
 An empty scored span gets SR 0.0 (the core convention), below any real completion.
@@ -44,8 +44,8 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from ..errors import ConfigError
-from ..hidden_states import HiddenStateConfig
-from ..scoring import HFScorer
+from ..scoring.hidden_states import HiddenStateConfig
+from ..scoring.scorers import HFScorer
 
 logger = logging.getLogger(__name__)
 

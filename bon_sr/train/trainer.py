@@ -46,7 +46,7 @@ from typing import Any, Sequence
 
 from ..errors import ConfigError, InputError, MissingExtraError, ModelError
 from ..models import ProgressFn, resolve_model
-from ..prompts import read_prompt_file, to_messages
+from ..sampling.prompts import read_prompt_file, to_messages
 from .config import TrainConfig
 from .reward import StableRankReward, tokenise_prompts_like_trl
 

@@ -16,7 +16,7 @@ from typing import Mapping, Sequence
 from .answers import AnswerExtractor
 from .consensus import UTILITY_KEY, Utility, get_utility, mbr_utilities, similarity
 from .selectors import Pick, SelectorSpec, select
-from .types import Candidate
+from ..types import Candidate
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ Each selector is ``fn(candidates, *, seed=0, groups=None, **kwargs) -> int | Pic
 ``candidates`` need only ``.scores`` (a mapping) and ``.num_tokens``: product
 ``Candidate`` objects and the benchmark's cached records both qualify. ``groups`` holds
 one answer-class id per candidate for the voting selectors (equal answers share an id,
--1 = no answer found; ``bon_sr.answers`` makes them). A user's own callable with the same
+-1 = no answer found; ``bon_sr.selection.answers`` makes them). A user's own callable with the same
 signature may stand in for any of them (``select_best(..., selector=my_fn)``).
 
 One rule for every selector: ties go to the LOWEST candidate index (the earliest sample),
@@ -17,7 +17,7 @@ in the returned ``Pick``.
 
 Consensus: ``mbr`` picks the candidate with the highest mean similarity to the others
 (Minimum Bayes Risk); it takes the N x N ``similarity`` matrix that the caller computed
-with a utility of ``bon_sr.consensus`` (``bon_sr.selection.decide`` does it in the product;
+with a utility of ``bon_sr.selection.consensus`` (``bon_sr.selection.decide.decide`` does it in the product;
 the benchmark passes sub-matrices for subsets). ``auto`` votes when an answer extractor ran
 and at least half the candidates gave an answer, else runs ``mbr``.
 
@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence, Union
 
 from .consensus import mbr_utilities
-from .errors import ConfigError
+from ..errors import ConfigError, OptionError
 
 
 @dataclass(frozen=True)
@@ -203,13 +203,13 @@ def sr_weighted_vote(candidates: Sequence[Any], *, groups: Sequence[int] | None 
 def mbr(candidates: Sequence[Any], *, similarity: Sequence[Sequence[float]] | None = None,
         utility: str = "", **kwargs: Any) -> Pick:
     """Minimum Bayes Risk: the candidate with the highest mean ``similarity`` to the other
-    candidates (``similarity[i][j]``: candidate i against j, N x N; ``bon_sr.consensus``).
+    candidates (``similarity[i][j]``: candidate i against j, N x N; ``bon_sr.selection.consensus``).
     ``Pick.order`` ranks every candidate by that utility. ``utility`` only names the
     similarity in the rule (e.g. "mbr lexical")."""
     _need(candidates)
     if similarity is None:
         raise ConfigError("selector 'mbr' needs the candidates' pairwise similarity: pass similarity= (an N x N "
-                          "matrix from bon_sr.consensus.similarity) or select through BestOfN with utility=.")
+                          "matrix from bon_sr.selection.consensus.similarity) or select through BestOfN with utility=.")
     if len(similarity) != len(candidates):
         raise ConfigError(f"the similarity matrix has {len(similarity)} rows for {len(candidates)} candidates.")
     order = ranking(mbr_utilities(similarity))
@@ -285,7 +285,8 @@ def get_selector(selector: str | SelectorFn | SelectorSpec) -> SelectorSpec:
     try:
         return SELECTORS[selector]
     except KeyError:
-        raise ConfigError(f"Unknown selector '{selector}'. Available: {', '.join(sorted(SELECTORS))}") from None
+        raise OptionError("selector", f"Unknown selector '{selector}'. Available: {', '.join(sorted(SELECTORS))}") \
+            from None
 
 
 def _as_pick(result: int | Pick, name: str) -> Pick:

@@ -13,7 +13,7 @@ Row transforms, ``fn(h, mask, ctx) -> (h, mask)`` with ``h: (B, T, d)`` and
   (post-norm, last layer, response tokens) is the paper's definition.
 - ``center``: subtract each sequence's mean counted row. H whose counted rows are all
   equal (in particular a single row) becomes all-zero, whose stable rank is 0.0 by the
-  degenerate rule of :mod:`bon_sr.stable_rank`: such a candidate ranks last.
+  degenerate rule of :mod:`bon_sr.scoring.stable_rank`: such a candidate ranks last.
 - ``drop-first``: the first counted row stops counting (the attention sink in ``full``;
   the first response token otherwise).
 - ``drop-special``: rows whose token id is in ``ctx.special_ids`` stop counting (BOS,
@@ -47,7 +47,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = ["CalibrationAccumulator", "CalibrationStats", "MASSIVE_K", "ScorerVariant", "TransformContext",
            "VARIANTS", "Variant", "length_corrected", "parse_variant"]
@@ -160,7 +160,7 @@ def _drop_special(h: torch.Tensor, mask: torch.Tensor, ctx: TransformContext) ->
 
 def _need_stats(ctx: TransformContext, name: str) -> CalibrationStats:
     if ctx.stats is None:
-        raise ConfigError(f"Variant '{name}' needs calibration statistics (bon_sr.variants.CalibrationAccumulator) "
+        raise ConfigError(f"Variant '{name}' needs calibration statistics (bon_sr.scoring.variants.CalibrationAccumulator) "
                           "at the scored layer and norm; pass them as TransformContext.stats.")
     return ctx.stats
 

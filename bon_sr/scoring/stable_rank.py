@@ -10,9 +10,9 @@ Two entry points return the same :class:`StableRankResult`:
 - :func:`stable_rank`: exact Frobenius norm plus a block subspace iteration for s_1^2
   with Rayleigh-Ritz, per-candidate convergence and an exact float64 fallback for
   candidates that do not converge, so it never returns an unconverged value silently.
-  It dispatches to the Triton kernel (``bon_sr.kernels.triton_sr``) where that runs, and
+  It dispatches to the Triton kernel (``bon_sr.scoring.kernels.triton_sr``) where that runs, and
   computes the items the kernel declines here. The iteration itself, the input checks and
-  the result's packaging live in ``bon_sr.sr_core``, which both backends share.
+  the result's packaging live in ``bon_sr.scoring.sr_core``, which both backends share.
 
 Conventions shared by both (documented once, tested):
 
@@ -149,7 +149,7 @@ def stable_rank(
     item to the fallback.
 
     Backend. ``"auto"`` (default) runs the fused Triton kernel of
-    :mod:`bon_sr.kernels.triton_sr` when h is a float16/bfloat16/float32 CUDA tensor and
+    :mod:`bon_sr.scoring.kernels.triton_sr` when h is a float16/bfloat16/float32 CUDA tensor and
     triton is importable, and this pure-torch code otherwise (always on the CPU).
     ``"torch"`` forces this code; ``"triton"`` forces the kernel and raises ImportError
     without triton, ValueError for float64 input or a CPU tensor (outside Triton's
@@ -164,7 +164,7 @@ def stable_rank(
         raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
     options = dict(tol=tol, max_iter=max_iter, block_size=block_size, exact_fallback=exact_fallback)
     if _use_triton(h, backend):
-        from bon_sr.kernels.triton_sr import stable_rank_triton
+        from bon_sr.scoring.kernels.triton_sr import stable_rank_triton
 
         res, declined = stable_rank_triton(h, mask, **options)
         return _with_torch_items(res, declined, h, mask, **options) if declined.numel() else res
@@ -223,7 +223,7 @@ def _use_triton(h: torch.Tensor, backend: str) -> bool:
         raise ValueError(f"Unknown backend {backend!r}. Available: {', '.join(_BACKENDS)}")
     if backend == "torch":
         return False
-    from bon_sr.kernels import triton_available
+    from bon_sr.scoring.kernels import triton_available
 
     if backend == "auto":
         # the interpreter is for tests only: auto never picks Triton for a CPU tensor

@@ -2,10 +2,10 @@
 the fixed-seed start block, the block subspace-iteration driver and the exact float64
 fallback.
 
-``bon_sr.stable_rank`` (pure torch) and ``bon_sr.kernels.triton_sr`` (the fused Triton
+``bon_sr.scoring.stable_rank`` (pure torch) and ``bon_sr.scoring.kernels.triton_sr`` (the fused Triton
 product) each supply only the product A Q and call ``subspace_iteration`` here, so one
 convergence rule, give-up rule, Cholesky-failure detection and fallback serve both. The
-conventions (shapes, masks, degenerate inputs) are documented in ``bon_sr.stable_rank``.
+conventions (shapes, masks, degenerate inputs) are documented in ``bon_sr.scoring.stable_rank``.
 This module knows nothing about backends, dispatch, models or what the rows mean.
 """
 
@@ -224,7 +224,7 @@ def subspace_iteration(
     first: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top eigenvalue of a PSD operator A for each of b items: the one iteration driver of
-    both backends (``bon_sr.stable_rank`` and the Triton kernel supply only the product).
+    both backends (``bon_sr.scoring.stable_rank`` and the Triton kernel supply only the product).
 
     apply(q, rows) -> A q for the items ``rows`` (original indices, on q's device), with
         q: (len(rows), m, k); rows only ever shrink. first: A q for the first pass when the

@@ -2,7 +2,7 @@
 
 MBR picks the candidate that agrees most with the other candidates of its prompt: each
 candidate's utility is its mean similarity to the others (``mbr_utilities``), and the
-``mbr`` selector (``bon_sr.selectors``) takes the highest. A similarity is one of
+``mbr`` selector (``bon_sr.selection.selectors``) takes the highest. A similarity is one of
 
 - ``lexical``: chrF (Popovic 2015; character n-grams up to 6, beta 2, whitespace removed)
   computed by ``fastchrf``, a maintained Rust implementation written for MBR's pairwise
@@ -26,7 +26,7 @@ without a usable embedding); ``mbr_utilities`` skips NaN entries and a candidate
 defined similarity gets a NaN utility, which ranks last in every selector.
 
 This module knows nothing about models, sampling or which candidate wins. numpy and
-fastchrf are imported where used, so importing it (and ``bon_sr.selectors``) stays light.
+fastchrf are imported where used, so importing it (and ``bon_sr.selection.selectors``) stays light.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence, Union
 
-from .errors import ConfigError
+from ..errors import ConfigError, OptionError
 
 #: a user's similarity of two candidate texts (higher = more alike)
 UtilityFn = Callable[[str, str], float]
@@ -178,7 +178,7 @@ def get_utility(utility: UtilityInput | Utility = DEFAULT_UTILITY) -> Utility:
     try:
         return UTILITIES[utility]
     except (KeyError, TypeError):
-        raise ConfigError(f"Unknown utility '{utility}'. Available: {', '.join(sorted(UTILITIES))}, "
+        raise OptionError("utility", f"Unknown utility '{utility}'. Available: {', '.join(sorted(UTILITIES))}, "
                           "or a callable utility(a, b) -> float in the API.") from None
 
 

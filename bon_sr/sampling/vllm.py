@@ -11,7 +11,7 @@ with chunked prefill ON, the first partially prefilled request kills the engine
 ("CPU Generator does not use offset": vLLM rewinds a discarded chunk's generator with
 ``set_offset``, which CPU generators lack). With chunked prefill OFF the same requests
 run, repeat token for token, give the same candidates for a prompt alone or batched
-with others, and differ across seeds. ``vllm_backend`` therefore builds CPU generate
+with others, and differ across seeds. ``bon_sr.engines`` therefore builds CPU generate
 engines with ``enable_chunked_prefill=False``. A global ``LLM(seed=...)`` also runs but
 makes a prompt's samples depend on the rest of the batch, so it is only the fallback
 for a caller's own CPU engine that has chunked prefill on (``per_request_seeds=False``).

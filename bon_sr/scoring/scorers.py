@@ -3,15 +3,15 @@
 Every scorer returns, per (prompt ids, response ids) pair, one dict with the same keys:
 
 - ``stable_rank``, ``frobenius_sq``, ``spectral_sq``, ``scored_tokens``: the stable rank
-  of the scored rows and its parts (``bon_sr.stable_rank``);
+  of the scored rows and its parts (``bon_sr.scoring.stable_rank``);
 - ``mean_logprob`` and ``self_certainty`` when asked for (``logit_stats=True``): the mean
   over the response tokens of log p(token) and of KL(uniform || p) under the frozen
   model's own distribution (temperature 1), from the SAME forward pass as the states.
 
 ``HFScorer`` reads the states through ``hidden_states.extract``; the vLLM scorers (the
-in-pass hook and the pooling engine, ``bon_sr.vllm_backend``) fill the same dict.
+in-pass hook and the pooling engine, ``bon_sr.engines``) fill the same dict.
 ``HFScorer.score_and_embed`` also returns each pair's embeddings for the hidden consensus
-utilities (``bon_sr.consensus``) from the same forward; ``EMBEDDING_SCORERS`` names the
+utilities (``bon_sr.selection.consensus``) from the same forward; ``EMBEDDING_SCORERS`` names the
 scorers that can.
 ``SCORERS`` names them; ``SCORE_SOURCES`` says where each score comes from on each, so a
 caller can validate a selector against a scorer before anything is loaded.
@@ -25,14 +25,14 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 
 import torch
 
-from .errors import ConfigError
+from ..errors import ConfigError
 from .hidden_states import HiddenStateConfig, end_of_turn_id, extract, model_special_ids, scored_token_ids, \
     with_end_of_turn
 from .stable_rank import StableRankResult, stable_rank
 from .variants import CalibrationStats, TransformContext, parse_variant
 
 if TYPE_CHECKING:
-    from .selectors import SelectorSpec
+    from ..selection.selectors import SelectorSpec
 
 SR_KEYS = ("stable_rank", "frobenius_sq", "spectral_sq", "scored_tokens")
 STAT_KEYS = ("mean_logprob", "self_certainty")

@@ -9,7 +9,7 @@ not already end with it, since sampled responses are stored without it.
 
 ``extract`` is the one extraction path: several (norm, layer) views from ONE forward
 pass, the scored token set and window, and optionally each pair's token log-prob and
-self-certainty from the same pass's last-layer logits. The HF scorer (``bon_sr.scoring``),
+self-certainty from the same pass's last-layer logits. The HF scorer (``bon_sr.scoring.scorers``),
 the benchmark, the ablation and the SR reward all read hidden states through it.
 
 This module knows nothing about sampling, stable rank or selection.
@@ -24,7 +24,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
-from .errors import ConfigError
+from ..errors import ConfigError, OptionError
 from .variants import parse_variant
 
 logger = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ class HiddenStateConfig:
         ``hidden_states[-1]``); ``pre`` takes the decoder layer's raw output.
     window: score at most the first ``window`` tokens of the token set (None = all).
     max_batch_tokens: padded tokens per forward pass; bounds activation memory.
-    transform: a row-transform spec of :mod:`bon_sr.variants` applied to the scored rows
+    transform: a row-transform spec of :mod:`bon_sr.scoring.variants` applied to the scored rows
         before stable rank (``raw`` = the paper, the default; e.g. ``center``,
         ``center+drop-massive-seq``). Calibrated ones (``drop-massive``, ``standardize``)
         need ``HFScorer(..., calibration=...)``. Only ``HFScorer`` applies it.
@@ -59,16 +59,16 @@ class HiddenStateConfig:
 
     def __post_init__(self) -> None:
         if self.token_set not in TOKEN_SETS:
-            raise ConfigError(f"Unknown token set '{self.token_set}'. Available: {', '.join(TOKEN_SETS)}")
+            raise OptionError("token_set", f"Unknown token set '{self.token_set}'. Available: {', '.join(TOKEN_SETS)}")
         if self.norm not in NORMS:
-            raise ConfigError(f"Unknown norm '{self.norm}'. Available: {', '.join(NORMS)}")
+            raise OptionError("norm", f"Unknown norm '{self.norm}'. Available: {', '.join(NORMS)}")
         if self.window is not None and self.window < 1:
-            raise ConfigError(f"window must be >= 1 or None, got {self.window}")
+            raise OptionError("window", f"{{@window}} must be >= 1 or None, got {self.window}")
         if self.max_batch_tokens < 1:
-            raise ConfigError(f"max_batch_tokens must be >= 1, got {self.max_batch_tokens}")
+            raise OptionError("max_batch_tokens", f"{{@max_batch_tokens}} must be >= 1, got {self.max_batch_tokens}")
         if parse_variant(self.transform).length_correction:
-            raise ConfigError("'length' corrects a candidate group's scores, not one candidate's H; "
-                              "apply bon_sr.variants.length_corrected to each group's scores instead.")
+            raise OptionError("transform", "'length' corrects a candidate group's scores, not one candidate's H; "
+                              "apply bon_sr.scoring.variants.length_corrected to each group's scores instead.")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -232,7 +232,7 @@ def _mean_token_stats(lm_head: torch.nn.Module, h: torch.Tensor, targets: torch.
 
 
 def embedding_summary(rows: torch.Tensor) -> Mapping[str, tuple[float, ...]]:
-    """A candidate's embeddings for the consensus utilities (``bon_sr.consensus``) from its
+    """A candidate's embeddings for the consensus utilities (``bon_sr.selection.consensus``) from its
     response rows ``(r, d)`` of the last layer, post-norm: ``{"last": row r-1, "mean": the
     mean over the r rows}`` computed in float32, as Python floats; NaN vectors for an empty
     response (its similarities are then NaN)."""

@@ -2,7 +2,7 @@
 
 Nothing here is imported by ``import bon_sr``: the Triton module is imported only when a
 caller asks for the Triton backend, so the package works without triton. This package
-knows nothing about models or selection; it only speeds up ``bon_sr.stable_rank``.
+knows nothing about models or selection; it only speeds up ``bon_sr.scoring.stable_rank``.
 """
 
 from __future__ import annotations
