@@ -230,10 +230,12 @@ def test_set_order_is_fixed_across_runs():
 def test_module_name_stdin_and_cwd():
     src = "if __name__ == '__main__':\n    raise SystemExit('ran as a script')\n"
     examples = (Example(expr="__name__"), Example(expr="input()"), Example(expr="__import__('os').getcwd()"),
-                Example(expr="__import__('sys').stdin.read()"))
+                Example(expr="__import__('sys').stdin.read()"), Example(stmt="import confine"),
+                Example(stmt="import evaluate"), Example(stmt="import bon_sr"))
     [r] = run_programs([Program(src, examples)])
     assert r.status == "ok"
-    assert values(r) == ["'candidate'", "EOFError", "'/tmp'", "''"]
+    assert values(r) == ["'candidate'", "EOFError", "'/tmp'", "''"] + ["ModuleNotFoundError"] * 3, \
+        "the sandbox's own modules stay out of the program's reach"
 
 
 def test_program_and_setup_failures_fill_every_example():

@@ -4,7 +4,9 @@ examples evaluated there, the results back as capped JSON.
     spec.py     Program, Example, Limits in; RunResult, ExampleResult out (plain dataclasses)
     runner.py   run_programs(): a batch in parallel (twice the cores); check_sandbox()
     child.py    the sandbox side (a standalone script, standard library only): a zygote per
-                batch forks each program's namespaces, root, limits and runner
+                batch forks each program's process tree, wall clock and reports
+    confine.py  namespaces, id maps, the root file system, limits, dropping privileges
+    evaluate.py the program and its examples, run inside: results as JSON lines
 
     results = run_programs([Program(source, (Example(expr="f(1)", expected="2"),))])
     results[0].passed, results[0].behaviour, results[0].to_dict()
