@@ -42,8 +42,8 @@ per-uid kernel state shared by all sandboxes run as root, which all are uid 6553
 inotify counts); and the truth of a program's own report: it runs in the interpreter that
 evaluates its examples, so a hostile program can forge its own results (not another's).
 Without a sandbox (the explicit ``allow_unsandboxed=True`` / BON_SR_UNSAFE_NO_SANDBOX=1
-opt-out, honoured only where none can be built) none of this holds beyond the limits, the
-empty environment and a fresh directory.
+opt-out, honoured only where none can be built) none of this holds beyond the CPU, memory,
+file-size and wall limits, the empty environment and a fresh directory.
 """
 
 from .runner import UNSAFE_ENV, SandboxUnavailable, check_sandbox, run_programs
