@@ -332,6 +332,7 @@ def test_opt_out_runs_unsandboxed_only_where_no_sandbox(monkeypatch, caplog):
 
     monkeypatch.setattr(sandbox_runner, "check_sandbox", unavailable)
     monkeypatch.setattr(sandbox_runner, "_warned", False)
+    workdirs = set(Path(tempfile.gettempdir()).glob("bon-sr-unsandboxed-*"))
     monkeypatch.delenv(UNSAFE_ENV, raising=False)
     with pytest.raises(SandboxUnavailable, match="no namespaces here"):
         run_programs([BENIGN])
@@ -341,6 +342,7 @@ def test_opt_out_runs_unsandboxed_only_where_no_sandbox(monkeypatch, caplog):
     monkeypatch.setenv(UNSAFE_ENV, "1")
     [slow] = run_programs([Program("while True:\n    pass\n", (Example(expr="1"),))], limits=Limits(cpu_s=1, wall_s=2))
     assert slow.status == "timeout" and not slow.sandboxed
+    assert set(Path(tempfile.gettempdir()).glob("bon-sr-unsandboxed-*")) == workdirs, "a fresh directory was left"
     monkeypatch.undo()
     [r] = run_programs([BENIGN], allow_unsandboxed=True)
     assert r.sandboxed, "where a sandbox works the opt-out must not bypass it"
