@@ -19,10 +19,11 @@ from .selection.consensus import DEFAULT_UTILITY, UtilityInput
 from .errors import ConfigError, InputError
 from .scoring.hidden_states import HiddenStateConfig
 from .models import DEFAULT_MODEL, ProgressFn, load_hf_model, model_context, resolve_model
-from .sampling.prompts import check_fits, derive_seed, encode_prompt, encode_response, validate_prompt
+from .sampling.prompts import encode_prompt, encode_response, validate_prompt
 from .sampling import SamplingConfig
 from .scoring.scorers import SCORE_SOURCES, SR_KEYS, STAT_KEYS, HFScorer
 from .selection.decide import decide
+from .selection.execution import PromptContext
 from .selection.selectors import SelectorFn
 from .types import Candidate, PromptInput, Selection
 
@@ -299,13 +300,17 @@ class BestOfN:
         candidates: Sequence[CandidateInput] | None = None,
         seed: int | None = None,
         id: str | int = 0,
+        tests: str | Sequence[str] | None = None,
     ) -> Selection:
         """Best-of-N for one prompt; with ``candidates`` only scores and selects them.
 
         The prompt's seed derives from the run seed and ``id`` exactly as in
-        ``select_many`` (so ``select(p)`` equals ``select_many([p])``); ``seed`` overrides it."""
-        seeds = [derive_seed(self.sampling.seed, str(id)) if seed is None else int(seed)]
-        return next(self._run([prompt], seeds, [candidates] if candidates is not None else None, ["prompt"]))
+        ``select_many`` (so ``select(p)`` equals ``select_many([p])``); ``seed`` overrides it.
+        ``tests`` (assert lines or doctest text) replace the examples the prompt shows for
+        ``answer="python"``."""
+        seeds = [self.plan.seed_for(str(id), seed)]
+        return next(self._run([prompt], seeds, [candidates] if candidates is not None else None, ["prompt"],
+                              [tests]))
 
     def select_many(
         self,
@@ -314,21 +319,25 @@ class BestOfN:
         ids: Sequence[str | int] | None = None,
         candidates: Sequence[Sequence[CandidateInput]] | None = None,
         chunk_size: int | None = None,
+        tests: Sequence[str | Sequence[str] | None] | None = None,
     ) -> Iterator[Selection]:
         """Yield one Selection per prompt, in order. Each prompt's seed derives from the run
-        seed and its id (default: its position), so results do not depend on chunking."""
+        seed and its id (default: its position), so results do not depend on chunking.
+        ``tests``: per prompt, the tests ``answer="python"`` runs instead of the prompt's examples."""
         prompts = list(prompts)
         keys = [str(k) for k in ids] if ids is not None else [str(i) for i in range(len(prompts))]
         if len(keys) != len(prompts):
             raise ConfigError("ids must have one entry per prompt")
         if candidates is not None and len(candidates) != len(prompts):
             raise ConfigError("candidates must have one list per prompt")
+        if tests is not None and len(tests) != len(prompts):
+            raise ConfigError("tests must have one entry (or None) per prompt")
         size = chunk_size or (1 if self.backend == "hf" else 32)
         for start in range(0, len(prompts), size):
             part = slice(start, start + size)
-            seeds = [derive_seed(self.sampling.seed, k) for k in keys[part]]
+            seeds = [self.plan.seed_for(k) for k in keys[part]]
             yield from self._run(prompts[part], seeds, candidates[part] if candidates is not None else None,
-                                 [f"prompt {k}" for k in keys[part]])
+                                 [f"prompt {k}" for k in keys[part]], tests[part] if tests is not None else None)
 
     def _score(self, prompt_ids: Sequence[Sequence[int]], groups: list[list[Candidate]],
                sampled: bool) -> list[list[Candidate]]:
@@ -370,19 +379,22 @@ class BestOfN:
         seeds: Sequence[int],
         given: Sequence[Sequence[CandidateInput] | None] | None,
         wheres: Sequence[str],
+        tests: Sequence[str | Sequence[str] | None] | None = None,
     ) -> Iterator[Selection]:
         prompt_ids = [self.encode(p, w) for p, w in zip(prompts, wheres)]
         if given is None:
             for ids, where in zip(prompt_ids, wheres):
-                check_fits(ids, self.sampling.max_new_tokens, self.context, where)
+                self.plan.check_fits(ids, self.context, where)
             groups, _ = self.sample(prompt_ids, seeds)
         else:
             groups = [self._candidates_from_input(c or [], w) for c, w in zip(given, wheres)]
             for ids, group, where in zip(prompt_ids, groups, wheres):
-                check_fits(ids, max(c.num_tokens for c in group), self.context, where)
+                self.plan.check_fits(ids, self.context, where, max(c.num_tokens for c in group))
         groups = self._score(prompt_ids, groups, sampled=given is None)
-        for prompt, ids, group, seed in zip(prompts, prompt_ids, groups, seeds):
-            d = decide(group, self.selector_spec, self.answers, seed=seed, utility=self.utility)
+        tests = tests if tests is not None else [None] * len(prompts)
+        for prompt, ids, group, seed, test in zip(prompts, prompt_ids, groups, seeds, tests, strict=True):
+            d = decide(group, self.selector_spec, self.answers, seed=seed, utility=self.utility,
+                       context=PromptContext.of(prompt, test))
             yield Selection(prompt=prompt, prompt_token_ids=tuple(ids), candidates=d.candidates,
                             best_index=d.pick.index, selector=self.selector_name, model=self.model_name,
                             rule=d.pick.rule, votes=d.votes)
@@ -397,9 +409,11 @@ def select_best(
 ) -> Selection:
     """Sample ``n`` candidates for ``prompt`` (or take the caller's ``candidates``), score
     them, and return the one the selector picks (default: the highest stable rank of the
-    frozen model's hidden states). Options are ``BestOfN``'s.
+    frozen model's hidden states). Options are ``BestOfN``'s, and ``tests`` (for
+    ``answer="python"``) ``select``'s.
 
     Loads the model on every call: use ``BestOfN`` for many prompts.
     """
+    tests = options.pop("tests", None)
     with BestOfN(model, **options) as bon:
-        return bon.select(prompt, candidates=candidates)
+        return bon.select(prompt, candidates=candidates, tests=tests)

@@ -366,7 +366,8 @@ def _generate_loop(console: Any, writer: Any, todo: list[Any], skipped: int, kee
             task = progress.add_task(label, total=len(todo), rate="")
             selections = bon.select_many([r.prompt for r in todo], ids=[r.id for r in todo],
                                          chunk_size=chunk_size,
-                                         candidates=[list(r.candidates or ()) for r in todo] if given else None)
+                                         candidates=[list(r.candidates or ()) for r in todo] if given else None,
+                                         tests=[r.tests for r in todo])
             for record, sel in zip(todo, selections):
                 out = {"id": record.id}
                 out.update(sel.to_dict(keep_candidates=keep_candidates, include_embeddings=keep_embeddings))

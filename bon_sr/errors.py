@@ -39,6 +39,7 @@ SPELLINGS: dict[str, tuple[str, str, str | None]] = {
     "selector": ("--selector", "selector", "bon_sr.selector"),
     "answer": ("--answer", "answer", "bon_sr.answer"),
     "answer_regex": ("--answer-regex", "answer_regex", "bon_sr.answer_regex"),
+    "tests": ("a prompt line's 'tests' field", "tests", "bon_sr.tests"),
     "utility": ("--utility", "utility", "bon_sr.utility"),
     "score": ("--score/--no-score", "score", None),
     "logit_stats": ("--logit-stats", "logit_stats", None),

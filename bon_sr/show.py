@@ -152,16 +152,21 @@ def _table(cands: list[dict[str, Any]], best: int, votes: dict[str, Any] | None,
     from rich.text import Text
 
     has_answers = votes is not None
+    ran = any("passed" in c for c in cands)  # code answers: each candidate ran on the examples
     columns = ["", "#", "tokens", "finish", *(SHORT.get(k, k) for k in scores)]
     rows = []
     for i, c in enumerate(cands):
         row = ["★" if i == best else "", str(c.get("index", i)), _number(c.get("num_tokens")),
                str(c.get("finish_reason") or "")]
         row += [_number((c.get("scores") or {}).get(k)) for k in scores]
+        if ran:
+            row.append({True: "yes", False: "no"}.get(c.get("passed"), ""))
         if has_answers:
             answer = c.get("answer")
             row += ["" if answer is None else str(answer), "" if answer is None else _number(votes.get(str(answer)))]
         rows.append(row)
+    if ran:
+        columns.append("pass")
     if has_answers:
         columns += ["answer", "votes"]
     widths = [min(24, max([len(name)] + [len(r[k]) for r in rows])) for k, name in enumerate(columns)]
@@ -173,7 +178,7 @@ def _table(cands: list[dict[str, Any]], best: int, votes: dict[str, Any] | None,
     text_width = max(text_width, 8)
     table = Table(show_edge=False, pad_edge=False, header_style="bold")
     for name, w in zip(columns, widths):
-        table.add_column(name, justify="left" if name in ("", "finish", "answer") else "right", no_wrap=True,
+        table.add_column(name, justify="left" if name in ("", "finish", "answer", "pass") else "right", no_wrap=True,
                          width=w)
     table.add_column("text", no_wrap=True, width=text_width)
     for i, (row, c) in enumerate(zip(rows, cands)):

@@ -37,6 +37,10 @@ class Candidate:
     answer: str | None = None
     vote_share: float | None = None
     embeddings: Mapping[str, tuple[float, ...]] | None = None
+    #: with an answer format that runs code (``python``): whether the candidate passed every
+    #: example, and each example's result (status, error type, value repr; capped)
+    passed: bool | None = None
+    checks: tuple[Mapping[str, Any], ...] | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -62,9 +66,11 @@ class Candidate:
             out["logprobs"] = list(self.logprobs)
         out["scores"] = dict(self.scores)
         out["num_tokens"] = self.num_tokens
-        for key in ("answer", "vote_share"):
+        for key in ("answer", "vote_share", "passed", "checks"):
             if out[key] is None:
                 del out[key]
+        if self.checks is not None:
+            out["checks"] = [dict(c) for c in self.checks]
         return out
 
 

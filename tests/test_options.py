@@ -69,7 +69,7 @@ def test_spellings_match_each_interface():
     from bon_sr.cli import generate as cli_generate
 
     flags = {opt for p in cli_generate.params for opt in p.opts + p.secondary_opts}
-    keywords = set(inspect.signature(BestOfN).parameters)
+    keywords = set(inspect.signature(BestOfN).parameters) | set(inspect.signature(BestOfN.select).parameters)
     fields = set(BonSROptions.model_fields)
     openai_fields = {"temperature", "top_p", "max_tokens", "stop", "seed"}
     for option, (cli, api, server) in SPELLINGS.items():

@@ -66,7 +66,7 @@ _GOLD = {"choice": gold_letter, "exact": normalize_text, "math": gold_math, "num
 
 CHECKERS: dict[str, Checker] = {
     name: Checker(fmt.name, fmt.description, fmt.extract, _GOLD[name], fmt.equal, key=fmt.key)
-    for name, fmt in sorted(ANSWER_FORMATS.items())
+    for name, fmt in sorted(ANSWER_FORMATS.items()) if name in _GOLD  # code is graded by its task's tests
 }
 
 

@@ -27,6 +27,20 @@ class PromptRecord:
     prompt: PromptInput
     line: int
     candidates: tuple[Any, ...] | None = None
+    #: tests the caller gives for code answers (``--answer python``): assert lines or doctest
+    #: text; they replace the examples the prompt shows
+    tests: tuple[str, ...] | None = None
+
+
+def _validate_tests(value: Any, where: str) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value or not all(isinstance(t, str) and t.strip() for t in value):
+        raise InputError(f"{where}: 'tests' must be a non-empty string or list of strings (assert lines or doctest "
+                         "text), read by --answer python.")
+    return tuple(value)
 
 
 def _validate_candidates(value: Any, where: str) -> tuple[Any, ...]:
@@ -110,18 +124,19 @@ def read_prompt_file(path: str | Path, *, candidates: str = "forbid") -> list[Pr
                     raise InputError(f"{where}: missing 'candidates' (the responses to score); to sample "
                                      "responses use `bon-sr generate`.")
                 given = _validate_candidates(given, where)
+            tests = _validate_tests(obj.get("tests"), where)
         else:
             if candidates == "require":
                 raise InputError(f"{path}: `bon-sr score` reads .jsonl lines with 'prompt' (or 'messages') and "
                                  "'candidates'.")
             prompt = validate_prompt(obj, where)
             rid = str(lineno)
-            given = None
+            given = tests = None
         if rid in seen:
             raise InputError(f"{where}: duplicate id {rid!r} (first used on line {seen[rid]}). Ids must be unique "
                              "so that --resume can tell finished prompts apart.")
         seen[rid] = lineno
-        records.append(PromptRecord(id=rid, prompt=prompt, line=lineno, candidates=given))
+        records.append(PromptRecord(id=rid, prompt=prompt, line=lineno, candidates=given, tests=tests))
     if not records:
         raise InputError(f"{path}: no prompts found.")
     return records

@@ -21,6 +21,8 @@ from fractions import Fraction
 from typing import Any, Callable, Optional, Protocol, Sequence, Union
 
 from ..errors import MissingExtraError, OptionError
+from .code import extract_code
+from .execution import PYTHON, AnswerSet, PromptContext, read_python
 
 AnswerFn = Callable[[str], Union[str, None]]
 #: what ``answer=`` accepts: a format name, or a callable text -> answer
@@ -232,16 +234,27 @@ def _same_text(a: str, b: str) -> bool:
 class AnswerExtractor:
     """``extract(text)`` gives a candidate's answer (None: none found); ``group(answers)``
     numbers equal answers alike, in order of first appearance (-1 for None). ``equal`` and
-    ``key`` are the equivalence (default: normalised text)."""
+    ``key`` are the equivalence (default: normalised text). ``read`` gives one prompt's
+    answers at once with the prompt's context; a format that needs more than each text
+    (``python``: the prompt's examples, run in the sandbox) sets ``read_many``, and
+    ``runs_code`` when it executes candidates."""
 
     name: str
     extract: AnswerFn
     equal: Callable[[str, str], bool] = _same_text
     key: Optional[Callable[[str], str]] = normalize_text
     description: str = ""
+    read_many: Optional[Callable[[Sequence[str], Optional[PromptContext]], AnswerSet]] = None
+    runs_code: bool = False
 
     def group(self, answers: Sequence[str | None]) -> list[int]:
         return group_answers(answers, self)
+
+    def read(self, texts: Sequence[str], context: PromptContext | None = None) -> AnswerSet:
+        """Every candidate's answer for one prompt (``context``: its text and explicit tests)."""
+        if self.read_many is not None:
+            return self.read_many(texts, context)
+        return AnswerSet([self.extract(t) for t in texts])
 
 
 #: the named formats (``--answer NAME``); the bench's checkers add each one's gold rule
@@ -252,6 +265,8 @@ ANSWER_FORMATS: dict[str, AnswerExtractor] = {
     "math": AnswerExtractor("math", extract_math, equal_math, None, "LaTeX answers compared by math-verify"),
     "numeric": AnswerExtractor("numeric", extract_number, equal_number, numeric_key,
                                "numbers (thousands commas, fractions, decimals)"),
+    PYTHON: AnswerExtractor(PYTHON, extract_code, str.__eq__, str, "code: behaviour on the prompt's examples "
+                            "(asserts, doctests or explicit tests), run in the sandbox", read_python, True),
 }
 
 
@@ -289,4 +304,18 @@ def get_extractor(answer: AnswerInput = None, *, regex: str | None = None) -> An
                           f"{', '.join(sorted(ANSWER_FORMATS))}, or a regex ({{@answer_regex}}).")
     if found.name == "math":
         math_verify_module()  # a missing math-verify fails now, not after sampling
+    if found.runs_code:
+        sandbox_ready()  # a machine that cannot contain code fails now, naming what it lacks
     return found
+
+
+def sandbox_ready() -> None:
+    """SandboxUnavailable (naming what is missing and how to get it) unless model-written
+    code can run contained here, or the user opted out (``BON_SR_UNSAFE_NO_SANDBOX=1``)."""
+    import os
+
+    from ..sandbox import UNSAFE_ENV, check_sandbox
+
+    if os.environ.get(UNSAFE_ENV) == "1":
+        return
+    check_sandbox()

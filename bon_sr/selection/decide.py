@@ -11,9 +11,10 @@ This module knows nothing about models, sampling or scoring.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from .answers import AnswerExtractor
+from .execution import PromptContext
 from .consensus import UTILITY_KEY, Utility, get_utility, mbr_utilities, similarity
 from .selectors import Pick, SelectorSpec, select
 from ..types import Candidate
@@ -30,46 +31,56 @@ class Decision:
 
 
 def decide(candidates: Sequence[Candidate], selector: SelectorSpec, answers: AnswerExtractor | None = None, *,
-           seed: int = 0, utility: Utility | None = None) -> Decision:
-    """``utility``: the similarity the consensus selectors use (default: lexical)."""
+           seed: int = 0, utility: Utility | None = None, context: PromptContext | None = None) -> Decision:
+    """``utility``: the similarity the consensus selectors use (default: lexical).
+    ``context``: the prompt's text and explicit tests, for answer formats that read them
+    (``python``). A format that runs code runs only for a selector that uses answers, once."""
     classes = None
     votes = None
     cands = list(candidates)
-    if answers is not None:
-        found = [answers.extract(c.text) for c in cands]
+    extra: dict[str, Any] = {}
+    if answers is not None and (selector.uses_answers or not answers.runs_code):
+        got = answers.read([c.text for c in cands], context)
+        found = got.answers
+        labels = got.labels or found
+        if len(found) != len(cands):
+            raise ValueError(f"answer format '{answers.name}' gave {len(found)} answers for {len(cands)} candidates")
         classes = answers.group(found)
         size: dict[int, int] = {}
         label: dict[int, str] = {}
-        for a, g in zip(found, classes):
+        for lab, g in zip(labels, classes):
             if g >= 0:
                 size[g] = size.get(g, 0) + 1
-                label.setdefault(g, str(a))
+                label.setdefault(g, str(lab))
         answered = sum(size.values())
         cands = [replace(c, answer=a, vote_share=(size[g] / answered if g >= 0 else 0.0) if answered else None)
-                 for c, a, g in zip(cands, found, classes)]
+                 for c, a, g in zip(cands, labels, classes)]
         votes = {label[g]: size[g] for g in sorted(size, key=lambda g: (-size[g], g))}
-    extra = {}
+        if got.passed is not None:
+            cands = [replace(c, passed=p, checks=tuple(ch)) for c, p, ch in zip(cands, got.passed, got.checks or [])]
+            extra.update(passed=got.passed, examples=got.note)
     if selector.needs_similarity:
         util = utility or get_utility()
         matrix = similarity(cands, util)
         cands = [c.with_scores(**{UTILITY_KEY: u}) for c, u in zip(cands, mbr_utilities(matrix))]
-        extra = {"similarity": matrix, "utility": util.name}
+        extra.update(similarity=matrix, utility=util.name)
     return Decision(tuple(cands), select(selector, cands, seed=seed, groups=classes, **extra), votes)
 
 
 def ranked(candidates: Sequence[Candidate], selector: SelectorSpec, answers: AnswerExtractor | None = None, *,
-           seed: int = 0, k: int = 1, utility: Utility | None = None) -> tuple[Decision, list[int]]:
+           seed: int = 0, k: int = 1, utility: Utility | None = None,
+           context: PromptContext | None = None) -> tuple[Decision, list[int]]:
     """The decision over all candidates, and the first ``k`` candidate indices in the
     selector's order: the selector's full ranking when it gives one (``mbr``: by utility
     over the whole group), else its pick, then its pick among the rest, and so on (works
     for every selector, voting and user callables included; OpenAI's ``n`` choices)."""
-    first = decide(candidates, selector, answers, seed=seed, utility=utility)
+    first = decide(candidates, selector, answers, seed=seed, utility=utility, context=context)
     if first.pick.order is not None:
         return first, [first.candidates[i].index for i in first.pick.order[:k]]
     order = [first.candidates[first.pick.index].index]
     rest = [c for c in first.candidates if c.index != order[0]]
     while len(order) < min(k, len(first.candidates)):
-        d = decide(rest, selector, answers, seed=seed, utility=utility)
+        d = decide(rest, selector, answers, seed=seed, utility=utility, context=context)
         order.append(rest[d.pick.index].index)
         rest = [c for c in rest if c.index != order[-1]]
     return first, order

@@ -166,10 +166,34 @@ def _fallback(candidates: Sequence[Any], fallback: str, seed: int, **kwargs: Any
     return Pick(index, f"fallback: {fallback} (no candidate had an answer)")
 
 
+def _exec_vote(groups: Sequence[int], passed: Sequence[bool], tie: Sequence[Any] | None,
+               examples: str) -> Pick | None:
+    """Execution-checked vote (the ``python`` answer format): the candidates that pass every
+    example come first and the largest group of identical behaviour among them wins; when
+    none passes, the largest behaviour group of all. None: no candidate ran (no behaviour)."""
+    if len(passed) != len(groups):
+        raise ValueError("passed must have one entry per candidate")
+    ok = sum(bool(p) for p in passed)
+    voters = [g if p else -1 for g, p in zip(groups, passed)] if ok else list(groups)
+    index = _vote(voters, [1.0] * len(groups), tie=tie)
+    if index is None:
+        return None
+    size = sum(1 for g in voters if g == voters[index])
+    n = len(groups)
+    if ok:
+        return Pick(index, f"exec: {ok}/{n} pass {examples}, the largest agreeing group {size}")
+    return Pick(index, f"exec: none of {n} passes {examples}; the largest behaviour group {size}")
+
+
 def majority(candidates: Sequence[Any], *, groups: Sequence[int] | None = None, seed: int = 0,
-             fallback: str = "first", **kwargs: Any) -> Pick:
-    """Self-consistency: the most frequent extracted answer (its first candidate)."""
+             fallback: str = "first", passed: Sequence[bool] | None = None, examples: str = "the examples",
+             **kwargs: Any) -> Pick:
+    """Self-consistency: the most frequent extracted answer (its first candidate). With
+    ``passed`` (code run on the prompt's examples): the pass-first vote of ``_exec_vote``."""
     _need(candidates)
+    if passed is not None:
+        pick = _exec_vote(_groups(candidates, groups), passed, None, examples)
+        return pick or _fallback(candidates, fallback, seed, **kwargs)
     index = _vote(_groups(candidates, groups), [1.0] * len(candidates))
     if index is None:
         return _fallback(candidates, fallback, seed, **kwargs)
@@ -177,9 +201,14 @@ def majority(candidates: Sequence[Any], *, groups: Sequence[int] | None = None, 
 
 
 def majority_sr(candidates: Sequence[Any], *, groups: Sequence[int] | None = None, seed: int = 0,
-                sr_key: str = "stable_rank", fallback: str = "stable-rank", **kwargs: Any) -> Pick:
-    """Majority vote; answer classes with equal votes are split by their highest stable rank."""
+                sr_key: str = "stable_rank", fallback: str = "stable-rank", passed: Sequence[bool] | None = None,
+                examples: str = "the examples", **kwargs: Any) -> Pick:
+    """Majority vote; answer classes with equal votes are split by their highest stable rank
+    (with ``passed``: the pass-first vote, its ties split the same way)."""
     _need(candidates)
+    if passed is not None:
+        pick = _exec_vote(_groups(candidates, groups), passed, _scores(candidates, sr_key), examples)
+        return pick or _fallback(candidates, fallback, seed, sr_key=sr_key, **kwargs)
     index = _vote(_groups(candidates, groups), [1.0] * len(candidates), tie=_scores(candidates, sr_key))
     if index is None:
         return _fallback(candidates, fallback, seed, sr_key=sr_key, **kwargs)
@@ -217,11 +246,17 @@ def mbr(candidates: Sequence[Any], *, similarity: Sequence[Sequence[float]] | No
 
 
 def auto(candidates: Sequence[Any], *, groups: Sequence[int] | None = None,
-         similarity: Sequence[Sequence[float]] | None = None, utility: str = "", **kwargs: Any) -> Pick:
+         similarity: Sequence[Sequence[float]] | None = None, utility: str = "",
+         passed: Sequence[bool] | None = None, examples: str = "the examples", **kwargs: Any) -> Pick:
     """Majority vote when answers were extracted and at least half the candidates gave
-    one; otherwise ``mbr``. The rule says which decided and why."""
+    one; otherwise ``mbr``. With ``passed`` (code run on the prompt's examples): the
+    pass-first vote. The rule says which decided and why."""
     _need(candidates)
     n = len(candidates)
+    if passed is not None and groups is not None:
+        pick = _exec_vote(_groups(candidates, groups), passed, None, examples)
+        if pick is not None:
+            return Pick(pick.index, f"auto: {pick.rule}")
     if groups is None:
         why = "no answer extractor"
     else:
@@ -246,6 +281,12 @@ class SelectorSpec:
     needs_scores: frozenset[str] | None = frozenset()
     needs_answers: bool = False
     needs_similarity: bool = False
+
+    @property
+    def uses_answers(self) -> bool:
+        """Whether answers change the pick (a voting selector, or ``auto``): only then does
+        an answer format that runs code (``python``) run it."""
+        return self.needs_answers or self.name == "auto"
 
 
 SELECTORS: dict[str, SelectorSpec] = {s.name: s for s in [

@@ -83,6 +83,9 @@ start after Best-of-N has finished: the selected answer is sent as SSE chunks.
                    "(default: rows for twice the KV cache's tokens).")
 @click.option("--hook-queue", type=click.IntRange(min=0), default=256, show_default=True,
               help="Scored requests that may wait for --hook-memory; past it the server answers 503 + Retry-After.")
+@click.option("--allow-code-execution", is_flag=True,
+              help="Let requests use answer 'python': each candidate's code runs on its prompt's examples in "
+                   "bon-sr's sandbox (needs user namespaces). Off by default.")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True, help="uvicorn's log level.")
 def serve(host: str, port: int, vllm_opts: tuple[str, ...], log_level: str, n: int, temperature: float,
@@ -96,6 +99,10 @@ def serve(host: str, port: int, vllm_opts: tuple[str, ...], log_level: str, n: i
         sampling = SamplingConfig(n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_tokens, seed=seed)
         settings = ServeSettings(sampling=sampling, scoring=HiddenStateConfig(token_set=token_set),
                                  vllm_options=parse_options(vllm_opts), **options)
+        if settings.allow_code_execution:
+            from ..selection.answers import sandbox_ready
+
+            sandbox_ready()  # refuse to start where code cannot be contained
     except BonSRError as exc:
         raise click_error(exc) from exc
     import logging
@@ -104,6 +111,9 @@ def serve(host: str, port: int, vllm_opts: tuple[str, ...], log_level: str, n: i
 
     # bon_sr.cli keeps library logs at WARNING; the server's own lines follow --log-level.
     logging.getLogger("bon_sr.serve").setLevel(log_level.upper())
+    if settings.allow_code_execution:
+        click.echo("bon-sr serve: --allow-code-execution: requests with answer 'python' run model-written code in "
+                   "bon-sr's sandbox (no network, no host files, bounded CPU/memory/processes).", err=True)
 
     from .app import create_app
     from .engine import BonEngine

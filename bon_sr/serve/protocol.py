@@ -75,6 +75,8 @@ class BonSROptions(BaseModel):
     answer: StrictStr | None = None
     answer_regex: StrictStr | None = None
     token_set: StrictStr | None = None
+    #: tests for ``answer: python`` (assert lines or doctest text), instead of the prompt's examples
+    tests: StrictStr | list[StrictStr] | None = None
     return_candidates: StrictBool = False
     id: StrictStr | StrictInt | None = None
 

@@ -37,6 +37,7 @@ from ..sampling import SamplingConfig
 from ..selection.consensus import Utility
 from ..scoring.scorers import STAT_KEYS
 from ..selection.decide import Decision, ranked
+from ..selection.execution import PromptContext
 from ..selection.selectors import SelectorSpec
 from ..types import Candidate
 from ..options import RunPlan, resolve
@@ -67,6 +68,7 @@ class Job:
     stream: bool
     include_usage: bool
     utility: Utility | None = None  # the consensus selectors' similarity
+    context: PromptContext | None = None  # the prompt's text and explicit tests (answer: python)
 
     @property
     def logit_stats(self) -> bool:
@@ -139,14 +141,19 @@ def plan(request: ChatCompletionRequest | CompletionRequest, settings: ServeSett
                    utility=bon.utility or settings.utility, backend="vllm", scorer=SCORER,
                    sampling=_sampling(request, settings, n),
                    scoring=replace(settings.scoring, token_set=bon.token_set or settings.scoring.token_set))
+    if run.answers is not None and run.answers.runs_code and not settings.allow_code_execution:
+        raise ApiError(400, f"Answer format '{run.answers.name}' runs model-written code, which this server does not "
+                            "do: its operator can start it with --allow-code-execution (the code then runs in "
+                            "bon-sr's sandbox).", param="bon_sr.answer")
     request_id = new_id("chatcmpl" if kind == "chat" else "cmpl")
-    prompt_ids, where = _encode(request, engine.tokenizer)
+    prompt_ids, where, text = _encode(request, engine.tokenizer)
     _check(where, run.check_fits, prompt_ids, engine.context, where)
     seed = _resolve_call(run.seed_for, str(bon.id if bon.id is not None else request_id), request.seed)
     stream = bool(request.stream)
     return Job(request_id=request_id, kind=kind, prompt_ids=tuple(prompt_ids), sampling=run.sampling, seed=seed,
                selector=run.selector, answers=run.answers, scoring=run.scoring, score_keys=run.score_keys,
                choices=choices, return_candidates=bon.return_candidates, stream=stream, utility=run.utility,
+               context=PromptContext.of(text, bon.tests),
                include_usage=stream and request.stream_options is not None and request.stream_options.include_usage)
 
 
@@ -175,11 +182,13 @@ def _sampling(request: ChatCompletionRequest | CompletionRequest, settings: Serv
                 seed=settings.sampling.seed)
 
 
-def _encode(request: ChatCompletionRequest | CompletionRequest, tokenizer: Any) -> tuple[list[int], str]:
+def _encode(request: ChatCompletionRequest | CompletionRequest, tokenizer: Any) -> tuple[list[int], str, Any]:
+    """The prompt's token ids, the field they came from, and the prompt as text or chat
+    messages (None for token ids: only explicit tests reach a code answer then)."""
     if isinstance(request, ChatCompletionRequest):
         messages = [{"role": m.role, "content": m.text()} for m in request.messages]
         prompt = _check("messages", validate_prompt, messages, "messages")
-        return _check("messages", encode_prompt, tokenizer, prompt), "messages"
+        return _check("messages", encode_prompt, tokenizer, prompt), "messages", prompt
     prompt = request.prompt
     if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
         if len(prompt) != 1:
@@ -188,11 +197,11 @@ def _encode(request: ChatCompletionRequest | CompletionRequest, tokenizer: Any) 
         prompt = prompt[0]
     if isinstance(prompt, str):
         _check("prompt", validate_prompt, prompt, "prompt")
-        return list(tokenizer(prompt)["input_ids"]), "prompt"
+        return list(tokenizer(prompt)["input_ids"]), "prompt", prompt
     vocab = len(tokenizer)
     if not prompt or any(not 0 <= t < vocab for t in prompt):
         raise ApiError(400, f"prompt token ids must be a non-empty list of ids in [0, {vocab}).", param="prompt")
-    return list(prompt), "prompt"
+    return list(prompt), "prompt", None
 
 
 # --------------------------------------------------------------------------- selection
@@ -200,7 +209,8 @@ def _encode(request: ChatCompletionRequest | CompletionRequest, tokenizer: Any) 
 
 def rank(candidates: Sequence[Candidate], job: Job) -> tuple[Decision, list[int]]:
     """The decision over all candidates and the first ``job.choices`` in the selector's order."""
-    return ranked(candidates, job.selector, job.answers, seed=job.seed, k=job.choices, utility=job.utility)
+    return ranked(candidates, job.selector, job.answers, seed=job.seed, k=job.choices, utility=job.utility,
+                  context=job.context)
 
 
 async def complete(request: ChatCompletionRequest | CompletionRequest, settings: ServeSettings,

@@ -58,6 +58,8 @@ class ServeSettings:
     #: see bon_sr.hook.aio.RowBudget); hook_queue: requests waiting for it before a 503
     hook_memory: int | None = None
     hook_queue: int = 256
+    #: run model-written code (``answer: python``) in bon_sr.sandbox; off by default
+    allow_code_execution: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_n, int) or self.max_n < 1:
