@@ -18,7 +18,13 @@ from typing import Callable, Sequence
 from ..selection.answers import ANSWER_FORMATS, canonical_number, group_answers, last_boxed, normalize_text, parse_number
 from ..errors import ConfigError
 
-__all__ = ["CHECKERS", "Checker", "get_checker", "gold_letter", "gold_math", "gold_number", "register_checker"]
+__all__ = ["CHECKERS", "Checker", "GradingUnavailable", "get_checker", "gold_letter", "gold_math", "gold_number",
+           "register_checker"]
+
+
+class GradingUnavailable(ConfigError):
+    """A checker cannot grade on this machine (e.g. running code needs a sandbox): the bench
+    caches the samples ungraded and refuses to report on them until ``--recheck`` grades them."""
 
 
 def gold_number(reference: str) -> str:

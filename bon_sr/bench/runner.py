@@ -47,7 +47,7 @@ from ..jsonl import JsonlWriter, write_text_atomic
 from ..models import DEFAULT_MODEL, ProgressFn
 from ..sampling.prompts import check_fits, derive_seed
 from ..sampling import SamplingConfig
-from .checkers import get_checker
+from .checkers import GradingUnavailable, get_checker
 from .consensus import ConsensusCache, attach_similarities, hidden_coverage
 from .scores import score_candidates
 from .selectors import BENCH_SELECTORS, GREEDY, Scored, get_bench_selector
@@ -232,15 +232,23 @@ def _candidate_record(cand: Any, scores: Mapping[str, float], answer: str | None
 
 
 def check_record(rec: dict[str, Any]) -> dict[str, Any]:
-    """(Re)extract answers, correctness and answer groups of a record from its texts."""
+    """(Re)extract answers, correctness and answer groups of a record from its texts. A checker
+    that cannot grade here (``GradingUnavailable``) leaves ``correct`` None and says why in
+    ``ungraded``: the record is cached all the same, and reports refuse it until ``--recheck``."""
     checker = get_checker(rec["checker"])
     answers = [checker.extract(c["text"]) for c in rec["candidates"]]
     groups = checker.group(answers)
-    for c, a, g in zip(rec["candidates"], answers, groups):
-        c.update(answer=a, correct=checker.is_correct(a, rec["gold"]), group=g)
     g = rec["greedy"]
     g["answer"] = checker.extract(g["text"])
-    g["correct"] = checker.is_correct(g["answer"], rec["gold"])
+    try:
+        correct = [checker.is_correct(a, rec["gold"]) for a in [*answers, g["answer"]]]
+        rec.pop("ungraded", None)
+    except GradingUnavailable as exc:
+        correct = [None] * (len(answers) + 1)
+        rec["ungraded"] = str(exc)
+    for c, a, ok, grp in zip(rec["candidates"], answers, correct, groups):
+        c.update(answer=a, correct=ok, group=grp)
+    g["correct"] = correct[-1]
     return rec
 
 
@@ -436,6 +444,11 @@ def run_bench(config: BenchConfig, out_dir: str | Path, *, progress: ProgressFn 
     if config.recheck:
         report("re-checking answers", None, None)
         chosen = [check_record(r) for r in chosen]
+    ungraded = [r for r in chosen if r.get("ungraded")]
+    if ungraded:
+        raise InputError(f"{len(ungraded)} of the {len(chosen)} cached problems of {task.name} are not graded "
+                         f"({ungraded[0]['ungraded']}). Their samples are kept in {cache_path}; grade them with "
+                         "--no-generate --recheck once the checker can.")
     n_samples = min(len(r["candidates"]) for r in chosen)
     n_values = [n for n in config.n if n <= n_samples]
     if not n_values:
