@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bon_sr.bench.checkers import GradingUnavailable, get_checker
+from bon_sr.bench.checkers import CHECKERS, GradingUnavailable, get_checker
 from bon_sr.bench.runner import check_record
 from bon_sr.bench.tasks import load_task
 
@@ -33,8 +33,20 @@ def _load(path: Path):
     return module
 
 
+# A task file registers its checker when imported; this module's tests see it, the rest of
+# the suite (which lists the checkers) does not.
+_BEFORE = set(CHECKERS)
 mbpp = _load(MBPP)
 mbpp_doctest = _load(DOCTEST)
+_ADDED = {k: CHECKERS.pop(k) for k in set(CHECKERS) - _BEFORE}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _task_checkers():
+    CHECKERS.update(_ADDED)
+    yield
+    for name in _ADDED:
+        CHECKERS.pop(name, None)
 
 ITEM = {"task_id": 400, "text": "Write a function to add a number to a list's sum.",
         "test_list": ["assert f(1, [2]) == 3", "assert f(0, []) == 0", "assert f(2, [2, 2]) == 6"],
