@@ -16,7 +16,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence, Union
 from .options import resolve
 from .selection.answers import AnswerInput
 from .selection.consensus import DEFAULT_UTILITY, UtilityInput
-from .errors import ConfigError, InputError
+from .errors import ConfigError, InputError, OptionError
 from .scoring.hidden_states import HiddenStateConfig
 from .models import DEFAULT_MODEL, ProgressFn, load_hf_model, model_context, resolve_model
 from .sampling.prompts import encode_prompt, encode_response, validate_prompt
@@ -59,6 +59,9 @@ class BestOfN:
         run no hidden-state pass); True always computes stable rank; False never scores.
     logit_stats: also compute ``mean_logprob`` and ``self_certainty`` (automatic when the
         selector needs them).
+    include_greedy: add one greedy decode per prompt to the N sampled candidates (in the
+        same vLLM call), marked ``greedy``; with ``answer="python"`` it is kept when it passes
+        the prompt's examples.
     Sampling options and their defaults are ``SamplingConfig``'s (the paper's temperature
     0.7 and top-p 0.9; n 8); scoring options are ``HiddenStateConfig``'s (response tokens,
     last layer, post-norm). The signature takes its defaults from those two classes, which
@@ -77,6 +80,7 @@ class BestOfN:
         max_new_tokens: int = SamplingConfig.max_new_tokens,
         stop: Sequence[str] = (),
         greedy: bool = SamplingConfig.greedy,
+        include_greedy: bool = False,
         seed: int = SamplingConfig.seed,
         selector: str | SelectorFn = "stable-rank",
         answer: AnswerInput = None,
@@ -106,6 +110,10 @@ class BestOfN:
             logger.info("utility '%s' needs embeddings: scoring with the transformers model (scorer 'hf')",
                         plan.utility.name)
         self.plan = plan
+        if include_greedy and plan.sampling.greedy:
+            raise OptionError("include_greedy", "{@include_greedy} adds a greedy decode to sampled candidates; "
+                                                "with {@greedy} every candidate is greedy already: drop one.")
+        self.include_greedy = bool(include_greedy)
         self.sampling, self.scoring = plan.sampling, plan.scoring
         self.selector_spec, self.selector_name = plan.selector, plan.selector.name
         self.answers, self.utility = plan.answers, plan.utility
@@ -385,7 +393,9 @@ class BestOfN:
         if given is None:
             for ids, where in zip(prompt_ids, wheres):
                 self.plan.check_fits(ids, self.context, where)
-            groups, _ = self.sample(prompt_ids, seeds)
+            groups, lone = self.sample(prompt_ids, seeds, greedy=self.include_greedy)
+            if lone is not None:  # the greedy decode joins its prompt's candidates, last
+                groups = [[*g, replace(c, index=len(g), greedy=True)] for g, c in zip(groups, lone, strict=True)]
         else:
             groups = [self._candidates_from_input(c or [], w) for c, w in zip(given, wheres)]
             for ids, group, where in zip(prompt_ids, groups, wheres):

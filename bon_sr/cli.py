@@ -163,6 +163,9 @@ def _selection_options(fn: Any) -> Any:
               help="Tokens per candidate.")
 @click.option("--stop", multiple=True, help="Stop string (repeatable); excluded from the text.")
 @click.option("--greedy", is_flag=True, help="Greedy decoding (requires --n 1).")
+@click.option("--include-greedy", is_flag=True,
+              help="Add one greedy decode per prompt to the N sampled candidates (same vLLM call); with "
+                   "--answer python it is kept when it passes the prompt's examples.")
 @click.option("--seed", type=int, default=SamplingConfig.seed, show_default=True,
               help="Run seed; each prompt's seed derives from it and the prompt id.")
 @click.option("--ray", "ray", is_flag=True,

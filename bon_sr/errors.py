@@ -51,6 +51,7 @@ SPELLINGS: dict[str, tuple[str, str, str | None]] = {
     "max_new_tokens": ("--max-new-tokens", "max_new_tokens", "max_tokens"),
     "stop": ("--stop", "stop", "stop"),
     "greedy": ("--greedy", "greedy", "temperature"),
+    "include_greedy": ("--include-greedy", "include_greedy", None),
     "seed": ("--seed", "seed", "seed"),
     "token_set": ("--token-set", "token_set", "bon_sr.token_set"),
     "layer": ("--layer", "layer", None),

@@ -41,6 +41,8 @@ class Candidate:
     #: example, and each example's result (status, error type, value repr; capped)
     passed: bool | None = None
     checks: tuple[Mapping[str, Any], ...] | None = None
+    #: the greedy decode added to the sampled candidates (``include_greedy``)
+    greedy: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -71,6 +73,8 @@ class Candidate:
                 del out[key]
         if self.checks is not None:
             out["checks"] = [dict(c) for c in self.checks]
+        if not self.greedy:
+            del out["greedy"]
         return out
 
 

@@ -192,3 +192,27 @@ def test_hostile_candidates_through_bon_sr_score(tmp_path, default_model_dir, mo
     assert [c["passed"] for c in rec["candidates"]] == [False, False, False, True]
     assert rec["candidates"][1]["checks"][0]["error_type"] == "Timeout"
     assert SECRET not in out.read_text()
+
+
+def test_include_greedy_adds_the_greedy_decode_last(tiny_model_dir):
+    from bon_sr import BestOfN
+
+    with BestOfN(tiny_model_dir, backend="hf", n=2, include_greedy=True, selector="first", max_new_tokens=3,
+                 seed=1) as bon:
+        sel = bon.select("hi")
+        greedy = BestOfN(tiny_model_dir, backend="hf", n=1, greedy=True, selector="first", max_new_tokens=3)
+        alone = greedy.select("hi")
+    assert [c.greedy for c in sel.candidates] == [False, False, True] and sel.candidates[2].index == 2
+    assert sel.candidates[2].token_ids == alone.best.token_ids
+    assert "greedy" not in sel.candidates[0].to_dict() and sel.candidates[2].to_dict()["greedy"] is True
+    with pytest.raises(OptionError, match="include_greedy"):
+        BestOfN(tiny_model_dir, backend="hf", n=1, greedy=True, include_greedy=True)
+
+
+def test_a_passing_greedy_decode_is_kept():
+    cands = _cands([GOOD, GOOD_TOO, WRONG])
+    from dataclasses import replace as dc_replace
+
+    cands = [*cands[:2], dc_replace(cands[2], greedy=True), dc_replace(_cands([GOOD])[0], index=3, greedy=True)]
+    d = decide(cands, get_selector("majority"), get_extractor("python"), context=PromptContext.of(PROMPT))
+    assert d.pick.index == 3 and d.pick.rule == "exec: the greedy decode passes the prompt's 1 example"

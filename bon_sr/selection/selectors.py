@@ -166,13 +166,17 @@ def _fallback(candidates: Sequence[Any], fallback: str, seed: int, **kwargs: Any
     return Pick(index, f"fallback: {fallback} (no candidate had an answer)")
 
 
-def _exec_vote(groups: Sequence[int], passed: Sequence[bool], tie: Sequence[Any] | None,
-               examples: str) -> Pick | None:
-    """Execution-checked vote (the ``python`` answer format): the candidates that pass every
-    example come first and the largest group of identical behaviour among them wins; when
-    none passes, the largest behaviour group of all. None: no candidate ran (no behaviour)."""
+def _exec_vote(candidates: Sequence[Any], groups: Sequence[int], passed: Sequence[bool],
+               tie: Sequence[Any] | None, examples: str) -> Pick | None:
+    """Execution-checked vote (the ``python`` answer format): a greedy decode in the pool
+    (``include_greedy``) that passes every example is kept; else the candidates that pass
+    come first and the largest group of identical behaviour among them wins; when none
+    passes, the largest behaviour group of all. None: no candidate ran (no behaviour)."""
     if len(passed) != len(groups):
         raise ValueError("passed must have one entry per candidate")
+    greedy = [i for i, c in enumerate(candidates) if getattr(c, "greedy", False) and passed[i]]
+    if greedy:
+        return Pick(greedy[0], f"exec: the greedy decode passes {examples}")
     ok = sum(bool(p) for p in passed)
     voters = [g if p else -1 for g, p in zip(groups, passed)] if ok else list(groups)
     index = _vote(voters, [1.0] * len(groups), tie=tie)
@@ -192,7 +196,7 @@ def majority(candidates: Sequence[Any], *, groups: Sequence[int] | None = None, 
     ``passed`` (code run on the prompt's examples): the pass-first vote of ``_exec_vote``."""
     _need(candidates)
     if passed is not None:
-        pick = _exec_vote(_groups(candidates, groups), passed, None, examples)
+        pick = _exec_vote(candidates, _groups(candidates, groups), passed, None, examples)
         return pick or _fallback(candidates, fallback, seed, **kwargs)
     index = _vote(_groups(candidates, groups), [1.0] * len(candidates))
     if index is None:
@@ -207,7 +211,7 @@ def majority_sr(candidates: Sequence[Any], *, groups: Sequence[int] | None = Non
     (with ``passed``: the pass-first vote, its ties split the same way)."""
     _need(candidates)
     if passed is not None:
-        pick = _exec_vote(_groups(candidates, groups), passed, _scores(candidates, sr_key), examples)
+        pick = _exec_vote(candidates, _groups(candidates, groups), passed, _scores(candidates, sr_key), examples)
         return pick or _fallback(candidates, fallback, seed, sr_key=sr_key, **kwargs)
     index = _vote(_groups(candidates, groups), [1.0] * len(candidates), tie=_scores(candidates, sr_key))
     if index is None:
@@ -254,7 +258,7 @@ def auto(candidates: Sequence[Any], *, groups: Sequence[int] | None = None,
     _need(candidates)
     n = len(candidates)
     if passed is not None and groups is not None:
-        pick = _exec_vote(_groups(candidates, groups), passed, None, examples)
+        pick = _exec_vote(candidates, _groups(candidates, groups), passed, None, examples)
         if pick is not None:
             return Pick(pick.index, f"auto: {pick.rule}")
     if groups is None:
