@@ -141,9 +141,10 @@ class Replica:
     def __call__(self, batch: Mapping[str, Any]) -> dict[str, list[str]]:
         ids = [str(x) for x in batch["id"]]
         prompts = [json.loads(p) for p in batch["prompt"]]
+        tests = [json.loads(t) for t in batch["tests"]]  # a prompt line's tests (answer python)
         self._maybe_crash(ids)
         try:
-            selections = list(self.bon.select_many(prompts, ids=ids, chunk_size=self.chunk_size))
+            selections = list(self.bon.select_many(prompts, ids=ids, chunk_size=self.chunk_size, tests=tests))
         except BonSRError as exc:
             # A user-level error (a prompt too long for the context) is no reason to retry:
             # it goes back as data and the driver stops the run with it.
@@ -211,7 +212,7 @@ def _run_pipeline(ray: Any, records: Sequence[PromptRecord], options: Mapping[st
                            "(lower --replicas or --gpus-per-replica on a fixed cluster).",
                            config.replicas, need, name, have)
     batch_size = config.batch_size or chunk_size or default_batch_size(options)
-    items = [{"id": r.id, "prompt": json.dumps(r.prompt)} for r in records]
+    items = [{"id": r.id, "prompt": json.dumps(r.prompt), "tests": json.dumps(r.tests)} for r in records]
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 4 * config.replicas)))
     ds = ds.map_batches(
         Replica,
