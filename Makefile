@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.bon-sr-installed
 
-.PHONY: setup demo lint test test-fast bench-estimator
+.PHONY: setup demo docs lint test test-fast bench-estimator
 
 $(STAMP): pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh $(VENV)
@@ -16,8 +16,13 @@ demo: $(STAMP)
 	$(VENV)/bin/bon-sr generate examples/prompts.jsonl -o out.jsonl --resume
 	$(VENV)/bin/bon-sr show out.jsonl
 
-# The architecture (.importlinter's layers) and the private-name rule, before any test.
-lint: $(STAMP)
+# The docs (README.md and docs/, Sphinx + MyST) with every warning an error: a broken link, a
+# missing #anchor or a page in no toctree fails (docs/development.md).
+docs: $(STAMP)
+	$(VENV)/bin/sphinx-build -E -W --keep-going -n -q -c docs -b html . build/docs
+
+# The architecture (.importlinter's layers), the private-name rule and the docs, before any test.
+lint: $(STAMP) docs
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/ruff check bon_sr benchmarks
 

@@ -97,7 +97,7 @@ def _selection_options(fn: Any) -> Any:
                           "vLLM backend, else hf."),
         click.option("--selector", type=click.Choice(sorted(SELECTORS)), default="stable-rank", show_default=True,
                      help="How the best candidate is chosen. majority (self-consistency) measured best here "
-                          "(README, 'Does it work?'); stable-rank is the paper's."),
+                          "(docs/does-it-work.md); stable-rank is the paper's."),
         click.option("--utility", type=click.Choice(sorted(UTILITIES)), default=DEFAULT_UTILITY, show_default=True,
                      help="Similarity for the consensus selectors (mbr, auto): lexical = chrF of the texts (no "
                           "hidden states); hidden-last / hidden-mean = cosine of the frozen model's last-layer "

@@ -25,7 +25,12 @@ class Candidate:
     ``embeddings`` holds, when a hidden consensus utility asked the scorer for them, the
     frozen model's last-layer post-norm float32 vectors: ``"last"`` (the last response
     token's row) and ``"mean"`` (the mean of the response rows); ``to_dict`` leaves them
-    out unless ``include_embeddings``.
+    out unless ``include_embeddings``. ``stop_token`` is the id of the EOS (or stop) token
+    that ended a sampled candidate and was left out of ``token_ids``: the model generated
+    it, so ``generated_tokens`` (what OpenAI's ``usage.completion_tokens`` counts, as vLLM's
+    server does) includes it while ``num_tokens`` (the selectors' and scorers' length) does
+    not. None when no such token ended it (a length cut, a stop string, whose tokens stay in
+    ``token_ids``, or a caller-supplied candidate); ``to_dict`` leaves it out.
     """
 
     text: str
@@ -43,10 +48,17 @@ class Candidate:
     checks: tuple[Mapping[str, Any], ...] | None = None
     #: the greedy decode added to the sampled candidates (``include_greedy``)
     greedy: bool = False
+    stop_token: int | None = None
 
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def generated_tokens(self) -> int:
+        """The tokens the model generated for this candidate: ``num_tokens`` plus the EOS /
+        stop token that ended it (``stop_token``), as vLLM's OpenAI server counts usage."""
+        return self.num_tokens + (self.stop_token is not None)
 
     def with_scores(self, **scores: float) -> "Candidate":
         merged = dict(self.scores)
@@ -55,6 +67,7 @@ class Candidate:
 
     def to_dict(self, *, include_token_ids: bool = True, include_embeddings: bool = False) -> dict[str, Any]:
         out = asdict(replace(self, embeddings=None))
+        del out["stop_token"]
         if include_embeddings and self.embeddings is not None:
             out["embeddings"] = {k: list(v) for k, v in self.embeddings.items()}
         else:

@@ -58,7 +58,7 @@ def _api_defaults() -> dict:
 
 
 def test_the_default_n_is_eight_everywhere() -> None:
-    # the README states it ("Default n"); serve said 4 and the rest 8 before they shared one place
+    # docs/cli.md states it ("The default n is 8 everywhere"); serve said 4 and the rest 8 before they shared one place
     assert SAMPLING.n == 8
     assert _cli_defaults(generate_cmd)["n"] == _cli_defaults(serve_cmd)["n"] == _api_defaults()["n"] == 8
     assert ServeSettings().sampling.n == 8

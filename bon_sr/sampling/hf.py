@@ -82,10 +82,10 @@ class HFSampler:
         return [self._to_candidate(i, row) for i, row in enumerate(rows)]
 
     def _to_candidate(self, index: int, row: list[int]) -> Candidate:
-        finish = "length"
+        finish, stop_token = "length", None
         for pos, tok in enumerate(row):
             if tok in self.eos_ids:
-                row = row[:pos]
+                row, stop_token = row[:pos], int(tok)
                 finish = "stop"
                 break
         text = self.tokenizer.decode(row, skip_special_tokens=True)
@@ -93,4 +93,4 @@ class HFSampler:
             text, hit = truncate_at_stop(text, self.config.stop)
             if hit:
                 finish = "stop"
-        return Candidate(text=text, token_ids=tuple(row), index=index, finish_reason=finish)
+        return Candidate(text=text, token_ids=tuple(row), index=index, finish_reason=finish, stop_token=stop_token)

@@ -17,7 +17,7 @@ makes a prompt's samples depend on the rest of the batch, so it is only the fall
 for a caller's own CPU engine that has chunked prefill on (``per_request_seeds=False``).
 
 Candidate conventions match ``samplers.hf``: the end-of-sequence (or stop) token is
-removed from ``token_ids``; a stop string's tokens stay in ``token_ids`` while ``text``
+removed from ``token_ids`` (its id kept as ``stop_token``, which usage counts); a stop string's tokens stay in ``token_ids`` while ``text``
 ends before the stop string. ``logprobs`` (when asked for) are vLLM's raw model
 log-probabilities of each sampled token, one per kept token.
 
@@ -110,10 +110,11 @@ class VLLMSampler:
         # vLLM keeps the EOS / stop token id at the end of token_ids (stop_reason None or
         # the int id); a stop STRING (stop_reason str) keeps its tokens, as HF does.
         drop_last = finish == "stop" and not isinstance(completion.stop_reason, str) and bool(ids)
-        if drop_last:
-            ids = ids[:-1]
+        stop_token = None
+        if drop_last:  # kept as stop_token: vLLM's usage counts it (Candidate.generated_tokens)
+            ids, stop_token = ids[:-1], ids[-1]
         logprobs = None
         if self.logprobs and completion.logprobs is not None:
             logprobs = tuple(float(completion.logprobs[pos][tok].logprob) for pos, tok in enumerate(ids))
         return Candidate(text=completion.text, token_ids=tuple(ids), index=index, finish_reason=finish,
-                         logprobs=logprobs)
+                         logprobs=logprobs, stop_token=stop_token)

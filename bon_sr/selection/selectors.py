@@ -21,7 +21,7 @@ with a utility of ``bon_sr.selection.consensus`` (``bon_sr.selection.decide.deci
 the benchmark passes sub-matrices for subsets). ``auto`` votes when an answer extractor ran
 and at least half the candidates gave an answer, else runs ``mbr``.
 
-Measured on this project's runs (README, "Does it work?"): majority vote is the selector
+Measured on this project's runs (docs/does-it-work.md): majority vote is the selector
 that helps at 0.5B (GSM8K 35.0% vs 21.4% random at n=16; MATH-500 13.0% vs 8.1% at n=8);
 the paper's ``stable-rank`` scored below random on both.
 

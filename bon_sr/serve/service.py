@@ -252,7 +252,9 @@ def explain(job: Job, decision: Decision, order: list[int]) -> dict[str, Any]:
 def render(job: Job, settings: ServeSettings, decision: Decision, order: list[int]) -> Reply:
     by_index = {c.index: c for c in decision.candidates}
     picked = [by_index[i] for i in order]
-    completion_tokens = sum(c.num_tokens for c in decision.candidates)
+    # vLLM's server counts len(output.token_ids): the EOS / stop token that ended a candidate
+    # too, which Candidate.token_ids (the scored response) leave out
+    completion_tokens = sum(c.generated_tokens for c in decision.candidates)
     usage = Usage(prompt_tokens=len(job.prompt_ids), completion_tokens=completion_tokens,
                   total_tokens=len(job.prompt_ids) + completion_tokens)
     info = explain(job, decision, order)
