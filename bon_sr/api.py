@@ -24,7 +24,7 @@ from .sampling import SamplingConfig
 from .scoring.scorers import SCORE_SOURCES, SR_KEYS, STAT_KEYS, HFScorer
 from .selection.decide import decide
 from .selection.execution import PromptContext
-from .selection.selectors import SelectorFn
+from .selection.selectors import DEFAULT_SELECTOR, SelectorFn
 from .types import Candidate, PromptInput, Selection
 
 logger = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ class BestOfN:
         greedy: bool = SamplingConfig.greedy,
         include_greedy: bool = False,
         seed: int = SamplingConfig.seed,
-        selector: str | SelectorFn = "stable-rank",
+        selector: str | SelectorFn = DEFAULT_SELECTOR,
         answer: AnswerInput = None,
         answer_regex: str | None = None,
         utility: UtilityInput = DEFAULT_UTILITY,

@@ -85,7 +85,7 @@ def _selection_options(fn: Any) -> Any:
     from .selection.answers import ANSWER_FORMATS
     from .scoring.hidden_states import HiddenStateConfig as H
     from .selection.consensus import DEFAULT_UTILITY, UTILITIES
-    from .selection.selectors import SELECTORS
+    from .selection.selectors import DEFAULT_SELECTOR, SELECTORS
 
     options = [
         click.option("-m", "--model", default=DEFAULT_MODEL, show_default=True,
@@ -95,7 +95,7 @@ def _selection_options(fn: Any) -> Any:
                      help="Who computes the scores: hook = inside vLLM's sampling pass (one engine), pooling = a "
                           "second vLLM engine ('vllm' is its old name), hf = transformers; auto = hook with the "
                           "vLLM backend, else hf."),
-        click.option("--selector", type=click.Choice(sorted(SELECTORS)), default="stable-rank", show_default=True,
+        click.option("--selector", type=click.Choice(sorted(SELECTORS)), default=DEFAULT_SELECTOR, show_default=True,
                      help="How the best candidate is chosen. majority (self-consistency) measured best here "
                           "(docs/does-it-work.md); stable-rank is the paper's."),
         click.option("--utility", type=click.Choice(sorted(UTILITIES)), default=DEFAULT_UTILITY, show_default=True,

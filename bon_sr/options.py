@@ -27,7 +27,7 @@ from .scoring.hidden_states import HiddenStateConfig
 from .scoring.scorers import EMBEDDING_SCORERS, STAT_KEYS, check_scores, score_keys
 from .selection.answers import AnswerExtractor, AnswerInput, get_extractor
 from .selection.consensus import DEFAULT_UTILITY, Utility, UtilityInput, get_utility
-from .selection.selectors import SelectorFn, SelectorSpec, get_selector
+from .selection.selectors import DEFAULT_SELECTOR, SelectorFn, SelectorSpec, get_selector
 
 BACKENDS = ("auto", "hf", "vllm")
 #: scorer names; "vllm" is the old name of "pooling"
@@ -130,7 +130,7 @@ class RunPlan:
 
 def resolve(
     *,
-    selector: str | SelectorFn | SelectorSpec = "stable-rank",
+    selector: str | SelectorFn | SelectorSpec = DEFAULT_SELECTOR,
     answer: AnswerInput = None,
     answer_regex: str | None = None,
     utility: UtilityInput = DEFAULT_UTILITY,

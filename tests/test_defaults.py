@@ -130,3 +130,16 @@ def test_train_keeps_trls_names_and_sampling_defaults() -> None:
     assert (config.temperature, config.top_p) == (1.0, 1.0)   # GRPOConfig's defaults
     sampling = config.sampling_config()
     assert (sampling.n, sampling.max_new_tokens) == (config.num_generations, config.max_completion_length)
+
+
+def test_one_default_selector_and_utility_everywhere() -> None:
+    from bon_sr.options import resolve
+    from bon_sr.selection.consensus import DEFAULT_UTILITY
+    from bon_sr.selection.selectors import DEFAULT_SELECTOR
+
+    for cmd in (generate_cmd, score_cmd, serve_cmd):
+        assert _cli_defaults(cmd)["selector"] == DEFAULT_SELECTOR, cmd.name
+    assert _cli_defaults(generate_cmd)["utility"] == _cli_defaults(serve_cmd)["utility"] == DEFAULT_UTILITY
+    assert inspect.signature(BestOfN).parameters["selector"].default == DEFAULT_SELECTOR
+    assert inspect.signature(resolve).parameters["selector"].default == DEFAULT_SELECTOR
+    assert ServeSettings().selector == DEFAULT_SELECTOR and ServeSettings().utility == DEFAULT_UTILITY

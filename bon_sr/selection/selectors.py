@@ -273,6 +273,11 @@ def auto(candidates: Sequence[Any], *, groups: Sequence[int] | None = None,
     return Pick(pick.index, f"auto: {pick.rule} ({why})", pick.order)
 
 
+#: the default selector of every interface (API, CLI, server, bench's product path): chosen by
+#: the rule in docs/code-selection.md ("The default selector"), checked by tests/test_defaults.py
+DEFAULT_SELECTOR = "stable-rank"
+
+
 @dataclass(frozen=True)
 class SelectorSpec:
     """A selector with what it needs: score keys (None = unknown: score everything the

@@ -15,7 +15,7 @@ from ..selection.consensus import DEFAULT_UTILITY, UTILITIES
 from ..scoring.hidden_states import HiddenStateConfig
 from ..models import DEFAULT_MODEL
 from ..sampling import SamplingConfig
-from ..selection.selectors import SELECTORS
+from ..selection.selectors import DEFAULT_SELECTOR, SELECTORS
 
 SERVE_EXAMPLE = """
 \b
@@ -47,7 +47,7 @@ start after Best-of-N has finished: the selected answer is sent as SSE chunks.
 @click.option("-n", "--n", "n", type=int, default=SamplingConfig.n, show_default=True,
               help="Candidates per request unless the request sets bon_sr.n.")
 @click.option("--max-n", type=int, default=64, show_default=True, help="Largest bon_sr.n a request may ask for.")
-@click.option("--selector", type=click.Choice(sorted(SELECTORS)), default="stable-rank", show_default=True,
+@click.option("--selector", type=click.Choice(sorted(SELECTORS)), default=DEFAULT_SELECTOR, show_default=True,
               help="Default selector (a request may set bon_sr.selector).")
 @click.option("--answer", type=click.Choice(sorted(ANSWER_FORMATS)), default=None,
               help="Default answer extractor (needed by the voting selectors).")

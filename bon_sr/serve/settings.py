@@ -18,6 +18,7 @@ from ..options import resolve
 from ..sampling import SamplingConfig
 from ..scoring.hidden_states import HiddenStateConfig
 from ..selection.consensus import DEFAULT_UTILITY
+from ..selection.selectors import DEFAULT_SELECTOR
 
 #: The server scores inside vLLM's sampling pass (one AsyncLLM engine).
 SCORER = "hook"
@@ -44,7 +45,7 @@ class ServeSettings:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     scoring: HiddenStateConfig = field(default_factory=HiddenStateConfig)
     max_n: int = 64
-    selector: str = "stable-rank"
+    selector: str = DEFAULT_SELECTOR
     answer: str | None = None
     answer_regex: str | None = None
     utility: str = DEFAULT_UTILITY
