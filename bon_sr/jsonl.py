@@ -9,12 +9,41 @@ records mean beyond their ``id`` field.
 from __future__ import annotations
 
 import json
+import math
 import os
 import stat
 from pathlib import Path
 from typing import Any, Iterator
 
 from .errors import InputError
+
+
+def finite_or_none(value: Any) -> Any:
+    """``value`` with every non-finite float (NaN, +-inf) replaced by None, through dicts,
+    lists and tuples (tuples become lists, as JSON writes them): JSON has no NaN, and a
+    strict parser (JavaScript's, Go's, ``json.loads(parse_constant=...)``) refuses Python's
+    ``NaN`` literal. Why a score is undefined is for the record to say beside it
+    (``Candidate.undefined_scores``)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    return value
+
+
+def dumps_json(value: Any, **kwargs: Any) -> str:
+    """``json.dumps`` that always gives valid JSON: non-finite floats become null."""
+    try:
+        return json.dumps(value, allow_nan=False, **kwargs)
+    except ValueError:  # a NaN or inf somewhere: the walk is paid only then
+        return json.dumps(finite_or_none(value), allow_nan=False, **kwargs)
+
+
+def dumps_line(record: Any) -> str:
+    """One JSONL line (UTF-8 text, newline-terminated) of ``record``, valid JSON."""
+    return dumps_json(record, ensure_ascii=False) + "\n"
 
 
 def _repair_tail(path: Path) -> int:
@@ -179,7 +208,7 @@ class JsonlWriter:
     def write(self, record: dict[str, Any]) -> None:
         """Append one line; on a write error (disk full, file-size limit) cut the file back
         to its last complete line and raise InputError, so what was written stays valid."""
-        data = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+        data = dumps_line(record).encode("utf-8")
         fd = self._fh.fileno()
         before = os.fstat(fd).st_size
         try:

@@ -6,6 +6,7 @@ that flow prompts -> sampler -> candidates -> scorer -> selector -> Selection.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Mapping, Protocol, Sequence, Union
 
@@ -42,6 +43,14 @@ class Candidate:
     def num_tokens(self) -> int:
         return len(self.token_ids)
 
+    def undefined_scores(self) -> dict[str, str]:
+        """Why each non-finite score is undefined (JSON writes it as null): score key -> reason."""
+        out = {}
+        for key, value in self.scores.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                out[key] = _why_undefined(key, value, self.num_tokens)
+        return out
+
     def with_scores(self, **scores: float) -> "Candidate":
         merged = dict(self.scores)
         merged.update({k: float(v) for k, v in scores.items()})
@@ -61,11 +70,23 @@ class Candidate:
         else:
             out["logprobs"] = list(self.logprobs)
         out["scores"] = dict(self.scores)
+        undefined = self.undefined_scores()
+        if undefined:
+            out["undefined_scores"] = undefined
         out["num_tokens"] = self.num_tokens
         for key in ("answer", "vote_share"):
             if out[key] is None:
                 del out[key]
         return out
+
+
+def _why_undefined(key: str, value: float, num_tokens: int) -> str:
+    if key == "mbr_utility":  # selection.consensus.UTILITY_KEY (types sits below selection)
+        return ("no defined similarity to another candidate (an empty response has no embedding to compare); "
+                "it ranks last")
+    if num_tokens == 0:
+        return "empty response: no token to score"
+    return f"not a finite number ({value})"
 
 
 @dataclass(frozen=True)
@@ -106,6 +127,9 @@ class Selection:
             "scores": dict(self.best.scores),
             "num_candidates": len(self.candidates),
         }
+        undefined = self.best.undefined_scores()
+        if undefined:
+            out["undefined_scores"] = undefined
         if self.votes is not None:
             out["answer"] = self.best.answer
             out["votes"] = dict(self.votes)

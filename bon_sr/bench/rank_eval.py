@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ..errors import ConfigError, InputError
+from ..jsonl import dumps_line
 from ..models import DEFAULT_MODEL, ProgressFn
 from .runner import cache_paths, read_cache
 from .scores import score_candidates
@@ -80,7 +81,7 @@ def run_rank_eval(
                 for j, p in enumerate(chunk):
                     rec = {"id": str(p["id"]), "category": p["category"], "chosen": scores[2 * j],
                            "rejected": scores[2 * j + 1]}
-                    fh.write(json.dumps(rec) + "\n")
+                    fh.write(dumps_line(rec))
                     records[rec["id"]] = rec
                 fh.flush()
                 done += len(chunk)

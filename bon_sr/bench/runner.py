@@ -331,8 +331,10 @@ def is_mixed(rec: Mapping[str, Any]) -> bool:
 
 
 def scored_candidate(c: Mapping[str, Any]) -> Scored:
+    # the cache writes an undefined score as null (JSON has no NaN); selectors rank NaN last
+    scores = {k: math.nan if v is None else v for k, v in c["scores"].items()}
     return Scored(correct=bool(c["correct"]), group=int(c.get("group", -1)),
-                  num_tokens=len(c["token_ids"]), scores=c["scores"], truncated=c.get("finish_reason") == "length")
+                  num_tokens=len(c["token_ids"]), scores=scores, truncated=c.get("finish_reason") == "length")
 
 
 def evaluate_records(

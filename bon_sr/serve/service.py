@@ -25,12 +25,12 @@ This module knows nothing about HTTP or how the engine batches.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 from ..selection.answers import AnswerExtractor
 from ..errors import BonSRError, OptionError, spell
+from ..jsonl import dumps_json, finite_or_none
 from ..scoring.hidden_states import HiddenStateConfig
 from ..sampling.prompts import encode_prompt, validate_prompt
 from ..sampling import SamplingConfig
@@ -234,9 +234,12 @@ def explain(job: Job, decision: Decision, order: list[int]) -> dict[str, Any]:
     if decision.votes is not None:
         info.update(answer=by_index[order[0]].answer, answers=[c.answer for c in cands],
                     vote_shares=[c.vote_share for c in cands], votes=dict(decision.votes))
+    undefined = [c.undefined_scores() for c in cands]
+    if any(undefined):  # why a score is null, per candidate ({} where all are numbers)
+        info["undefined_scores"] = undefined
     if job.return_candidates:
         info["candidates"] = [c.to_dict(include_token_ids=False) for c in cands]
-    return info
+    return finite_or_none(info)  # JSON has no NaN: an undefined score is null
 
 
 def render(job: Job, settings: ServeSettings, decision: Decision, order: list[int]) -> Reply:
@@ -282,4 +285,4 @@ def _chunks(job: Job, body: Any, picked: list[Candidate], usage: Usage, info: di
         cls = ChatCompletionChunk if job.kind == "chat" else Completion
         events.append(cls(**common, choices=[], usage=usage))
     events[-1] = events[-1].model_copy(update={"bon_sr": info})
-    return [f"data: {json.dumps(e.model_dump())}\n\n" for e in events] + ["data: [DONE]\n\n"]
+    return [f"data: {dumps_json(e.model_dump())}\n\n" for e in events] + ["data: [DONE]\n\n"]

@@ -1,0 +1,184 @@
+"""Issue 31 (hardening): model-shaped trouble in the server and the CLI's output files.
+
+Fast: the server's app (``create_app``) with fake engines that return what a real model can
+(empty candidates with NaN scores, candidates without embeddings), the JSONL writers and
+readers, the hook's driver-side concurrency (sibling cancel, row budget), the worker's arena.
+Nothing here loads a model or starts a bon-sr process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from dataclasses import replace
+
+import pytest
+from fastapi.testclient import TestClient
+
+from conftest import FakeEngine
+
+from bon_sr.sampling import SamplingConfig
+from bon_sr.serve.app import create_app
+from bon_sr.serve.settings import ServeSettings
+from bon_sr.types import Candidate
+
+MODEL = "smollm2-135m-instruct"
+NAN = float("nan")
+
+
+def strict_json(text: str):
+    """json.loads that refuses NaN / Infinity (what a strict client's parser does)."""
+    def refuse(name):
+        raise ValueError(f"non-JSON constant {name}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+class ShapedEngine(FakeEngine):
+    """A fake engine whose candidates are ``make(job) -> list[Candidate]``."""
+
+    def __init__(self, tokenizer, make, **kw):
+        super().__init__(tokenizer, **kw)
+        self.make = make
+
+    async def sample(self, job):
+        self.jobs.append(job)
+        return self.make(job)
+
+
+def empty_candidates(job):
+    """A prompt after which the model's first token is EOS: every candidate empty, its
+    logit statistics NaN (no token to average over), no rows, so no embedding."""
+    return [Candidate(text="", token_ids=(), index=i, finish_reason="stop",
+                      scores={"stable_rank": 0.0, "scored_tokens": 0.0, "mean_logprob": NAN, "self_certainty": NAN},
+                      embeddings=None)
+            for i in range(job.sampling.n)]
+
+
+def some_empty(job):
+    """Candidates 0 and 2 empty (no embedding); 1 and 3 answered, with embeddings."""
+    out = []
+    for i in range(job.sampling.n):
+        if i % 2 == 0:
+            out.append(Candidate(text="", token_ids=(), index=i, finish_reason="stop",
+                                 scores={"stable_rank": 0.0, "mean_logprob": NAN}, embeddings=None))
+        else:
+            vec = (1.0, float(i), 0.5)
+            out.append(Candidate(text=f"answer {i}", token_ids=(5, 6, 7), index=i, finish_reason="stop",
+                                 scores={"stable_rank": 2.0, "mean_logprob": -1.0 * i},
+                                 embeddings={"last": vec, "mean": vec}))
+    return out
+
+
+def shaped_client(tokenizer, make, settings=None):
+    settings = settings or ServeSettings(model=MODEL, sampling=SamplingConfig(n=4, max_new_tokens=16), max_n=8)
+    engine = ShapedEngine(tokenizer, make)
+    return TestClient(create_app(engine, settings), raise_server_exceptions=False), engine
+
+
+def chat(**kw):
+    return {"model": MODEL, "messages": [{"role": "user", "content": "Say nothing."}], **kw}
+
+
+# =========================================================================== item 1: valid JSON
+
+
+def test_empty_candidates_with_nan_scores_answer_200_with_null_scores(tiny_tokenizer):
+    """REVIEW R: selector mean-logprob over empty candidates was a 500 ("Out of range float
+    values are not JSON compliant"); now a 200 whose NaN scores are null, with the reason."""
+    c, _ = shaped_client(tiny_tokenizer, empty_candidates)
+    with c:
+        r = c.post("/v1/chat/completions", json=chat(bon_sr={"selector": "mean-logprob"}))
+        assert r.status_code == 200, r.text
+        body = strict_json(r.text)
+        info = body["bon_sr"]
+        assert [s["mean_logprob"] for s in info["scores"]] == [None] * 4
+        assert info["selected_index"] == 0  # every score undefined: ties go to the first
+        assert info["undefined_scores"][0]["mean_logprob"].startswith("empty response")
+        assert body["choices"][0]["message"]["content"] == ""
+
+
+def test_streamed_events_are_valid_json_with_nan_scores(tiny_tokenizer):
+    c, _ = shaped_client(tiny_tokenizer, empty_candidates)
+    with c:
+        with c.stream("POST", "/v1/chat/completions",
+                      json=chat(stream=True, bon_sr={"selector": "mean-logprob"})) as r:
+            assert r.status_code == 200
+            lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    events = [strict_json(line.removeprefix("data: ")) for line in lines[:-1]]
+    assert events[-1]["bon_sr"]["scores"][0]["mean_logprob"] is None
+
+
+@pytest.mark.parametrize("utility", ["hidden-last", "hidden-mean-centred"])
+def test_mbr_hidden_utility_ranks_candidates_without_embeddings_last(tiny_tokenizer, utility):
+    """REVIEW R / §1.10: mbr with a hidden utility over empty candidates (no embedding) was a
+    400 telling the client to change a scorer it cannot choose; now the empty ones rank last."""
+    c, _ = shaped_client(tiny_tokenizer, some_empty)
+    with c:
+        r = c.post("/v1/chat/completions", json=chat(n=4, bon_sr={"selector": "mbr", "utility": utility}))
+        assert r.status_code == 200, r.text
+        info = strict_json(r.text)["bon_sr"]
+        assert info["choice_indices"][2:] == [0, 2]  # the empty candidates, last, lower index first
+        assert [s["mbr_utility"] for s in info["scores"]][0::2] == [None, None]
+        assert "no defined similarity" in info["undefined_scores"][0]["mbr_utility"]
+        c2, _ = shaped_client(tiny_tokenizer, empty_candidates)
+        with c2:
+            r = c2.post("/v1/chat/completions", json=chat(bon_sr={"selector": "mbr", "utility": utility}))
+            assert r.status_code == 200, r.text
+            assert strict_json(r.text)["bon_sr"]["selected_index"] == 0
+
+
+def test_utility_matrix_nan_rows_for_empty_candidates_only():
+    from bon_sr.errors import ConfigError
+    from bon_sr.selection.consensus import get_utility, mbr_utilities
+
+    util = get_utility("hidden-last")
+    empty = Candidate(text="", token_ids=())
+    full = [Candidate(text="a", token_ids=(1,), embeddings={"last": (1.0, 0.0), "mean": (1.0, 0.0)}),
+            Candidate(text="b", token_ids=(2,), embeddings={"last": (1.0, 0.0), "mean": (1.0, 0.0)})]
+    m = util.matrix([full[0], empty, full[1]])
+    assert math.isnan(m[1][0]) and math.isnan(m[0][1]) and m[0][2] == pytest.approx(1.0)
+    u = mbr_utilities(m)
+    assert u[0] == pytest.approx(1.0) and math.isnan(u[1])
+    assert all(math.isnan(v) for row in util.matrix([empty, empty]) for v in row)
+    # a non-empty candidate without an embedding is still a configuration error
+    with pytest.raises(ConfigError, match="has no 'last' embedding"):
+        util.matrix([full[0], replace(full[1], embeddings=None)])
+
+
+def test_worker_embeddings_are_nan_vectors_of_the_hidden_size_when_it_holds_no_rows():
+    from bon_sr.hook.collect import embeddings
+    from bon_sr.hook.store import Arena
+
+    import numpy as np
+
+    target: dict = {}
+    embeddings(Arena(width=6), [(target, np.empty(0, dtype=np.int64))])
+    assert len(target["embedding_last"]) == 6 and all(math.isnan(v) for v in target["embedding_mean"])
+
+
+def test_jsonl_helpers_write_null_for_non_finite_floats(tmp_path):
+    from bon_sr.jsonl import JsonlWriter, dumps_line, finite_or_none
+
+    record = {"a": NAN, "b": [1.0, float("inf"), {"c": -float("inf")}], "d": (2.5, NAN), "e": "NaN", "f": 3}
+    assert finite_or_none(record) == {"a": None, "b": [1.0, None, {"c": None}], "d": [2.5, None], "e": "NaN",
+                                      "f": 3}
+    assert strict_json(dumps_line(record))["b"][1] is None
+    path = tmp_path / "out.jsonl"
+    with JsonlWriter(path) as w:
+        w.write({"id": "x", "scores": {"mean_logprob": NAN}})
+    assert strict_json(path.read_text())["scores"]["mean_logprob"] is None
+
+
+def test_selection_records_say_why_a_score_is_null():
+    from bon_sr.jsonl import dumps_line
+    from bon_sr.types import Selection
+
+    cands = tuple(empty_candidates(type("J", (), {"sampling": SamplingConfig(n=2)})()))
+    sel = Selection(prompt="p", prompt_token_ids=(1,), candidates=cands, best_index=0, selector="mean-logprob")
+    rec = strict_json(dumps_line(sel.to_dict()))
+    assert rec["scores"]["mean_logprob"] is None
+    assert rec["undefined_scores"]["mean_logprob"].startswith("empty response")
+    assert rec["candidates"][1]["undefined_scores"]["self_certainty"].startswith("empty response")
