@@ -182,3 +182,112 @@ def test_selection_records_say_why_a_score_is_null():
     assert rec["scores"]["mean_logprob"] is None
     assert rec["undefined_scores"]["mean_logprob"].startswith("empty response")
     assert rec["candidates"][1]["undefined_scores"]["self_certainty"].startswith("empty response")
+
+
+# =========================================================================== item 2: the event loop
+
+
+def test_a_catastrophic_client_regex_does_not_stall_the_server(tiny_tokenizer):
+    """A client's backtracking answer_regex over a long candidate runs in a worker thread,
+    bounded by regex's timeout: /health and another request answer within a second while
+    it runs, and the request itself gets a 400 naming bon_sr.answer_regex."""
+    import time
+
+    import httpx
+
+    long_text = "a" * 3000 + "b"
+
+    def make(job):
+        return [Candidate(text=long_text if job.answers is not None else "The answer is 4.", token_ids=(1, 2),
+                          index=i, finish_reason="stop", scores={"stable_rank": 1.0}) for i in range(job.sampling.n)]
+
+    settings = ServeSettings(model=MODEL, sampling=SamplingConfig(n=2, max_new_tokens=16), max_n=8)
+    engine = ShapedEngine(tiny_tokenizer, make)
+    engine.state = "ready"
+    app = create_app(engine, settings)
+
+    async def run():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as client:
+            t0 = time.perf_counter()
+            slow = asyncio.ensure_future(client.post("/v1/chat/completions", json=chat(
+                bon_sr={"selector": "majority", "answer_regex": r"(a+)+$"})))
+            await asyncio.sleep(0.3)
+            assert not slow.done()  # still matching in its thread
+            t1 = time.perf_counter()
+            health = await client.get("/health")
+            t2 = time.perf_counter()
+            other = await client.post("/v1/chat/completions", json=chat())
+            t3 = time.perf_counter()
+            bad = await slow
+            return health, other, bad, (t2 - t1, t3 - t2, time.perf_counter() - t0)
+
+    health, other, bad, (health_s, other_s, slow_s) = asyncio.run(run())
+    assert health.status_code == 200 and health_s < 1.0, health_s
+    assert other.status_code == 200 and other_s < 1.0, other_s
+    assert bad.status_code == 400, bad.text
+    err = bad.json()["error"]
+    assert err["param"] == "bon_sr.answer_regex" and "took longer than" in err["message"]
+
+
+def test_selection_runs_once_per_request_whatever_the_number_of_choices(tiny_tokenizer):
+    """``ranked`` extracts answers once: k choices cost one extraction per candidate, not k."""
+    from bon_sr.selection.answers import AnswerExtractor
+    from bon_sr.selection.decide import ranked
+    from bon_sr.selection.selectors import get_selector
+
+    calls = []
+
+    def extract(text):
+        calls.append(text)
+        return text[-1]
+
+    cands = [Candidate(text=f"x{i % 3}", token_ids=(1,), index=i) for i in range(6)]
+    decision, order = ranked(cands, get_selector("majority"), AnswerExtractor("last", extract), k=6)
+    assert len(calls) == 6
+    # classes 0,1,2,0,1,2: each has 2 votes, the earliest class (candidate 0's) first, then
+    # among the rest the earliest remaining class, and so on
+    assert order == [0, 1, 2, 3, 4, 5] and decision.pick.index == 0
+
+
+def test_math_verify_is_time_bounded_off_the_main_thread(monkeypatch):
+    """math-verify's own SIGALRM timeouts raise off the main thread; there its calls run
+    without them, under the watchdog's deadline instead."""
+    import threading
+    import time
+
+    from bon_sr.selection import answers
+
+    out = {}
+
+    def worker():
+        out["equal"] = answers.equal_math("\\frac{1}{2}", "0.5")
+        out["extract"] = answers.extract_math("so \\boxed{\\frac{3}{4}}")
+        monkeypatch.setattr(answers, "MATH_TIMEOUT", 0.2)
+        t = time.perf_counter()
+
+        def spin(_):
+            while True:
+                pass
+
+        out["spin"] = answers._bounded(spin, "timed out")
+        out["spin_s"] = time.perf_counter() - t
+        out["after"] = answers._bounded(lambda _: "fine", None)  # nothing pending afterwards
+        time.sleep(0.3)
+        out["later"] = sum(range(1000))
+
+    th = threading.Thread(target=worker)
+    th.start()
+    th.join(30)
+    assert out["equal"] is True and out["extract"] == "\\frac{3}{4}"
+    assert out["spin"] == "timed out" and out["spin_s"] < 5.0
+    assert out["after"] == "fine" and out["later"] == 499500
+
+
+def test_last_boxed_takes_the_token_after_a_braceless_boxed():
+    from bon_sr.selection.answers import extract_number, last_boxed
+
+    assert last_boxed("\\boxed 5 and then {x}") == "5"  # REVIEW 1.13: gave 'x'
+    assert last_boxed("\\boxed  {7}") == "7" and last_boxed("\\boxed 5$ so") == "5"
+    assert last_boxed("\\boxed") is None and last_boxed("\\boxed{a{b}c} and \\fbox{d}") == "d"
+    assert extract_number("The total is \\boxed 12 apples {3}") == "12"

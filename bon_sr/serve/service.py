@@ -3,8 +3,9 @@
 ``plan`` checks and resolves a request against the server's settings with the functions
 ``BestOfN`` uses (``get_selector``, ``get_extractor``, ``score_keys``/``check_scores``,
 ``validate_prompt``/``encode_prompt``/``check_fits``, ``derive_seed``), so a bad field
-fails here with a 400 naming it, before anything is sampled. ``complete`` samples through
-the engine, decides with ``bon_sr.selection.decide.ranked``, and renders the ChatCompletion /
+fails here with a 400 naming it, before anything is sampled. ``complete`` plans in a worker
+thread, samples through the engine, decides with ``bon_sr.selection.decide.ranked`` (once
+per request) and renders in a worker thread again the ChatCompletion /
 Completion (or its SSE chunks) with the ``bon_sr`` object that explains the choice.
 
 Choices (OpenAI ``n``): the top ``n`` candidates in the selector's order, defined by
@@ -25,6 +26,8 @@ This module knows nothing about HTTP or how the engine batches.
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
@@ -175,7 +178,17 @@ def _sampling(request: ChatCompletionRequest | CompletionRequest, settings: Serv
                 seed=settings.sampling.seed)
 
 
+#: plans run in worker threads; a Rust tokenizer used from two threads at once can fail with
+#: "Already borrowed", so encoding takes turns (it is short next to sampling)
+_TOKENIZER_LOCK = threading.Lock()
+
+
 def _encode(request: ChatCompletionRequest | CompletionRequest, tokenizer: Any) -> tuple[list[int], str]:
+    with _TOKENIZER_LOCK:
+        return _encode_unlocked(request, tokenizer)
+
+
+def _encode_unlocked(request: ChatCompletionRequest | CompletionRequest, tokenizer: Any) -> tuple[list[int], str]:
     if isinstance(request, ChatCompletionRequest):
         messages = [{"role": m.role, "content": m.text()} for m in request.messages]
         prompt = _check("messages", validate_prompt, messages, "messages")
@@ -199,16 +212,28 @@ def _encode(request: ChatCompletionRequest | CompletionRequest, tokenizer: Any) 
 
 
 def rank(candidates: Sequence[Candidate], job: Job) -> tuple[Decision, list[int]]:
-    """The decision over all candidates and the first ``job.choices`` in the selector's order."""
-    return ranked(candidates, job.selector, job.answers, seed=job.seed, k=job.choices, utility=job.utility)
+    """The decision over all candidates and the first ``job.choices`` in the selector's
+    order (one decision, whatever ``job.choices``: ``ranked``). An answer regex that runs past
+    its time limit is a 400 naming ``bon_sr.answer_regex``."""
+    return _resolve_call(ranked, candidates, job.selector, job.answers, seed=job.seed, k=job.choices,
+                         utility=job.utility)
+
+
+def select_and_render(candidates: Sequence[Candidate], job: Job, settings: ServeSettings) -> Reply:
+    decision, order = rank(candidates, job)
+    return render(job, settings, decision, order)
 
 
 async def complete(request: ChatCompletionRequest | CompletionRequest, settings: ServeSettings,
                    engine: Any) -> Reply:
-    job = plan(request, settings, engine)
+    """One request's Best-of-N. What the client sent is worked on in worker threads, never
+    on the event loop: the plan (tokenising the prompt, compiling its answer regex) and the
+    selection (answer extraction, math-verify, the MBR matrix, the rendering), so a slow
+    request holds a thread, not every other request and ``/health``. The regex and
+    math-verify are time-bounded there (``selection.answers``: REGEX_TIMEOUT, MATH_TIMEOUT)."""
+    job = await asyncio.to_thread(plan, request, settings, engine)
     candidates = await engine.sample(job)
-    decision, order = rank(candidates, job)
-    return render(job, settings, decision, order)
+    return await asyncio.to_thread(select_and_render, candidates, job, settings)
 
 
 # --------------------------------------------------------------------------- rendering
