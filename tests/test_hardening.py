@@ -291,3 +291,156 @@ def test_last_boxed_takes_the_token_after_a_braceless_boxed():
     assert last_boxed("\\boxed  {7}") == "7" and last_boxed("\\boxed 5$ so") == "5"
     assert last_boxed("\\boxed") is None and last_boxed("\\boxed{a{b}c} and \\fbox{d}") == "d"
     assert extract_number("The total is \\boxed 12 apples {3}") == "12"
+
+
+# =========================================================================== item 3: concurrency
+
+
+class FailingGenerateEngine:
+    """An AsyncLLM stand-in: request ``fail_at`` fails after ``fail_after`` s, the others
+    decode for ``decode_s`` s; counts the requests cancelled while decoding."""
+
+    def __init__(self, fail_at=1, fail_after=0.05, decode_s=5.0):
+        self.fail_at, self.fail_after, self.decode_s = fail_at, fail_after, decode_s
+        self.cancelled = 0
+        self.finished = 0
+
+    async def generate(self, prompt, params, request_id, **extra):
+        k = prompt[1]
+        try:
+            if k == self.fail_at:
+                await asyncio.sleep(self.fail_after)
+                raise RuntimeError("candidate failed")
+            await asyncio.sleep(self.decode_s)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        self.finished += 1
+        yield k
+
+
+def test_a_failed_candidate_cancels_its_siblings():
+    """REVIEW 1.4: with asyncio.gather the N-1 siblings of a failed candidate kept decoding."""
+    from bon_sr.hook.aio import drive_async
+    from bon_sr.hook.plan import Sample
+
+    engine = FailingGenerateEngine()
+
+    def steps():
+        outputs = yield Sample([(("p", k), None) for k in range(4)], lambda k, o: None)
+        return outputs
+
+    async def run():
+        with pytest.raises(RuntimeError, match="candidate failed"):
+            await drive_async(engine, steps(), [], collector=object())
+        return engine.cancelled
+
+    assert asyncio.run(asyncio.wait_for(run(), 3.0)) == 3 and engine.finished == 0
+
+
+def test_a_cancelled_budget_waiter_wakes_the_ones_behind_it():
+    """REVIEW 1.8: B (too large to fit) waits ahead of C (fits); B is cancelled: C must be
+    admitted now, not when A releases."""
+    from bon_sr.hook.aio import RowBudget
+
+    budget = RowBudget(1000)
+
+    async def run():
+        await budget.acquire(800)  # A holds 800
+        b = asyncio.ensure_future(budget.acquire(800))
+        c = asyncio.ensure_future(budget.acquire(100))
+        await asyncio.sleep(0.01)
+        assert not b.done() and not c.done()  # C waits behind B (arrival order)
+        b.cancel()
+        await asyncio.wait_for(c, 0.5)
+        return budget.used
+
+    assert asyncio.run(run()) == 900
+
+
+def test_close_during_start_leaves_no_ready_engine(monkeypatch):
+    """REVIEW 1.6: close() while start() awaits the hook's install: start must not mark the
+    closed engine ready (with no engine behind it)."""
+    from types import SimpleNamespace
+
+    from bon_sr.serve import engine as engine_mod
+
+    class FakeLLM:
+        shutdowns = 0
+        vllm_config = None
+
+        def shutdown(self):
+            FakeLLM.shutdowns += 1
+
+    installing = asyncio.Event()
+    release = asyncio.Event()
+
+    async def slow_install(llm, options=None):
+        installing.set()
+        await release.wait()
+        return {}
+
+    monkeypatch.setattr(engine_mod, "install_hook_async", slow_install)
+    monkeypatch.setattr(engine_mod.BonEngine, "_build", lambda self: FakeLLM())
+    monkeypatch.setattr(engine_mod, "default_row_budget", lambda *a, **k: (1 << 20, 100))
+    bon = engine_mod.BonEngine(SimpleNamespace(model="m", hook_memory=None, hook_queue=4))
+
+    async def run():
+        start = asyncio.ensure_future(bon.start())
+        await installing.wait()
+        bon.close()
+        release.set()
+        await start
+
+    asyncio.run(run())
+    assert bon.state != "ready" and FakeLLM.shutdowns == 1
+
+
+def test_fewer_worker_results_than_candidates_is_a_hook_error(tiny_tokenizer, monkeypatch):
+    """REVIEW 1.9: zip() dropped the candidates a worker returned no result for."""
+    from types import SimpleNamespace
+
+    from vllm.outputs import CompletionOutput
+
+    from bon_sr.hook.plan import Group, ScoredSampling
+    from bon_sr.hook.protocol import HookError, merge_engine_results
+    from bon_sr.scoring.hidden_states import HiddenStateConfig
+    from bon_sr.sampling.vllm import VLLMSampler
+
+    base = VLLMSampler(None, SamplingConfig(n=3, max_new_tokens=3))
+    plan = ScoredSampling([Group((5, 6, 7), base.request_params(1, 7), 3, 7)], HiddenStateConfig(), base.to_candidate)
+    steps = plan.steps()
+    next(steps)
+    outs = [SimpleNamespace(outputs=[CompletionOutput(index=0, text="ab", token_ids=[9, 10], cumulative_logprob=None,
+                                                      logprobs=None, finish_reason="stop", stop_reason=None)])
+            for _ in range(3)]
+    collect = steps.send(outs)
+    short = [{"tag": sp["tag"], "index": sp["index"], "stable_rank": 1.0} for sp in collect.specs[:2]]
+    with pytest.raises(HookError, match="2 results for 3 candidates"):
+        steps.send(short)
+    with pytest.raises(HookError, match="engine cores"):
+        merge_engine_results([[{"index": 0}, {"index": 1}], [{"index": 0}]])
+
+
+def test_driving_an_engine_keeps_no_reference_to_it():
+    """REVIEW 1.14: a module-level WeakKeyDictionary of collectors held its engines (the
+    Collector refers to its key), so an engine driven once was never freed."""
+    import gc
+    import weakref
+
+    from bon_sr.hook.aio import drive_async
+    from bon_sr.hook.plan import Collect
+
+    class Engine:
+        async def collective_rpc(self, name, args=()):
+            return [[{"ok": True} for _ in args[0]]]
+
+    def steps():
+        return (yield Collect([{"tag": "t", "index": 0}]))
+
+    engine = Engine()
+    assert asyncio.run(drive_async(engine, steps(), [])) == [{"ok": True}]
+    ref = weakref.ref(engine)
+    del engine
+    gc.collect()
+    assert ref() is None

@@ -66,6 +66,9 @@ class BonEngine:
                 return
             self._llm = llm
             await install_hook_async(llm)
+            if self._closed:  # close() ran during the install and shut the engine down
+                self.state = "stopped"
+                return
             self.collector = Collector(llm)
             default, self.row_bytes = default_row_budget(llm.vllm_config)
             capacity = self.settings.hook_memory or default
