@@ -444,3 +444,107 @@ def test_driving_an_engine_keeps_no_reference_to_it():
     del engine
     gc.collect()
     assert ref() is None
+
+
+# =========================================================================== item 4: no output lost
+
+
+def test_overwrite_empties_the_output_only_at_its_first_record(tmp_path):
+    from bon_sr.jsonl import JsonlWriter
+
+    out = tmp_path / "out.jsonl"
+    out.write_text('{"id": "old"}\n')
+    w = JsonlWriter(out, mode="overwrite")
+    assert out.read_text() == '{"id": "old"}\n'  # a failed start now loses nothing
+    w.write({"id": "new"})
+    w.close()
+    assert out.read_text() == '{"id": "new"}\n'
+
+
+def test_generate_overwrite_with_a_wrong_model_leaves_the_old_output(tmp_path):
+    """REVIEW R: `bon-sr generate p.jsonl -o out.jsonl --overwrite --model /nonexistent` left
+    out.jsonl at 0 bytes."""
+    from click.testing import CliRunner
+
+    from bon_sr.cli import main
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"id": "1", "prompt": "hi"}\n')
+    out = tmp_path / "out.jsonl"
+    old = '{"id": "1", "response": "earlier result"}\n'
+    out.write_text(old)
+    r = CliRunner().invoke(main, ["generate", str(prompts), "-o", str(out), "--overwrite", "--backend", "hf",
+                                  "--model", str(tmp_path / "nonexistent")])
+    assert r.exit_code != 0 and "nonexistent" in r.output, r.output
+    assert out.read_text() == old
+
+
+def test_a_second_process_on_the_same_output_stops_with_a_clear_error(tmp_path):
+    import subprocess
+    import sys
+
+    from bon_sr.errors import InputError
+    from bon_sr.jsonl import JsonlWriter
+
+    out = tmp_path / "out.jsonl"
+    with JsonlWriter(out) as w:
+        w.write({"id": "a"})
+        with out.open("a") as fh:
+            fh.write('{"id": "b", "te')  # the first writer is mid-line (REVIEW 1.11)
+        code = ("import sys\nfrom bon_sr.jsonl import JsonlWriter\nfrom bon_sr.errors import InputError\n"
+                "try:\n    JsonlWriter(sys.argv[1], mode='resume')\nexcept InputError as e:\n    print(e); sys.exit(3)\n")
+        p = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, timeout=120)
+        assert p.returncode == 3 and "being written by another process" in p.stdout, (p.stdout, p.stderr)
+        with pytest.raises(InputError, match="being written by another process"):
+            JsonlWriter(out, mode="overwrite")
+        # the refused writers changed nothing: the other writer's line was not cut
+        assert out.read_text() == '{"id": "a"}\n{"id": "b", "te'
+    JsonlWriter(out, mode="resume").close()  # free again once the first one closed: now it cuts the torn tail
+    assert out.read_text() == '{"id": "a"}\n'
+
+
+BAD_LINES = [
+    (b'\xef\xbb\xbf{"id": "a"}\n{"id": "b"}\n', None),                   # a BOM: read, not an error
+    (b'{"id": "a"}\n{"id": "b\xff"}\n', ":2: not UTF-8 text"),
+    (b'{"id": "a"}\n[1, 2]\n', ":2: expected"),
+    (b'{"id": "a"}\n"text"\n', ":2: expected"),
+    (b'{"id": "a"}\n{"id": \n{"id": "c"}\n', ":2: malformed JSON"),
+    (b'{"id": "a"}\n{"id": "b\x00"}\n', ":2: contains a NUL byte"),
+]
+
+
+@pytest.mark.parametrize("data,error", BAD_LINES, ids=["bom", "utf8", "list", "string", "malformed", "nul"])
+def test_every_jsonl_reader_names_file_and_line(tmp_path, data, error):
+    """One reader (jsonl.iter_json_lines) behind read_records (--resume), read_cache (bench),
+    bon-sr show and prompt files: no traceback on a BOM, bad UTF-8 or a non-object line."""
+    from click.testing import CliRunner
+
+    from bon_sr.bench.runner import read_cache
+    from bon_sr.cli import main
+    from bon_sr.errors import InputError
+    from bon_sr.jsonl import JsonlWriter, read_records
+    from bon_sr.sampling.prompts import read_prompt_file
+
+    path = tmp_path / "f.jsonl"
+    path.write_bytes(data)
+    prompt_file = tmp_path / "p.jsonl"
+    prompt_file.write_bytes(data.replace(b'"id": "a"}', b'"id": "a", "prompt": "x"}')
+                            .replace(b'"id": "b"}', b'"id": "b", "prompt": "y"}'))
+    readers = {"read_records": lambda: list(read_records(path)), "read_cache": lambda: read_cache(path),
+               "resume": lambda: JsonlWriter(path, mode="resume").close(),
+               "prompts": lambda: read_prompt_file(str(prompt_file))}
+    for name, read in readers.items():
+        if error is None:
+            read()
+            continue
+        with pytest.raises(InputError) as exc:
+            read()
+        assert error in str(exc.value) and ("f.jsonl" in str(exc.value) or "p.jsonl" in str(exc.value)), (name, exc)
+    shown = tmp_path / "s.jsonl"
+    shown.write_bytes(data.replace(b'"id": "a"}', b'"id": "a", "prompt": "x", "response": "r", "best_index": 0}')
+                      .replace(b'"id": "b"}', b'"id": "b", "prompt": "y", "response": "r", "best_index": 0}'))
+    r = CliRunner().invoke(main, ["show", str(shown)])
+    if error is None:
+        assert r.exit_code == 0, r.output
+    else:
+        assert r.exit_code != 0 and error in r.output and "Traceback" not in r.output, r.output
