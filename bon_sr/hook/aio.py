@@ -26,6 +26,7 @@ from typing import Any, Sequence
 
 from ..scoring.hidden_states import HiddenStateConfig
 from ..types import Candidate
+from .budget import default_row_budget, job_bytes  # noqa: F401 - the server's names for them
 from .plan import Collect, Generate, Group, Sample, ScoredSampling, Steps
 from .protocol import (HookError, check_hook_config, dp_rank_for, engine_context, merge_engine_results,
                        require_hook)
@@ -164,29 +165,6 @@ class RowBudget:
             nbytes, future = self._waiting.pop(0)
             self.used += nbytes
             future.set_result(None)
-
-
-def job_bytes(prompt_len: int, n: int, max_tokens: int, scoring: HiddenStateConfig, row_bytes: int) -> int:
-    """Worst-case bytes of hook rows one job holds: n candidates' kept rows (plus the
-    prompt rows once, for ``full``)."""
-    from .protocol import row_range
-
-    lo, hi = row_range(prompt_len, max_tokens, scoring)
-    shared = max(0, min(hi, prompt_len) - lo)
-    return (n * (hi - lo - shared) + shared) * int(row_bytes)
-
-
-def default_row_budget(vllm_config: Any) -> tuple[int, int]:
-    """(budget bytes, bytes per row) sized from the model: rows for twice as many tokens
-    as the KV cache can hold (rows outlive their KV blocks until collect)."""
-    model = vllm_config.model_config
-    cache = vllm_config.cache_config
-    dtype = model.dtype
-    elem = dtype.itemsize if hasattr(dtype, "itemsize") else 2
-    row = int(model.get_hidden_size()) * elem
-    blocks = int(getattr(cache, "num_gpu_blocks", 0) or 0)
-    tokens = blocks * int(cache.block_size) if blocks else 65536
-    return 2 * tokens * row, row
 
 
 def fill_priority(engine: Any) -> int:

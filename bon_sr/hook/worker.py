@@ -372,6 +372,24 @@ class WorkerHook:
 # =========================================================================== extension
 
 
+def _device_memory(runner: Any) -> dict[str, Any]:
+    """Where this worker keeps its rows and how much memory is there: ``device``,
+    ``total_bytes``, ``free_bytes`` (CUDA: the device's, after vLLM took its share; CPU: the
+    RAM's, ``available``). The driver sizes its default row budget from it (``budget.py``)."""
+    device = getattr(runner, "device", None)
+    try:
+        if getattr(device, "type", None) == "cuda":
+            free, total = torch.cuda.mem_get_info(device)
+            return {"device": "cuda", "total_bytes": int(total), "free_bytes": int(free)}
+        import psutil
+
+        mem = psutil.virtual_memory()
+        return {"device": "cpu", "total_bytes": int(mem.total), "free_bytes": int(mem.available)}
+    except Exception as exc:  # noqa: BLE001 - the budget then falls back to the KV-cache rule
+        logger.warning("bon-sr hook: could not read the device's memory (%s)", exc)
+        return {}
+
+
 def _hidden_size(vllm_config: Any) -> int | None:
     try:
         return int(vllm_config.model_config.get_hidden_size())
@@ -410,7 +428,8 @@ class HookWorkerExtension:
             runner._bon_sr_hook = hook
             logger.info("bon-sr hook installed on %s.execute_model/_sample (vLLM %s)", type(runner).__name__,
                         vllm.__version__)
-        return {"runner": type(runner).__name__, "vllm": vllm.__version__, "store": hook.store}
+        return {"runner": type(runner).__name__, "vllm": vllm.__version__, "store": hook.store,
+                **_device_memory(runner)}
 
     def _bon_sr_hook(self) -> WorkerHook | None:
         return getattr(self.model_runner, "_bon_sr_hook", None)  # type: ignore[attr-defined]
