@@ -123,6 +123,20 @@ def check_hook_internals() -> str:
         raise ConfigError(str(exc)) from exc
 
 
+def use_v1_runner() -> None:
+    """The hook wraps the V1 model runner; on CUDA vLLM would pick Model Runner V2. Sets
+    ``VLLM_USE_V2_MODEL_RUNNER=0``, but refuses (ConfigError) a user's own value asking for V2."""
+    check_v1_runner()
+    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+
+
+def check_v1_runner() -> None:
+    """ConfigError when the environment asks vLLM for Model Runner V2, which the hook cannot wrap."""
+    if os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "0") not in ("0", "false", "False"):
+        raise ConfigError("The bon-sr hook needs vLLM's V1 model runner, but VLLM_USE_V2_MODEL_RUNNER is "
+                          f"{os.environ['VLLM_USE_V2_MODEL_RUNNER']!r}; unset it or use scorer='pooling'.")
+
+
 def _start_failure(role: str, model_path: str, exc: BaseException, cpu: bool) -> ModelError:
     prefix = "pooling_" if role == "pooling" else ""
     if cpu:
@@ -242,11 +256,7 @@ class VLLMBackend:
         vllm = import_vllm()
         kwargs = self.engine_kwargs(role)
         if self.hook and role == "generate":
-            # The hook wraps the V1 model runner; on CUDA vLLM would pick Model Runner V2.
-            if os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "0") not in ("0", "false", "False"):
-                raise ConfigError("The bon-sr hook needs vLLM's V1 model runner, but VLLM_USE_V2_MODEL_RUNNER is "
-                                  f"{os.environ['VLLM_USE_V2_MODEL_RUNNER']!r}; unset it or use scorer='pooling'.")
-            os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+            use_v1_runner()
             check_hook_internals()  # before minutes of engine start, not after
         logger.info("starting the vLLM %s engine for %s", role, self.model_path)
         from .sampling.vllm_plugin import mark_engine_parent

@@ -8,13 +8,46 @@ records mean beyond their ``id`` field.
 
 from __future__ import annotations
 
+import fcntl
 import json
+import logging
+import math
 import os
 import stat
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from .errors import InputError
+
+logger = logging.getLogger(__name__)
+
+
+def finite_or_none(value: Any) -> Any:
+    """``value`` with every non-finite float (NaN, +-inf) replaced by None, through dicts,
+    lists and tuples (tuples become lists, as JSON writes them): JSON has no NaN, and a
+    strict parser (JavaScript's, Go's, ``json.loads(parse_constant=...)``) refuses Python's
+    ``NaN`` literal. Why a score is undefined is for the record to say beside it
+    (``Candidate.undefined_scores``)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    return value
+
+
+def dumps_json(value: Any, **kwargs: Any) -> str:
+    """``json.dumps`` that always gives valid JSON: non-finite floats become null."""
+    try:
+        return json.dumps(value, allow_nan=False, **kwargs)
+    except ValueError:  # a NaN or inf somewhere: the walk is paid only then
+        return json.dumps(finite_or_none(value), allow_nan=False, **kwargs)
+
+
+def dumps_line(record: Any) -> str:
+    """One JSONL line (UTF-8 text, newline-terminated) of ``record``, valid JSON."""
+    return dumps_json(record, ensure_ascii=False) + "\n"
 
 
 def _repair_tail(path: Path) -> int:
@@ -59,11 +92,7 @@ def write_text_atomic(path: str | Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def read_text_file(path: str | Path, *, what: str = "Input file") -> str:
-    """The text of a UTF-8 input file, or an InputError that names the file (and the line,
-    for bytes that are not UTF-8 and NUL bytes). A leading byte-order mark is dropped
-    (Windows editors write one)."""
-    path = Path(path)
+def _check_regular(path: Path, what: str) -> None:
     try:
         mode = path.stat().st_mode
     except FileNotFoundError:
@@ -76,6 +105,14 @@ def read_text_file(path: str | Path, *, what: str = "Input file") -> str:
     if not stat.S_ISREG(mode):
         # A FIFO or device would block or never end: bon-sr reads the whole file up front.
         raise InputError(f"{what} '{path}' is not a regular file (a pipe or device); write it to a file first.")
+
+
+def read_text_file(path: str | Path, *, what: str = "Input file") -> str:
+    """The text of a UTF-8 input file, or an InputError that names the file (and the line,
+    for bytes that are not UTF-8 and NUL bytes). A leading byte-order mark is dropped
+    (Windows editors write one)."""
+    path = Path(path)
+    _check_regular(path, what)
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -103,48 +140,87 @@ def text_lines(text: str) -> list[str]:
     return [line[:-1] if line.endswith("\r") else line for line in lines]
 
 
-def iter_json_lines(path: str | Path, *, what: str = "a JSON object",
-                    text: str | None = None) -> Iterator[tuple[int, str, dict[str, Any]]]:
-    """Yield ``(line number, "file:line", object)`` for each non-blank line of a JSONL input file;
-    malformed JSON or a non-object raises InputError naming file:line. ``text``: the file's
-    text when the caller has read it already."""
+def _file_lines(path: Path, what: str) -> Iterator[tuple[int, str, bool]]:
+    """(line number, text, ended by a newline) of a UTF-8 file, streamed (an output file may
+    be large): a leading byte-order mark dropped, a \\r before the \\n too; bytes that are
+    not UTF-8 and NUL bytes are an InputError naming file:line."""
+    _check_regular(path, what)
+    try:
+        fh = path.open("rb")
+    except OSError as exc:
+        raise InputError(f"{what} '{path}' cannot be read: {exc.strerror or exc}.") from exc
+    with fh:
+        for lineno, raw in enumerate(fh, start=1):
+            ended = raw.endswith(b"\n")
+            body = raw[:-1] if ended else raw
+            if body.endswith(b"\r"):
+                body = body[:-1]
+            if lineno == 1 and body.startswith(b"\xef\xbb\xbf"):
+                body = body[3:]
+            try:
+                line = body.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                hint = (" (it looks like UTF-16: save it as UTF-8)"
+                        if lineno == 1 and raw[:2] in (b"\xff\xfe", b"\xfe\xff") else "")
+                raise InputError(f"{path}:{lineno}: not UTF-8 text (byte 0x{body[exc.start]:02x} at column "
+                                 f"{exc.start + 1}){hint}.") from None
+            if "\x00" in line:
+                raise InputError(f"{path}:{lineno}: contains a NUL byte; is this a binary file?")
+            yield lineno, line, ended
+
+
+def iter_json_lines(path: str | Path, *, what: str = "a JSON object", text: str | None = None, hint: str = "",
+                    torn_tail: bool = False, file_what: str = "Input file"
+                    ) -> Iterator[tuple[int, str, dict[str, Any]]]:
+    """THE JSONL reader (prompt files, output records, caches, ``bon-sr show``): yield
+    ``(line number, "file:line", object)`` for each non-blank line. A byte-order mark, bytes
+    that are not UTF-8, NUL bytes, malformed JSON and a line that is not an object are an
+    InputError naming file:line (``hint`` is added to the message). ``text``: the file's
+    text when the caller has read it already; else the file is streamed. ``torn_tail``: a
+    last line without its newline that is not valid JSON (a writer killed mid-line) is
+    skipped instead (the writer's ``resume`` cuts it off)."""
     path = Path(path)
     if text is None:
-        text = read_text_file(path)
-    for lineno, raw in enumerate(text_lines(text), start=1):
+        lines: Iterable[tuple[int, str, bool]] = _file_lines(path, file_what)
+    else:
+        lines = ((k, line, True) for k, line in enumerate(text_lines(text), start=1))
+    for lineno, raw, ended in lines:
         if not raw.strip():
             continue
         where = f"{path}:{lineno}"
         try:
             obj = json.loads(raw)
         except json.JSONDecodeError as exc:
+            if torn_tail and not ended:
+                logger.warning("%s: skipping a torn last line (a run stopped mid-write)", where)
+                return
             raise InputError(f"{where}: malformed JSON ({exc.msg} at column {exc.colno}). "
-                             f"Each line must be {what}.") from None
+                             f"Each line must be {what}.{hint}") from None
         except (ValueError, RecursionError) as exc:  # a 5000-digit number, nesting too deep
             raise InputError(f"{where}: JSON that cannot be read ({type(exc).__name__}: {str(exc)[:80]}). "
-                             f"Each line must be {what}.") from None
+                             f"Each line must be {what}.{hint}") from None
         if not isinstance(obj, dict):
-            raise InputError(f"{where}: expected {what}, got {type(obj).__name__}.")
+            raise InputError(f"{where}: expected {what}, got {type(obj).__name__}.{hint}")
         yield lineno, where, obj
 
 
 def read_records(path: str | Path) -> Iterator[dict[str, Any]]:
-    """Yield the records of a JSONL file, naming file:line on a malformed line."""
-    path = Path(path)
-    with path.open("r", encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InputError(f"{path}:{lineno}: malformed JSON in existing output ({exc.msg}). "
-                                 "Fix or remove that line, or start over with --overwrite.") from exc
+    """Yield the records of a JSONL output file, naming file:line on a bad line."""
+    for _, _, record in iter_json_lines(path, what="an output record (a JSON object)", file_what="Output",
+                                        hint=" Fix or remove that line, or start over with --overwrite."):
+        yield record
 
 
 class JsonlWriter:
     """Appends records to ``path``. ``mode``: ``new`` (fail if it exists and is not empty),
-    ``resume`` (keep finished records; ``finished_ids`` lists them) or ``overwrite``."""
+    ``resume`` (keep finished records; ``finished_ids`` lists them) or ``overwrite``.
+
+    Nothing is lost before the first record: ``overwrite`` empties the file only when the
+    first record is written, so a run that fails to start (a wrong ``--model``, a load
+    error) leaves the earlier output as it was. The writer holds an exclusive lock on the
+    file (``flock``) from the start, before it repairs a torn tail or reads the finished ids,
+    so a second process on the same output stops at once with a clear error instead of
+    resuming into it or cutting the other writer's line."""
 
     def __init__(self, path: str | Path, *, mode: str = "new", id_field: str = "id"):
         self.path = Path(path)
@@ -159,30 +235,50 @@ class JsonlWriter:
             raise InputError(f"Cannot create the output folder '{self.path.parent}': {exc.strerror}.") from exc
         if self.path.is_dir():
             raise InputError(f"Output '{self.path}' is a directory; give a file name such as out.jsonl.")
-        exists = self.path.exists() and self.path.stat().st_size > 0
-        if exists and mode == "new":
-            raise InputError(f"Output '{self.path}' already exists. Pass --resume to continue it "
-                             "or --overwrite to start over.")
-        if exists and mode == "resume":
-            try:
-                self.repaired_bytes = _repair_tail(self.path)
-            except OSError as exc:
-                raise InputError(f"Cannot write the output '{self.path}': {exc.strerror}.") from exc
-            self.finished_ids = {str(r.get(id_field)) for r in read_records(self.path)}
         try:
-            # Unbuffered binary: each record goes out in one write() of the whole line.
-            self._fh = self.path.open("wb" if mode == "overwrite" else "ab", buffering=0)
+            # Unbuffered binary append: each record goes out in one write() of the whole line.
+            self._fh = self.path.open("ab", buffering=0)
         except OSError as exc:
             raise InputError(f"Cannot write the output '{self.path}': {exc.strerror}. "
                              "Choose a writable location with -o.") from exc
+        try:
+            self._lock()
+            exists = os.fstat(self._fh.fileno()).st_size > 0
+            if exists and mode == "new":
+                raise InputError(f"Output '{self.path}' already exists. Pass --resume to continue it "
+                                 "or --overwrite to start over.")
+            if exists and mode == "resume":
+                try:
+                    self.repaired_bytes = _repair_tail(self.path)
+                except OSError as exc:
+                    raise InputError(f"Cannot write the output '{self.path}': {exc.strerror}.") from exc
+                self.finished_ids = {str(r.get(id_field)) for r in read_records(self.path)}
+        except BaseException:
+            self._fh.close()
+            raise
+        self._truncate_first = exists and mode == "overwrite"
+
+    def _lock(self) -> None:
+        try:
+            fcntl.flock(self._fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InputError(f"Output '{self.path}' is being written by another process (it holds the file's "
+                             "lock); wait for it to finish, or write elsewhere with -o.") from None
+        except OSError as exc:  # a filesystem without locks: go on unlocked, say so
+            logger.warning("cannot lock %s (%s); make sure no other process writes it", self.path,
+                           exc.strerror or exc)
 
     def write(self, record: dict[str, Any]) -> None:
         """Append one line; on a write error (disk full, file-size limit) cut the file back
         to its last complete line and raise InputError, so what was written stays valid."""
-        data = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+        data = dumps_line(record).encode("utf-8")
         fd = self._fh.fileno()
         before = os.fstat(fd).st_size
         try:
+            if self._truncate_first:  # --overwrite: the old output goes only now that a record is ready
+                os.ftruncate(fd, 0)
+                self._truncate_first = False
+                before = 0
             written = 0
             while written < len(data):
                 written += self._fh.write(data[written:])

@@ -6,6 +6,7 @@ that flow prompts -> sampler -> candidates -> scorer -> selector -> Selection.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Mapping, Protocol, Sequence, Union
 
@@ -60,6 +61,14 @@ class Candidate:
         stop token that ended it (``stop_token``), as vLLM's OpenAI server counts usage."""
         return self.num_tokens + (self.stop_token is not None)
 
+    def undefined_scores(self) -> dict[str, str]:
+        """Why each non-finite score is undefined (JSON writes it as null): score key -> reason."""
+        out = {}
+        for key, value in self.scores.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                out[key] = _why_undefined(key, value, self.num_tokens)
+        return out
+
     def with_scores(self, **scores: float) -> "Candidate":
         merged = dict(self.scores)
         merged.update({k: float(v) for k, v in scores.items()})
@@ -80,6 +89,9 @@ class Candidate:
         else:
             out["logprobs"] = list(self.logprobs)
         out["scores"] = dict(self.scores)
+        undefined = self.undefined_scores()
+        if undefined:
+            out["undefined_scores"] = undefined
         out["num_tokens"] = self.num_tokens
         for key in ("answer", "vote_share", "passed", "checks"):
             if out[key] is None:
@@ -89,6 +101,15 @@ class Candidate:
         if not self.greedy:
             del out["greedy"]
         return out
+
+
+def _why_undefined(key: str, value: float, num_tokens: int) -> str:
+    if key == "mbr_utility":  # selection.consensus.UTILITY_KEY (types sits below selection)
+        return ("no defined similarity to another candidate (an empty response has no embedding to compare); "
+                "it ranks last")
+    if num_tokens == 0:
+        return "empty response: no token to score"
+    return f"not a finite number ({value})"
 
 
 @dataclass(frozen=True)
@@ -129,6 +150,9 @@ class Selection:
             "scores": dict(self.best.scores),
             "num_candidates": len(self.candidates),
         }
+        undefined = self.best.undefined_scores()
+        if undefined:
+            out["undefined_scores"] = undefined
         if self.votes is not None:
             out["answer"] = self.best.answer
             out["votes"] = dict(self.votes)

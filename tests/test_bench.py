@@ -259,6 +259,8 @@ def test_read_cache_cuts_torn_line(tmp_path):
     path = tmp_path / "t.jsonl"
     path.write_text(json.dumps({"id": "1", "x": 1}) + "\n" + '{"id": "2", "x"')
     assert list(runner.read_cache(path)) == ["1"]
+    # reading skips the torn line; the cache's writer cuts it, under its lock (issue 31)
+    runner.JsonlWriter(path, mode="resume").close()
     assert path.read_text() == json.dumps({"id": "1", "x": 1}) + "\n"
 
 

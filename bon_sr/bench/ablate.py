@@ -129,6 +129,12 @@ class AblateConfig:
 Cell = tuple[str, str, int]   # (variant spec, norm, layer index >= 0)
 
 
+def _score(scores: Mapping[str, Any], key: str) -> float:
+    """A cached score as a float: missing or null (an undefined score: JSON has no NaN) is NaN."""
+    value = scores.get(key)
+    return math.nan if value is None else float(value)
+
+
 def cell_name(cell: Cell) -> str:
     """The stem of a cell's file in OUT/cells/, e.g. ``paper__post__L23``."""
     return f"{cell[0]}__{cell[1]}__L{cell[2]}"
@@ -446,8 +452,7 @@ def run_ablate(config: AblateConfig, out_dir: str | Path, *, progress: ProgressF
         summary_cells.append(entry)
     refs = {}
     for name, key in REFERENCE_SCORES.items():
-        values = [float(c["scores"].get(key, math.nan)) if c.get("scores") else math.nan
-                  for rec in records for c in rec["candidates"]]
+        values = [_score(c.get("scores") or {}, key) for rec in records for c in rec["candidates"]]
         m = cell_metrics(cell_groups(records, values, owner, False), config)
         m.pop("_bon_per_problem")
         refs[name] = m

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ..errors import ConfigError, InputError
+from ..jsonl import JsonlWriter
 from ..models import DEFAULT_MODEL, ProgressFn
 from .runner import cache_paths, read_cache
 from .scores import score_candidates
@@ -70,7 +71,8 @@ def run_rank_eval(
         hf_model, tokenizer = load_hf_model(resolve_model(model, progress=progress), device=device, dtype=dtype)
         scoring = HiddenStateConfig(max_batch_tokens=max_batch_tokens)
         done = 0
-        with cache_path.open("a", encoding="utf-8") as fh:
+        # the generate command's writer: locked, a torn tail cut, one fsynced line per pair
+        with JsonlWriter(cache_path, mode="resume") as fh:
             for start in range(0, len(todo), chunk_size):
                 chunk = todo[start:start + chunk_size]
                 prompt_ids = [encode_prompt(tokenizer, p["prompt"]) for p in chunk]
@@ -80,9 +82,8 @@ def run_rank_eval(
                 for j, p in enumerate(chunk):
                     rec = {"id": str(p["id"]), "category": p["category"], "chosen": scores[2 * j],
                            "rejected": scores[2 * j + 1]}
-                    fh.write(json.dumps(rec) + "\n")
+                    fh.write(rec)
                     records[rec["id"]] = rec
-                fh.flush()
                 done += len(chunk)
                 report("scoring pairs", done, len(todo))
     chosen = [records[i] for i in ids]

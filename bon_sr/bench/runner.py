@@ -43,7 +43,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from ..errors import ConfigError, InputError
 from ..scoring.hidden_states import HiddenStateConfig
-from ..jsonl import JsonlWriter, write_text_atomic
+from ..jsonl import JsonlWriter, iter_json_lines, write_text_atomic
 from ..models import DEFAULT_MODEL, ProgressFn
 from ..sampling.prompts import check_fits, derive_seed
 from ..sampling import SamplingConfig
@@ -160,27 +160,17 @@ def cache_paths(out_dir: Path, task_name: str) -> tuple[Path, Path]:
 
 
 def read_cache(path: Path) -> dict[str, dict[str, Any]]:
-    """Records by problem id. A torn last line (a run killed mid-write) is cut off the file."""
+    """Records by problem id, read with the one JSONL reader (file:line on a bad line). A
+    torn last line (a run killed mid-write) is skipped here, never cut: reading changes
+    nothing; the cache's writer (``JsonlWriter`` resume, under its lock) cuts it."""
     records: dict[str, dict[str, Any]] = {}
     if not path.is_file():
         return records
-    good_bytes = 0
-    with path.open("rb") as fh:
-        for raw in fh:
-            try:
-                rec = json.loads(raw)
-            except json.JSONDecodeError:
-                if not raw.endswith(b"\n"):
-                    break
-                raise InputError(f"{path}: corrupt cache line after byte {good_bytes}; delete the line or the file.")
-            if not raw.endswith(b"\n"):
-                break
-            records[str(rec["id"])] = rec
-            good_bytes += len(raw)
-    if good_bytes != path.stat().st_size:
-        logger.warning("Cutting a torn last line off %s (interrupted run)", path)
-        with path.open("r+b") as fh:
-            fh.truncate(good_bytes)
+    for _, where, rec in iter_json_lines(path, what="a cache record (a JSON object)", file_what="Cache",
+                                         torn_tail=True, hint=" Delete that line (or the cache) and rerun."):
+        if "id" not in rec:
+            raise InputError(f"{where}: a cache record without an 'id'. Delete that line (or the cache) and rerun.")
+        records[str(rec["id"])] = rec
     return records
 
 
@@ -339,8 +329,10 @@ def is_mixed(rec: Mapping[str, Any]) -> bool:
 
 
 def scored_candidate(c: Mapping[str, Any]) -> Scored:
+    # the cache writes an undefined score as null (JSON has no NaN); selectors rank NaN last
+    scores = {k: math.nan if v is None else v for k, v in c["scores"].items()}
     return Scored(correct=bool(c["correct"]), group=int(c.get("group", -1)),
-                  num_tokens=len(c["token_ids"]), scores=c["scores"], truncated=c.get("finish_reason") == "length")
+                  num_tokens=len(c["token_ids"]), scores=scores, truncated=c.get("finish_reason") == "length")
 
 
 def evaluate_records(
@@ -422,22 +414,27 @@ def run_bench(config: BenchConfig, out_dir: str | Path, *, progress: ProgressFn 
     todo = [p for p in task.problems if p.id not in records]
     generated = 0
     if todo and generate:
-        write_text_atomic(meta_path, json.dumps({**meta, "task": task.name, "cache_version": CACHE_VERSION}, indent=2))
-        report(f"loading {config.model}", None, None)
-        bon = load_generator(config, max_new, n_gen, identity["scorer"], progress)
-        # The generate command's writer: one fsynced line per problem; a full disk cuts the
-        # file back to its last whole line and raises an InputError saying so.
+        # The writer first (REVIEW 1.7): it takes the cache's lock and can fail (another
+        # run holds it, a read-only disk) before an engine exists that would then leak.
         writer = JsonlWriter(cache_path, mode="resume")
         try:
-            report(f"{task.name}: sampling {n_gen} + greedy", 0, len(todo))
-            for rec in generate_records(todo, bon, config, task.name, max_new, n_gen, identity["scorer"]):
-                writer.write(rec)
-                records[rec["id"]] = rec
-                generated += 1
-                report(f"{task.name}: sampling {n_gen} + greedy", generated, len(todo))
+            write_text_atomic(meta_path, json.dumps({**meta, "task": task.name, "cache_version": CACHE_VERSION},
+                                                    indent=2))
+            report(f"loading {config.model}", None, None)
+            bon = load_generator(config, max_new, n_gen, identity["scorer"], progress)
+            try:
+                # One fsynced line per problem; a full disk cuts the file back to its last
+                # whole line and raises an InputError saying so.
+                report(f"{task.name}: sampling {n_gen} + greedy", 0, len(todo))
+                for rec in generate_records(todo, bon, config, task.name, max_new, n_gen, identity["scorer"]):
+                    writer.write(rec)
+                    records[rec["id"]] = rec
+                    generated += 1
+                    report(f"{task.name}: sampling {n_gen} + greedy", generated, len(todo))
+            finally:
+                bon.close()  # engines shut down here, not by the interpreter's exit
         finally:
             writer.close()
-            bon.close()  # engines shut down here, not by the interpreter's exit
     chosen = [records[p.id] for p in task.problems if p.id in records]
     if not chosen:
         raise InputError(f"No cached problems for {task.name} in {cache_path}; run without --no-generate first.")

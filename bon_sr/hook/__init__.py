@@ -4,6 +4,7 @@ The package's layout says where each line runs:
 
     protocol.py   driver   tags, request metadata, collect specs/results and their checks
     plan.py       driver   the ONE order sample -> fill -> collect -> retry, sans IO
+    budget.py     driver   the row budget's default (what vLLM leaves free) and a job's worst case
     sync.py       driver   steps a plan on ``vllm.LLM`` (HookSampler, HookScorer)
     aio.py        driver   steps a plan on ``AsyncLLM`` (sample_scored_async, Collector)
     worker.py     worker   the hook in vLLM's model runner (HookWorkerExtension): install

@@ -22,13 +22,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-import weakref
 from typing import Any, Sequence
 
 from ..scoring.hidden_states import HiddenStateConfig
 from ..types import Candidate
+from .budget import default_row_budget, job_bytes  # noqa: F401 - the server's names for them
 from .plan import Collect, Generate, Group, Sample, ScoredSampling, Steps
-from .protocol import check_hook_config, dp_rank_for, engine_context, merge_engine_results, require_hook
+from .protocol import (HookError, check_hook_config, dp_rank_for, engine_context, merge_engine_results,
+                       require_hook)
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +92,9 @@ class Collector:
             try:
                 self.calls += 1
                 results = merge_engine_results(await rpc_all(self.engine, "bon_sr_collect", (specs,)))
+                if len(results) != len(specs):
+                    raise HookError(f"bon-sr hook: the worker answered {len(results)} results for {len(specs)} "
+                                    "collect specs")
             except BaseException as exc:  # noqa: BLE001 - handed to every waiting job
                 for _, future in batch:
                     if not future.done():
@@ -103,20 +107,6 @@ class Collector:
                 if not future.done():  # a cancelled job's rows were collected (freed) all the same
                     future.set_result(results[pos:pos + len(part)])
                 pos += len(part)
-
-
-_COLLECTORS: "weakref.WeakKeyDictionary[Any, Collector]" = weakref.WeakKeyDictionary()
-
-
-def collector_for(engine: Any) -> Collector:
-    """The engine's shared collector (one per engine, so every caller coalesces)."""
-    try:
-        found = _COLLECTORS.get(engine)
-        if found is None:
-            found = _COLLECTORS[engine] = Collector(engine)
-        return found
-    except TypeError:  # not weak-referenceable: a collector of its own
-        return Collector(engine)
 
 
 class HookBusy(Exception):
@@ -160,39 +150,21 @@ class RowBudget:
         except BaseException:
             if entry in self._waiting:
                 self._waiting.remove(entry)
+                self._admit()  # it may have held back smaller jobs behind it
             elif future.done() and not future.cancelled():
                 self.release(nbytes)  # admitted while being cancelled
             raise
 
     def release(self, nbytes: int) -> None:
         self.used -= nbytes
+        self._admit()
+
+    def _admit(self) -> None:
+        """Admit waiting jobs in arrival order while the first of them fits."""
         while self._waiting and self._fits(self._waiting[0][0]):
             nbytes, future = self._waiting.pop(0)
             self.used += nbytes
             future.set_result(None)
-
-
-def job_bytes(prompt_len: int, n: int, max_tokens: int, scoring: HiddenStateConfig, row_bytes: int) -> int:
-    """Worst-case bytes of hook rows one job holds: n candidates' kept rows (plus the
-    prompt rows once, for ``full``)."""
-    from .protocol import row_range
-
-    lo, hi = row_range(prompt_len, max_tokens, scoring)
-    shared = max(0, min(hi, prompt_len) - lo)
-    return (n * (hi - lo - shared) + shared) * int(row_bytes)
-
-
-def default_row_budget(vllm_config: Any) -> tuple[int, int]:
-    """(budget bytes, bytes per row) sized from the model: rows for twice as many tokens
-    as the KV cache can hold (rows outlive their KV blocks until collect)."""
-    model = vllm_config.model_config
-    cache = vllm_config.cache_config
-    dtype = model.dtype
-    elem = dtype.itemsize if hasattr(dtype, "itemsize") else 2
-    row = int(model.get_hidden_size()) * elem
-    blocks = int(getattr(cache, "num_gpu_blocks", 0) or 0)
-    tokens = blocks * int(cache.block_size) if blocks else 65536
-    return 2 * tokens * row, row
 
 
 def fill_priority(engine: Any) -> int:
@@ -214,10 +186,38 @@ async def _final(engine: Any, request: tuple[Any, Any], rank: int | None, priori
     return last
 
 
+async def all_or_cancel(coros: Sequence[Any]) -> list[Any]:
+    """Run ``coros`` concurrently; their results in order. The first to fail cancels the
+    others (vLLM aborts their requests) and waits for them before its exception propagates,
+    and cancelling the caller cancels them all: a failed candidate leaves none of its
+    siblings decoding for a dead job (``asyncio.gather`` would; 3.10 has no TaskGroup)."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    if not tasks:
+        return []
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    except BaseException:
+        await _cancel_all(tasks)
+        raise
+    failed = next((t for t in tasks if t.done() and not t.cancelled() and t.exception() is not None), None)
+    if failed is not None:
+        await _cancel_all(tasks)
+        raise failed.exception()  # type: ignore[misc]
+    return [t.result() for t in tasks]
+
+
+async def _cancel_all(tasks: Sequence[asyncio.Future]) -> None:
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
 async def drive_async(engine: Any, steps: Steps, tags: Sequence[str], *, collector: Collector | None = None
                       ) -> Any:
     """Run ``steps`` to the end on ``engine``; a cancelled run releases ``tags``' rows."""
-    collector = collector or collector_for(engine)
+    # no registry of shared collectors (one keyed by engine kept every engine alive: its
+    # Collector holds the engine): callers that should share collect RPCs pass one collector
+    collector = collector or Collector(engine)
     rank = dp_rank_for(tags[0], data_parallel_size(engine)) if tags else None
     first = fill_priority(engine)
 
@@ -232,10 +232,9 @@ async def drive_async(engine: Any, steps: Steps, tags: Sequence[str], *, collect
         step = next(steps)
         while True:
             if isinstance(step, Sample):
-                reply: Any = await asyncio.gather(*(then_fill(k, r, step.follow)
-                                                    for k, r in enumerate(step.requests)))
+                reply: Any = await all_or_cancel([then_fill(k, r, step.follow) for k, r in enumerate(step.requests)])
             elif isinstance(step, Generate):
-                await asyncio.gather(*(_final(engine, r, rank, first) for r in step.requests))
+                await all_or_cancel([_final(engine, r, rank, first) for r in step.requests])
                 reply = None
             elif isinstance(step, Collect):
                 reply = await collector.collect(step.specs)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..scoring.stable_rank import stable_rank
-from .store import Arena, index_tensor, slots_of
+from .store import Arena, slots_of
 
 
 def collect(hook: Any, specs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -102,11 +102,10 @@ def stable_ranks(rows: Arena, mats: list[tuple[dict[str, Any], np.ndarray]], bud
         for row, (_, slots) in enumerate(batch):
             idx[row, :len(slots)] = slots
             mask[row, :len(slots)] = True
-        buf = rows.buf
-        if buf is None:  # nothing stored at all: every batch entry is empty
+        if rows.buf is None:  # nothing stored at all: every batch entry is empty
             h = torch.zeros(len(batch), width, 1)
         else:
-            h = buf.index_select(0, index_tensor(idx.reshape(-1), buf.device)).view(len(batch), width, -1).float()
+            h = rows.read(idx.reshape(-1)).view(len(batch), width, -1).float()
         m = torch.as_tensor(mask, device=h.device)
         res = stable_rank(h, m)
         table = torch.stack([res.stable_rank, res.frobenius_sq, res.spectral_sq,
@@ -117,19 +116,19 @@ def stable_ranks(rows: Arena, mats: list[tuple[dict[str, Any], np.ndarray]], bud
 
 def mean_stats(stat_rows: Arena, stats_of: list[tuple[dict[str, Any], np.ndarray]]) -> None:
     for target, slots in stats_of:
-        mean = stat_rows.buf.index_select(0, index_tensor(slots, stat_rows.buf.device)).float().mean(0)
+        mean = stat_rows.read(slots).float().mean(0)
         lp, sc = mean.tolist()
         target.update(mean_logprob=lp, self_certainty=sc)
 
 
 def embeddings(rows: Arena, embeds: list[tuple[dict[str, Any], np.ndarray]]) -> None:
     for target, slots in embeds:
-        if rows.buf is None:
-            target.update(embedding_last=None, embedding_mean=None)
+        if not len(slots) or rows.buf is None:
+            # an empty response (or a worker holding no rows at all): NaN vectors of the
+            # model's width, as hidden_states.embedding_summary; None only if the width is unknown
+            width = rows.width
+            nan = None if width is None else [math.nan] * int(width)
+            target.update(embedding_last=nan, embedding_mean=None if nan is None else list(nan))
             continue
-        if not len(slots):  # an empty response: NaN vectors, as hidden_states.embedding_summary
-            nan = [math.nan] * int(rows.buf.shape[-1])
-            target.update(embedding_last=nan, embedding_mean=list(nan))
-            continue
-        got = rows.buf.index_select(0, index_tensor(slots, rows.buf.device)).float()
+        got = rows.read(slots).float()
         target.update(embedding_last=got[-1].tolist(), embedding_mean=got.mean(0).tolist())

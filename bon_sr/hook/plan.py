@@ -28,9 +28,9 @@ from typing import Any, Callable, Generator, Sequence
 
 from ..scoring.hidden_states import HiddenStateConfig
 from ..types import Candidate
-from .protocol import (cache_salt, collect_spec, embeddings_from_results, extend_by_default, fan_out, fill_request,
-                       needs_fill, new_tag, score_request, scores_from_results, text_decoder, tokens_prompt,
-                       trim_completion)
+from .protocol import (HookError, cache_salt, collect_spec, embeddings_from_results, extend_by_default, fan_out,
+                       fill_request, needs_fill, new_tag, score_request, scores_from_results, text_decoder,
+                       tokens_prompt, trim_completion)
 
 logger = logging.getLogger(__name__)
 
@@ -151,14 +151,14 @@ class ScoredSampling:
         outputs = yield Sample(self.requests, self._fill)
         cands = [self._candidate(k, o)[0] for k, o in enumerate(outputs)]
         specs = self._specs(cands)
-        results = yield Collect(specs)
+        results = check_count((yield Collect(specs)), len(specs))
         missed = [k for k, res in enumerate(results) if "missing" in res]
         if missed:  # should not happen (see protocol.fill_request); recompute under a salt of their own
             logger.warning("bon-sr hook: %d candidates missed rows after the fill step; recomputing them",
                            len(missed))
             yield Generate([fill_request(self.keys[k][0], self.keys[k][1], self.keys[k][2], cands[k].token_ids,
                                          self.scoring, missing=results[k]["missing"]) for k in missed])
-            again = yield Collect([{**specs[k], "group": False} for k in missed])
+            again = check_count((yield Collect([{**specs[k], "group": False} for k in missed])), len(missed))
             results = list(results)
             for k, res in zip(missed, again):
                 results[k] = res
@@ -170,6 +170,14 @@ class ScoredSampling:
             out.append(scored[pos:pos + n])
             pos += n
         return out
+
+
+def check_count(results: Sequence[Any], expected: int) -> Sequence[Any]:
+    """A collect's results, one per spec: a worker that answers fewer (or more) fails the job
+    with HookError instead of a ``zip`` dropping candidates silently."""
+    if len(results) != expected:
+        raise HookError(f"bon-sr hook: the worker answered {len(results)} results for {expected} candidates")
+    return results
 
 
 def score_steps(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]],
@@ -190,6 +198,6 @@ def score_steps(prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequ
                                   embed=embed))
     if requests:
         yield Generate(requests)
-    results = yield Collect(specs)
+    results = check_count((yield Collect(specs)), len(specs))
     scores = scores_from_results(results)
     return (scores, embeddings_from_results(results)) if embed else scores

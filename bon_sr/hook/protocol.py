@@ -311,6 +311,9 @@ def dp_rank_for(tag: str, dp: int) -> int | None:
 def merge_engine_results(per_engine: Sequence[Sequence[dict[str, Any]]]) -> list[dict[str, Any]]:
     """One collect's results from every data-parallel engine core: per spec, the result of
     the core that held the candidate (the others report its rows missing)."""
+    if len({len(r) for r in per_engine}) > 1:
+        raise HookError(f"bon-sr hook: a collect's engine cores answered {[len(r) for r in per_engine]} results; "
+                        "every core answers every spec")
     merged = []
     for results in zip(*per_engine):
         merged.append(next((r for r in results if "missing" not in r), results[0]))

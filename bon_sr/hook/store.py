@@ -1,9 +1,10 @@
-"""Where the hook keeps rows in the worker: one arena tensor per worker and, per candidate,
+"""Where the hook keeps rows in the worker: one chunked arena per worker and, per candidate,
 the arena slot of each absolute position.
 
-Runs in the WORKER. ``Arena`` holds every entry's rows in one (capacity, width) tensor with
-a free list of slots, so a step copies every tagged row with one ``index_select`` and one
-``index_copy_``, whatever the number of candidates; ``Entry`` maps one candidate's (or one
+Runs in the WORKER. ``Arena`` holds every entry's rows in equal chunks (one tensor each, added
+without copying) with a free list of slots, so a step copies every tagged row with one
+``index_select`` and one ``index_copy_`` per chunk it touches, whatever the number of
+candidates; ``Entry`` maps one candidate's (or one
 tag's prompt's) positions to slots. This module knows nothing about vLLM, requests, tags
 or what the rows mean.
 """
@@ -27,28 +28,74 @@ def index_tensor(values: Sequence[int] | np.ndarray, device: torch.device) -> to
 
 
 class Arena:
-    """Rows of every entry in one (capacity, width) tensor; slots from a free list. Grows
-    by doubling; dropped whole when nothing is live."""
+    """Rows of every entry in equal chunks of ``(chunk_rows, width)``; slot ``s`` is row
+    ``s % chunk_rows`` of chunk ``s // chunk_rows``, slots come from a free list.
 
-    def __init__(self) -> None:
-        self.buf: torch.Tensor | None = None
+    Growing adds one chunk and never copies, so the arena never holds its rows twice (a
+    doubling buffer would hold old and new during the copy: 3x the live rows at its peak).
+    The driver bounds what is live (``protocol.job_bytes`` against a row budget). Dropped
+    whole when nothing is live. ``width``: known before the first row (for NaN embeddings of
+    a worker that holds none); else taken from the first allocation."""
+
+    def __init__(self, width: int | None = None, *, chunk_bytes: int = 16 << 20, max_chunk_rows: int = 1 << 16):
+        self.width = width
+        self.chunk_bytes = int(chunk_bytes)
+        self.max_chunk_rows = int(max_chunk_rows)
+        self.chunks: list[torch.Tensor] = []
+        self.chunk_rows = 0
         self.free: list[int] = []
         self.live = 0
 
+    @property
+    def buf(self) -> torch.Tensor | None:
+        """The first chunk (None when empty): its dtype and device are the arena's."""
+        return self.chunks[0] if self.chunks else None
+
+    def _grow(self, like: torch.Tensor) -> None:
+        if not self.chunks:
+            self.width = int(like.shape[-1])
+            row = max(1, self.width * like.element_size())
+            self.chunk_rows = max(64, min(self.max_chunk_rows, self.chunk_bytes // row))
+            proto = like
+        else:
+            proto = self.chunks[0]
+        base = len(self.chunks) * self.chunk_rows
+        self.chunks.append(proto.new_empty((self.chunk_rows, int(proto.shape[-1]))))
+        self.free[:0] = range(base + self.chunk_rows - 1, base - 1, -1)
+
     def alloc(self, k: int, like: torch.Tensor) -> list[int]:
-        if self.buf is None:
-            self.buf = like.new_empty((max(64, k), like.shape[-1]))
-            self.free = list(range(self.buf.shape[0] - 1, -1, -1))
-        if len(self.free) < k:
-            old = self.buf.shape[0]
-            new = max(2 * old, old + k)
-            grown = self.buf.new_empty((new, self.buf.shape[1]))
-            grown[:old] = self.buf
-            self.buf = grown
-            self.free[:0] = range(new - 1, old - 1, -1)
+        while len(self.free) < k:
+            self._grow(like)
         out = self.free[-k:] if k else []
         del self.free[len(self.free) - k:]
         self.live += k
+        return out
+
+    def write(self, slots: Sequence[int] | np.ndarray, values: torch.Tensor) -> None:
+        """Row ``slots[i]`` = ``values[i]``: ``values (k, width)``."""
+        slots = np.asarray(slots, dtype=np.int64)
+        first = self.chunks[0]
+        if len(self.chunks) == 1:
+            first.index_copy_(0, index_tensor(slots, first.device), values.to(first.dtype))
+            return
+        which = slots // self.chunk_rows
+        for c in np.unique(which):
+            sel = np.nonzero(which == c)[0]
+            self.chunks[c].index_copy_(0, index_tensor(slots[sel] % self.chunk_rows, first.device),
+                                       values.index_select(0, index_tensor(sel, values.device)).to(first.dtype))
+
+    def read(self, slots: Sequence[int] | np.ndarray) -> torch.Tensor:
+        """Rows ``slots`` as one ``(k, width)`` tensor (the arena's dtype and device)."""
+        slots = np.asarray(slots, dtype=np.int64)
+        first = self.chunks[0]
+        if len(self.chunks) == 1:
+            return first.index_select(0, index_tensor(slots, first.device))
+        out = first.new_empty((len(slots), first.shape[-1]))
+        which = slots // self.chunk_rows
+        for c in np.unique(which):
+            sel = np.nonzero(which == c)[0]
+            out.index_copy_(0, index_tensor(sel, first.device),
+                            self.chunks[c].index_select(0, index_tensor(slots[sel] % self.chunk_rows, first.device)))
         return out
 
     def release(self, slots: np.ndarray) -> None:
@@ -56,10 +103,10 @@ class Arena:
         self.free.extend(slots.tolist())
         self.live -= len(slots)
         if self.live == 0:
-            self.buf, self.free = None, []
+            self.chunks, self.free = [], []
 
     def bytes(self) -> int:
-        return 0 if self.buf is None else self.buf.numel() * self.buf.element_size()
+        return sum(c.numel() * c.element_size() for c in self.chunks)
 
 
 class Entry:

@@ -13,6 +13,7 @@ from typing import Any, Sequence
 
 from ..scoring.hidden_states import HiddenStateConfig
 from ..types import Candidate
+from .budget import batches, default_row_budget, job_bytes
 from .plan import Collect, Generate, Group, Sample, ScoredSampling, Steps, score_steps
 from .protocol import check_also, check_hook_config, engine_context, require_hook
 
@@ -75,7 +76,7 @@ class HookSampler:
 
     def __init__(self, llm: Any, config: Any, scoring: HiddenStateConfig | None = None, *,
                  logit_stats: bool = False, logprobs: bool = False, per_request_seeds: bool = True,
-                 also: Sequence[str] = (), embed: bool = False):
+                 also: Sequence[str] = (), embed: bool = False, row_budget: int | None = None):
         from ..sampling.vllm import VLLMSampler
 
         self.scoring = scoring or HiddenStateConfig()
@@ -91,18 +92,37 @@ class HookSampler:
         get_tokenizer = getattr(llm, "get_tokenizer", None)
         self.tokenizer = get_tokenizer() if callable(get_tokenizer) else None
         self.context = engine_context(getattr(llm, "llm_engine", None))
+        self.row_budget, self.row_bytes = self._budget(llm, row_budget)
+
+    @staticmethod
+    def _budget(llm: Any, row_budget: int | None) -> tuple[int | None, int]:
+        """(bytes of rows one batch may hold, bytes per row): ``row_budget`` or what vLLM
+        leaves free (``budget.default_row_budget``); (None, 0) for an engine without a config."""
+        config = getattr(getattr(llm, "llm_engine", None), "vllm_config", None)
+        if config is None:
+            return row_budget, 0
+        memory = install_hook(llm)  # idempotent: the worker's device memory report
+        default, row = default_row_budget(config, memory)
+        return (default if row_budget is None else int(row_budget)), row
 
     def _run(self, prompt_ids: Sequence[Sequence[int]], groups: Sequence[tuple[int, int | None, bool]]
              ) -> list[list[Candidate]]:
-        """groups: (n, seed, greedy) per prompt."""
+        """groups: (n, seed, greedy) per prompt. The prompts run in batches whose worst-case
+        rows fit the row budget (a prompt larger than it alone), as the server admits its
+        requests: one ``generate`` call over every prompt would hold all their rows at once."""
         todo = []
         for ids, (n, seed, greedy) in zip(prompt_ids, groups):
             base = self._base.request_params(1, seed or 0, greedy=greedy)
             todo.append(Group(tuple(int(t) for t in ids), base, n, base.seed))
-        plan = ScoredSampling(todo, self.scoring, self._base.to_candidate, logit_stats=self.logit_stats,
-                              also=self.also, embed=self.embed, tokenizer=self.tokenizer,
-                              context=self.context)
-        return drive(self.llm, plan.steps(), plan.tags())
+        sizes = [job_bytes(len(g.prompt_ids), g.n, int(g.params.max_tokens), self.scoring, self.row_bytes)
+                 for g in todo]
+        out: list[list[Candidate]] = []
+        for batch in batches(sizes, self.row_budget if self.row_bytes else None):
+            plan = ScoredSampling([todo[k] for k in batch], self.scoring, self._base.to_candidate,
+                                  logit_stats=self.logit_stats, also=self.also, embed=self.embed,
+                                  tokenizer=self.tokenizer, context=self.context)
+            out += drive(self.llm, plan.steps(), plan.tags())
+        return out
 
     def sample(self, prompt_token_ids: Sequence[Sequence[int]], *, n: int | None = None,
                seeds: Sequence[int]) -> list[list[Candidate]]:

@@ -30,8 +30,8 @@ engine core and every request in it). An exception while handling some requests 
 only their jobs (tags): their rows are dropped, later steps skip them, and their collect
 answers ``{"error": "Type: message"}``, which the driver raises as ``HookError``.
 
-Rows live in one growing arena per worker (``Arena``: a (capacity, d) tensor and a free
-list of slots); each candidate maps its positions to slots, so a step copies every tagged
+Rows live in one arena per worker (``Arena``: (chunk, d) tensors added as it grows, never
+copied, and a free list of slots); each candidate maps its positions to slots, so a step copies every tagged
 row with one ``index_select`` and one ``index_copy_``, whatever the number of candidates.
 """
 
@@ -117,14 +117,14 @@ def check_runner(runner: Any, vllm_config: Any) -> None:
 class WorkerHook:
     """The per-runner state: which live request is which candidate, and the candidates' rows."""
 
-    def __init__(self, runner: Any, store: bool):
+    def __init__(self, runner: Any, store: bool, width: int | None = None):
         self.runner = runner
         self.store = store  # False on TP ranks > 0: rank 0 alone keeps and computes
         self.meta: dict[str, dict[str, Any] | None] = {}  # internal request id -> meta (None: untagged)
         self.cands: dict[tuple[str, int], Entry] = {}
         self.groups: dict[str, Entry] = {}  # tag -> the prompt rows of token set full
-        self.rows = Arena()
-        self.stat_rows = Arena()
+        self.rows = Arena(width)  # width: the model's hidden size (NaN embeddings need it before any row)
+        self.stat_rows = Arena(2)
         self.failed: dict[str, tuple[str, float]] = {}  # tag -> ("Type: message", when)
         self.released: dict[str, float] = {}  # tag -> when: an aborted job's late steps store nothing
         self.pending: list[tuple[int, Entry, int, str]] = []  # (logits row, entry, predicted pos, tag)
@@ -222,7 +222,7 @@ class WorkerHook:
                 failures.append((tag, exc))
         if src:
             try:
-                self.rows.buf.index_copy_(0, index_tensor(dst, h.device), h.index_select(0, index_tensor(src, h.device)))
+                self.rows.write(dst, h.index_select(0, index_tensor(src, h.device)))
             except Exception as exc:  # noqa: BLE001 - every job that wrote this step
                 failures += [(t, exc) for t in sorted(step_tags)]
         # freed only now: a failed job's slots must not be handed to another request of this step
@@ -320,7 +320,7 @@ class WorkerHook:
             if view[0] < 0:
                 view[0] = self.stat_rows.alloc(1, st)[0]
             dst.append(int(view[0]))
-        self.stat_rows.buf.index_copy_(0, index_tensor(dst, st.device), st)
+        self.stat_rows.write(dst, st)
 
     def sample(self, original: Any, logits: torch.Tensor | None, spec_decode_metadata: Any) -> Any:
         """vLLM's ``_sample`` with the logit statistics of the pending candidates taken
@@ -372,6 +372,31 @@ class WorkerHook:
 # =========================================================================== extension
 
 
+def _device_memory(runner: Any) -> dict[str, Any]:
+    """Where this worker keeps its rows and how much memory is there: ``device``,
+    ``total_bytes``, ``free_bytes`` (CUDA: the device's, after vLLM took its share; CPU: the
+    RAM's, ``available``). The driver sizes its default row budget from it (``budget.py``)."""
+    device = getattr(runner, "device", None)
+    try:
+        if getattr(device, "type", None) == "cuda":
+            free, total = torch.cuda.mem_get_info(device)
+            return {"device": "cuda", "total_bytes": int(total), "free_bytes": int(free)}
+        import psutil
+
+        mem = psutil.virtual_memory()
+        return {"device": "cpu", "total_bytes": int(mem.total), "free_bytes": int(mem.available)}
+    except Exception as exc:  # noqa: BLE001 - the budget then falls back to the KV-cache rule
+        logger.warning("bon-sr hook: could not read the device's memory (%s)", exc)
+        return {}
+
+
+def _hidden_size(vllm_config: Any) -> int | None:
+    try:
+        return int(vllm_config.model_config.get_hidden_size())
+    except Exception:  # noqa: BLE001 - only the NaN embeddings of a worker holding no rows need it
+        return None
+
+
 class HookWorkerExtension:
     """Methods vLLM adds to its worker (``worker_extension_cls``); called by collective_rpc."""
 
@@ -384,7 +409,8 @@ class HookWorkerExtension:
             check_runner(runner, self.vllm_config)  # type: ignore[attr-defined]
             from vllm.distributed import get_tensor_model_parallel_rank
 
-            hook = WorkerHook(runner, store=get_tensor_model_parallel_rank() == 0)
+            hook = WorkerHook(runner, store=get_tensor_model_parallel_rank() == 0,
+                              width=_hidden_size(self.vllm_config))  # type: ignore[attr-defined]
             execute_model, sample = runner.execute_model, runner._sample
 
             def hooked_execute_model(scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
@@ -402,7 +428,8 @@ class HookWorkerExtension:
             runner._bon_sr_hook = hook
             logger.info("bon-sr hook installed on %s.execute_model/_sample (vLLM %s)", type(runner).__name__,
                         vllm.__version__)
-        return {"runner": type(runner).__name__, "vllm": vllm.__version__, "store": hook.store}
+        return {"runner": type(runner).__name__, "vllm": vllm.__version__, "store": hook.store,
+                **_device_memory(runner)}
 
     def _bon_sr_hook(self) -> WorkerHook | None:
         return getattr(self.model_runner, "_bon_sr_hook", None)  # type: ignore[attr-defined]

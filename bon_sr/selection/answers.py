@@ -14,11 +14,15 @@ This module knows nothing about models, scores, gold answers or which candidate 
 
 from __future__ import annotations
 
+import ctypes
 import re
+import threading
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from fractions import Fraction
-from typing import Any, Callable, Optional, Protocol, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Protocol, Sequence, Union
 
 from ..errors import MissingExtraError, OptionError
 from .code import extract_code
@@ -33,15 +37,21 @@ _ANSWER_IS = re.compile(r"(?:final answer|answer)\s*(?:is|:)", re.IGNORECASE)
 
 
 def last_boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}`` (or ``\\fbox{...}``), braces matched; None if absent."""
-    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    """Content of the last ``\\boxed{...}`` (or ``\\fbox{...}``), braces matched; None if absent.
+    ``\\boxed 5`` (no brace after the command) takes the next token, as LaTeX does (up to a
+    ``$``), never a brace group further on (REVIEW 1.13: ``\\boxed 5 ... {x}`` gave ``x``)."""
+    boxed, fbox = text.rfind("\\boxed"), text.rfind("\\fbox")
+    start = max(boxed, fbox)
     if start < 0:
         return None
-    i = text.find("{", start)
-    if i < 0:
-        # "\boxed 5": the argument is the next token.
-        tail = text[start:].split(None, 1)
-        return tail[1].split("$")[0].strip() if len(tail) > 1 else None
+    end = start + (len("\\boxed") if start == boxed else len("\\fbox"))
+    i = end
+    while i < len(text) and text[i].isspace():
+        i += 1
+    if i >= len(text) or text[i] != "{":
+        token = text[end:].split(None, 1)
+        arg = token[0].split("$")[0].strip() if token else ""
+        return arg or None
     depth = 0
     for j in range(i, len(text)):
         if text[j] == "{":
@@ -135,19 +145,118 @@ def math_verify_module() -> Any:
     return math_verify
 
 
+#: seconds one math-verify call (an extraction, or one comparison) may take: math-verify's own default
+MATH_TIMEOUT = 5.0
+
+
+class _Timeout(BaseException):
+    """Raised into a thread whose math-verify call passed its deadline. A BaseException, so
+    the ``except Exception`` blocks of math-verify and sympy do not swallow it."""
+
+
+_set_async_exc = ctypes.pythonapi.PyThreadState_SetAsyncExc
+_set_async_exc.argtypes = (ctypes.c_ulong, ctypes.c_void_p)
+
+
+class _Watchdog:
+    """One daemon thread that raises :class:`_Timeout` into threads past their deadline.
+
+    math-verify bounds its calls with SIGALRM, which works only on the main thread (its
+    ``parse`` raises ValueError elsewhere). The server selects in worker threads, so there
+    math-verify runs with its timeouts off and this bounds it instead, the same way the
+    signal handler would: an exception raised in the thread's Python code at the next
+    bytecode boundary (``PyThreadState_SetAsyncExc``)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._armed: dict[int, tuple[int, float]] = {}  # token -> (thread id, deadline)
+        self._fired: set[int] = set()
+        self._next = 0
+        self._thread: threading.Thread | None = None
+
+    def arm(self, seconds: float) -> int:
+        with self._cond:
+            token = self._next = self._next + 1
+            self._armed[token] = (threading.get_ident(), time.monotonic() + seconds)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="bon-sr-math-deadline", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+            return token
+
+    def disarm(self, token: int) -> None:
+        with self._cond:
+            self._armed.pop(token, None)
+            if token in self._fired:  # fired as the call returned: drop the undelivered exception
+                self._fired.discard(token)
+                _set_async_exc(threading.get_ident(), None)
+
+    def _run(self) -> None:
+        with self._cond:
+            while True:
+                now = time.monotonic()
+                for token, (tid, deadline) in list(self._armed.items()):
+                    if deadline <= now:
+                        del self._armed[token]
+                        self._fired.add(token)
+                        _set_async_exc(tid, id(_Timeout))
+                soonest = min((d for _, d in self._armed.values()), default=None)
+                self._cond.wait(None if soonest is None else max(0.001, soonest - now))
+
+
+_WATCHDOG = _Watchdog()
+
+
+@contextmanager
+def _deadline(seconds: float) -> Iterator[None]:
+    token = _WATCHDOG.arm(seconds)
+    try:
+        yield
+    finally:
+        _WATCHDOG.disarm(token)
+
+
+def _bounded(fn: Callable[[dict[str, Any]], Any], default: Any) -> Any:
+    """``fn(timeouts)`` with math-verify's timeouts: its own on the main thread; off it, none
+    of its own (they would raise) and the watchdog's deadline instead. A call past its
+    deadline gives ``default``, as math-verify answers a timed-out call itself (no answer,
+    not equal)."""
+    if threading.current_thread() is threading.main_thread():
+        return fn({})
+    try:
+        with _deadline(MATH_TIMEOUT):
+            return fn({"parsing_timeout": None, "timeout_seconds": None})
+    except _Timeout:
+        return default
+
+
 def extract_math(response: str) -> str | None:
     """The final answer as LaTeX, found by math-verify (last ``\\boxed{}`` first)."""
-    parsed = math_verify_module().parse(response)
-    return str(parsed[1]) if len(parsed) >= 2 else None
+    mv = math_verify_module()
+
+    def run(t: dict[str, Any]) -> str | None:
+        parsed = mv.parse(response, **_parse_kw(t))
+        return str(parsed[1]) if len(parsed) >= 2 else None
+
+    return _bounded(run, None)
+
+
+def _parse_kw(t: dict[str, Any]) -> dict[str, Any]:
+    return {"parsing_timeout": t["parsing_timeout"]} if "parsing_timeout" in t else {}
 
 
 def equal_math(a: str, b: str) -> bool:
     mv = math_verify_module()
-    # Re-wrapping both answers in \boxed{} makes math-verify read them as one LaTeX answer.
-    left, right = mv.parse("\\boxed{" + a + "}"), mv.parse("\\boxed{" + b + "}")
-    if not left or not right:
-        return a.strip() == b.strip()
-    return bool(mv.verify(left, right))
+
+    def run(t: dict[str, Any]) -> bool:
+        # Re-wrapping both answers in \boxed{} makes math-verify read them as one LaTeX answer.
+        left, right = mv.parse("\\boxed{" + a + "}", **_parse_kw(t)), mv.parse("\\boxed{" + b + "}", **_parse_kw(t))
+        if not left or not right:
+            return a.strip() == b.strip()
+        kw = {"timeout_seconds": t["timeout_seconds"]} if "timeout_seconds" in t else {}
+        return bool(mv.verify(left, right, **kw))
+
+    return _bounded(run, False)
 
 
 # -- multiple choice (MMLU, ARC) ------------------------------------------------------------
@@ -270,16 +379,32 @@ ANSWER_FORMATS: dict[str, AnswerExtractor] = {
 }
 
 
-def regex_extractor(pattern: str) -> AnswerExtractor:
-    """The last match of ``pattern`` (its first group when it has one)."""
+#: seconds a regular expression may spend on one candidate's text (``regex``'s timeout)
+REGEX_TIMEOUT = 1.0
+
+
+def regex_extractor(pattern: str, *, timeout: float = REGEX_TIMEOUT) -> AnswerExtractor:
+    """The last match of ``pattern`` (its first group when it has one).
+
+    Matched by the maintained ``regex`` engine (re's syntax), which takes a ``timeout`` and
+    releases the GIL while it matches: a backtracking pattern (``(a+)+$``) over a long
+    candidate stops after ``timeout`` seconds with an OptionError naming ``answer_regex``,
+    and the server's other requests go on meanwhile (the pattern may come from a client)."""
+    import regex
+
     try:
-        compiled = re.compile(pattern)
-    except re.error as exc:
+        compiled = regex.compile(pattern)
+    except (regex.error, ValueError, OverflowError, RecursionError) as exc:
         raise OptionError("answer_regex", f"{{@answer_regex}} {pattern!r} is not a valid regular expression: {exc}") \
             from None
 
     def extract(text: str) -> str | None:
-        matches = list(compiled.finditer(text))
+        try:
+            matches = list(compiled.finditer(text, timeout=timeout, concurrent=True))
+        except TimeoutError:
+            raise OptionError("answer_regex", f"{{@answer_regex}} {pattern[:80]!r} took longer than {timeout:g} s "
+                                              f"on a {len(text)}-character candidate (catastrophic backtracking?); "
+                                              "simplify the pattern.") from None
         if not matches:
             return None
         found = matches[-1].group(1) if compiled.groups else matches[-1].group(0)

@@ -53,6 +53,17 @@ def _texts(candidates: Sequence[Any]) -> list[str]:
     return [c if isinstance(c, str) else c.text for c in candidates]
 
 
+def _empty(candidate: Any) -> bool:
+    """No response token (or, for an object without a token count, no text)."""
+    ids = getattr(candidate, "token_ids", None)
+    if ids is not None:
+        return len(ids) == 0
+    count = getattr(candidate, "num_tokens", None)
+    if count is not None:
+        return int(count) == 0
+    return not (candidate if isinstance(candidate, str) else getattr(candidate, "text", ""))
+
+
 def lexical_similarity(texts: Sequence[str]) -> Matrix:
     """chrF between every pair of ``texts`` (N strings) scaled to [0, 1]: ``(N, N)``,
     ``matrix[i][j]`` = chrF(hypothesis ``texts[i]``, reference ``texts[j]``) / 100.
@@ -146,9 +157,14 @@ class Utility:
             return callable_similarity(_texts(candidates), self.fn)
         if self.embedding is None:
             return lexical_similarity(_texts(candidates))
-        vectors = []
+        vectors: list[Any] = []
         for i, c in enumerate(candidates):
             vec = (getattr(c, "embeddings", None) or {}).get(self.embedding)
+            if vec is None and _empty(c):
+                # an empty response has no rows to embed (a worker holding none answers
+                # None): its similarity is undefined, so it ranks last
+                vectors.append(None)
+                continue
             if vec is None:
                 raise ConfigError(f"candidate {i} has no '{self.embedding}' embedding, which utility '{self.name}' "
                                   "compares: the hf and hook scorers compute embeddings in their scoring "
@@ -156,6 +172,8 @@ class Utility:
             vectors.append(vec)
         if not vectors:
             return []
+        width = next((len(v) for v in vectors if v is not None), 1)
+        vectors = [[math.nan] * width if v is None else v for v in vectors]
         return hidden_similarity(vectors, centred=self.centred)
 
 

@@ -35,6 +35,15 @@ def decide(candidates: Sequence[Candidate], selector: SelectorSpec, answers: Ans
     """``utility``: the similarity the consensus selectors use (default: lexical).
     ``context``: the prompt's text and explicit tests, for answer formats that read them
     (``python``). A format that runs code runs only for a selector that uses answers, once."""
+    return _decide(candidates, selector, answers, seed=seed, utility=utility, context=context)[0]
+
+
+def _decide(candidates: Sequence[Candidate], selector: SelectorSpec, answers: AnswerExtractor | None, *,
+            seed: int, utility: Utility | None,
+            context: PromptContext | None) -> tuple[Decision, list[int] | None, dict[str, Any]]:
+    """The decision, the answer classes (None without an extractor) and the selector's
+    extra arguments (the similarity matrix, the pass results): what ``ranked`` reuses for
+    the later choices."""
     classes = None
     votes = None
     cands = list(candidates)
@@ -64,7 +73,8 @@ def decide(candidates: Sequence[Candidate], selector: SelectorSpec, answers: Ans
         matrix = similarity(cands, util)
         cands = [c.with_scores(**{UTILITY_KEY: u}) for c, u in zip(cands, mbr_utilities(matrix))]
         extra.update(similarity=matrix, utility=util.name)
-    return Decision(tuple(cands), select(selector, cands, seed=seed, groups=classes, **extra), votes)
+    pick = select(selector, cands, seed=seed, groups=classes, **extra)
+    return Decision(tuple(cands), pick, votes), classes, extra
 
 
 def ranked(candidates: Sequence[Candidate], selector: SelectorSpec, answers: AnswerExtractor | None = None, *,
@@ -73,14 +83,24 @@ def ranked(candidates: Sequence[Candidate], selector: SelectorSpec, answers: Ans
     """The decision over all candidates, and the first ``k`` candidate indices in the
     selector's order: the selector's full ranking when it gives one (``mbr``: by utility
     over the whole group), else its pick, then its pick among the rest, and so on (works
-    for every selector, voting and user callables included; OpenAI's ``n`` choices)."""
-    first = decide(candidates, selector, answers, seed=seed, utility=utility, context=context)
+    for every selector, voting and user callables included; OpenAI's ``n`` choices).
+
+    Answers, their classes, the pass results and the similarity matrix are computed ONCE,
+    by the decision: each later pick runs only the selector, over the remaining candidates
+    with their classes, pass results and the matching rows and columns of the matrix
+    (answer extraction, code runs, math-verify and an N x N utility never run k times)."""
+    first, classes, extra = _decide(candidates, selector, answers, seed=seed, utility=utility, context=context)
     if first.pick.order is not None:
         return first, [first.candidates[i].index for i in first.pick.order[:k]]
-    order = [first.candidates[first.pick.index].index]
-    rest = [c for c in first.candidates if c.index != order[0]]
+    order = [first.pick.index]
+    rest = [i for i in range(len(first.candidates)) if i != first.pick.index]
     while len(order) < min(k, len(first.candidates)):
-        d = decide(rest, selector, answers, seed=seed, utility=utility, context=context)
-        order.append(rest[d.pick.index].index)
-        rest = [c for c in rest if c.index != order[-1]]
-    return first, order
+        sub = dict(extra)
+        if "similarity" in extra:
+            sub["similarity"] = [[extra["similarity"][i][j] for j in rest] for i in rest]
+        if "passed" in extra:
+            sub["passed"] = [extra["passed"][i] for i in rest]
+        pick = select(selector, [first.candidates[i] for i in rest], seed=seed,
+                      groups=None if classes is None else [classes[i] for i in rest], **sub)
+        order.append(rest.pop(pick.index))
+    return first, [first.candidates[i].index for i in order]

@@ -32,6 +32,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
+from ..jsonl import finite_or_none
 from . import service
 from .errors import ApiError, error_for, request_error, retry_after
 from .protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
@@ -133,7 +134,7 @@ def reply(result: service.Reply | None) -> Response:
         return Response(status_code=CLIENT_CLOSED)
     if result.chunks is not None:
         return StreamingResponse(iter(result.chunks), media_type="text/event-stream")
-    return JSONResponse(result.body.model_dump())
+    return JSONResponse(finite_or_none(result.body.model_dump()))
 
 
 def create_app(engine: Any, settings: ServeSettings, *, on_failure: Callable[[], None] | None = None) -> FastAPI:

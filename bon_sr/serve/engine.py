@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 import uuid
 from typing import TYPE_CHECKING, Any, Sequence
@@ -65,13 +64,17 @@ class BonEngine:
                 llm.shutdown()
                 return
             self._llm = llm
-            await install_hook_async(llm)
+            info = await install_hook_async(llm)
+            if self._closed:  # close() ran during the install and shut the engine down
+                self.state = "stopped"
+                return
             self.collector = Collector(llm)
-            default, self.row_bytes = default_row_budget(llm.vllm_config)
+            default, self.row_bytes = default_row_budget(llm.vllm_config, info)
             capacity = self.settings.hook_memory or default
             self.budget = RowBudget(capacity, max_waiting=self.settings.hook_queue)
-            logger.info("bon-sr serve: hook row budget %.1f MiB (%s)", capacity / 2**20,
-                        "--hook-memory" if self.settings.hook_memory else "sized from the model")
+            logger.info("bon-sr serve: hook row budget %.1f MiB (%s; %s)", capacity / 2**20,
+                        "--hook-memory" if self.settings.hook_memory else "what vLLM leaves free minus a margin",
+                        info.get("device", "device unknown"))
             self.state = "ready"
             logger.info("bon-sr serve: %s ready in %.1f s", self.settings.model, time.monotonic() - self.started_at)
         except Exception as exc:  # a failed start is reported by /health, not raised into the loop
@@ -84,7 +87,7 @@ class BonEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         from ..models import resolve_model
-        from ..engines import VLLMBackend, check_hook_internals
+        from ..engines import VLLMBackend, check_hook_internals, use_v1_runner
 
         s = self.settings
         path = resolve_model(s.model)
@@ -98,9 +101,10 @@ class BonEngine:
         # fills (one-block prefills that let a finished job complete) go ahead of waiting
         # samples; among equal priorities this is first come, first served (hook.aio.fill_priority)
         kwargs.setdefault("scheduling_policy", "priority")
-        # The hook wraps the V1 model runner (see VLLMBackend._start); its vLLM internals are
-        # probed here, before the engine starts.
-        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+        # The hook wraps the V1 model runner (see VLLMBackend._start); a user's
+        # VLLM_USE_V2_MODEL_RUNNER=1 is refused there and here, never silently overridden;
+        # its vLLM internals are probed here, before the engine starts.
+        use_v1_runner()
         check_hook_internals()
         from ..sampling.vllm_plugin import mark_engine_parent
 

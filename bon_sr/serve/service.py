@@ -3,8 +3,9 @@
 ``plan`` checks and resolves a request against the server's settings with the functions
 ``BestOfN`` uses (``get_selector``, ``get_extractor``, ``score_keys``/``check_scores``,
 ``validate_prompt``/``encode_prompt``/``check_fits``, ``derive_seed``), so a bad field
-fails here with a 400 naming it, before anything is sampled. ``complete`` samples through
-the engine, decides with ``bon_sr.selection.decide.ranked``, and renders the ChatCompletion /
+fails here with a 400 naming it, before anything is sampled. ``complete`` plans in a worker
+thread, samples through the engine, decides with ``bon_sr.selection.decide.ranked`` (once
+per request) and renders in a worker thread again the ChatCompletion /
 Completion (or its SSE chunks) with the ``bon_sr`` object that explains the choice.
 
 Choices (OpenAI ``n``): the top ``n`` candidates in the selector's order, defined by
@@ -25,12 +26,14 @@ This module knows nothing about HTTP or how the engine batches.
 
 from __future__ import annotations
 
-import json
+import asyncio
+import threading
 from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 from ..selection.answers import AnswerExtractor
 from ..errors import BonSRError, OptionError, spell
+from ..jsonl import dumps_json, finite_or_none
 from ..scoring.hidden_states import HiddenStateConfig
 from ..sampling.prompts import encode_prompt, validate_prompt
 from ..sampling import SamplingConfig
@@ -182,9 +185,19 @@ def _sampling(request: ChatCompletionRequest | CompletionRequest, settings: Serv
                 seed=settings.sampling.seed)
 
 
+#: plans run in worker threads; a Rust tokenizer used from two threads at once can fail with
+#: "Already borrowed", so encoding takes turns (it is short next to sampling)
+_TOKENIZER_LOCK = threading.Lock()
+
+
 def _encode(request: ChatCompletionRequest | CompletionRequest, tokenizer: Any) -> tuple[list[int], str, Any]:
     """The prompt's token ids, the field they came from, and the prompt as text or chat
     messages (None for token ids: only explicit tests reach a code answer then)."""
+    with _TOKENIZER_LOCK:
+        return _encode_unlocked(request, tokenizer)
+
+
+def _encode_unlocked(request: ChatCompletionRequest | CompletionRequest, tokenizer: Any) -> tuple[list[int], str, Any]:
     if isinstance(request, ChatCompletionRequest):
         messages = [{"role": m.role, "content": m.text()} for m in request.messages]
         prompt = _check("messages", validate_prompt, messages, "messages")
@@ -208,17 +221,28 @@ def _encode(request: ChatCompletionRequest | CompletionRequest, tokenizer: Any) 
 
 
 def rank(candidates: Sequence[Candidate], job: Job) -> tuple[Decision, list[int]]:
-    """The decision over all candidates and the first ``job.choices`` in the selector's order."""
-    return ranked(candidates, job.selector, job.answers, seed=job.seed, k=job.choices, utility=job.utility,
-                  context=job.context)
+    """The decision over all candidates and the first ``job.choices`` in the selector's
+    order (one decision, whatever ``job.choices``: ``ranked``). An answer regex that runs past
+    its time limit is a 400 naming ``bon_sr.answer_regex``."""
+    return _resolve_call(ranked, candidates, job.selector, job.answers, seed=job.seed, k=job.choices,
+                         utility=job.utility, context=job.context)
+
+
+def select_and_render(candidates: Sequence[Candidate], job: Job, settings: ServeSettings) -> Reply:
+    decision, order = rank(candidates, job)
+    return render(job, settings, decision, order)
 
 
 async def complete(request: ChatCompletionRequest | CompletionRequest, settings: ServeSettings,
                    engine: Any) -> Reply:
-    job = plan(request, settings, engine)
+    """One request's Best-of-N. What the client sent is worked on in worker threads, never
+    on the event loop: the plan (tokenising the prompt, compiling its answer regex) and the
+    selection (answer extraction, math-verify, the MBR matrix, the rendering), so a slow
+    request holds a thread, not every other request and ``/health``. The regex and
+    math-verify are time-bounded there (``selection.answers``: REGEX_TIMEOUT, MATH_TIMEOUT)."""
+    job = await asyncio.to_thread(plan, request, settings, engine)
     candidates = await engine.sample(job)
-    decision, order = rank(candidates, job)
-    return render(job, settings, decision, order)
+    return await asyncio.to_thread(select_and_render, candidates, job, settings)
 
 
 # --------------------------------------------------------------------------- rendering
@@ -244,9 +268,12 @@ def explain(job: Job, decision: Decision, order: list[int]) -> dict[str, Any]:
     if decision.votes is not None:
         info.update(answer=by_index[order[0]].answer, answers=[c.answer for c in cands],
                     vote_shares=[c.vote_share for c in cands], votes=dict(decision.votes))
+    undefined = [c.undefined_scores() for c in cands]
+    if any(undefined):  # why a score is null, per candidate ({} where all are numbers)
+        info["undefined_scores"] = undefined
     if job.return_candidates:
         info["candidates"] = [c.to_dict(include_token_ids=False) for c in cands]
-    return info
+    return finite_or_none(info)  # JSON has no NaN: an undefined score is null
 
 
 def render(job: Job, settings: ServeSettings, decision: Decision, order: list[int]) -> Reply:
@@ -294,4 +321,4 @@ def _chunks(job: Job, body: Any, picked: list[Candidate], usage: Usage, info: di
         cls = ChatCompletionChunk if job.kind == "chat" else Completion
         events.append(cls(**common, choices=[], usage=usage))
     events[-1] = events[-1].model_copy(update={"bon_sr": info})
-    return [f"data: {json.dumps(e.model_dump())}\n\n" for e in events] + ["data: [DONE]\n\n"]
+    return [f"data: {dumps_json(e.model_dump())}\n\n" for e in events] + ["data: [DONE]\n\n"]

@@ -75,6 +75,13 @@ class ServeSettings:
         resolve(selector=self.selector, answer=self.answer, answer_regex=self.answer_regex, utility=self.utility,
                 backend="vllm", scorer=SCORER, sampling=self.sampling, scoring=self.scoring)
         self.engine_options()  # sizes >= 1, not given twice
+        # the environment the hook reads, checked once here rather than on every request
+        # (a bad BON_SR_HOOK_LAST_ROW was a 400 on each scored request) or at engine start
+        from ..engines import check_v1_runner
+        from ..hook.protocol import extend_by_default
+
+        extend_by_default()
+        check_v1_runner()
 
     def engine_options(self) -> dict[str, Any]:
         """``vllm_options`` with the parallel sizes in the engine's arguments."""

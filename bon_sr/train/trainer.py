@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import ConfigError, InputError, MissingExtraError, ModelError
+from ..jsonl import dumps_json
 from ..models import ProgressFn, resolve_model
 from ..sampling.prompts import read_prompt_file, to_messages
 from .config import TrainConfig
@@ -239,7 +240,7 @@ def _jsonl_callback_class() -> Any:
                 return
             row = {"step": state.global_step, "time": round(time.time(), 3), **logs}
             with self.path.open("a", encoding="utf-8") as fh:
-                fh.write(json.dumps(row, default=float) + "\n")
+                fh.write(dumps_json(row, default=float) + "\n")  # a NaN loss is null: valid JSON
 
     return JsonlMetricsCallback
 
