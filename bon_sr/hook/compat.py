@@ -204,12 +204,16 @@ def _self_assigned(func: ast.FunctionDef | ast.AsyncFunctionDef) -> set[str]:
     me = func.args.args[0].arg
     out = set()
     for node in ast.walk(func):
-        targets = (node.targets if isinstance(node, ast.Assign) else
-                   [node.target] if isinstance(node, (ast.AnnAssign, ast.AugAssign)) else [])
-        for t in targets:
-            for sub in ast.walk(t):
-                if isinstance(sub, ast.Attribute) and isinstance(sub.value, ast.Name) and sub.value.id == me:
-                    out.add(sub.attr)
+        todo = list(node.targets if isinstance(node, ast.Assign) else
+                    [node.target] if isinstance(node, ast.AnnAssign) else [])
+        while todo:  # `self.x = ...`, `self.x: T = ...`, `self.a, self.b = ...`; not `self.x.y = ...`
+            t = todo.pop()
+            if isinstance(t, (ast.Tuple, ast.List)):
+                todo.extend(t.elts)
+            elif isinstance(t, ast.Starred):
+                todo.append(t.value)
+            elif isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id == me:
+                out.add(t.attr)
     return out
 
 
@@ -280,7 +284,9 @@ def check_one(entry: Internal, tree: SourceTree) -> Finding:
         if e.positional and positional[:len(e.params)] != list(e.params):
             return result([f"{e.name}({', '.join(e.params)}, ...) (found {e.name}({', '.join(positional)}))"])
         missing = [f"parameter {e.name}({p})" for p in e.params if p not in named]
-        return result(missing)
+        a = found_f[1].args
+        shown = named + ([f"*{a.vararg.arg}"] if a.vararg else []) + ([f"**{a.kwarg.arg}"] if a.kwarg else [])
+        return result(missing, f"{tree.relpath(found_f[0])}: {e.name}({', '.join(shown)})")
     if e.kind == "export":
         return result([] if tree.exports(e.module, e.name) else [f"{e.name} to import from {e.module}"])
     if e.kind == "env":
