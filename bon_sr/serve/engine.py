@@ -29,6 +29,7 @@ import uuid
 from typing import TYPE_CHECKING, Any, Sequence
 
 from ..hook.aio import Collector, RowBudget, default_row_budget, install_hook_async, sample_scored_async
+from ..hook.selfcheck import run_selfcheck_async
 from ..types import Candidate
 
 if TYPE_CHECKING:
@@ -66,6 +67,7 @@ class BonEngine:
                 return
             self._llm = llm
             await install_hook_async(llm)
+            await run_selfcheck_async(llm)  # rows vs tokens sampled; HookSelfCheckError names the vLLM version
             self.collector = Collector(llm)
             default, self.row_bytes = default_row_budget(llm.vllm_config)
             capacity = self.settings.hook_memory or default
