@@ -285,6 +285,20 @@ def test_selfcheck_verdict_passes_matching_rows_and_names_the_version_on_each_mi
         verify(short[0][:3], short[1][:3], short[2][:3], "9.9.9")
 
 
+def test_selfcheck_skips_an_engine_too_small_for_its_job_without_running_anything():
+    class Tiny:
+        llm_engine = SimpleNamespace(model_config=SimpleNamespace(max_model_len=12))
+
+        def get_tokenizer(self):
+            return None
+
+        def generate(self, *args, **kwargs):
+            raise AssertionError("nothing may run")
+
+    report = selfcheck.run_selfcheck(Tiny())
+    assert report["skipped"] == "context 12 too small"
+
+
 # ------------------------------------------------------------------ the self-check on real engines
 
 

@@ -146,6 +146,9 @@ class SelfCheck:
         self.sampling = ScoredSampling(groups, SCORING, VLLMSampler(None, SamplingConfig()).to_candidate,
                                        logit_stats=True, also=("response",), tokenizer=tokenizer, context=context)
         self.score_tag = new_tag()
+        # the longest candidate decodes one token past RESPONSE_TOKENS (plan's extra token); an
+        # engine whose context cannot hold that is too small to check (and to be of use)
+        self.fits = context is None or max(map(len, self.prompts)) + RESPONSE_TOKENS + 1 < context
 
     def tags(self) -> list[str]:
         return [*self.sampling.tags(), self.score_tag]
@@ -184,14 +187,24 @@ def _finish(check: SelfCheck, result: Any, version: str, started: float) -> dict
     return report
 
 
+def _skipped(check: SelfCheck, version: str, context: int | None) -> dict[str, Any] | None:
+    if check.fits:
+        return None
+    logger.warning("bon-sr hook self-check skipped: the engine's context (%s tokens) cannot hold its job", context)
+    return {"vllm": version, "skipped": f"context {context} too small"}
+
+
 def run_selfcheck(llm: Any) -> dict[str, Any]:
     """The self-check on a hooked ``vllm.LLM`` (after ``install_hook``); returns its report,
     raises HookSelfCheckError naming the vLLM version."""
     started = time.perf_counter()
     version = _vllm_version()
     get_tokenizer = getattr(llm, "get_tokenizer", None)
-    check = SelfCheck(get_tokenizer() if callable(get_tokenizer) else None,
-                      engine_context(getattr(llm, "llm_engine", None)))
+    context = engine_context(getattr(llm, "llm_engine", None))
+    check = SelfCheck(get_tokenizer() if callable(get_tokenizer) else None, context)
+    skipped = _skipped(check, version, context)
+    if skipped:
+        return skipped
     try:
         result = drive(llm, check.steps(), check.tags())
     except HookError as exc:
@@ -205,6 +218,9 @@ async def run_selfcheck_async(engine: Any) -> dict[str, Any]:
     version = _vllm_version()
     get_tokenizer = getattr(engine, "get_tokenizer", None)
     check = SelfCheck(get_tokenizer() if callable(get_tokenizer) else None, engine_context(engine))
+    skipped = _skipped(check, version, engine_context(engine))
+    if skipped:
+        return skipped
     try:
         result = await drive_async(engine, check.steps(), check.tags(), collector=Collector(engine))
     except HookError as exc:
