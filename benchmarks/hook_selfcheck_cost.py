@@ -82,9 +82,11 @@ def main() -> None:
     med = statistics.median
     result = {
         "model": Path(str(model)).name, "vllm": vllm.__version__, "rounds": args.rounds,
-        "probe_s": probe, "runner_import_s": runner_import, "start_s": starts, "selfcheck_at_start_s": at_start, "selfcheck_warm_s": warm,
+        "probe_s": probe, "runner_import_s": runner_import, "start_s": starts, "selfcheck_at_start_s": at_start,
+        "selfcheck_warm_s": warm,
         "load_average_1min": loads,
-        "median": {"probe_s": med(probe), "runner_import_s": med(runner_import), "start_s": med(starts), "selfcheck_at_start_s": med(at_start),
+        "median": {"probe_s": med(probe), "runner_import_s": med(runner_import), "start_s": med(starts),
+                   "selfcheck_at_start_s": med(at_start),
                    "selfcheck_warm_s": med(warm), "selfcheck_share_of_start": med(at_start) / med(starts)},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

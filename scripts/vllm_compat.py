@@ -105,7 +105,8 @@ def run_check(tree: SourceTree, label: str, source: dict[str, Any]) -> dict[str,
         a["ok" if f.ok else "failed"] += 1
     return {"label": label, "vllm": tree.version(), "source": source,
             "checked": dt.date.today().isoformat(), "known_vllm": list(KNOWN_VLLM),
-            "verdict": "pass" if not failed else "fail", "entries": len(findings), "passed": len(findings) - len(failed),
+            "verdict": "pass" if not failed else "fail", "entries": len(findings),
+            "passed": len(findings) - len(failed),
             "failed": len(failed), "areas": areas, "findings": [f.as_dict() for f in findings]}
 
 

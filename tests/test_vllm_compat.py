@@ -94,7 +94,8 @@ def _write(root: Path, files: dict[str, str]) -> SourceTree:
 SYNTHETIC = {
     "vllm/__init__.py": 'MODULE_ATTRS = {"Thing": ".things:Thing"}\n',
     "vllm/_version.py": "__version__ = version = '9.9.9'\n",
-    "vllm/envs.py": 'import os\nenvironment_variables: dict = {\n    "VLLM_KNOWN": lambda: os.getenv("VLLM_KNOWN"),\n}\n',
+    "vllm/envs.py": ('import os\nenvironment_variables: dict = {\n'
+                     '    "VLLM_KNOWN": lambda: os.getenv("VLLM_KNOWN"),\n}\n'),
     "vllm/things.py": (
         "class Base:\n"
         "    field_a: int = 0\n"
