@@ -37,7 +37,7 @@ def main() -> None:
 
     import vllm
 
-    from bon_sr import vllm_backend
+    from bon_sr import engines
     from bon_sr.hook import selfcheck, worker
     from bon_sr.models import DEFAULT_MODEL, resolve_model
 
@@ -64,10 +64,10 @@ def main() -> None:
         at_start.append(time.perf_counter() - t)
         return report
 
-    vllm_backend.run_selfcheck = timed
+    engines.run_selfcheck = timed
     starts, warm, loads = [], [], []
     for r in range(args.rounds):
-        backend = vllm_backend.VLLMBackend(model, hook=True)
+        backend = engines.VLLMBackend(model, hook=True)
         loads.append(os.getloadavg()[0])
         t = time.perf_counter()
         llm = backend.generate_llm

@@ -65,10 +65,12 @@ class Internal:
 _RUNNER = "vllm.v1.worker.gpu_model_runner"
 _HOOK = "bon_sr/hook/worker.py"
 _AIO = "bon_sr/hook/aio.py"
-_BACKEND = "bon_sr/vllm_backend.py"
+_BACKEND = "bon_sr/engines.py"
 _SERVE = "bon_sr/serve/engine.py"
-_PLUGIN = "bon_sr/vllm_plugin.py"
+_PLUGIN = "bon_sr/sampling/vllm_plugin.py"
 _PROTOCOL = "bon_sr/hook/protocol.py"
+_PLATFORM = "bon_sr/sampling/vllm_platform.py"
+_POOLING = "bon_sr/scoring/pooling.py"
 
 INTERNALS: tuple[Internal, ...] = (
     # ------------------------------------------------------------------ the V1 runner
@@ -177,7 +179,7 @@ INTERNALS: tuple[Internal, ...] = (
              attrs=("n", "temperature", "top_p", "max_tokens", "min_tokens", "stop", "seed", "logprobs",
                     "ignore_eos", "skip_special_tokens", "detokenize", "extra_args", "output_kind", "clone"),
              note="extra_args reaches the worker unchanged (runner.requests[id].sampling_params)",
-             used_by=f"{_PROTOCOL}, bon_sr/samplers/vllm.py", probe=True),
+             used_by=f"{_PROTOCOL}, bon_sr/sampling/vllm.py", probe=True),
     Internal("driver", "class", "vllm.sampling_params", "RequestOutputKind", attrs=("FINAL_ONLY",),
              used_by=_PROTOCOL, probe=True),
     Internal("driver", "export", "vllm", "SamplingParams", used_by=_PROTOCOL, probe=True),
@@ -189,7 +191,7 @@ INTERNALS: tuple[Internal, ...] = (
     Internal("driver", "class", "vllm.outputs", "CompletionOutput",
              attrs=("index", "text", "token_ids", "cumulative_logprob", "logprobs", "finish_reason", "stop_reason"),
              note="a dataclass (plan.trim_completion uses dataclasses.replace); EOS stays in token_ids",
-             used_by="bon_sr/hook/protocol.py, bon_sr/samplers/vllm.py", probe=True),
+             used_by="bon_sr/hook/protocol.py, bon_sr/sampling/vllm.py", probe=True),
     Internal("driver", "class", "vllm.outputs", "RequestOutput", attrs=("outputs",), used_by="bon_sr/hook/plan.py",
              probe=True),
     Internal("driver", "uses", "vllm.v1.engine.parallel_sampling", "ParentRequest._get_child_sampling_params",
@@ -235,10 +237,10 @@ INTERNALS: tuple[Internal, ...] = (
              refs=("apply_top_k_top_p",),
              note="the CPU sampler calls the function through the module global, so the patch reaches it",
              used_by=_PLUGIN),
-    Internal("plugin", "export", "vllm.platforms", "current_platform", used_by=f"{_PLUGIN}, {_BACKEND}"),
-    Internal("plugin", "function", "vllm.platforms.interface", "Platform.is_cpu", used_by=f"{_PLUGIN}, {_BACKEND}"),
+    Internal("plugin", "export", "vllm.platforms", "current_platform", used_by=f"{_PLUGIN}, {_PLATFORM}"),
+    Internal("plugin", "function", "vllm.platforms.interface", "Platform.is_cpu", used_by=f"{_PLUGIN}, {_PLATFORM}"),
     Internal("plugin", "function", "vllm.logger", "init_logger", params=("name",), used_by=_PLUGIN),
-    Internal("plugin", "env", "vllm.envs", "VLLM_CPU_OMP_THREADS_BIND", used_by=_BACKEND),
+    Internal("plugin", "env", "vllm.envs", "VLLM_CPU_OMP_THREADS_BIND", used_by=_PLATFORM),
     Internal("plugin", "env", "vllm.envs", "VLLM_CPU_KVCACHE_SPACE", used_by=_BACKEND),
     # ------------------------------------------------------------------ the pooling scorer
     Internal("pooling", "class", "vllm.config.pooler", "PoolerConfig", attrs=("task", "pooling_type", "use_activation"),
@@ -246,11 +248,11 @@ INTERNALS: tuple[Internal, ...] = (
              used_by=_BACKEND),
     Internal("pooling", "export", "vllm.config", "PoolerConfig", used_by=_BACKEND),
     Internal("pooling", "class", "vllm.pooling_params", "PoolingParams", attrs=("use_activation",),
-             note="use_activation=False: rows not L2-normalised", used_by=_BACKEND),
-    Internal("pooling", "export", "vllm", "PoolingParams", used_by=_BACKEND),
+             note="use_activation=False: rows not L2-normalised", used_by=_POOLING),
+    Internal("pooling", "export", "vllm", "PoolingParams", used_by=_POOLING),
     Internal("pooling", "function", "vllm.entrypoints.llm", "LLM.encode",
              params=("prompts", "pooling_params", "use_tqdm", "pooling_task"),
-             note="returns .outputs.data, float32 (T, d) per prompt", used_by=_BACKEND),
+             note="returns .outputs.data, float32 (T, d) per prompt", used_by=_POOLING),
     Internal("pooling", "class", "vllm.engine.arg_utils", "EngineArgs", attrs=("runner", "convert", "pooler_config"),
              used_by=_BACKEND),
 )
