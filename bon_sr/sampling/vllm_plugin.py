@@ -91,10 +91,13 @@ def _patch(module: Any) -> None:
     if getattr(original, "_bon_sr_fast_top_p", False):
         return
 
-    def apply_top_k_top_p(logits: torch.Tensor, k: torch.Tensor | None, p: torch.Tensor | None) -> torch.Tensor:
+    # vLLM 0.33 added a keyword (has_topp_only_rows): whatever follows (logits, k, p) goes
+    # through to vLLM's own function unchanged, so one wrapper serves 0.32 and 0.33
+    def apply_top_k_top_p(logits: torch.Tensor, k: torch.Tensor | None, p: torch.Tensor | None, *args: Any,
+                          **kwargs: Any) -> torch.Tensor:
         if p is None or k is not None or logits.dim() != 2:
-            return original(logits, k, p)
-        return top_p_mask(logits, p, lambda rows, p_rows: original(rows, None, p_rows))
+            return original(logits, k, p, *args, **kwargs)
+        return top_p_mask(logits, p, lambda rows, p_rows: original(rows, None, p_rows, *args, **kwargs))
 
     apply_top_k_top_p._bon_sr_fast_top_p = True  # type: ignore[attr-defined]
     apply_top_k_top_p.__wrapped__ = original  # type: ignore[attr-defined]

@@ -28,6 +28,7 @@ import uuid
 from typing import TYPE_CHECKING, Any, Sequence
 
 from ..hook.aio import Collector, RowBudget, default_row_budget, install_hook_async, sample_scored_async
+from ..hook.selfcheck import run_selfcheck_async
 from ..types import Candidate
 
 if TYPE_CHECKING:
@@ -66,6 +67,10 @@ class BonEngine:
             self._llm = llm
             info = await install_hook_async(llm)
             if self._closed:  # close() ran during the install and shut the engine down
+                self.state = "stopped"
+                return
+            await run_selfcheck_async(llm)  # rows vs tokens sampled; HookSelfCheckError names the vLLM version
+            if self._closed:
                 self.state = "stopped"
                 return
             self.collector = Collector(llm)
