@@ -143,9 +143,13 @@ def test_utility_matrix_nan_rows_for_empty_candidates_only():
     u = mbr_utilities(m)
     assert u[0] == pytest.approx(1.0) and math.isnan(u[1])
     assert all(math.isnan(v) for row in util.matrix([empty, empty]) for v in row)
-    # a non-empty candidate without an embedding is still a configuration error
+    # a non-empty candidate without one beside others that have one: undefined too
+    assert math.isnan(util.matrix([full[0], replace(full[1], embeddings=None)])[0][1])
+    # none has one: the scorer computed none, a configuration error (the server's utility is lenient)
     with pytest.raises(ConfigError, match="has no 'last' embedding"):
-        util.matrix([full[0], replace(full[1], embeddings=None)])
+        util.matrix([replace(full[0], embeddings=None), replace(full[1], embeddings=None)])
+    lenient = replace(util, missing_ok=True).matrix([replace(full[0], embeddings=None)] * 2)
+    assert all(math.isnan(v) for row in lenient for v in row)
 
 
 def test_worker_embeddings_are_nan_vectors_of_the_hidden_size_when_it_holds_no_rows():
@@ -671,3 +675,15 @@ def test_server_settings_check_the_hooks_environment_once(monkeypatch):
         ServeSettings(model=MODEL)
     monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "0")
     ServeSettings(model=MODEL)
+
+
+def test_what_the_fuzz_found_are_400s_naming_their_field(tiny_tokenizer):
+    """tests/test_fuzz_serve.py found: a /v1/completions body with a top-level
+    "max_completion_tokens" (an unknown extra there, read unchecked) was a 500, and an unknown
+    bon_sr.token_set a 400 without its field."""
+    c, _ = shaped_client(tiny_tokenizer, some_empty)
+    with c:
+        r = c.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "max_completion_tokens": "x"})
+        assert r.status_code == 200, r.text  # ignored, as any unknown top-level field
+        r = c.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "bon_sr": {"token_set": "0"}})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "bon_sr.token_set", r.text
