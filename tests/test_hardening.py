@@ -687,3 +687,21 @@ def test_what_the_fuzz_found_are_400s_naming_their_field(tiny_tokenizer):
         assert r.status_code == 200, r.text  # ignored, as any unknown top-level field
         r = c.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "bon_sr": {"token_set": "0"}})
         assert r.status_code == 400 and r.json()["error"]["param"] == "bon_sr.token_set", r.text
+
+
+def test_bench_opens_its_cache_before_it_loads_an_engine(tmp_path, monkeypatch):
+    """REVIEW 1.7: a cache writer that fails (here: another run holds the cache) must fail
+    before an engine exists, which the old order then leaked."""
+    from bon_sr.bench import runner
+    from bon_sr.bench.tasks import Task
+    from bon_sr.errors import InputError
+    from bon_sr.jsonl import JsonlWriter
+
+    loads = []
+    monkeypatch.setattr(runner, "load_generator", lambda *a, **k: loads.append(1))
+    task = Task("toy", (runner.Problem("0", "What is 2+2?", "4", "numeric"),))
+    cache, _ = runner.cache_paths(tmp_path, "toy")
+    with JsonlWriter(cache, mode="resume"):  # another bench run on the same directory
+        with pytest.raises(InputError, match="being written by another process"):
+            runner.run_bench(runner.BenchConfig(task="toy", n=(2,), backend="hf"), tmp_path, task=task)
+    assert loads == []
