@@ -143,9 +143,13 @@ def test_utility_matrix_nan_rows_for_empty_candidates_only():
     u = mbr_utilities(m)
     assert u[0] == pytest.approx(1.0) and math.isnan(u[1])
     assert all(math.isnan(v) for row in util.matrix([empty, empty]) for v in row)
-    # a non-empty candidate without an embedding is still a configuration error
+    # a non-empty candidate without one beside others that have one: undefined too
+    assert math.isnan(util.matrix([full[0], replace(full[1], embeddings=None)])[0][1])
+    # none has one: the scorer computed none, a configuration error (the server's utility is lenient)
     with pytest.raises(ConfigError, match="has no 'last' embedding"):
-        util.matrix([full[0], replace(full[1], embeddings=None)])
+        util.matrix([replace(full[0], embeddings=None), replace(full[1], embeddings=None)])
+    lenient = replace(util, missing_ok=True).matrix([replace(full[0], embeddings=None)] * 2)
+    assert all(math.isnan(v) for row in lenient for v in row)
 
 
 def test_worker_embeddings_are_nan_vectors_of_the_hidden_size_when_it_holds_no_rows():
@@ -223,6 +227,8 @@ def test_a_catastrophic_client_regex_does_not_stall_the_server(tiny_tokenizer):
             return health, other, bad, (t2 - t1, t3 - t2, time.perf_counter() - t0)
 
     health, other, bad, (health_s, other_s, slow_s) = asyncio.run(run())
+    print(f"\n/health {health_s * 1000:.0f} ms, another request {other_s * 1000:.0f} ms, "
+          f"the catastrophic one's 400 after {slow_s:.2f} s")
     assert health.status_code == 200 and health_s < 1.0, health_s
     assert other.status_code == 200 and other_s < 1.0, other_s
     assert bad.status_code == 400, bad.text
@@ -671,3 +677,33 @@ def test_server_settings_check_the_hooks_environment_once(monkeypatch):
         ServeSettings(model=MODEL)
     monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "0")
     ServeSettings(model=MODEL)
+
+
+def test_what_the_fuzz_found_are_400s_naming_their_field(tiny_tokenizer):
+    """tests/test_fuzz_serve.py found: a /v1/completions body with a top-level
+    "max_completion_tokens" (an unknown extra there, read unchecked) was a 500, and an unknown
+    bon_sr.token_set a 400 without its field."""
+    c, _ = shaped_client(tiny_tokenizer, some_empty)
+    with c:
+        r = c.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "max_completion_tokens": "x"})
+        assert r.status_code == 200, r.text  # ignored, as any unknown top-level field
+        r = c.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "bon_sr": {"token_set": "0"}})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "bon_sr.token_set", r.text
+
+
+def test_bench_opens_its_cache_before_it_loads_an_engine(tmp_path, monkeypatch):
+    """REVIEW 1.7: a cache writer that fails (here: another run holds the cache) must fail
+    before an engine exists, which the old order then leaked."""
+    from bon_sr.bench import runner
+    from bon_sr.bench.tasks import Task
+    from bon_sr.errors import InputError
+    from bon_sr.jsonl import JsonlWriter
+
+    loads = []
+    monkeypatch.setattr(runner, "load_generator", lambda *a, **k: loads.append(1))
+    task = Task("toy", (runner.Problem("0", "What is 2+2?", "4", "numeric"),))
+    cache, _ = runner.cache_paths(tmp_path, "toy")
+    with JsonlWriter(cache, mode="resume"):  # another bench run on the same directory
+        with pytest.raises(InputError, match="being written by another process"):
+            runner.run_bench(runner.BenchConfig(task="toy", n=(2,), backend="hf"), tmp_path, task=task)
+    assert loads == []

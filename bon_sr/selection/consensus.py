@@ -140,13 +140,18 @@ def mbr_utilities(matrix: Sequence[Sequence[float]]) -> list[float]:
 @dataclass(frozen=True)
 class Utility:
     """A similarity between candidates: ``embedding`` names the ``Candidate.embeddings``
-    key it reads (None: it reads the texts); ``fn`` is a user's text callable."""
+    key it reads (None: it reads the texts); ``fn`` is a user's text callable. A candidate
+    without the embedding has NaN similarities (it ranks last); when none has one and some
+    are not empty, the scorer computed none: a ConfigError, unless ``missing_ok``."""
 
     name: str
     description: str
     embedding: str | None = None
     centred: bool = False
     fn: UtilityFn | None = None
+    #: a candidate set where NO candidate has an embedding is undefined too, not an error
+    #: (the server: the hook is its only scorer, so that is the model's doing, not the client's)
+    missing_ok: bool = False
 
     @property
     def needs_embeddings(self) -> bool:
@@ -157,19 +162,17 @@ class Utility:
             return callable_similarity(_texts(candidates), self.fn)
         if self.embedding is None:
             return lexical_similarity(_texts(candidates))
-        vectors: list[Any] = []
-        for i, c in enumerate(candidates):
-            vec = (getattr(c, "embeddings", None) or {}).get(self.embedding)
-            if vec is None and _empty(c):
-                # an empty response has no rows to embed (a worker holding none answers
-                # None): its similarity is undefined, so it ranks last
-                vectors.append(None)
-                continue
-            if vec is None:
-                raise ConfigError(f"candidate {i} has no '{self.embedding}' embedding, which utility '{self.name}' "
-                                  "compares: the hf and hook scorers compute embeddings in their scoring "
-                                  "pass (scorer='hf' or 'hook', --scorer hf|hook); or use --utility lexical.")
-            vectors.append(vec)
+        vectors = [(getattr(c, "embeddings", None) or {}).get(self.embedding) for c in candidates]
+        if not self.missing_ok and all(v is None for v in vectors):
+            # no candidate has one: a scorer that computes none (an empty response alone has none)
+            for i, c in enumerate(candidates):
+                if not _empty(c):
+                    raise ConfigError(f"candidate {i} has no '{self.embedding}' embedding, which utility "
+                                      f"'{self.name}' compares: the hf and hook scorers compute embeddings in their "
+                                      "scoring pass (scorer='hf' or 'hook', --scorer hf|hook); or use --utility "
+                                      "lexical.")
+        # a candidate without an embedding (an empty response has no rows to embed; a worker
+        # holding none answers None) has no defined similarity: NaN, so it ranks last
         if not vectors:
             return []
         width = next((len(v) for v in vectors if v is not None), 1)

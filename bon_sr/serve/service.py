@@ -143,7 +143,8 @@ def plan(request: ChatCompletionRequest | CompletionRequest, settings: ServeSett
     run = _resolve(selector=bon.selector or settings.selector, answer=answer, answer_regex=answer_regex,
                    utility=bon.utility or settings.utility, backend="vllm", scorer=SCORER,
                    sampling=_sampling(request, settings, n),
-                   scoring=replace(settings.scoring, token_set=bon.token_set or settings.scoring.token_set))
+                   scoring=_check("bon_sr.token_set", replace, settings.scoring,
+                                  token_set=bon.token_set or settings.scoring.token_set))
     if run.answers is not None and run.answers.runs_code and not settings.allow_code_execution:
         raise ApiError(400, f"Answer format '{run.answers.name}' runs model-written code, which this server does not "
                             "do: its operator can start it with --allow-code-execution (the code then runs in "
@@ -152,10 +153,13 @@ def plan(request: ChatCompletionRequest | CompletionRequest, settings: ServeSett
     prompt_ids, where, text = _encode(request, engine.tokenizer)
     _check(where, run.check_fits, prompt_ids, engine.context, where)
     seed = _resolve_call(run.seed_for, str(bon.id if bon.id is not None else request_id), request.seed)
+    # candidates the hook returned no embedding for rank last (never a 400 about a scorer the
+    # client cannot choose)
+    utility = replace(run.utility, missing_ok=True) if run.utility.needs_embeddings else run.utility
     stream = bool(request.stream)
     return Job(request_id=request_id, kind=kind, prompt_ids=tuple(prompt_ids), sampling=run.sampling, seed=seed,
                selector=run.selector, answers=run.answers, scoring=run.scoring, score_keys=run.score_keys,
-               choices=choices, return_candidates=bon.return_candidates, stream=stream, utility=run.utility,
+               choices=choices, return_candidates=bon.return_candidates, stream=stream, utility=utility,
                context=PromptContext.of(text, bon.tests),
                include_usage=stream and request.stream_options is not None and request.stream_options.include_usage)
 
@@ -163,8 +167,11 @@ def plan(request: ChatCompletionRequest | CompletionRequest, settings: ServeSett
 def _sampling(request: ChatCompletionRequest | CompletionRequest, settings: ServeSettings, n: int) -> dict[str, Any]:
     """The sampling values of a request under the server's policy (its defaults, temperature
     0 as greedy decoding); ``resolve`` checks them."""
-    max_tokens = getattr(request, "max_completion_tokens", None) or request.max_tokens
-    param = "max_completion_tokens" if getattr(request, "max_completion_tokens", None) else "max_tokens"
+    # only a chat request has the field: on /v1/completions a top-level "max_completion_tokens"
+    # is an unknown extra, and getattr would hand back its unchecked value (a string: a 500)
+    completion_cap = request.max_completion_tokens if isinstance(request, ChatCompletionRequest) else None
+    max_tokens = completion_cap or request.max_tokens
+    param = "max_completion_tokens" if completion_cap else "max_tokens"
     max_tokens = settings.sampling.max_new_tokens if max_tokens is None else max_tokens
     if max_tokens < 1:
         raise ApiError(400, f"{param} must be >= 1, got {max_tokens}.", param=param)
