@@ -236,19 +236,17 @@ def check_record(rec: dict[str, Any]) -> dict[str, Any]:
     that cannot grade here (``GradingUnavailable``) leaves ``correct`` None and says why in
     ``ungraded``: the record is cached all the same, and reports refuse it until ``--recheck``."""
     checker = get_checker(rec["checker"])
-    answers = [checker.extract(c["text"]) for c in rec["candidates"]]
-    groups = checker.group(answers)
     g = rec["greedy"]
-    g["answer"] = checker.extract(g["text"])
-    try:
-        correct = [checker.is_correct(a, rec["gold"]) for a in [*answers, g["answer"]]]
+    texts = [c["text"] for c in rec["candidates"]] + [g["text"]]
+    try:  # the candidates and the greedy decode together: a checker that runs code, one batch
+        answers, correct = checker.grade(texts, rec["gold"])
         rec.pop("ungraded", None)
     except GradingUnavailable as exc:
-        correct = [None] * (len(answers) + 1)
+        answers, correct = [checker.extract(t) for t in texts], [None] * len(texts)
         rec["ungraded"] = str(exc)
-    for c, a, ok, grp in zip(rec["candidates"], answers, correct, groups):
+    for c, a, ok, grp in zip(rec["candidates"], answers, correct, checker.group(answers[:-1])):
         c.update(answer=a, correct=ok, group=grp)
-    g["correct"] = correct[-1]
+    g.update(answer=answers[-1], correct=correct[-1])
     return rec
 
 
