@@ -108,6 +108,8 @@ def bench_markdown(summary: Mapping[str, Any]) -> str:
         lines += [f"**{summary['missing']} problems of the task are not in the cache yet.**", ""]
     if summary.get("consensus"):
         lines += [f"_{summary['consensus']}_", ""]
+    if summary.get("exec"):
+        lines += [exec_markdown(summary["exec"]), ""]
     for n in summary["results"]:
         lines += [f"## n = {n}", "",
                   "| selector | accuracy % [95% CI] | vs greedy: points [95% CI] | vs greedy: relative % "
@@ -130,6 +132,26 @@ def bench_markdown(summary: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def exec_markdown(ex: Mapping[str, Any]) -> str:
+    """The exec step in one paragraph: what ran, its time per problem and its timeouts, and
+    how often a candidate passes the shown examples."""
+    shown = ex["with_examples"]
+    if not shown:
+        return f"_Exec columns: none of the {ex['problems']} prompts shows an example; exec picks the first sample._"
+
+    def share(k: int) -> str:
+        return f"{k}/{shown} ({100 * k / shown:.1f}%)"
+
+    return (f"_Exec columns: {shown} of the {ex['problems']} prompts show examples; each problem's "
+            f"{ex['programs_per_problem']} programs (the samples and the greedy decode) ran once, in one sandbox "
+            f"batch, on them (the product's `python` answer format). Exec step per problem: median "
+            f"{ex['wall_s_median']:.2f} s, 90th percentile {ex['wall_s_p90']:.2f} s, {ex['wall_s_total']:.0f} s in "
+            f"all; timeouts apart: {ex['timeouts']} programs on {ex['problems_with_timeouts']} problems (each "
+            f"counts as failing). Problems where some sample passes the shown examples: {share(ex['any_sample_passes'])}"
+            f"; with the greedy decode in the pool: {share(ex['any_passes_with_greedy'])}; the greedy decode "
+            f"passes: {share(ex['greedy_passes'])}._")
+
+
 #: one fixed look per selector (11 lines would repeat matplotlib's 10-colour cycle):
 #: baselines dashed, the SR family in reds, votes in greens, the model's own token
 #: statistics in blues, the oracle light grey
@@ -144,6 +166,9 @@ PLOT_STYLES = {
     "mbr-lexical": ("#8c564b", "-", "P"), "mbr-ngram": ("#7f7f7f", "-", "P"), "auto": ("#bcbd22", "-", "P"),
     "majority-mbr-tiebreak": ("#c49c94", "-", "D"), "mbr-sr": ("#8c564b", "-.", "P"),
     "mbr-logprob": ("#8c564b", ":", "P"),
+    # execution on the prompt's examples in purples
+    "exec": ("#6a3d9a", "-", "h"), "exec+greedy": ("#6a3d9a", "--", "h"), "exec-sr": ("#cab2d6", "-", "h"),
+    "exec-logprob": ("#cab2d6", "--", "h"), "exec-mbr": ("#cab2d6", ":", "h"),
     "mbr-hidden-last": ("#e377c2", "-", "*"), "mbr-hidden-last-centred": ("#e377c2", "--", "*"),
     "mbr-hidden-mean": ("#f7b6d2", "-", "*"), "mbr-hidden-mean-centred": ("#f7b6d2", "--", "*"),
 }
