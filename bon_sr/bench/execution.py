@@ -82,12 +82,15 @@ class ExecRuns:
                            passed[-1] if passed is not None else None, got.examples,
                            wall if got.examples else 0.0, timeouts)
 
-    def attach(self, rec: Mapping[str, Any], cands: Sequence[Scored], greedy: Scored) -> tuple[list[Scored], Scored]:
+    def attach(self, rec: Mapping[str, Any], cands: Sequence[Scored],
+               greedy: Scored | None = None) -> tuple[list[Scored], Scored | None]:
         """The problem's candidates and greedy decode with their behaviour groups and passes."""
         runs = self.get(rec)
         passed = runs.passed or [None] * len(cands)
         out = [replace(c, behaviour=g, passed=p) for c, g, p in zip(cands, runs.groups, passed)]
-        return out, replace(greedy, behaviour=runs.greedy_group, passed=runs.greedy_passed)
+        if greedy is not None:
+            greedy = replace(greedy, behaviour=runs.greedy_group, passed=runs.greedy_passed)
+        return out, greedy
 
     def summary(self, ids: Sequence[str]) -> dict[str, Any]:
         """The step's cost and what it found, over the problems ``ids``."""
