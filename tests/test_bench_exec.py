@@ -114,7 +114,10 @@ def test_run_bench_reports_exec_from_the_cache(tmp_path):
     assert summary["exec"]["with_examples"] == 2 and not math.isnan(summary["exec"]["wall_s_median"])
     text = (out / "code.md").read_text()
     assert "Exec columns: 2 of the 3 prompts show examples" in text and "timeouts apart: 0 programs" in text
-    assert "| exec+greedy |" in text
+    assert "| exec+greedy |" in text and "| vs exec: points [95% CI] | vs exec+greedy: points [95% CI] |" in text
+    greedy = summary["results"]["4"]["greedy"]
+    assert greedy["vs_exec+greedy"]["points"] == pytest.approx(100 * (2 / 3 - 2 / 3))
+    assert greedy["vs_exec"]["points"] == pytest.approx(100 * (2 / 3 - 1 / 3))
     assert report.exec_markdown({"problems": 3, "with_examples": 0}).startswith("_Exec columns: none")
 
 

@@ -25,6 +25,8 @@ from .metrics import bootstrap_ci, bootstrap_indices
 from .selectors import GREEDY, RANDOM
 
 MAJORITY = "majority"
+#: code reports: every selector is also compared with the exec columns (paired, as with greedy)
+EXEC_BASES = ("exec", "exec+greedy")
 
 POINTS_NOTE = ("points = absolute difference in percentage points; relative % = 100 x (acc - base) / base; "
                "95% CI = percentile bootstrap over problems (paired for differences)")
@@ -55,6 +57,7 @@ def summarize(evaluation: Mapping[str, Any], *, bootstrap: int = 1000, seed: int
         greedy = np.asarray(acc[GREEDY][n]) if GREEDY in acc else None
         rand = np.asarray(acc[RANDOM][n]) if RANDOM in acc else None
         vote = np.asarray(acc[MAJORITY][n]) if MAJORITY in acc else None
+        execs = {e: np.asarray(acc[e][n]) for e in EXEC_BASES if e in acc}
         for sel in acc:
             values = np.asarray(acc[sel][n], dtype=float)
             lo, hi = bootstrap_ci(values, idx)
@@ -68,6 +71,9 @@ def summarize(evaluation: Mapping[str, Any], *, bootstrap: int = 1000, seed: int
                 entry["vs_random"] = _compare(values, rand, idx)
             if vote is not None and sel != MAJORITY:
                 entry["vs_majority"] = _compare(values, vote, idx)
+            for base, base_values in execs.items():
+                if sel != base:
+                    entry[f"vs_{base}"] = _compare(values, base_values, idx)
             row[sel] = entry
         results[str(n)] = row
     return {"n": list(evaluation["n"]), "selectors": list(acc), "results": results,
@@ -111,11 +117,13 @@ def bench_markdown(summary: Mapping[str, Any]) -> str:
     if summary.get("exec"):
         lines += [exec_markdown(summary["exec"]), ""]
     for n in summary["results"]:
+        bases = [b for b in EXEC_BASES if b in summary["results"][n]]
         lines += [f"## n = {n}", "",
                   "| selector | accuracy % [95% CI] | vs greedy: points [95% CI] | vs greedy: relative % "
                   "| vs random@n: points [95% CI] | vs random@n: relative % | vs majority: points [95% CI] "
-                  "| mean length (tokens) | cut at max tokens % |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  + "".join(f"| vs {b}: points [95% CI] " for b in bases)
+                  + "| mean length (tokens) | cut at max tokens % |",
+                  "|---|---|---|---|---|---|---|" + "---|" * len(bases) + "---|---|"]
         for sel in _order(summary, n):
             e = summary["results"][n][sel]
             g, r, v = e.get("vs_greedy"), e.get("vs_random"), e.get("vs_majority")
@@ -125,6 +133,8 @@ def bench_markdown(summary: Mapping[str, Any]) -> str:
                      f"{_pct(r['points'], True)} {_ci(r['points_ci95'], 1.0, True)}" if r else "-",
                      _pct(r["relative_pct"], True) if r else "-",
                      f"{_pct(v['points'], True)} {_ci(v['points_ci95'], 1.0, True)}" if v else "-",
+                     *[f"{_pct(x['points'], True)} {_ci(x['points_ci95'], 1.0, True)}" if (x := e.get(f"vs_{b}"))
+                       else "-" for b in bases],
                      f"{e['mean_length']:.0f}",
                      _pct(100 * e["truncated"]) if "truncated" in e else "n/a"]
             lines.append("| " + " | ".join(cells) + " |")
