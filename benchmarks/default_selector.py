@@ -14,6 +14,8 @@ Two readings of the code reports, both printed:
 - ``--answer python``: how a user runs the answer-voting selectors on code, with the
   ``python`` answer format: ``majority`` and ``auto`` make the pass-first vote (the report's
   ``exec`` column), ``majority-sr`` the same with SR splitting ties (``exec-sr``).
+  ``sr-weighted-vote`` takes no pass results (it would weigh behaviour groups by SR): no
+  report measures that, so its code cells stay as reported.
 
     PYTHONPATH=. .venv/bin/python benchmarks/default_selector.py [-o benchmarks/results/default_selector.md]
 
@@ -110,7 +112,9 @@ def markdown(reps: list[dict[str, Any]], tables: Mapping[str, dict[str, Any]]) -
              + ("(every report has n = 8)" if ns == [N] else "(n = 8 where a report has it, else its largest n)")
              + ", with the report's paired 95% bootstrap CI; `worst` = the smallest cell over the reports. The rule "
              "names the product selector (one every report measures) with the largest worst case; bench-only "
-             "columns, greedy and the oracle are for reference. Reports:", ""]
+             "columns, greedy and the oracle are for reference. On code, `sr-weighted-vote` with `--answer python` "
+             "(SR-weighted behaviour groups, no pass-first) is not measured: its code cells are the reported ones "
+             "in both tables. Reports:", ""]
     lines += [f"- {r['kind']}: {r['task']}, {r['model']}, {r['problems']} problems, n = {r['n']} (`{r['path']}`)"
               for r in reps]
     heads = [f"{r['task']} {r['model'].replace('qwen2.5-coder-', '').replace('-instruct', '')}" for r in reps]
@@ -118,7 +122,8 @@ def markdown(reps: list[dict[str, Any]], tables: Mapping[str, dict[str, Any]]) -
         rows = tab["rows"]
         lines += ["", f"## {title}", "", "| selector (product name) | " + " | ".join(heads) + " | worst (where) |",
                   "|---|" + "---|" * (len(heads) + 1)]
-        for col in sorted(rows, key=lambda c: (rows[c]["reference"], -rows[c]["worst"], c)):
+        for col in sorted(rows, key=lambda c: (rows[c]["reference"], not rows[c]["in_every_report"],
+                                               -rows[c]["worst"], c)):
             r = rows[col]
             name = col + (f" ({r['product']})" if r["product"] and r["product"] != col else "")
             name += "" if r["product"] or r["reference"] else " [bench-only]"
