@@ -1,6 +1,7 @@
 """The MBPP development task files (benchmarks/tasks/mbpp.py, mbpp_doctest.py): prompts, the
 signature derived from the first test, doctest examples, the kept tests, and the checker that
-refuses to grade without the sandbox (the bench then caches the samples ungraded)."""
+grades a problem's candidates with all its tests in one sandbox batch (or, where no sandbox
+can be built, refuses: the bench then caches the samples ungraded)."""
 
 from __future__ import annotations
 
@@ -126,23 +127,74 @@ def test_other_mbpp_problems_are_refused(tmp_path):
         mbpp.load_items(path)
 
 
-def test_code_extraction():
+def test_code_extraction_is_the_products():
     text = "Here:\n```python\nimport math\n```\nand\n```python\ndef f(a, b):\n    return a + sum(b)\n```\nDone."
-    assert mbpp.extract_code(text) == "def f(a, b):\n    return a + sum(b)"
-    assert mbpp.extract_code("```\nx = 1\n```") == "x = 1"
-    assert mbpp.extract_code("def f(a):\n    return a\n") == "def f(a):\n    return a"
-    assert mbpp.extract_code("") is None
+    assert mbpp.candidate_code(text) == "def f(a, b):\n    return a + sum(b)\n"
+    # the block that defines what the tests call, before an earlier helper
+    two = "```python\ndef helper(x):\n    return x\n```\n```python\ndef f(a, b):\n    return a\n```"
+    assert mbpp.candidate_code(two, {"f"}).startswith("def f(") and mbpp.candidate_code(two).startswith("def helper(")
+    assert mbpp.candidate_code("```\nx = 1\n```") == "x = 1\n"
+    assert mbpp.candidate_code("def f(a):\n    return a\n") == "def f(a):\n    return a\n"
+    assert mbpp.candidate_code("") is None and mbpp.candidate_code("```python\n\n```") is None
 
 
-def test_checker_never_runs_code_and_leaves_records_ungraded():
-    checker = get_checker("mbpp-exec")
-    gold = mbpp.gold(ITEM)
-    with pytest.raises(GradingUnavailable, match="sandbox"):
-        checker.is_correct("def f(a, b):\n    return a + sum(b)", gold)
-    code = "```python\ndef f(a, b):\n    return a + sum(b)\n```"
-    rec = {"id": "400", "gold": gold, "checker": "mbpp-exec",
-           "candidates": [{"text": code}, {"text": code + "  "}, {"text": ""}], "greedy": {"text": code}}
+GOOD = "```python\ndef f(a, b):\n    return a + sum(b)\n```"
+WRONG = "```python\ndef f(a, b):\n    return a + len(b)\n```"  # passes the first test only
+RAISES = "```python\ndef f(a, b):\n    return a + b\n```"  # TypeError on every test
+HOSTILE = ("```python\nimport os\ntry:\n    open({path!r}, 'w').write('pwned')\nexcept OSError:\n    pass\n"
+           "def f(a, b):\n    while True:\n        pass\n```")  # writes outside, then loops
+
+
+def test_checker_grades_all_tests_in_one_sandbox_batch(tmp_path, monkeypatch):
+    outside = tmp_path / "outside.txt"
+    hostile = HOSTILE.format(path=str(outside))
+    calls = []
+    real = mbpp.run_programs
+
+    def counted(programs, **kw):
+        calls.append(len(programs))
+        return real(programs, **kw)
+
+    monkeypatch.setattr(mbpp, "run_programs", counted)
+    monkeypatch.setattr(mbpp, "GRADING_LIMITS", mbpp.Limits(cpu_s=1.0, wall_s=10.0))
+    code = GOOD + "  "  # the same code: one answer group
+    rec = {"id": "400", "gold": mbpp.gold(ITEM), "checker": "mbpp-exec",
+           "candidates": [{"text": GOOD}, {"text": code}, {"text": WRONG}, {"text": RAISES}, {"text": hostile},
+                          {"text": ""}],
+           "greedy": {"text": GOOD}}
     check_record(rec)
-    assert "sandbox" in rec["ungraded"]
+    assert "ungraded" not in rec
+    assert [c["correct"] for c in rec["candidates"]] == [True, True, False, False, False, False]
+    assert rec["greedy"]["correct"] is True and rec["greedy"]["answer"].startswith("def f(")
+    assert [c["group"] for c in rec["candidates"]] == [0, 0, 1, 2, 3, -1]
+    assert calls == [6]  # the 5 programs and the greedy decode (no code: nothing to run), one batch
+    assert not outside.exists()  # the hostile candidate wrote nothing outside its sandbox
+    checker = get_checker("mbpp-exec")
+    assert checker.is_correct("def f(a, b):\n    return a + sum(b)", mbpp.gold(ITEM))
+    assert not checker.is_correct(None, mbpp.gold(ITEM))
+
+
+def test_checker_grades_as_mbpp_setup_code_float_equality_and_assert_messages():
+    item = {**ITEM, "test_list": ["assert g(n) == 0.30000000000000004", "assert g(n) == 0.3, 'exact'",
+                                  "assert h() == 1,2"], "test_setup_code": "n = 1 \r\nn = n + 1"}
+    code = "```python\ndef g(n):\n    return 0.1 * n + 0.1\ndef h():\n    return 1\n```"
+    answers, correct = mbpp.grade([code], mbpp.gold(item))
+    assert correct == [False]  # 0.1 * 2 + 0.1 != 0.3: the exact comparison fails, as in MBPP
+    answers, correct = mbpp.grade([code], mbpp.gold({**item, "test_list": [item["test_list"][0],
+                                                                         item["test_list"][2]]}))
+    assert correct == [True]  # the setup ran first (n == 2); 'assert h() == 1,2' has message 2
+
+
+def test_checker_without_a_sandbox_leaves_records_ungraded(monkeypatch):
+    def refuse(programs, **kw):
+        raise mbpp.SandboxUnavailable("no user namespaces here")
+
+    monkeypatch.setattr(mbpp, "run_programs", refuse)
+    rec = {"id": "400", "gold": mbpp.gold(ITEM), "checker": "mbpp-exec",
+           "candidates": [{"text": GOOD}, {"text": GOOD + "  "}, {"text": ""}], "greedy": {"text": GOOD}}
+    check_record(rec)
+    assert "sandbox" in rec["ungraded"] and "no user namespaces" in rec["ungraded"]
     assert [c["correct"] for c in rec["candidates"]] == [None, None, None] and rec["greedy"]["correct"] is None
     assert [c["group"] for c in rec["candidates"]] == [0, 0, -1]
+    with pytest.raises(GradingUnavailable, match="sandbox"):
+        get_checker("mbpp-exec").is_correct("def f(a, b):\n    return 0", mbpp.gold(ITEM))

@@ -12,14 +12,18 @@ Prompt (a chat user message): the task text, the problem's FIRST test as an ``as
 (and its setup code, where it has one), and a request for the function in one ```python
 block. One of the three tests is shown; grading runs all three.
 
-Checker ``mbpp-exec``: the answer is the candidate's code (``extract_code``: the first fenced
-block that defines a function, else the first fenced block, else the whole text); identical
-code (trailing whitespace aside) is one answer group. The gold is the problem's tests as JSON
-(``test_setup_code`` and ``test_list``): a candidate is right when its code, then the setup
-code, then all three asserts run without error, as MBPP grades. Running model-written code
-needs bon-sr's sandbox (issue 32); until it exists ``run_tests`` raises ``GradingUnavailable``
-and the bench caches the samples ungraded (``--no-generate --recheck`` grades them later).
-No candidate code is ever run in this process.
+Checker ``mbpp-exec``: the answer is the candidate's code, as the product's ``python`` answer
+format finds it (``bon_sr.selection.code.extract_code``: with fenced blocks, the first that
+defines a name the tests call, else the first that defines a function, else the first block;
+without fences, the whole text; None when empty); identical code (trailing whitespace aside)
+is one answer group. The gold is the problem's tests as JSON (``test_setup_code`` and
+``test_list``): a candidate is right when its code, then the setup code, then each of the
+three asserts runs without error, as MBPP grades (an assert compares exactly, floats too;
+``assert f(x) == 1, 2`` is an assert with a message). A problem's candidates and its greedy
+decode are graded together, one ``bon_sr.sandbox.run_programs`` batch (``grade``), each in its
+own sandbox with ``GRADING_LIMITS``; never in this process. A machine that cannot build the
+sandbox makes it raise ``GradingUnavailable``: the bench then caches the samples ungraded
+(``--no-generate --recheck`` grades them later).
 
 Each problem's ``meta`` keeps ``task_id``, ``test_list``, ``test_setup_code``, the function
 name the tests call (``entry_point``) and ``shown_tests`` (1).
@@ -32,21 +36,23 @@ from __future__ import annotations
 import ast
 import json
 import os
-import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from bon_sr.bench.checkers import CHECKERS, Checker, GradingUnavailable
 from bon_sr.bench.tasks import Problem, Task
 from bon_sr.errors import InputError
+from bon_sr.sandbox import Example, Limits, Program, SandboxUnavailable, run_programs
+from bon_sr.selection.code import examples_from_tests, extract_code
 
 #: the development problems: MBPP test ids 311-510, nothing else
 DEV_IDS = range(311, 511)
 DATA_ENV = "BON_SR_MBPP_DEV"
 MAX_NEW_TOKENS = 512
 SHOWN_TESTS = 1
-
-_FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)
+#: per candidate when grading: MBPP's harnesses allow a few seconds per problem; the wall limit
+#: leaves room for a loaded machine (it counts the sandbox's start), the CPU limit stops a loop
+GRADING_LIMITS = Limits(cpu_s=3.0, wall_s=20.0)
 
 
 def data_path() -> Path:
@@ -111,31 +117,54 @@ def meta(item: dict[str, Any]) -> dict[str, Any]:
 
 # -- the checker ----------------------------------------------------------------------------
 
-def extract_code(response: str) -> str | None:
-    """The candidate's code: the first fenced block that defines a function, else the first
-    fenced block, else the whole text (None when empty)."""
-    blocks = [m.group(2) for m in _FENCE.finditer(response)]
-    for block in blocks:
-        if re.search(r"^\s*def\s+\w+\s*\(", block, re.MULTILINE):
-            return block.strip("\n") or None
-    if blocks:
-        return blocks[0].strip("\n") or None
-    return response.strip("\n") or None
-
-
 def code_key(code: str) -> str:
     return "\n".join(line.rstrip() for line in code.strip("\n").splitlines())
 
 
+def _tests(gold_json: str) -> tuple[list[str], str]:
+    tests = json.loads(gold_json)
+    return [t.strip() for t in tests["test_list"]], "\n".join((tests.get("test_setup_code") or "").splitlines())
+
+
+def candidate_code(response: str, calls: Sequence[str] = ()) -> str | None:
+    """The candidate's program (the product's ``extract_code``); None when there is none."""
+    code = extract_code(response, calls)
+    return code if code.strip() else None
+
+
+def grade(responses: Sequence[str], gold_json: str) -> tuple[list[str | None], list[bool]]:
+    """Each response's code and whether it passes every test of ``gold_json``: one sandbox
+    batch for the problem (``Program(code, one Example(stmt=assert) per test, setup=...)``)."""
+    tests, _setup = _tests(gold_json)
+    calls = set().union(*(ex.calls for ex in examples_from_tests(tests)))
+    answers = [candidate_code(r, calls) for r in responses]
+    return answers, run_tests_many(gold_json, answers)
+
+
+def run_tests_many(gold_json: str, codes: Sequence[str | None]) -> list[bool]:
+    """Whether each code passes every test of ``gold_json`` (None: no code, wrong), run together
+    in the sandbox."""
+    tests, setup = _tests(gold_json)
+    examples = tuple(Example(stmt=t) for t in tests)
+    todo = [i for i, code in enumerate(codes) if code is not None]
+    try:
+        results = run_programs([Program(codes[i], examples, setup=setup) for i in todo], limits=GRADING_LIMITS)
+    except SandboxUnavailable as exc:
+        raise GradingUnavailable(f"grading MBPP runs each candidate's code with the problem's three tests in "
+                                 f"bon-sr's sandbox, which this machine cannot build: {exc}") from exc
+    passed = [False] * len(codes)
+    for i, res in zip(todo, results):
+        passed[i] = res.passed
+    return passed
+
+
 def run_tests(gold_json: str, code: str) -> bool:
     """Whether ``code`` passes every test of ``gold_json`` (run in the sandbox)."""
-    raise GradingUnavailable("grading MBPP runs each candidate's code with the problem's three tests, which needs "
-                             "bon-sr's sandbox (issue 32); it does not exist yet, and model-written code is never "
-                             "run in-process")
+    return run_tests_many(gold_json, [code])[0]
 
 
 CHECKER = Checker("mbpp-exec", "MBPP: the candidate's code passes all of the problem's tests (run in the sandbox)",
-                  extract_code, lambda reference: reference, run_tests, key=code_key)
+                  candidate_code, lambda reference: reference, run_tests, key=code_key, grade_many=grade)
 CHECKERS.setdefault(CHECKER.name, CHECKER)
 
 

@@ -3,7 +3,9 @@
 A checker is plain functions: ``extract(response) -> answer | None``, ``gold(reference) ->
 answer`` (normalises the task's reference) and ``equal(a, b) -> bool``; checkers whose
 answers have a canonical form also give ``key(answer)`` so that majority vote can group
-answers without pairwise comparisons. Extraction and equivalence are the product's
+answers without pairwise comparisons. A checker that grades a problem's responses together
+(one that runs code: one sandbox batch per problem, never in this process) gives
+``grade_many(responses, gold) -> (answers, correct)``; ``grade`` is the one entry point. Extraction and equivalence are the product's
 (``bon_sr.selection.answers``, which ``--answer`` uses too); only the gold rules live here.
 
 A task file may grade with a checker of its own: ``register_checker(Checker(...))`` before
@@ -13,7 +15,7 @@ its problems name it. Checkers know nothing about models, sampling or selection.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 from ..selection.answers import ANSWER_FORMATS, canonical_number, group_answers, last_boxed, normalize_text, parse_number
 from ..errors import ConfigError
@@ -60,9 +62,23 @@ class Checker:
     gold: Callable[[str], str]
     equal: Callable[[str, str], bool]
     key: "Callable[[str], str] | None" = None
+    #: one problem's responses graded together: (answers, correct) from the texts and the gold
+    grade_many: Optional[Callable[[Sequence[str], str], "tuple[list[str | None], list[bool]]"]] = None
 
     def is_correct(self, answer: str | None, gold: str) -> bool:
         return answer is not None and self.equal(gold, answer)
+
+    def grade(self, responses: Sequence[str], gold: str) -> tuple[list[str | None], list[bool]]:
+        """Every response's answer and whether it is right, for one problem (``grade_many`` when
+        the checker has one, else ``extract`` and ``is_correct`` per response). Raises
+        ``GradingUnavailable`` when it cannot grade on this machine."""
+        if self.grade_many is not None:
+            answers, correct = self.grade_many(responses, gold)
+            if len(answers) != len(responses) or len(correct) != len(responses):
+                raise ValueError(f"checker '{self.name}' graded {len(correct)} of {len(responses)} responses")
+            return list(answers), [bool(c) for c in correct]
+        answers = [self.extract(r) for r in responses]
+        return answers, [self.is_correct(a, gold) for a in answers]
 
     def group(self, answers: Sequence[str | None]) -> list[int]:
         return group_answers(answers, self)

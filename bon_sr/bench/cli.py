@@ -88,7 +88,8 @@ def _errors() -> tuple[type[BaseException], ...]:
 @click.option("--chunk-size", type=int, default=None,
               help="Problems sampled (and scored) together before caching (default: 1 for hf, 16 for vllm); "
                    "smaller loses less on interruption, larger batches vLLM better.")
-@click.option("--recheck", is_flag=True, help="Re-extract and re-check cached answers with the current checkers.")
+@click.option("--recheck", is_flag=True, help="Re-extract and re-check cached answers with the current checkers (the cache keeps the new "
+                   "grades).")
 @click.option("--no-generate", is_flag=True, help="Report from the cache only; never load the model.")
 @click.option("--embeddings", is_flag=True,
               help="Before reporting, run the frozen model (transformers) over the cached candidates of the problems "

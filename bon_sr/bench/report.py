@@ -25,6 +25,8 @@ from .metrics import bootstrap_ci, bootstrap_indices
 from .selectors import GREEDY, RANDOM
 
 MAJORITY = "majority"
+#: code reports: every selector is also compared with the exec columns (paired, as with greedy)
+EXEC_BASES = ("exec", "exec+greedy")
 
 POINTS_NOTE = ("points = absolute difference in percentage points; relative % = 100 x (acc - base) / base; "
                "95% CI = percentile bootstrap over problems (paired for differences)")
@@ -55,6 +57,7 @@ def summarize(evaluation: Mapping[str, Any], *, bootstrap: int = 1000, seed: int
         greedy = np.asarray(acc[GREEDY][n]) if GREEDY in acc else None
         rand = np.asarray(acc[RANDOM][n]) if RANDOM in acc else None
         vote = np.asarray(acc[MAJORITY][n]) if MAJORITY in acc else None
+        execs = {e: np.asarray(acc[e][n]) for e in EXEC_BASES if e in acc}
         for sel in acc:
             values = np.asarray(acc[sel][n], dtype=float)
             lo, hi = bootstrap_ci(values, idx)
@@ -68,6 +71,9 @@ def summarize(evaluation: Mapping[str, Any], *, bootstrap: int = 1000, seed: int
                 entry["vs_random"] = _compare(values, rand, idx)
             if vote is not None and sel != MAJORITY:
                 entry["vs_majority"] = _compare(values, vote, idx)
+            for base, base_values in execs.items():
+                if sel != base:
+                    entry[f"vs_{base}"] = _compare(values, base_values, idx)
             row[sel] = entry
         results[str(n)] = row
     return {"n": list(evaluation["n"]), "selectors": list(acc), "results": results,
@@ -108,12 +114,16 @@ def bench_markdown(summary: Mapping[str, Any]) -> str:
         lines += [f"**{summary['missing']} problems of the task are not in the cache yet.**", ""]
     if summary.get("consensus"):
         lines += [f"_{summary['consensus']}_", ""]
+    if summary.get("exec"):
+        lines += [exec_markdown(summary["exec"]), ""]
     for n in summary["results"]:
+        bases = [b for b in EXEC_BASES if b in summary["results"][n]]
         lines += [f"## n = {n}", "",
                   "| selector | accuracy % [95% CI] | vs greedy: points [95% CI] | vs greedy: relative % "
                   "| vs random@n: points [95% CI] | vs random@n: relative % | vs majority: points [95% CI] "
-                  "| mean length (tokens) | cut at max tokens % |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  + "".join(f"| vs {b}: points [95% CI] " for b in bases)
+                  + "| mean length (tokens) | cut at max tokens % |",
+                  "|---|---|---|---|---|---|---|" + "---|" * len(bases) + "---|---|"]
         for sel in _order(summary, n):
             e = summary["results"][n][sel]
             g, r, v = e.get("vs_greedy"), e.get("vs_random"), e.get("vs_majority")
@@ -123,11 +133,33 @@ def bench_markdown(summary: Mapping[str, Any]) -> str:
                      f"{_pct(r['points'], True)} {_ci(r['points_ci95'], 1.0, True)}" if r else "-",
                      _pct(r["relative_pct"], True) if r else "-",
                      f"{_pct(v['points'], True)} {_ci(v['points_ci95'], 1.0, True)}" if v else "-",
+                     *[f"{_pct(x['points'], True)} {_ci(x['points_ci95'], 1.0, True)}" if (x := e.get(f"vs_{b}"))
+                       else "-" for b in bases],
                      f"{e['mean_length']:.0f}",
                      _pct(100 * e["truncated"]) if "truncated" in e else "n/a"]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+def exec_markdown(ex: Mapping[str, Any]) -> str:
+    """The exec step in one paragraph: what ran, its time per problem and its timeouts, and
+    how often a candidate passes the shown examples."""
+    shown = ex["with_examples"]
+    if not shown:
+        return f"_Exec columns: none of the {ex['problems']} prompts shows an example; exec picks the first sample._"
+
+    def share(k: int) -> str:
+        return f"{k}/{shown} ({100 * k / shown:.1f}%)"
+
+    return (f"_Exec columns: {shown} of the {ex['problems']} prompts show examples; each problem's "
+            f"{ex['programs_per_problem']} programs (the samples and the greedy decode) ran once, in one sandbox "
+            f"batch, on them (the product's `python` answer format). Exec step per problem: median "
+            f"{ex['wall_s_median']:.2f} s, 90th percentile {ex['wall_s_p90']:.2f} s, {ex['wall_s_total']:.0f} s in "
+            f"all; timeouts apart: {ex['timeouts']} programs on {ex['problems_with_timeouts']} problems (each "
+            f"counts as failing). Problems where some sample passes the shown examples: {share(ex['any_sample_passes'])}"
+            f"; with the greedy decode in the pool: {share(ex['any_passes_with_greedy'])}; the greedy decode "
+            f"passes: {share(ex['greedy_passes'])}._")
 
 
 #: one fixed look per selector (11 lines would repeat matplotlib's 10-colour cycle):
@@ -144,6 +176,9 @@ PLOT_STYLES = {
     "mbr-lexical": ("#8c564b", "-", "P"), "mbr-ngram": ("#7f7f7f", "-", "P"), "auto": ("#bcbd22", "-", "P"),
     "majority-mbr-tiebreak": ("#c49c94", "-", "D"), "mbr-sr": ("#8c564b", "-.", "P"),
     "mbr-logprob": ("#8c564b", ":", "P"),
+    # execution on the prompt's examples in purples
+    "exec": ("#6a3d9a", "-", "h"), "exec+greedy": ("#6a3d9a", "--", "h"), "exec-sr": ("#cab2d6", "-", "h"),
+    "exec-logprob": ("#cab2d6", "--", "h"), "exec-mbr": ("#cab2d6", ":", "h"),
     "mbr-hidden-last": ("#e377c2", "-", "*"), "mbr-hidden-last-centred": ("#e377c2", "--", "*"),
     "mbr-hidden-mean": ("#f7b6d2", "-", "*"), "mbr-hidden-mean-centred": ("#f7b6d2", "--", "*"),
 }

@@ -49,6 +49,7 @@ from ..sampling.prompts import check_fits, derive_seed
 from ..sampling import SamplingConfig
 from .checkers import GradingUnavailable, get_checker
 from .consensus import ConsensusCache, attach_similarities, hidden_coverage
+from .execution import exec_plan
 from .scores import score_candidates
 from .selectors import BENCH_SELECTORS, GREEDY, Scored, get_bench_selector
 from .tasks import Problem, Task, load_task
@@ -226,20 +227,28 @@ def check_record(rec: dict[str, Any]) -> dict[str, Any]:
     that cannot grade here (``GradingUnavailable``) leaves ``correct`` None and says why in
     ``ungraded``: the record is cached all the same, and reports refuse it until ``--recheck``."""
     checker = get_checker(rec["checker"])
-    answers = [checker.extract(c["text"]) for c in rec["candidates"]]
-    groups = checker.group(answers)
     g = rec["greedy"]
-    g["answer"] = checker.extract(g["text"])
-    try:
-        correct = [checker.is_correct(a, rec["gold"]) for a in [*answers, g["answer"]]]
+    texts = [c["text"] for c in rec["candidates"]] + [g["text"]]
+    try:  # the candidates and the greedy decode together: a checker that runs code, one batch
+        answers, correct = checker.grade(texts, rec["gold"])
         rec.pop("ungraded", None)
     except GradingUnavailable as exc:
-        correct = [None] * (len(answers) + 1)
+        answers, correct = [checker.extract(t) for t in texts], [None] * len(texts)
         rec["ungraded"] = str(exc)
-    for c, a, ok, grp in zip(rec["candidates"], answers, correct, groups):
+    for c, a, ok, grp in zip(rec["candidates"], answers, correct, checker.group(answers[:-1])):
         c.update(answer=a, correct=ok, group=grp)
-    g["correct"] = correct[-1]
+    g.update(answer=answers[-1], correct=correct[-1])
     return rec
+
+
+def recheck(records: Mapping[str, dict[str, Any]], chosen: Sequence[dict[str, Any]], path: Path) -> list[dict[str, Any]]:
+    """``check_record`` on each chosen record (in place); the cache file is rewritten (whole,
+    atomically) when a record changed, so later report-only runs read the new grades."""
+    before = [json.dumps(r, ensure_ascii=False) for r in chosen]
+    out = [check_record(r) for r in chosen]
+    if [json.dumps(r, ensure_ascii=False) for r in out] != before:
+        write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records.values()))
+    return out
 
 
 # -- generation ---------------------------------------------------------------------------
@@ -343,28 +352,34 @@ def evaluate_records(
     subsets: int = 32,
     seed: int = 0,
     consensus: Any = None,
+    execution: Any = None,
 ) -> dict[str, Any]:
     """Per-problem accuracy, selected length and truncation of every selector at every n.
     ``consensus``: the task's ``bench.consensus.ConsensusCache`` (similarities for the MBR
-    selectors; lexical ones from the texts when None).
+    selectors; lexical ones from the texts when None). ``execution``: the problems' runs on
+    their prompts' examples for the exec selectors (``bench.execution.ExecRuns``).
 
     Returns ``{"ids": [...], "n": [...], "accuracy": {sel: {n: [per problem]}},
     "length": {sel: {n: [...]}}, "truncated": {sel: {n: [...]}}, "mixed": {n: count}}``;
     greedy is the same at every n. ``truncated``: the selected response hit the token limit.
     """
     fns = {s: get_bench_selector(s).fn for s in selectors if s != GREEDY}
+    pooled = {s for s in fns if get_bench_selector(s).greedy_in_pool}
     acc: dict[str, dict[int, list[float]]] = {s: {n: [] for n in n_values} for s in selectors}
     length: dict[str, dict[int, list[float]]] = {s: {n: [] for n in n_values} for s in selectors}
     cut: dict[str, dict[int, list[float]]] = {s: {n: [] for n in n_values} for s in selectors}
     for rec in records:
         cands = [scored_candidate(c) for c in rec["candidates"]]
         cands = attach_similarities(rec, cands, consensus)
+        greedy = replace(scored_candidate(rec["greedy"]), index=len(cands)) if pooled else None
+        if execution is not None:
+            cands, greedy = execution.attach(rec, cands, greedy)
         for n in n_values:
             subs = subsets_for(len(cands), n, subsets, seed, str(rec["id"]))
             for name, fn in fns.items():
                 a = ln = tr = 0.0
                 for sub in subs:
-                    view = [cands[i] for i in sub]
+                    view = [cands[i] for i in sub] + ([greedy] if name in pooled else [])
                     w = fn(view)
                     a += sum(wi * c.correct for wi, c in zip(w, view))
                     ln += sum(wi * c.num_tokens for wi, c in zip(w, view))
@@ -440,7 +455,7 @@ def run_bench(config: BenchConfig, out_dir: str | Path, *, progress: ProgressFn 
         raise InputError(f"No cached problems for {task.name} in {cache_path}; run without --no-generate first.")
     if config.recheck:
         report("re-checking answers", None, None)
-        chosen = [check_record(r) for r in chosen]
+        chosen = recheck(records, chosen, cache_path)
     ungraded = [r for r in chosen if r.get("ungraded")]
     if ungraded:
         raise InputError(f"{len(ungraded)} of the {len(chosen)} cached problems of {task.name} are not graded "
@@ -458,11 +473,13 @@ def run_bench(config: BenchConfig, out_dir: str | Path, *, progress: ProgressFn 
         embed_records(mixed, consensus, model=str(meta.get("model", config.model)), dtype=config.dtype,
                       device=config.device, max_batch_tokens=config.scoring.max_batch_tokens, progress=progress)
     coverage = hidden_coverage(consensus, [str(r["id"]) for r in mixed], len(chosen))
-    selectors = coverage.usable(config.selectors)
+    selectors, execution = exec_plan(chosen, coverage.usable(config.selectors))
     report(f"{task.name}: evaluating", None, None)
     evaluation = evaluate_records(chosen, n_values, selectors, subsets=config.subsets, seed=config.seed,
-                                  consensus=consensus)
+                                  consensus=consensus, execution=execution)
     summary = summarize(evaluation, bootstrap=config.bootstrap, seed=config.seed)
+    if execution is not None:
+        summary["exec"] = execution.summary(evaluation["ids"])
     summary.update(task=task.name, problems=len(chosen), missing=len(task.problems) - len(chosen),
                    generated_now=generated, n_samples=n_samples, subsets=config.subsets,
                    config={**config.to_dict(), **{k: meta.get(k, v) for k, v in identity.items()}},

@@ -21,7 +21,15 @@ cosines from the cached Gram matrices), so MBR at n compares only the n candidat
 given, as the product does. A hidden-state column on a problem the embedding pass skipped
 (all candidates equally right) counts a uniform pick: the same accuracy as any pick.
 
-Greedy is not here: it is a separate decode, not a pick from the samples. Selectors know
+Exec selectors (``exec*``: code tasks whose prompts show examples) read each candidate's
+``behaviour`` group and ``passed`` from its run on the prompt's examples (``bench.execution``,
+the product's ``python`` answer format) and make the product's pass-first vote (``majority``
+given ``passed``; the ``exec-*`` tie variants ``majority-sr`` with another score in place of
+SR). ``exec+greedy`` has the greedy decode in its pool (``greedy_in_pool``: the evaluation
+hands it the subset plus the greedy decode, last): the greedy decode when it passes the
+examples, else ``exec`` among the sampled candidates.
+
+Greedy alone is not here: it is a separate decode, not a pick from the samples. Selectors know
 nothing about models, sampling or answer checking beyond the cached ``group``/``correct``.
 """
 
@@ -53,6 +61,10 @@ class Scored:
     truncated: bool = False  # stopped by the token limit, not by end-of-turn
     index: int = 0  # position among the problem's cached candidates
     similarities: "Similarities | None" = field(default=None, compare=False, repr=False)
+    #: its run on the prompt's examples (``bench.execution``): behaviour group (-1: none) and
+    #: whether it passed them all (None: not run, or the prompt shows no examples)
+    behaviour: int = -1
+    passed: bool | None = None
 
 
 Weights = list[float]
@@ -181,6 +193,43 @@ def mbr_mix(utility: str, key: str) -> BenchSelectorFn:
     return weights
 
 
+EXAMPLES = "the prompt's examples"
+
+
+def executed(selector: str = "majority", utility: str | None = None, **options: Any) -> BenchSelectorFn:
+    """The product selector ``selector`` given each candidate's behaviour group and pass result
+    (the pass-first vote); ``utility``: each candidate's MBR utility among the subset under
+    ``scores[UTILITY_KEY]`` first (for ``sr_key=UTILITY_KEY``)."""
+    spec = get_selector(selector)
+
+    def weights(cands: Sequence[Scored]) -> Weights:
+        _need(cands)
+        view = list(cands)
+        if utility is not None:
+            view = with_utility(cands, utility) or view
+        passed = [c.passed for c in view]
+        pick = select(spec, view, groups=[c.behaviour for c in view],
+                      passed=None if None in passed else passed, examples=EXAMPLES, **options)
+        return _one_hot(len(cands), pick.index)
+
+    weights.__doc__ = f"{selector}, pass-first over the candidates' runs on the prompt's examples"
+    return weights
+
+
+def greedy_first(inner: BenchSelectorFn) -> BenchSelectorFn:
+    """With the greedy decode in the pool (last): the greedy decode when it passes the
+    prompt's examples, else ``inner`` among the sampled candidates."""
+
+    def weights(cands: Sequence[Scored]) -> Weights:
+        _need(cands)
+        *sampled, greedy = cands
+        if greedy.passed or not sampled:
+            return _one_hot(len(cands), len(cands) - 1)
+        return [*inner(sampled), 0.0]
+
+    return weights
+
+
 @dataclass(frozen=True)
 class BenchSelector:
     name: str
@@ -188,6 +237,10 @@ class BenchSelector:
     description: str
     #: the similarity a consensus selector reads (``bon_sr.selection.consensus.UTILITIES``)
     utility: str | None = None
+    #: reads the candidates' runs on the prompt's examples (``bench.execution``)
+    executes: bool = False
+    #: gets the greedy decode too, after the subset
+    greedy_in_pool: bool = False
 
 
 GREEDY = "greedy"
@@ -221,6 +274,18 @@ BENCH_SELECTORS: dict[str, BenchSelector] = {s.name: s for s in [
                   "Borda count of MBR utility (lexical) and SR (response)", "lexical"),
     BenchSelector("mbr-logprob", mbr_mix("lexical", "mean_logprob"),
                   "Borda count of MBR utility (lexical) and mean log-prob", "lexical"),
+    BenchSelector("exec", executed("majority", fallback="first"),
+                  "code run on the prompt's examples: the passing candidates' largest behaviour group "
+                  "(majority with --answer python); ties to the earliest", executes=True),
+    BenchSelector("exec+greedy", greedy_first(executed("majority", fallback="first")),
+                  "the greedy decode when it passes the prompt's examples, else exec among the samples",
+                  executes=True, greedy_in_pool=True),
+    BenchSelector("exec-sr", executed("majority-sr", sr_key="sr_response", fallback="first"),
+                  "exec, equal groups split by SR (response) (majority-sr with --answer python)", executes=True),
+    BenchSelector("exec-logprob", executed("majority-sr", sr_key="mean_logprob", fallback="first"),
+                  "exec, equal groups split by mean log-prob", executes=True),
+    BenchSelector("exec-mbr", executed("majority-sr", "lexical", sr_key=UTILITY_KEY, fallback="first"),
+                  "exec, equal groups split by MBR utility (lexical)", "lexical", executes=True),
 ]}
 
 
