@@ -163,7 +163,7 @@ def test_oracle_random_shortest():
 
 
 def test_selector_errors():
-    with pytest.raises(ConfigError, match="Unknown selector 'best'. Available: auto, greedy, majority"):
+    with pytest.raises(ConfigError, match=r"Unknown selector 'best'. Available: auto, exec, exec\+greedy, exec-logprob, exec-mbr, exec-sr, greedy, majority"):
         get_bench_selector("best")
     with pytest.raises(ConfigError, match="no 'self_certainty' score"):
         get_bench_selector("self-certainty").fn(cands([0], [True]))
