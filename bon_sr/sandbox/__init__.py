@@ -46,7 +46,7 @@ opt-out, honoured only where none can be built) none of this holds beyond the CP
 file-size and wall limits, the empty environment and a fresh directory.
 """
 
-from .runner import UNSAFE_ENV, SandboxUnavailable, check_sandbox, run_programs
+from .runner import UNSAFE_ENV, SandboxUnavailable, check_sandbox, run_programs, sandbox_or_opt_out
 from .spec import Example, ExampleResult, Limits, Program, RunResult
 
 __all__ = [
@@ -59,4 +59,5 @@ __all__ = [
     "UNSAFE_ENV",
     "check_sandbox",
     "run_programs",
+    "sandbox_or_opt_out",
 ]

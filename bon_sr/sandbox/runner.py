@@ -99,7 +99,7 @@ def run_programs(programs: Sequence[Program], *, limits: Limits = Limits(), max_
         raise ConfigError(f"max_workers must be a positive int or None (twice the cores), got {max_workers!r}.")
     if not programs:
         return []
-    sandboxed = _sandbox_or_opt_out(allow_unsandboxed)
+    sandboxed = sandbox_or_opt_out(allow_unsandboxed)
     children = [_Child(i, p, limits) for i, p in enumerate(programs)]
     _drive(children, workers=max_workers or 2 * _cores(), sandboxed=sandboxed)
     return [child.result() for child in children]
@@ -110,7 +110,10 @@ _checked = False
 _warned = False
 
 
-def _sandbox_or_opt_out(allow_unsandboxed: bool) -> bool:
+def sandbox_or_opt_out(allow_unsandboxed: bool = False) -> bool:
+    """True where a sandbox works; False (with one loud warning) where none can be built and
+    the caller opted out (``allow_unsandboxed`` or BON_SR_UNSAFE_NO_SANDBOX=1); else raises
+    SandboxUnavailable naming what is missing and the fix."""
     global _warned
     try:
         check_sandbox()

@@ -437,10 +437,6 @@ def get_extractor(answer: AnswerInput = None, *, regex: str | None = None) -> An
 def sandbox_ready() -> None:
     """SandboxUnavailable (naming what is missing and how to get it) unless model-written
     code can run contained here, or the user opted out (``BON_SR_UNSAFE_NO_SANDBOX=1``)."""
-    import os
+    from ..sandbox import sandbox_or_opt_out
 
-    from ..sandbox import UNSAFE_ENV, check_sandbox
-
-    if os.environ.get(UNSAFE_ENV) == "1":
-        return
-    check_sandbox()
+    sandbox_or_opt_out()
