@@ -175,13 +175,18 @@ def test_to_dict_leaves_embeddings_out_unless_asked():
 
 # -- the API on a tiny random model -------------------------------------------------------
 
-def test_lexical_mbr_through_the_api_runs_no_scoring_pass(tiny_model_dir):
+def test_lexical_mbr_through_the_api_runs_no_scoring_pass(tiny_model_dir, monkeypatch):
     from bon_sr.api import BestOfN
+    from bon_sr.scoring.scorers import HFScorer
 
+    def no_scorer(*args, **kwargs):
+        raise AssertionError("lexical MBR built a hidden-state scorer")
+
+    monkeypatch.setattr(HFScorer, "__init__", no_scorer)
     bon = BestOfN(tiny_model_dir, backend="hf", selector="mbr", dtype="float32")
     sel = bon.select("Q?", candidates=["The total is 72.", "Purple elephants.", "The total is 72 clips."])
     assert sel.rule == "mbr lexical" and sel.best_index in (0, 2)
-    assert bon._scorer is None and all(set(c.scores) == {UTILITY_KEY} for c in sel.candidates)
+    assert not bon.scores_needed and all(set(c.scores) == {UTILITY_KEY} for c in sel.candidates)
     assert sel.to_dict()["candidates"][1]["scores"][UTILITY_KEY] == min(c.scores[UTILITY_KEY] for c in sel.candidates)
     assert bon.config_dict()["utility"] == "lexical"
 
@@ -222,7 +227,7 @@ def test_hidden_utility_with_vllm_and_scorer_auto_embeds_in_the_hook(tiny_model_
     with BestOfN(tiny_model_dir, backend="vllm", selector="mbr", utility="hidden-last", dtype="float32") as bon:
         assert bon.scorer_name == "hook" and bon.config_dict()["scorer"] == "hook"
         assert bon.sampler.embed is True and bon.sampler.scoring is not None     # embeddings from the sampling pass
-        assert not bon._vllm._started
+        assert bon.vllm_engines.started == set()
     # lexical consensus asks the hook for nothing: a plain sampler, no embeddings
     with BestOfN(tiny_model_dir, backend="vllm", selector="mbr", utility="lexical", dtype="float32") as bon:
         assert not bon.scores_needed and bon.sampler.scoring is None and bon.sampler.embed is False

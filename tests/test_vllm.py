@@ -165,6 +165,62 @@ def test_dp_results_merge_takes_the_core_that_held_each_candidate():
     assert {vllm_hook.dp_rank_for(vllm_hook.new_tag(), 2) for _ in range(64)} == {0, 1}
 
 
+class _RecordingFactory:
+    """An engine factory that starts stand-ins and records what it was asked."""
+
+    def __init__(self, fail=None):
+        self.started, self.stopped, self.fail = [], [], fail
+
+    def start(self, role, kwargs):
+        if self.fail is not None:
+            raise self.fail
+        engine = type("Engine", (), {"role": role, "kwargs": kwargs})()
+        self.started.append(engine)
+        return engine
+
+    def stop(self, llm):
+        self.stopped.append(llm)
+
+
+def test_engine_factory_starts_and_stops_exactly_the_backends_engines(tiny_model_dir, monkeypatch):
+    """VLLMBackend's seam: its engines come from ``engine_factory`` (or the module's
+    ``default_engine_factory``), ``started`` names the roles it started, and close() stops
+    exactly those (never a caller's engine)."""
+    from bon_sr.sampling.vllm_plugin import PARENT_ENV
+
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0")
+    monkeypatch.delenv(PARENT_ENV, raising=False)  # a start marks this process as an engine parent
+    factory = _RecordingFactory()
+    backend = VLLMBackend(tiny_model_dir, engine_factory=factory)
+    assert backend.started == set() and factory.started == []        # lazily: nothing yet
+    generate = backend.generate_llm
+    assert generate.role == "generate" and generate.kwargs == backend.engine_kwargs("generate")
+    assert backend.generate_llm is generate and backend.started == {"generate"}
+    pooling = backend.pooling_llm
+    assert pooling.kwargs["runner"] == "pooling" and backend.started == {"generate", "pooling"}
+    backend.close()
+    assert factory.stopped == [pooling, generate] and backend.started == set()
+    backend.close()
+    assert len(factory.stopped) == 2                                   # idempotent
+
+    default = _RecordingFactory()
+    monkeypatch.setattr(engines, "default_engine_factory", default)
+    backend = VLLMBackend(tiny_model_dir)
+    assert backend.engine_factory is default
+    mine = type("Engine", (), {"get_tokenizer": lambda self: backend.tokenizer,
+                               "llm_engine": type("E", (), {"model_config": type("C", (), {"max_model_len": 512})})})()
+    given = VLLMBackend(tiny_model_dir, generate_llm=mine)
+    assert given.generate_llm is mine and given.started == set()
+    _ = given.pooling_llm
+    given.close()
+    assert given.started == set() and [e.role for e in default.stopped] == ["pooling"]  # not the caller's engine
+
+    broken = VLLMBackend(tiny_model_dir, engine_factory=_RecordingFactory(fail=RuntimeError("no memory")))
+    with pytest.raises(ModelError, match="could not start the generate engine.*RuntimeError: no memory"):
+        _ = broken.generate_llm
+    assert broken.started == set()
+
+
 @slow
 def test_unknown_option_is_config_error(model_path):
     with pytest.raises(ConfigError, match="Available: .*kv_cache_memory_bytes"):
