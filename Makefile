@@ -16,13 +16,16 @@ demo: $(STAMP)
 	$(VENV)/bin/bon-sr generate examples/prompts.jsonl -o out.jsonl --resume
 	$(VENV)/bin/bon-sr show out.jsonl
 
-# The architecture (.importlinter's layers) and the private-name rule, before any test.
+# The architecture (.importlinter's layers) and ruff (pyproject.toml: the private-name rule
+# everywhere; the tests also get ruff's default rules and no private-member access), before any test.
 lint: $(STAMP)
 	$(VENV)/bin/lint-imports
-	$(VENV)/bin/ruff check bon_sr benchmarks
+	$(VENV)/bin/ruff check bon_sr benchmarks tests
 
+# --durations=25: the slowest tests at the end, so a slow newcomer is seen (shared engines and
+# servers: tests/shared.py)
 test: lint
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra --durations=25
 
 test-fast: lint
 	$(PY) -m pytest -q -ra -m "not slow"
