@@ -21,13 +21,16 @@ demo: $(STAMP)
 docs: $(STAMP)
 	$(VENV)/bin/sphinx-build -E -W --keep-going -n -q -c docs -b html . build/docs
 
-# The architecture (.importlinter's layers), the private-name rule and the docs, before any test.
+# The architecture (.importlinter's layers), ruff (pyproject.toml: the private-name rule everywhere;
+# the tests also get ruff's default rules and no private-member access) and the docs, before any test.
 lint: $(STAMP) docs
 	$(VENV)/bin/lint-imports
-	$(VENV)/bin/ruff check bon_sr benchmarks
+	$(VENV)/bin/ruff check bon_sr benchmarks tests
 
+# --durations=25: the slowest tests at the end, so a slow newcomer is seen (shared engines and
+# servers: tests/shared.py)
 test: lint
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra --durations=25
 
 test-fast: lint
 	$(PY) -m pytest -q -ra -m "not slow"

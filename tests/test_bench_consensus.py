@@ -18,7 +18,7 @@ import torch
 from bon_sr import models
 from bon_sr.bench import runner
 from bon_sr.bench.consensus import ConsensusCache, Coverage, Similarities, gram_cosine, gram_matrix, sidecar_path
-from bon_sr.bench.selectors import BENCH_SELECTORS, GREEDY, Scored, _ranks, get_bench_selector, mbr_mix
+from bon_sr.bench.selectors import BENCH_SELECTORS, GREEDY, Scored, borda_ranks, get_bench_selector, mbr_mix
 from bon_sr.bench.tasks import Task
 from bon_sr.selection.consensus import hidden_similarity, lexical_similarity
 from bon_sr.errors import ConfigError
@@ -112,7 +112,7 @@ def test_majority_mbr_tiebreak_by_hand():
 
 
 def test_ranks_and_borda_mix_by_hand():
-    assert _ranks([3.0, 1.0, math.nan, 3.0]) == [1.5, 3.0, 4.0, 1.5]
+    assert borda_ranks([3.0, 1.0, math.nan, 3.0]) == [1.5, 3.0, 4.0, 1.5]
     # hidden-last utilities from test_mbr_bench...: v1 (rank 1) > v0 (2) > v2 (3)
     sims = Similarities(["a", "b", "c"], {"last": gram_matrix([[1.0, 0.0], [1.0, 0.1], [0.0, 1.0]])})
     mix = mbr_mix("hidden-last", "sr_response")

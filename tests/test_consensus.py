@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from conftest import ServeProcess, sr_in_range
+from conftest import sr_in_range
 
 from bon_sr.selection.answers import get_extractor
 from bon_sr.selection.consensus import UTILITIES, UTILITY_KEY, get_utility, hidden_similarity, lexical_similarity, \
@@ -175,13 +175,18 @@ def test_to_dict_leaves_embeddings_out_unless_asked():
 
 # -- the API on a tiny random model -------------------------------------------------------
 
-def test_lexical_mbr_through_the_api_runs_no_scoring_pass(tiny_model_dir):
+def test_lexical_mbr_through_the_api_runs_no_scoring_pass(tiny_model_dir, monkeypatch):
     from bon_sr.api import BestOfN
+    from bon_sr.scoring.scorers import HFScorer
 
+    def no_scorer(*args, **kwargs):
+        raise AssertionError("lexical MBR built a hidden-state scorer")
+
+    monkeypatch.setattr(HFScorer, "__init__", no_scorer)
     bon = BestOfN(tiny_model_dir, backend="hf", selector="mbr", dtype="float32")
     sel = bon.select("Q?", candidates=["The total is 72.", "Purple elephants.", "The total is 72 clips."])
     assert sel.rule == "mbr lexical" and sel.best_index in (0, 2)
-    assert bon._scorer is None and all(set(c.scores) == {UTILITY_KEY} for c in sel.candidates)
+    assert not bon.scores_needed and all(set(c.scores) == {UTILITY_KEY} for c in sel.candidates)
     assert sel.to_dict()["candidates"][1]["scores"][UTILITY_KEY] == min(c.scores[UTILITY_KEY] for c in sel.candidates)
     assert bon.config_dict()["utility"] == "lexical"
 
@@ -222,7 +227,7 @@ def test_hidden_utility_with_vllm_and_scorer_auto_embeds_in_the_hook(tiny_model_
     with BestOfN(tiny_model_dir, backend="vllm", selector="mbr", utility="hidden-last", dtype="float32") as bon:
         assert bon.scorer_name == "hook" and bon.config_dict()["scorer"] == "hook"
         assert bon.sampler.embed is True and bon.sampler.scoring is not None     # embeddings from the sampling pass
-        assert not bon._vllm._started
+        assert bon.vllm_engines.started == set()
     # lexical consensus asks the hook for nothing: a plain sampler, no embeddings
     with BestOfN(tiny_model_dir, backend="vllm", selector="mbr", utility="lexical", dtype="float32") as bon:
         assert not bon.scores_needed and bon.sampler.scoring is None and bon.sampler.embed is False
@@ -378,14 +383,13 @@ def test_show_renders_records_and_refuses_garbled_files(tmp_path):
 # =========================================================================== slow: the real default model
 
 def _run_cli(*args):
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
+    """``bon-sr ARGS`` in this process (click's CliRunner): the vLLM backend gets the suite's
+    engines where the test asks for ``reuse_engines``."""
+    from click.testing import CliRunner
 
-    env = dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="160")
-    return subprocess.run([sys.executable, "-m", "bon_sr.cli", *map(str, args)], capture_output=True, text=True,
-                          env=env, cwd=Path(__file__).resolve().parents[1], timeout=600)
+    from bon_sr.cli import main
+
+    return CliRunner().invoke(main, [*map(str, args)], env={"COLUMNS": "160"})
 
 
 PROMPTS = [{"id": "mul", "prompt": "What is 12 * 7? Answer with the number."},
@@ -401,7 +405,7 @@ def _generate_mbr(tmp_path, utility, *args):
     out = tmp_path / f"{utility}.jsonl"
     r = _run_cli("generate", src, "-o", out, "--selector", "mbr", "--utility", utility, *args, "-n", 4,
                  "--max-new-tokens", 24, "--seed", 1)
-    assert r.returncode == 0, r.stderr
+    assert r.exit_code == 0, r.output
     recs = [json.loads(x) for x in out.read_text().splitlines()]
     assert [x["id"] for x in recs] == ["mul", "colour"]
     return out, recs
@@ -409,9 +413,10 @@ def _generate_mbr(tmp_path, utility, *args):
 
 @pytest.mark.slow
 @pytest.mark.vllm
-def test_real_cli_generate_mbr_lexical_runs_no_scoring_pass_then_show(tmp_path, default_model_dir):
+def test_real_cli_generate_mbr_lexical_runs_no_scoring_pass_then_show(tmp_path, default_model_dir, reuse_engines):
     # the default backend (vLLM here): lexical MBR needs no hidden states, so one plain n=N request
     out, recs = _generate_mbr(tmp_path, "lexical")
+    assert reuse_engines == ["generate"]
     for rec in recs:
         cands = rec["candidates"]
         assert rec["rule"] == "mbr lexical" and rec["config"]["utility"] == "lexical"
@@ -421,7 +426,7 @@ def test_real_cli_generate_mbr_lexical_runs_no_scoring_pass_then_show(tmp_path, 
         assert [c["scores"][UTILITY_KEY] for c in cands] == pytest.approx(expected)
         assert rec["best_index"] == max(range(4), key=lambda i: (expected[i], -i))
     r = _run_cli("show", out, "--id", "mul")
-    assert r.returncode == 0, r.stderr
+    assert r.exit_code == 0, r.output
     picked = next(ln for ln in r.stdout.splitlines() if ln.startswith("★"))
     assert "rule mbr lexical" in r.stdout and "colour" not in r.stdout.split("\n", 1)[0]
     assert recs[0]["response"].strip().splitlines()[0][:20] in picked
@@ -436,7 +441,7 @@ def test_real_cli_generate_auto_numeric_hf(tmp_path, default_model_dir):
     out = tmp_path / "auto.jsonl"
     r = _run_cli("generate", src, "-o", out, "--backend", "hf", "--selector", "auto", "--answer", "numeric",
                  "-n", 4, "--max-new-tokens", 24, "--seed", 1)
-    assert r.returncode == 0, r.stderr
+    assert r.exit_code == 0, r.output
     rec = json.loads(out.read_text())
     answered = sum(c.get("answer") is not None for c in rec["candidates"])
     if 2 * answered >= 4:
@@ -445,7 +450,7 @@ def test_real_cli_generate_auto_numeric_hf(tmp_path, default_model_dir):
     else:
         assert rec["rule"] == f"auto: mbr lexical (only {answered}/4 candidates gave an answer)"
     assert all(UTILITY_KEY in c["scores"] for c in rec["candidates"])
-    assert _run_cli("show", out).returncode == 0
+    assert _run_cli("show", out).exit_code == 0
 
 
 @pytest.mark.slow
@@ -475,10 +480,11 @@ def test_real_select_best_hidden_mean_hf(default_model_dir):
 
 @pytest.mark.slow
 @pytest.mark.vllm
-def test_real_cli_generate_mbr_hidden_mean_embeds_in_the_hook(tmp_path, default_model_dir):
+def test_real_cli_generate_mbr_hidden_mean_embeds_in_the_hook(tmp_path, default_model_dir, reuse_engines):
     """vLLM backend, scorer auto (the hook): the embeddings come from the sampling pass, and
     the written utilities are the recomputation from the written embeddings."""
     _, recs = _generate_mbr(tmp_path, "hidden-mean", "--embeddings")
+    assert reuse_engines == ["generate"]
     for rec in recs:
         cands = rec["candidates"]
         assert rec["rule"] == "mbr hidden-mean" and rec["config"]["scorer"] == "hook"
@@ -493,31 +499,34 @@ def test_real_cli_generate_mbr_hidden_mean_embeds_in_the_hook(tmp_path, default_
 
 @pytest.mark.slow
 @pytest.mark.vllm
-def test_real_serve_mbr_with_the_openai_client(tmp_path, default_model_dir):
+def test_real_serve_mbr_with_the_openai_client(serve_process):
+    """On the suite's shared server (tests/shared.py: its key, its default n of 3; these
+    requests ask for 4 candidates)."""
     import openai
 
-    server = ServeProcess(tmp_path / "serve.log", ("--n", "4", "--max-tokens", "16"))
-    try:
-        server.wait_ready()
-        client = openai.OpenAI(base_url=server.base + "/v1", api_key="x", max_retries=0, timeout=300)
-        model = client.models.list().data[0].id
-        chat = [{"role": "user", "content": "Name one primary colour."}]
-        resp = client.chat.completions.create(model=model, messages=chat, n=2, seed=5,
-                                              extra_body={"bon_sr": {"selector": "mbr", "utility": "lexical"}})
-        info = resp.model_extra["bon_sr"]
-        texts = [c["text"] for c in client.chat.completions.create(
-            model=model, messages=chat, seed=5, extra_body={"bon_sr": {"selector": "mbr", "return_candidates": True}}
-        ).model_extra["bon_sr"]["candidates"]]
-        expected = mbr_utilities(lexical_similarity(texts))        # the same seed: the same 4 candidates
-        assert info["rule"] == "mbr lexical" and info["utility"] == "lexical" and info["scorer"] is None
-        assert [s[UTILITY_KEY] for s in info["scores"]] == pytest.approx(expected)
-        assert info["choice_indices"] == sorted(range(4), key=lambda i: (-expected[i], i))[:2]
-        assert [c.message.content for c in resp.choices] == [texts[i] for i in info["choice_indices"]]
-        # a hidden utility: the hook returns the embeddings from the sampling pass
-        hidden = client.chat.completions.create(
-            model=model, messages=chat, seed=5, extra_body={"bon_sr": {"selector": "mbr", "utility": "hidden-mean"}}
-        ).model_extra["bon_sr"]
-        assert hidden["rule"] == "mbr hidden-mean" and hidden["scorer"] == "hook"
-        assert all(sr_in_range(s) and -1.0 <= s[UTILITY_KEY] <= 1.0 for s in hidden["scores"])
-    finally:
-        server.stop()
+    from shared import API_KEY
+
+    server = serve_process.get()
+    client = openai.OpenAI(base_url=server.base + "/v1", api_key=API_KEY, max_retries=0, timeout=300)
+    model = client.models.list().data[0].id
+    chat = [{"role": "user", "content": "Name one primary colour."}]
+    resp = client.chat.completions.create(model=model, messages=chat, n=2, seed=5,
+                                          extra_body={"bon_sr": {"n": 4, "selector": "mbr", "utility": "lexical"}})
+    info = resp.model_extra["bon_sr"]
+    texts = [c["text"] for c in client.chat.completions.create(
+        model=model, messages=chat, seed=5,
+        extra_body={"bon_sr": {"n": 4, "selector": "mbr", "return_candidates": True}}
+    ).model_extra["bon_sr"]["candidates"]]
+    expected = mbr_utilities(lexical_similarity(texts))        # the same seed: the same 4 candidates
+    assert info["rule"] == "mbr lexical" and info["utility"] == "lexical" and info["scorer"] is None
+    assert info["n"] == 4 and len(texts) == 4
+    assert [s[UTILITY_KEY] for s in info["scores"]] == pytest.approx(expected)
+    assert info["choice_indices"] == sorted(range(4), key=lambda i: (-expected[i], i))[:2]
+    assert [c.message.content for c in resp.choices] == [texts[i] for i in info["choice_indices"]]
+    # a hidden utility: the hook returns the embeddings from the sampling pass
+    hidden = client.chat.completions.create(
+        model=model, messages=chat, seed=5,
+        extra_body={"bon_sr": {"n": 4, "selector": "mbr", "utility": "hidden-mean"}}
+    ).model_extra["bon_sr"]
+    assert hidden["rule"] == "mbr hidden-mean" and hidden["scorer"] == "hook"
+    assert all(sr_in_range(s) and -1.0 <= s[UTILITY_KEY] <= 1.0 for s in hidden["scores"])

@@ -78,17 +78,20 @@ def test_select_best_given_candidates(default_model_dir):
     assert sel.best_index == 1
 
 
-def _run_cli(*args, **kw):
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, "-m", "bon_sr.cli", *args], capture_output=True, text=True, env=env,
-                          cwd=ROOT, **kw)
+def _run_cli(*args):
+    """``bon-sr ARGS`` in this process (click's CliRunner; stdout and stderr apart)."""
+    from click.testing import CliRunner
+
+    from bon_sr.cli import main
+
+    return CliRunner().invoke(main, list(args))
 
 
 def test_cli_generate_example_prompts(tmp_path, default_model_dir):
     out = tmp_path / "out.jsonl"
-    r = _run_cli("generate", "examples/prompts.jsonl", "-o", str(out), "--backend", "hf", "--n", "2",
+    r = _run_cli("generate", str(ROOT / "examples/prompts.jsonl"), "-o", str(out), "--backend", "hf", "--n", "2",
                  "--max-new-tokens", "24", "--seed", "0")
-    assert r.returncode == 0, r.stderr
+    assert r.exit_code == 0, r.output
     recs = [json.loads(x) for x in out.read_text().splitlines()]
     ids = [json.loads(x)["id"] for x in (ROOT / "examples/prompts.jsonl").read_text().splitlines() if x.strip()]
     assert [x["id"] for x in recs] == ids
@@ -103,7 +106,7 @@ def test_cli_prompt_longer_than_context(tmp_path, default_model_dir):
     p.write_text(json.dumps({"id": "long", "prompt": "word " * 9000}) + "\n")
     out = tmp_path / "out.jsonl"
     r = _run_cli("generate", str(p), "-o", str(out), "--backend", "hf", "--n", "1")
-    assert r.returncode != 0
+    assert r.exit_code != 0
     err = " ".join(r.stderr.split())
     assert "context is 8192 tokens" in err and "Shorten the prompt" in err
     assert not out.exists() or out.read_text() == ""
@@ -137,7 +140,7 @@ def test_cli_ctrl_c_keeps_finished_records_and_resume_completes(tmp_path, defaul
     assert 2 <= len(lines) < count
     kept = [json.loads(x) for x in lines]                       # every line is complete JSON
     r = _run_cli(*args, "--resume")
-    assert r.returncode == 0, r.stderr
+    assert r.exit_code == 0, r.output
     final = [json.loads(x) for x in out.read_text().splitlines()]
     assert [x["id"] for x in final] == [str(i) for i in range(1, count + 1)]
     assert final[: len(kept)] == kept
@@ -152,7 +155,7 @@ def test_cli_generate_majority_vote_on_math_prompts(tmp_path, default_model_dir)
     out = tmp_path / "out.jsonl"
     r = _run_cli("generate", str(p), "-o", str(out), "--backend", "hf", "--n", "5", "--max-new-tokens", "32",
                  "--selector", "majority", "--answer", "numeric")
-    assert r.returncode == 0, r.stderr
+    assert r.exit_code == 0, r.output
     recs = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(recs) == 3
     voted = 0

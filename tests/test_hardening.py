@@ -276,9 +276,9 @@ def test_math_verify_is_time_bounded_off_the_main_thread(monkeypatch):
             while True:
                 pass
 
-        out["spin"] = answers._bounded(spin, "timed out")
+        out["spin"] = answers.run_bounded(spin, "timed out")
         out["spin_s"] = time.perf_counter() - t
-        out["after"] = answers._bounded(lambda _: "fine", None)  # nothing pending afterwards
+        out["after"] = answers.run_bounded(lambda _: "fine", None)  # nothing pending afterwards
         time.sleep(0.3)
         out["later"] = sum(range(1000))
 
@@ -387,9 +387,8 @@ def test_close_during_start_leaves_no_ready_engine(monkeypatch):
         return {}
 
     monkeypatch.setattr(engine_mod, "install_hook_async", slow_install)
-    monkeypatch.setattr(engine_mod.BonEngine, "_build", lambda self: FakeLLM())
     monkeypatch.setattr(engine_mod, "default_row_budget", lambda *a, **k: (1 << 20, 100))
-    bon = engine_mod.BonEngine(SimpleNamespace(model="m", hook_memory=None, hook_queue=4))
+    bon = engine_mod.BonEngine(SimpleNamespace(model="m", hook_memory=None, hook_queue=4), build=FakeLLM)
 
     async def run():
         start = asyncio.ensure_future(bon.start())

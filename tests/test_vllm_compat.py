@@ -232,7 +232,7 @@ def test_top_p_patch_passes_vllm_033s_extra_argument_through():
         return logits.clone()
 
     module = SimpleNamespace(apply_top_k_top_p=original)
-    vllm_plugin._patch(module)
+    vllm_plugin.wrap_top_k_top_p(module)
     flat = torch.zeros(3, 512)  # too flat for the top 256: every row takes vLLM's own path
     module.apply_top_k_top_p(flat, None, torch.full((3,), 0.9), has_topp_only_rows=False)
     module.apply_top_k_top_p(flat, torch.full((3,), 5), None, False)
@@ -322,7 +322,7 @@ class _Faulty:
 
 def _set_fault(worker, mode):
     """Runs in the worker (collective_rpc): wrap (or unwrap) the hook's view of the runner."""
-    hook = worker.model_runner._bon_sr_hook
+    hook = worker.model_runner.bon_sr_hook
     runner = hook.runner.__dict__.get("_runner", hook.runner)
     hook.runner = runner if mode is None else _Faulty(runner, mode)
     return type(hook.runner).__name__
@@ -404,7 +404,7 @@ def test_server_start_fails_loudly_on_a_bad_row_layout_and_passes_on_the_real_on
     async def run():
         await bon.start()
         # the same engine, unaltered (one event loop: AsyncLLM's output handler lives in it)
-        return await selfcheck.run_selfcheck_async(bon._llm) if bon._llm is not None else None
+        return await selfcheck.run_selfcheck_async(bon.llm) if bon.llm is not None else None
 
     try:
         report = asyncio.run(run())

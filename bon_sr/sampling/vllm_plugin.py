@@ -86,7 +86,9 @@ def top_p_mask(logits: torch.Tensor, p: torch.Tensor,
     return out
 
 
-def _patch(module: Any) -> None:
+def wrap_top_k_top_p(module: Any) -> None:
+    """Replace ``module.apply_top_k_top_p`` (vLLM's top-k/top-p sampler module) by the fast
+    top-p path; idempotent, and every call it does not handle goes to vLLM's own function."""
     original = module.apply_top_k_top_p
     if getattr(original, "_bon_sr_fast_top_p", False):
         return
@@ -153,7 +155,7 @@ def register() -> None:
         return
     from vllm.v1.sample.ops import topk_topp_sampler
 
-    _patch(topk_topp_sampler)
+    wrap_top_k_top_p(topk_topp_sampler)
     from vllm.logger import init_logger
 
     init_logger(__name__).info("bon-sr: top-p without a full-vocabulary sort (%s=1)", ENV)

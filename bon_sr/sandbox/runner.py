@@ -71,7 +71,7 @@ def check_sandbox() -> None:
         probe = next((r for r in run.records if r.get("kind") == "probe"), None)
         problems = _probe_problems(probe, result)
         if problems:
-            raise SandboxUnavailable(_explain("probe", 0, "the sandbox started but " + "; ".join(problems)))
+            raise SandboxUnavailable(explain_refusal("probe", 0, "the sandbox started but " + "; ".join(problems)))
         _checked = True
         log.debug("sandbox available (probe took %.3f s)", time.monotonic() - started)
 
@@ -107,22 +107,23 @@ def run_programs(programs: Sequence[Program], *, limits: Limits = Limits(), max_
 
 _check_lock = threading.Lock()
 _checked = False
-_warned = False
+#: set once the no-sandbox warning was logged (one per process; a test may reset it)
+warned_unsandboxed = False
 
 
 def sandbox_or_opt_out(allow_unsandboxed: bool = False) -> bool:
     """True where a sandbox works; False (with one loud warning) where none can be built and
     the caller opted out (``allow_unsandboxed`` or BON_SR_UNSAFE_NO_SANDBOX=1); else raises
     SandboxUnavailable naming what is missing and the fix."""
-    global _warned
+    global warned_unsandboxed
     try:
         check_sandbox()
         return True
     except SandboxUnavailable as e:
         if not (allow_unsandboxed or os.environ.get(UNSAFE_ENV) == "1"):
             raise
-        if not _warned:
-            _warned = True
+        if not warned_unsandboxed:
+            warned_unsandboxed = True
             log.warning("RUNNING MODEL-WRITTEN CODE WITHOUT A SANDBOX (%s): it has this user's rights, files, "
                         "processes and network. Why no sandbox: %s",
                         "allow_unsandboxed=True" if allow_unsandboxed else f"{UNSAFE_ENV}=1", e)
@@ -295,14 +296,14 @@ class _Child:
         runner_error = next((r for r in self.records if r.get("kind") == "setup_error"), None)
         if setup_error is not None or runner_error is not None:
             rec = setup_error or {"setup_error": str(runner_error.get("error")), "step": "runner", "errno": 0}
-            raise SandboxUnavailable(_explain(str(rec.get("step")), int(rec.get("errno") or 0), str(rec["setup_error"])))
+            raise SandboxUnavailable(explain_refusal(str(rec.get("step")), int(rec.get("errno") or 0), str(rec["setup_error"])))
         # init's report (the program ended) comes before the keeper's (wall clock): the first wins
         end = next((r for r in self.control if "end" in r), None)
         wall = (self.finished_at or time.monotonic()) - self.started
         cpu = end.get("cpu_s") if end else None
         if end is None and not self.killed:
             text = (bytes(self.err) + bytes(self.zygote.err if self.zygote else b"")).decode(errors="replace")
-            raise SandboxUnavailable(_explain("start", 0, "the sandbox ended without a report: "
+            raise SandboxUnavailable(explain_refusal("start", 0, "the sandbox ended without a report: "
                                                         + (text.strip()[-2000:] or "no output")))
         status, error_type, error = OK, None, None
         phases = {r["kind"]: r for r in self.records if r.get("kind") in ("program", "setup")}
@@ -353,7 +354,7 @@ def _drive(children: list[_Child], *, workers: int, sandboxed: bool) -> None:
                     try:
                         child.start(sel, zygote)
                     except OSError as e:
-                        raise SandboxUnavailable(_explain("start", e.errno or 0, f"the sandbox's zygote is gone "
+                        raise SandboxUnavailable(explain_refusal("start", e.errno or 0, f"the sandbox's zygote is gone "
                                                           f"({e}): {zygote.err.decode(errors='replace')[-2000:]}"))
                 now = time.monotonic()
                 timeout = max(0.0, min(c.deadline for c in running) - now)
@@ -423,23 +424,24 @@ def _probe_problems(probe: dict | None, result: RunResult) -> list[str]:
     return problems
 
 
-def _read(path: str) -> str | None:
+def read_setting(path: str) -> str | None:
+    """A /proc setting's value (stripped), None where it cannot be read."""
     try:
         return Path(path).read_text().strip()
     except OSError:
         return None
 
 
-def _explain(step: str, err: int, detail: str) -> str:
+def explain_refusal(step: str, err: int, detail: str) -> str:
     """The error a user sees: what failed, the likely cause on this machine and its fix."""
     lines = [f"bon-sr cannot run model-written code in a sandbox on this machine ({detail})."]
-    if _read("/proc/sys/kernel/apparmor_restrict_unprivileged_userns") == "1" and os.geteuid() != 0:
+    if read_setting("/proc/sys/kernel/apparmor_restrict_unprivileged_userns") == "1" and os.geteuid() != 0:
         lines.append("AppArmor restricts unprivileged user namespaces (Ubuntu 23.10 and later, 24.04): "
                      "`sudo sysctl kernel.apparmor_restrict_unprivileged_userns=0`, or an AppArmor profile "
                      "that allows `userns` for this Python.")
-    if _read("/proc/sys/kernel/unprivileged_userns_clone") == "0" and os.geteuid() != 0:
+    if read_setting("/proc/sys/kernel/unprivileged_userns_clone") == "0" and os.geteuid() != 0:
         lines.append("Unprivileged user namespaces are switched off: `sudo sysctl kernel.unprivileged_userns_clone=1`.")
-    if _read("/proc/sys/user/max_user_namespaces") == "0":
+    if read_setting("/proc/sys/user/max_user_namespaces") == "0":
         lines.append("User namespaces are limited to 0: `sudo sysctl user.max_user_namespaces=15000`.")
     if Path("/.dockerenv").exists() or Path("/run/.containerenv").exists():
         lines.append("This looks like a container: Docker's and Podman's default seccomp profile blocks "

@@ -216,7 +216,7 @@ def _deadline(seconds: float) -> Iterator[None]:
         _WATCHDOG.disarm(token)
 
 
-def _bounded(fn: Callable[[dict[str, Any]], Any], default: Any) -> Any:
+def run_bounded(fn: Callable[[dict[str, Any]], Any], default: Any) -> Any:
     """``fn(timeouts)`` with math-verify's timeouts: its own on the main thread; off it, none
     of its own (they would raise) and the watchdog's deadline instead. A call past its
     deadline gives ``default``, as math-verify answers a timed-out call itself (no answer,
@@ -238,7 +238,7 @@ def extract_math(response: str) -> str | None:
         parsed = mv.parse(response, **_parse_kw(t))
         return str(parsed[1]) if len(parsed) >= 2 else None
 
-    return _bounded(run, None)
+    return run_bounded(run, None)
 
 
 def _parse_kw(t: dict[str, Any]) -> dict[str, Any]:
@@ -256,7 +256,7 @@ def equal_math(a: str, b: str) -> bool:
         kw = {"timeout_seconds": t["timeout_seconds"]} if "timeout_seconds" in t else {}
         return bool(mv.verify(left, right, **kw))
 
-    return _bounded(run, False)
+    return run_bounded(run, False)
 
 
 # -- multiple choice (MMLU, ARC) ------------------------------------------------------------

@@ -25,7 +25,7 @@ import asyncio
 import logging
 import time
 import uuid
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from ..hook.aio import Collector, RowBudget, default_row_budget, install_hook_async, sample_scored_async
 from ..hook.selfcheck import run_selfcheck_async
@@ -41,10 +41,14 @@ logger = logging.getLogger(__name__)
 class BonEngine:
     """What the app needs from an engine (tests substitute a fake with the same surface):
     ``state``, ``error``, ``tokenizer``, ``context``, ``await start()``,
-    ``await sample(job) -> list[Candidate]``, ``close()``."""
+    ``await sample(job) -> list[Candidate]``, ``close()``.
 
-    def __init__(self, settings: "ServeSettings"):
+    ``build`` makes the vLLM engine (called on a thread by ``start``); by default vLLM's
+    ``AsyncLLM`` for ``settings``. A test passes its own to run the life cycle without vLLM."""
+
+    def __init__(self, settings: "ServeSettings", build: Callable[[], Any] | None = None):
         self.settings = settings
+        self._make_llm = build or self._build
         self.state = "loading"
         self.error: str | None = None
         self.tokenizer: Any = None
@@ -56,11 +60,16 @@ class BonEngine:
         self.budget: Any = None  # bon_sr.hook.RowBudget: scored jobs' rows in flight
         self.row_bytes = 0
 
+    @property
+    def llm(self) -> Any:
+        """vLLM's ``AsyncLLM`` this engine samples with (hooked), or None before start/after close."""
+        return self._llm
+
     # -- life cycle ---------------------------------------------------------------------
 
     async def start(self) -> None:
         try:
-            llm = await asyncio.to_thread(self._build)
+            llm = await asyncio.to_thread(self._make_llm)
             if self._closed:  # shut down while loading
                 llm.shutdown()
                 return
