@@ -96,8 +96,9 @@ def _selection_options(fn: Any) -> Any:
                           "second vLLM engine ('vllm' is its old name), hf = transformers; auto = hook with the "
                           "vLLM backend, else hf."),
         click.option("--selector", type=click.Choice(sorted(SELECTORS)), default=DEFAULT_SELECTOR, show_default=True,
-                     help="How the best candidate is chosen. majority (self-consistency) measured best here "
-                          "(docs/does-it-work.md); stable-rank is the paper's."),
+                     help="How the best candidate is chosen. auto (the default) votes when --answer is given, else "
+                          "mbr; chosen by the best worst case across the measured tasks "
+                          "(benchmarks/results/default_selector.md); stable-rank is the paper's."),
         click.option("--utility", type=click.Choice(sorted(UTILITIES)), default=DEFAULT_UTILITY, show_default=True,
                      help="Similarity for the consensus selectors (mbr, auto): lexical = chrF of the texts (no "
                           "hidden states); hidden-last / hidden-mean = cosine of the frozen model's last-layer "
@@ -113,8 +114,9 @@ def _selection_options(fn: Any) -> Any:
                      help="Extract answers with a regex instead (last match; its first group if it has one), "
                           "e.g. 'answer is (.*)'."),
         click.option("--score/--no-score", "score", default=None,
-                     help="Always compute stable rank / never score. Default: only what the selector needs "
-                          "(majority and random skip the hidden-state pass)."),
+                     help="Always compute stable rank / never score. Default: what the selector needs, plus stable "
+                          "rank with the hook scorer (free in vLLM's sampling pass); with --scorer hf, "
+                          "majority and random skip the hidden-state pass."),
         click.option("--logit-stats", is_flag=True,
                      help="Also compute mean token log-prob and self-certainty (automatic for the selectors "
                           "that use them)."),

@@ -169,7 +169,10 @@ def resolve(
         raise OptionError("window", f"Utility '{util.name}' embeds the whole response, but with {{@window}} "
                                     f"{scoring.window} the hook keeps only the window's rows; drop {{@window}} or "
                                     "use {@scorer:'hf'}.")
-    keys = _as_option("selector", score_keys, spec, score=score, logit_stats=logit_stats)
+    # the hook computes stable rank inside vLLM's sampling pass at no measurable cost: unless
+    # told not to, it always does (so `show` and every record carry it whatever the selector)
+    free_sr = score is None and scorer_name == "hook"
+    keys = _as_option("selector", score_keys, spec, score=True if free_sr else score, logit_stats=logit_stats)
     _as_option("selector", check_scores, scorer_name, keys)
     if scorer_name in ("hook", "pooling") and (keys or embeddings):
         # norm, transform, token set now; the layer once the model's depth is known

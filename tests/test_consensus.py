@@ -14,6 +14,7 @@ from bon_sr.selection.answers import get_extractor
 from bon_sr.selection.consensus import UTILITIES, UTILITY_KEY, get_utility, hidden_similarity, lexical_similarity, \
     mbr_utilities, similarity
 from bon_sr.errors import ConfigError
+from bon_sr.scoring.scorers import SR_KEYS
 from bon_sr.selection.decide import decide, ranked
 from bon_sr.selection.selectors import Pick, get_selector, select
 from bon_sr.types import Candidate
@@ -228,8 +229,12 @@ def test_hidden_utility_with_vllm_and_scorer_auto_embeds_in_the_hook(tiny_model_
         assert bon.scorer_name == "hook" and bon.config_dict()["scorer"] == "hook"
         assert bon.sampler.embed is True and bon.sampler.scoring is not None     # embeddings from the sampling pass
         assert bon.vllm_engines.started == set()
-    # lexical consensus asks the hook for nothing: a plain sampler, no embeddings
+    # lexical consensus needs no embeddings; the hook still gives stable rank (free in the sampling
+    # pass) unless told not to score: then a plain sampler
     with BestOfN(tiny_model_dir, backend="vllm", selector="mbr", utility="lexical", dtype="float32") as bon:
+        assert bon.scores_needed and bon.sampler.scoring is not None and bon.sampler.embed is False
+    with BestOfN(tiny_model_dir, backend="vllm", selector="mbr", utility="lexical", score=False,
+                 dtype="float32") as bon:
         assert not bon.scores_needed and bon.sampler.scoring is None and bon.sampler.embed is False
     with BestOfN(tiny_model_dir, backend="vllm", selector="stable-rank", utility="hidden-last",
                  dtype="float32") as bon:
@@ -292,9 +297,9 @@ def test_serve_mbr_and_auto_report_utilities(tiny_tokenizer):
         assert r.status_code == 200, r.text
         info = r.json()["bon_sr"]
         utilities = [s[UTILITY_KEY] for s in info["scores"]]
-        assert info["rule"] == "mbr lexical" and info["utility"] == "lexical" and info["scorer"] is None
+        assert info["rule"] == "mbr lexical" and info["utility"] == "lexical" and info["scorer"] == "hook"
         assert info["choice_indices"] == sorted(range(4), key=lambda i: (-utilities[i], i))   # choices by utility
-        assert info["choice_indices"][-1] == 0 and not engine.jobs[-1].score_keys              # no scoring pass
+        assert info["choice_indices"][-1] == 0 and set(engine.jobs[-1].score_keys) == set(SR_KEYS)  # free in the hook
         r = client.post("/v1/chat/completions", json={**body, "bon_sr": {"selector": "auto", "answer": "numeric"}})
         assert r.json()["bon_sr"]["rule"] == "auto: majority (3/4 candidates gave an answer)"
         assert not engine.jobs[-1].embed                                                      # lexical: none

@@ -229,7 +229,7 @@ def test_hf_sampler_chunks_reproducible(tiny_model, tiny_tokenizer):
 
 
 def test_api_with_fake_sampler_scores_and_selects(tiny_model_dir):
-    bon = BestOfN(tiny_model_dir, backend="hf", n=3, seed=5, dtype="float32")
+    bon = BestOfN(tiny_model_dir, backend="hf", n=3, seed=5, dtype="float32", selector="stable-rank")
     bon.sampler = FakeSampler(bon.tokenizer, lambda ids, n, seed: ["ab", "abcabcxyz", "q"][:n])
     sel = bon.select("pick one")
     assert len(sel.candidates) == 3
@@ -264,7 +264,7 @@ def test_api_context_and_config_errors(tiny_model_dir):
 
 
 def test_select_many_seeds_independent_of_chunking(tiny_model_dir):
-    kw = dict(backend="hf", n=2, max_new_tokens=5, temperature=1.0, seed=9)
+    kw = dict(backend="hf", n=2, max_new_tokens=5, temperature=1.0, seed=9, selector="stable-rank")
     prompts = ["a", "b", "c"]
     one = [s.to_dict() for s in BestOfN(tiny_model_dir, **kw).select_many(prompts, ids=["x", "y", "z"], chunk_size=1)]
     three = [s.to_dict() for s in BestOfN(tiny_model_dir, **kw).select_many(prompts, ids=["x", "y", "z"], chunk_size=3)]
@@ -409,7 +409,7 @@ def test_cli_generate_end_to_end_tiny(tmp_path, tiny_model_dir):
     p = _write(tmp_path, "p.txt", "one\ntwo\nthree\n")
     out = tmp_path / "out.jsonl"
     args = ["generate", str(p), "-o", str(out), "--model", tiny_model_dir, "--backend", "hf", "--n", "2",
-            "--max-new-tokens", "4", "--seed", "1"]
+            "--max-new-tokens", "4", "--seed", "1", "--selector", "stable-rank"]
     r = _cli(args)
     assert r.exit_code == 0, r.output
     recs = [json.loads(x) for x in out.read_text().splitlines()]

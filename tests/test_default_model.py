@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def bon(default_model_dir):
-    return BestOfN(DEFAULT_MODEL, backend="hf", n=3, max_new_tokens=24, seed=7)
+    return BestOfN(DEFAULT_MODEL, backend="hf", n=3, max_new_tokens=24, seed=7, selector="stable-rank")
 
 
 def test_builtin_model_cached_with_checksums(default_model_dir):
@@ -97,7 +97,8 @@ def test_cli_generate_example_prompts(tmp_path, default_model_dir):
     assert [x["id"] for x in recs] == ids
     for rec in recs:
         assert rec["response"] == rec["candidates"][rec["best_index"]]["text"]
-        assert rec["config"]["sampling"]["n"] == 2 and rec["selector"] == "stable-rank"
+        # the default selector, auto: no answer format given, so mbr's lexical consensus
+        assert rec["config"]["sampling"]["n"] == 2 and rec["selector"] == "auto" and rec["rule"].startswith("auto: mbr")
     assert "Done: 4 prompts written" in r.stderr.replace("\n", " ")
 
 

@@ -90,9 +90,9 @@ def test_select_and_select_many_draw_the_same_samples(tiny_model_dir):
     (dict(selector="majority", answer="roman"), "Unknown answer extractor 'roman'"),
     (dict(selector="stable-rank", score=False), "needs the scores stable_rank"),
     (dict(backend="vllm", scorer="pooling", selector="self-certainty"), "cannot compute self_certainty"),
-    (dict(backend="vllm", scorer="pooling", transform="center"), "pooling scorer supports the raw transform only"),
+    (dict(backend="vllm", scorer="pooling", selector="stable-rank", transform="center"), "pooling scorer supports the raw transform only"),
     (dict(backend="vllm", scorer="hook", norm="pre"), "hook scorer sees the last layer's post-final-norm"),
-    (dict(backend="vllm", scorer="pooling", token_set="response+eot"), "token sets response and full"),
+    (dict(backend="vllm", scorer="pooling", selector="stable-rank", token_set="response+eot"), "token sets response and full"),
     (dict(backend="hf", scorer="hook"), "needs backend='vllm'"),
     (dict(scorer="tgi"), "Unknown scorer 'tgi'"),
 ])

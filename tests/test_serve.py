@@ -43,7 +43,9 @@ MODEL = "smollm2-135m-instruct"
 
 
 def _client(tiny_tokenizer, settings=None, **engine_kwargs):
-    settings = settings or ServeSettings(model=MODEL, sampling=SamplingConfig(n=4, max_new_tokens=16), max_n=8)
+    # the fake engine's stable rank is i + 1: a server started with --selector stable-rank picks the last
+    settings = settings or ServeSettings(model=MODEL, selector="stable-rank", sampling=SamplingConfig(n=4, max_new_tokens=16),
+                                         max_n=8)
     engine = FakeEngine(tiny_tokenizer, **engine_kwargs)
     return TestClient(create_app(engine, settings)), engine
 
@@ -92,7 +94,8 @@ def test_choices_follow_the_selector_order_and_voting_reports_answers(client):
     # 2:2 and the earlier class (candidate 1's) wins; among 2-4 answer 0 leads again
     assert info["votes"] == {"0": 3, "1": 2} and info["answer"] == "0"
     assert info["choice_indices"] == [0, 1, 2]
-    assert info["scorer"] is None and info["scores"] == [{}] * 5  # majority runs no scoring pass
+    # majority needs no scores; the hook's stable rank comes free with the sampling pass
+    assert info["scorer"] == "hook" and [s["stable_rank"] for s in info["scores"]] == [1.0, 2.0, 3.0, 4.0, 5.0]
     assert [c["index"] for c in body["choices"]] == [0, 1, 2]
     r = client.post("/v1/chat/completions", json=chat(n=2))
     assert r.json()["bon_sr"]["choice_indices"] == [3, 2]  # descending stable rank
@@ -333,7 +336,8 @@ def test_settings_are_checked_up_front():
 # =========================================================================== real server (vLLM)
 
 CHAT = [{"role": "user", "content": "What is 12 * 7? Answer briefly."}]
-CHAT_KW = dict(model=MODEL, messages=CHAT, max_tokens=16, seed=7, extra_body={"bon_sr": {"return_candidates": True}})
+CHAT_KW = dict(model=MODEL, messages=CHAT, max_tokens=16, seed=7,
+               extra_body={"bon_sr": {"return_candidates": True, "selector": "stable-rank"}})
 
 
 @pytest.fixture
@@ -401,7 +405,7 @@ def test_real_chat_with_candidates_and_a_fixed_seed_reproduces(oai, served_chat)
 @pytest.mark.vllm
 @pytest.mark.slow
 def test_real_stream_sends_the_same_selected_answer(oai, served_chat):
-    kw = dict(model=MODEL, messages=CHAT, max_tokens=16, seed=7)
+    kw = dict(model=MODEL, messages=CHAT, max_tokens=16, seed=7, extra_body={"bon_sr": {"selector": "stable-rank"}})
     chunks = list(oai.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     seen = _info(served_chat)
@@ -420,7 +424,9 @@ def test_real_completions_models_and_top_n_choices(oai):
                                extra_body={"bon_sr": {"n": 4, "selector": "majority", "answer": "exact"}})
     info = _info(r)
     assert r.object == "text_completion" and len(r.choices) == 2 and info["n"] == 4
-    assert info["scorer"] is None and sum(info["votes"].values()) <= 4  # no scoring pass for majority
+    # majority needs no scores; the hook's stable rank comes free with the sampling pass
+    assert info["scorer"] == "hook" and all("stable_rank" in s for s in info["scores"])
+    assert sum(info["votes"].values()) <= 4
     assert len(set(info["choice_indices"])) == 2 and info["choice_indices"][0] == info["selected_index"]
 
 

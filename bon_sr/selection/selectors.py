@@ -275,7 +275,7 @@ def auto(candidates: Sequence[Any], *, groups: Sequence[int] | None = None,
 
 #: the default selector of every interface (API, CLI, server, bench's product path): chosen by
 #: the rule in docs/code-selection.md ("The default selector"), checked by tests/test_defaults.py
-DEFAULT_SELECTOR = "stable-rank"
+DEFAULT_SELECTOR = "auto"
 
 
 @dataclass(frozen=True)
