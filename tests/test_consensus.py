@@ -418,14 +418,15 @@ def _generate_mbr(tmp_path, utility, *args):
 
 @pytest.mark.slow
 @pytest.mark.vllm
-def test_real_cli_generate_mbr_lexical_runs_no_scoring_pass_then_show(tmp_path, default_model_dir, reuse_engines):
-    # the default backend (vLLM here): lexical MBR needs no hidden states, so one plain n=N request
+def test_real_cli_generate_mbr_lexical_then_show(tmp_path, default_model_dir, reuse_engines):
+    # the default backend (vLLM here): lexical MBR needs no hidden states; the hook's stable rank
+    # comes with the one n=N sampling request
     out, recs = _generate_mbr(tmp_path, "lexical")
     assert reuse_engines == ["generate"]
     for rec in recs:
         cands = rec["candidates"]
         assert rec["rule"] == "mbr lexical" and rec["config"]["utility"] == "lexical"
-        assert all(set(c["scores"]) == {UTILITY_KEY} for c in cands)          # no stable rank: no scoring pass
+        assert all(set(c["scores"]) == {UTILITY_KEY, *SR_KEYS} for c in cands)  # utility + the hook's free SR
         # the written utilities are the texts' chrF consensus, and the pick is their argmax
         expected = mbr_utilities(lexical_similarity([c["text"] for c in cands]))
         assert [c["scores"][UTILITY_KEY] for c in cands] == pytest.approx(expected)
@@ -523,7 +524,7 @@ def test_real_serve_mbr_with_the_openai_client(serve_process):
         extra_body={"bon_sr": {"n": 4, "selector": "mbr", "return_candidates": True}}
     ).model_extra["bon_sr"]["candidates"]]
     expected = mbr_utilities(lexical_similarity(texts))        # the same seed: the same 4 candidates
-    assert info["rule"] == "mbr lexical" and info["utility"] == "lexical" and info["scorer"] is None
+    assert info["rule"] == "mbr lexical" and info["utility"] == "lexical" and info["scorer"] == "hook"
     assert info["n"] == 4 and len(texts) == 4
     assert [s[UTILITY_KEY] for s in info["scores"]] == pytest.approx(expected)
     assert info["choice_indices"] == sorted(range(4), key=lambda i: (-expected[i], i))[:2]

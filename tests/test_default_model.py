@@ -72,7 +72,7 @@ def test_hidden_states_equal_hf_output_on_real_model(bon):
 
 def test_select_best_given_candidates(default_model_dir):
     sel = select_best("What is 2+2?", candidates=["4", "2+2 equals 4, since adding two and two gives four."],
-                      backend="hf")
+                      backend="hf", selector="stable-rank")
     assert [c.index for c in sel.candidates] == [0, 1]
     assert sel.candidates[0].scores["stable_rank"] == pytest.approx(1.0)     # one token
     assert sel.best_index == 1

@@ -87,7 +87,7 @@ def bon(model_path, bf16_engines):
     a test asks for one), the suite's (its engine factory hands them out)."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(engines, "default_engine_factory", SharedEngines())
-        b = BestOfN(model_path, backend="vllm", n=4, max_new_tokens=MAX_NEW, seed=0,
+        b = BestOfN(model_path, backend="vllm", n=4, max_new_tokens=MAX_NEW, seed=0, selector="stable-rank",
                     vllm_options={"logprobs": True})
     assert b.scorer_name == "hook"
     yield b
@@ -364,9 +364,10 @@ def test_best_of_n_end_to_end(bon):
 
 @slow
 def test_scoring_given_candidates_uses_one_engine(model_path, reuse_engines):
-    hook = BestOfN(model_path, backend="vllm").select(PROMPTS[0], candidates=RESPONSES)
+    hook = BestOfN(model_path, backend="vllm", selector="stable-rank").select(PROMPTS[0], candidates=RESPONSES)
     assert reuse_engines == ["generate"], "the hook scores given candidates in the generate engine"
-    pooled = BestOfN(model_path, backend="vllm", scorer="pooling").select(PROMPTS[0], candidates=RESPONSES)
+    pooled = BestOfN(model_path, backend="vllm", scorer="pooling", selector="stable-rank").select(PROMPTS[0],
+                                                                                              candidates=RESPONSES)
     assert reuse_engines == ["generate", "pooling"]
     for h, p in zip(hook.candidates, pooled.candidates):
         assert h.scores["scored_tokens"] == p.scores["scored_tokens"]
