@@ -123,6 +123,27 @@ def test_the_selector_tables_consensus_rows_are_the_docs():
         assert ours == theirs, f"{prefix}: front page {ours}, docs/does-it-work.md {column} {theirs}"
 
 
+# The selector table's MBPP column -> the MBPP-style column of docs/code-selection.md's table
+MBPP_ROWS = {
+    "majority": "exec",
+    "auto": "exec",
+    "mbr, --utility lexical": "mbr",
+    "mean-logprob": "mean-logprob",
+    "random": "random@8",
+    "stable-rank": "stable-rank",
+    "greedy decoding": "greedy decoding",
+}
+
+
+def test_the_selector_tables_code_column_is_the_code_page():
+    front = _selector_table()
+    code = table_after(doc("code-selection.md"), "| selector | MBPP style: accuracy % |")
+    for ours_name, theirs_name in MBPP_ROWS.items():
+        ours = number(row(front, ours_name)[6])  # after "needs" and the five math/QA runs
+        theirs = number(row(code, theirs_name)[0])
+        assert ours == theirs, f"{ours_name}: front page {ours}, docs/code-selection.md {theirs_name} {theirs}"
+
+
 # The selector table's n = 8 columns that a docs table reports too: column -> docs table
 N8_RUNS = {
     2: "Best-of-N on MATH-500 (`benchmarks/results/math500-qwen2.5-coder-0.5b/`)",
