@@ -296,7 +296,8 @@ class _Child:
         runner_error = next((r for r in self.records if r.get("kind") == "setup_error"), None)
         if setup_error is not None or runner_error is not None:
             rec = setup_error or {"setup_error": str(runner_error.get("error")), "step": "runner", "errno": 0}
-            raise SandboxUnavailable(explain_refusal(str(rec.get("step")), int(rec.get("errno") or 0), str(rec["setup_error"])))
+            raise SandboxUnavailable(explain_refusal(str(rec.get("step")), int(rec.get("errno") or 0),
+                                                     str(rec["setup_error"])))
         # init's report (the program ended) comes before the keeper's (wall clock): the first wins
         end = next((r for r in self.control if "end" in r), None)
         wall = (self.finished_at or time.monotonic()) - self.started
@@ -304,7 +305,7 @@ class _Child:
         if end is None and not self.killed:
             text = (bytes(self.err) + bytes(self.zygote.err if self.zygote else b"")).decode(errors="replace")
             raise SandboxUnavailable(explain_refusal("start", 0, "the sandbox ended without a report: "
-                                                        + (text.strip()[-2000:] or "no output")))
+                                                     + (text.strip()[-2000:] or "no output")))
         status, error_type, error = OK, None, None
         phases = {r["kind"]: r for r in self.records if r.get("kind") in ("program", "setup")}
         raised = next((phases[k] for k in ("program", "setup") if phases.get(k, {}).get("status") == "error"), None)
@@ -354,8 +355,9 @@ def _drive(children: list[_Child], *, workers: int, sandboxed: bool) -> None:
                     try:
                         child.start(sel, zygote)
                     except OSError as e:
-                        raise SandboxUnavailable(explain_refusal("start", e.errno or 0, f"the sandbox's zygote is gone "
-                                                          f"({e}): {zygote.err.decode(errors='replace')[-2000:]}"))
+                        raise SandboxUnavailable(explain_refusal(
+                            "start", e.errno or 0,
+                            f"the sandbox's zygote is gone ({e}): {zygote.err.decode(errors='replace')[-2000:]}"))
                 now = time.monotonic()
                 timeout = max(0.0, min(c.deadline for c in running) - now)
                 if any(c.control_closed_at is not None for c in running):
