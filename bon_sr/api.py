@@ -16,7 +16,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence, Union
 from .options import resolve
 from .selection.answers import AnswerInput
 from .selection.consensus import DEFAULT_UTILITY, UtilityInput
-from .errors import ConfigError, InputError, OptionError
+from .errors import ConfigError, InputError
 from .scoring.hidden_states import HiddenStateConfig
 from .models import DEFAULT_MODEL, ProgressFn, load_hf_model, model_context, resolve_model
 from .sampling.prompts import encode_prompt, encode_response, validate_prompt
@@ -61,7 +61,8 @@ class BestOfN:
         selector needs them).
     include_greedy: add one greedy decode per prompt to the N sampled candidates (in the
         same vLLM call), marked ``greedy``; with ``answer="python"`` it is kept when it passes
-        the prompt's examples.
+        the prompt's examples. None (default): on exactly when candidates run as code
+        (``answer="python"`` with a selector that votes).
     Sampling options and their defaults are ``SamplingConfig``'s (the paper's temperature
     0.7 and top-p 0.9; n 8); scoring options are ``HiddenStateConfig``'s (response tokens,
     last layer, post-norm). The signature takes its defaults from those two classes, which
@@ -80,7 +81,7 @@ class BestOfN:
         max_new_tokens: int = SamplingConfig.max_new_tokens,
         stop: Sequence[str] = (),
         greedy: bool = SamplingConfig.greedy,
-        include_greedy: bool = False,
+        include_greedy: bool | None = None,
         seed: int = SamplingConfig.seed,
         selector: str | SelectorFn = DEFAULT_SELECTOR,
         answer: AnswerInput = None,
@@ -105,15 +106,13 @@ class BestOfN:
                        sampling=dict(n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                                      stop=tuple(stop), greedy=greedy, seed=seed),
                        scoring=dict(token_set=token_set, layer=layer, norm=norm, window=window,
-                                    transform=transform, max_batch_tokens=max_batch_tokens))
+                                    transform=transform, max_batch_tokens=max_batch_tokens),
+                       include_greedy=include_greedy)
         if plan.embeddings_needed and scorer == "auto" and plan.scorer == "hf" and plan.backend == "vllm":
             logger.info("utility '%s' needs embeddings: scoring with the transformers model (scorer 'hf')",
                         plan.utility.name)
         self.plan = plan
-        if include_greedy and plan.sampling.greedy:
-            raise OptionError("include_greedy", "{@include_greedy} adds a greedy decode to sampled candidates; "
-                                                "with {@greedy} every candidate is greedy already: drop one.")
-        self.include_greedy = bool(include_greedy)
+        self.include_greedy = plan.include_greedy
         self.sampling, self.scoring = plan.sampling, plan.scoring
         self.selector_spec, self.selector_name = plan.selector, plan.selector.name
         self.answers, self.utility = plan.answers, plan.utility

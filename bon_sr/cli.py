@@ -165,9 +165,10 @@ def _selection_options(fn: Any) -> Any:
               help="Tokens per candidate.")
 @click.option("--stop", multiple=True, help="Stop string (repeatable); excluded from the text.")
 @click.option("--greedy", is_flag=True, help="Greedy decoding (requires --n 1).")
-@click.option("--include-greedy", is_flag=True,
+@click.option("--include-greedy/--no-include-greedy", default=None,
               help="Add one greedy decode per prompt to the N sampled candidates (same vLLM call); with "
-                   "--answer python it is kept when it passes the prompt's examples.")
+                   "--answer python it is kept when it passes the prompt's examples. Default: on exactly "
+                   "when candidates run as code (--answer python with a voting selector).")
 @click.option("--seed", type=int, default=SamplingConfig.seed, show_default=True,
               help="Run seed; each prompt's seed derives from it and the prompt id.")
 @click.option("--ray", "ray", is_flag=True,
@@ -265,7 +266,8 @@ def _run_command(path: str, common: dict[str, Any], sampling: dict[str, Any], *,
                 sampling={k: v for k, v in sampling.items() if k != "backend"},
                 scoring=dict(token_set=common["token_set"], layer=common["layer"], norm=common["norm"],
                              window=common["window"], transform=common["transform"],
-                             max_batch_tokens=common["batch_tokens"]))
+                             max_batch_tokens=common["batch_tokens"]),
+                include_greedy=common.get("include_greedy"))
         if chunk_size is not None and chunk_size < 1:
             raise click.BadParameter("must be >= 1", param_hint="--chunk-size")
         vllm_options = parse_options(common.pop("vllm_opts"))

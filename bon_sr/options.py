@@ -88,7 +88,8 @@ class RunPlan:
     """Everything a run decides before it samples: checked, resolved, model-free.
 
     ``scorer`` is the resolved scorer (``hf``, ``hook`` or ``pooling``); ``score_keys`` the
-    scores the selector reads (plus any asked for); ``sampling.seed`` the run seed."""
+    scores the selector reads (plus any asked for); ``sampling.seed`` the run seed;
+    ``include_greedy`` whether one greedy decode per prompt joins the sampled candidates."""
 
     selector: SelectorSpec
     answers: AnswerExtractor | None
@@ -98,6 +99,7 @@ class RunPlan:
     scorer: str
     scoring: HiddenStateConfig
     sampling: SamplingConfig
+    include_greedy: bool = False
 
     @property
     def embeddings_needed(self) -> bool:
@@ -140,6 +142,7 @@ def resolve(
     scorer: str = "auto",
     sampling: SamplingConfig | Mapping[str, Any] | None = None,
     scoring: HiddenStateConfig | Mapping[str, Any] | None = None,
+    include_greedy: bool | None = None,
 ) -> RunPlan:
     """Check and resolve every option that needs no model; raise OptionError (or
     MissingExtraError for an extra that is not installed) on the first that cannot work."""
@@ -177,6 +180,15 @@ def resolve(
     if scorer_name in ("hook", "pooling") and (keys or embeddings):
         # norm, transform, token set now; the layer once the model's depth is known
         _as_option("token_set", check_hook_config, replace(scoring, layer=-1), scorer=scorer_name)
+    if include_greedy and sampling.greedy:
+        raise OptionError("include_greedy", "{@include_greedy} adds a greedy decode to sampled candidates; "
+                                            "with {@greedy} every candidate is greedy already: drop one.")
+    if include_greedy is None:
+        # by default where code runs: with the pass-first vote, a passing greedy decode in the
+        # pool was nowhere worse than the samples alone on both MBPP development styles
+        # (docs/code-selection.md); elsewhere it is not measured to help
+        include_greedy = (answers is not None and answers.runs_code and spec.uses_answers
+                          and not sampling.greedy)
     return RunPlan(selector=spec, answers=answers, utility=util, score_keys=frozenset(keys), backend=backend,
-                   scorer=scorer_name, scoring=scoring, sampling=sampling)
+                   scorer=scorer_name, scoring=scoring, sampling=sampling, include_greedy=bool(include_greedy))
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+from types import SimpleNamespace
 
 import pytest
 from fastapi.testclient import TestClient
@@ -207,6 +208,50 @@ def test_include_greedy_adds_the_greedy_decode_last(tiny_model_dir):
     assert "greedy" not in sel.candidates[0].to_dict() and sel.candidates[2].to_dict()["greedy"] is True
     with pytest.raises(OptionError, match="include_greedy"):
         BestOfN(tiny_model_dir, backend="hf", n=1, greedy=True, include_greedy=True)
+
+
+def test_greedy_joins_the_pool_by_default_exactly_where_code_runs():
+    from bon_sr.options import resolve
+
+    def pool(**kw):
+        return resolve(backend="hf", **kw).include_greedy
+
+    assert pool(answer="python") and pool(selector="majority", answer="python")   # auto and majority vote
+    assert pool(selector="majority-sr", answer="python")
+    assert not pool(selector="stable-rank", answer="python")                      # runs no code
+    assert not pool() and not pool(selector="majority", answer="numeric")
+    assert not pool(answer="python", include_greedy=False) and pool(include_greedy=True)
+    assert not pool(answer="python", sampling=dict(n=1, greedy=True))             # greedy already
+    with pytest.raises(OptionError, match="include_greedy"):
+        pool(include_greedy=True, sampling=dict(n=1, greedy=True))
+
+
+def test_the_server_samples_the_greedy_decode_beside_the_candidates(monkeypatch):
+    """BonEngine.sample with include_greedy: the N sampled candidates and one greedy decode
+    (n = 1, greedy, the same scoring), requested together; the greedy one joins last."""
+    import asyncio
+
+    from bon_sr.serve import engine as engine_mod
+
+    calls = []
+
+    async def fake_scored(llm, prompt_ids, sampling, *, seed, **kw):
+        calls.append((sampling.n, sampling.greedy, seed, kw["scoring"]))
+        await asyncio.sleep(0)
+        return [Candidate(text=f"{'g' if sampling.greedy else 's'}{i}", token_ids=(5,), index=i, finish_reason="stop")
+                for i in range(sampling.n)]
+
+    monkeypatch.setattr(engine_mod, "sample_scored_async", fake_scored)
+    bon = engine_mod.BonEngine(SimpleNamespace(model="m"))
+    job = SimpleNamespace(prompt_ids=(1, 2), sampling=SamplingConfig(n=3, max_new_tokens=8), seed=7,
+                          score_keys=frozenset({"stable_rank"}), embed=False, scoring="cfg", logit_stats=False,
+                          include_greedy=True)
+    cands = asyncio.run(bon.sample(job))
+    assert [c.text for c in cands] == ["s0", "s1", "s2", "g0"] and [c.index for c in cands] == [0, 1, 2, 3]
+    assert [c.greedy for c in cands] == [False, False, False, True]
+    assert sorted(calls) == [(1, True, 7, "cfg"), (3, False, 7, "cfg")]
+    job.include_greedy = False
+    assert [c.text for c in asyncio.run(bon.sample(job))] == ["s0", "s1", "s2"]
 
 
 def test_a_passing_greedy_decode_is_kept():

@@ -25,6 +25,7 @@ import asyncio
 import logging
 import time
 import uuid
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from ..hook.aio import Collector, RowBudget, default_row_budget, install_hook_async, sample_scored_async
@@ -138,12 +139,22 @@ class BonEngine:
     # -- work ---------------------------------------------------------------------------
 
     async def sample(self, job: "Job") -> list[Candidate]:
+        """The job's N candidates; with ``job.include_greedy`` one greedy decode joins them,
+        last and marked ``greedy``, sampled beside them (vLLM batches the two requests)."""
+        if not job.include_greedy:
+            return await self._sample(job, job.sampling, job.seed)
+        greedy = replace(job.sampling, n=1, greedy=True)
+        sampled, (lone,) = await asyncio.gather(self._sample(job, job.sampling, job.seed),
+                                                self._sample(job, greedy, job.seed))
+        return [*sampled, replace(lone, index=len(sampled), greedy=True)]
+
+    async def _sample(self, job: "Job", sampling: Any, seed: int) -> list[Candidate]:
         if job.score_keys or job.embed:
-            return await sample_scored_async(self._llm, job.prompt_ids, job.sampling, seed=job.seed,
+            return await sample_scored_async(self._llm, job.prompt_ids, sampling, seed=seed,
                                              scoring=job.scoring, logit_stats=job.logit_stats,
                                              collector=self.collector, budget=self.budget, row_bytes=self.row_bytes,
                                              embed=job.embed, tokenizer=self.tokenizer)
-        return await self._sample_unscored(job.prompt_ids, job.sampling, job.seed)
+        return await self._sample_unscored(job.prompt_ids, sampling, seed)
 
     async def _sample_unscored(self, prompt_ids: Sequence[int], sampling: Any, seed: int) -> list[Candidate]:
         from vllm.inputs import TokensPrompt

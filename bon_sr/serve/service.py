@@ -72,6 +72,7 @@ class Job:
     include_usage: bool
     utility: Utility | None = None  # the consensus selectors' similarity
     context: PromptContext | None = None  # the prompt's text and explicit tests (answer: python)
+    include_greedy: bool = False  # one greedy decode joins the candidates, last (RunPlan.include_greedy)
 
     @property
     def logit_stats(self) -> bool:
@@ -160,7 +161,7 @@ def plan(request: ChatCompletionRequest | CompletionRequest, settings: ServeSett
     return Job(request_id=request_id, kind=kind, prompt_ids=tuple(prompt_ids), sampling=run.sampling, seed=seed,
                selector=run.selector, answers=run.answers, scoring=run.scoring, score_keys=run.score_keys,
                choices=choices, return_candidates=bon.return_candidates, stream=stream, utility=utility,
-               context=PromptContext.of(text, bon.tests),
+               context=PromptContext.of(text, bon.tests), include_greedy=run.include_greedy,
                include_usage=stream and request.stream_options is not None and request.stream_options.include_usage)
 
 
