@@ -239,7 +239,9 @@ LOG_DIR = Path(os.environ.get("TMPDIR", "/tmp")) / "bon-sr-tests"
 
 HOLDERS: dict[str, Shared] = {
     "fp32_pooling": Shared("fp32_pooling", start_fp32_pooling, _close_backend),
-    "serve_process": Shared("serve_process", lambda: start_server(LOG_DIR), lambda srv: srv.stop(),
+    # the shared server runs code (tests/test_serve.py's python-answer test); every other request is unaffected
+    "serve_process": Shared("serve_process", lambda: start_server(LOG_DIR, "--allow-code-execution"),
+                            lambda srv: srv.stop(),
                             alive=lambda srv: srv.proc.poll() is None),
     "bf16_engines": Shared("bf16_engines", start_bf16_engines, _close_backend),
 }

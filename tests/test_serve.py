@@ -418,6 +418,27 @@ def test_real_stream_sends_the_same_selected_answer(oai, served_chat):
 
 @pytest.mark.vllm
 @pytest.mark.slow
+def test_real_python_answers_run_every_candidate_and_the_greedy_decode(oai, server):
+    """The shared server runs with --allow-code-execution: with answer 'python' and an explicit
+    test, the N sampled candidates and the greedy decode that joins them by default each run in
+    the sandbox, and the pick follows the pass-first vote."""
+    assert "--allow-code-execution: requests with answer 'python' run model-written code" in server.tail(10 ** 9)
+    r = oai.chat.completions.create(
+        model=MODEL, max_tokens=48, seed=3,
+        messages=[{"role": "user", "content": "Write a Python function add(a, b) that returns a + b."}],
+        extra_body={"bon_sr": {"n": 3, "selector": "majority", "answer": "python", "tests": "assert add(2, 3) == 5",
+                               "return_candidates": True}})
+    info = _info(r)
+    cands = info["candidates"]
+    assert info["n"] == 4 and [c.get("greedy", False) for c in cands] == [False, False, False, True]
+    assert info["rule"].startswith("exec: ") and "1 explicit test" in info["rule"]
+    assert all(isinstance(c["passed"], bool) and len(c["checks"]) == 1 for c in cands)
+    assert r.choices[0].message.content == cands[info["selected_index"]]["text"]
+    assert r.usage.completion_tokens == sum(info["num_tokens"]) + info["finish_reasons"].count("stop")
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
 def test_real_completions_models_and_top_n_choices(oai):
     assert [m.id for m in oai.models.list().data] == [MODEL]
     r = oai.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=8, seed=3, n=2,
