@@ -55,8 +55,9 @@ class BestOfN:
         and ``hook`` scorers compute in their scoring pass; ``pooling`` cannot) or a
         callable ``utility(a, b) -> float`` on two texts. Each candidate's utility is
         reported as ``scores["mbr_utility"]``.
-    score: None (default) scores only what the selector needs (``majority`` or ``random``
-        run no hidden-state pass); True always computes stable rank; False never scores.
+    score: None (default) scores what the selector needs, plus stable rank with the hook
+        scorer (free in vLLM's sampling pass; with ``hf``, ``majority`` or ``random`` run no
+        hidden-state pass); True always computes stable rank; False never scores.
     logit_stats: also compute ``mean_logprob`` and ``self_certainty`` (automatic when the
         selector needs them).
     include_greedy: add one greedy decode per prompt to the N sampled candidates (in the
@@ -417,8 +418,9 @@ def select_best(
     **options: Any,
 ) -> Selection:
     """Sample ``n`` candidates for ``prompt`` (or take the caller's ``candidates``), score
-    them, and return the one the selector picks (default: the highest stable rank of the
-    frozen model's hidden states). Options are ``BestOfN``'s, and ``tests`` (for
+    them, and return the one the selector picks (default ``auto``: a vote over the answers
+    when ``answer`` is given, else ``mbr``; ``selector="stable-rank"`` is the paper's pick, the
+    highest stable rank of the frozen model's hidden states). Options are ``BestOfN``'s, and ``tests`` (for
     ``answer="python"``) ``select``'s.
 
     Loads the model on every call: use ``BestOfN`` for many prompts.
