@@ -371,7 +371,7 @@ def evaluate_records(
     for rec in records:
         cands = [scored_candidate(c) for c in rec["candidates"]]
         cands = attach_similarities(rec, cands, consensus)
-        greedy = replace(scored_candidate(rec["greedy"]), index=len(cands)) if pooled else None
+        greedy = replace(scored_candidate(rec["greedy"]), index=len(cands), greedy=True) if pooled else None
         if execution is not None:
             cands, greedy = execution.attach(rec, cands, greedy)
         for n in n_values:

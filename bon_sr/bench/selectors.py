@@ -27,7 +27,7 @@ the product's ``python`` answer format) and make the product's pass-first vote (
 given ``passed``; the ``exec-*`` tie variants ``majority-sr`` with another score in place of
 SR). ``exec+greedy`` has the greedy decode in its pool (``greedy_in_pool``: the evaluation
 hands it the subset plus the greedy decode, last): the greedy decode when it passes the
-examples, else ``exec`` among the sampled candidates.
+examples, else the same vote over all (the product's rule, ``selection.selectors``, reads ``greedy``).
 
 Greedy alone is not here: it is a separate decode, not a pick from the samples. Selectors know
 nothing about models, sampling or answer checking beyond the cached ``group``/``correct``.
@@ -65,6 +65,8 @@ class Scored:
     #: whether it passed them all (None: not run, or the prompt shows no examples)
     behaviour: int = -1
     passed: bool | None = None
+    #: the greedy decode added to the pool (``greedy_in_pool``): the product's rule keeps it when it passes
+    greedy: bool = False
 
 
 Weights = list[float]
@@ -217,20 +219,6 @@ def executed(selector: str = "majority", utility: str | None = None, **options: 
     return weights
 
 
-def greedy_first(inner: BenchSelectorFn) -> BenchSelectorFn:
-    """With the greedy decode in the pool (last): the greedy decode when it passes the
-    prompt's examples, else ``inner`` among the sampled candidates."""
-
-    def weights(cands: Sequence[Scored]) -> Weights:
-        _need(cands)
-        *sampled, greedy = cands
-        if greedy.passed or not sampled:
-            return _one_hot(len(cands), len(cands) - 1)
-        return [*inner(sampled), 0.0]
-
-    return weights
-
-
 @dataclass(frozen=True)
 class BenchSelector:
     name: str
@@ -278,8 +266,9 @@ BENCH_SELECTORS: dict[str, BenchSelector] = {s.name: s for s in [
     BenchSelector("exec", executed("majority", fallback="first"),
                   "code run on the prompt's examples: the passing candidates' largest behaviour group "
                   "(majority with --answer python); ties to the earliest", executes=True),
-    BenchSelector("exec+greedy", greedy_first(executed("majority", fallback="first")),
-                  "the greedy decode when it passes the prompt's examples, else exec among the samples",
+    BenchSelector("exec+greedy", executed("majority", fallback="first"),
+                  "exec with the greedy decode in the pool (the product's default with --answer python): "
+                  "the greedy decode when it passes the prompt's examples, else the pass-first vote over all",
                   executes=True, greedy_in_pool=True),
     BenchSelector("exec-sr", executed("majority-sr", sr_key="sr_response", fallback="first"),
                   "exec, equal groups split by SR (response) (majority-sr with --answer python)", executes=True),
