@@ -30,7 +30,7 @@ lint: $(STAMP) docs
 # --durations=25: the slowest tests at the end, so a slow newcomer is seen (shared engines and
 # servers: tests/shared.py)
 test: lint
-	$(PY) -m pytest -q -ra --durations=25
+	$(PY) -m pytest -q -ra --durations=25 -n 2 --dist loadgroup --no-loadscope-reorder
 
 test-fast: lint
 	$(PY) -m pytest -q -ra -m "not slow"

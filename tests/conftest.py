@@ -21,6 +21,7 @@ this file order the session by them and release each right after its last user.
 from __future__ import annotations
 
 import asyncio
+import os
 import string
 import subprocess
 import sys
@@ -68,6 +69,21 @@ def pytest_configure(config: pytest.Config) -> None:
     if missing:
         raise pytest.UsageError("bon-sr's tests need every part `make test` installs; missing: "
                                 + ", ".join(missing) + f". Install them with: {INSTALL}")
+    pin_xdist_worker()
+
+
+def pin_xdist_worker() -> None:
+    """Under pytest-xdist, worker k of n keeps the k-th share of this machine's cores (its
+    children inherit it, and bon-sr binds vLLM's threads to the cores it may use): two
+    workers on 2 cores then never run four OpenMP threads on two cores."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if not worker or count < 2:
+        return
+    cpus = sorted(os.sched_getaffinity(0))
+    k = int(worker.removeprefix("gw"))
+    share = cpus[len(cpus) * k // count:len(cpus) * (k + 1) // count] or cpus
+    os.sched_setaffinity(0, share)
+    torch.set_num_threads(len(share))
 
 
 def sr_in_range(scores) -> bool:
@@ -282,15 +298,69 @@ def reuse_engines(monkeypatch, bf16_engines) -> Reused:
     return asked
 
 
-def _phase(item: pytest.Item) -> int:
+def _phase(item: pytest.Item) -> tuple[int, bool]:
+    """(the phase, whether the test stops the shared resource: those run last in it)."""
     names = set(getattr(item, "fixturenames", ()))
-    return max((k + 1 for k, name in enumerate(shared.PHASES) if name in names), default=0)
+    phase = max((k + 1 for k, name in enumerate(shared.PHASES) if name in names), default=0)
+    return phase, item.get_closest_marker("stops_shared") is not None
 
 
-def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+#: fixtures that start something costly -> the xdist group of every test that reaches them (the
+#: last match wins): under ``make test``'s two workers, each group runs on one worker, so each
+#: is started once. The shared server and the bf16 engines share a group because
+#: ``served_chat`` (the server's reply) is compared with a bf16-engine run.
+XDIST_GROUPS = {
+    "runs": "fp32-engines",               # tests/test_vllm_hook.py's own float32 engine
+    "fp32_pooling": "fp32-engines",
+    "ray_address": "ray",                 # tests/test_ray.py's local Ray and its reference run
+    "serve_process": "server-and-bf16",
+    "served_chat": "server-and-bf16",
+    "bf16_engines": "server-and-bf16",
+}
+
+
+def _weight(item: pytest.Item) -> int:
+    """0 for a test that runs vLLM, 1 for another slow one, 2 for the rest: under xdist the
+    long ones start first, and the short ones even out the two workers at the end."""
+    if item.get_closest_marker("vllm") is not None and item.get_closest_marker("slow") is not None:
+        return 0
+    return 1 if item.get_closest_marker("slow") is not None else 2
+
+
+#: the groups' order under xdist, the longest first (measured: about 160, 190 and 115 s)
+XDIST_ORDER = ("server-and-bf16", "fp32-engines", "ray")
+
+
+def xdist_group(item: pytest.Item) -> str | None:
+    names = set(getattr(item, "fixturenames", ()))
+    return next((group for fixture, group in reversed(XDIST_GROUPS.items()) if fixture in names), None)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]):
     """The tests that use no shared holder first, then each holder's users in turn
-    (shared.PHASES), each group in file order: one holder alive at a time."""
+    (shared.PHASES), each group in file order except that a test marked ``stops_shared``
+    comes last in its group (no restart after it): one holder alive at a time in a process.
+    Each test that reaches a costly fixture is marked with its ``xdist_group`` before
+    pytest-xdist reads the marks (a wrapper runs first), and a worker that did not group
+    them fails at once instead of starting each engine on both workers."""
     items[:] = sorted(items, key=_phase)
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # the groups first, the longest first: the single tests then even out the two workers
+        # (a worker is pinned to its core, so what runs after the in-process bf16 engine is unaffected)
+        rank = {group: k for k, group in enumerate(XDIST_ORDER)}
+        items[:] = sorted(items, key=lambda item: (rank[xdist_group(item)], 0) if xdist_group(item) else
+                          (len(rank), _weight(item)))
+    for item in items:
+        group = xdist_group(item)
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
+    result = yield
+    lost = [item.nodeid for item in items if xdist_group(item) and "@" not in item.nodeid]
+    if config.getoption("loadgroup", False) and lost:
+        raise pytest.UsageError(f"pytest-xdist did not group {lost[0]} (and {len(lost) - 1} more): its loadgroup "
+                                "needs pytest < 9.2 (pytest-dev/pytest-xdist#1386); run make setup.")
+    return result
 
 
 _LAST_USE: dict[str, int] = {}

@@ -13,7 +13,10 @@ name and
   runs in the pytest process, and vLLM's CPU worker then pins the process's threads and
   turns ``torch.set_num_threads`` into a no-op, so nothing may run in-process after it);
 - releases a holder right after the last test whose fixtures reach it (its fixture
-  closure), so at most one of them is alive at a time.
+  closure), so at most one of them is alive at a time in a process;
+- under ``make test``'s two pytest-xdist workers, marks each holder's users with an
+  ``xdist_group`` so that one worker runs them all (the float32 engines on one, the server
+  and the bf16 engines on the other: two alive at once, machine RAM in use peaked at 12.5 GiB of 24 in a full run).
 
 A fixture that only computes numbers from an engine (and is used across phases) reaches
 the holder through ``HOLDERS``, not through the holder's fixture, so it does not keep the
@@ -32,6 +35,9 @@ import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
+
+#: the cores this machine gives the suite (read at import, before an xdist worker pins itself to its share)
+MACHINE_CORES = frozenset(os.sched_getaffinity(0))
 
 #: the offline default model's name (as `bon-sr serve --model` and BestOfN take it)
 MODEL = "smollm2-135m-instruct"
@@ -76,11 +82,13 @@ class Shared:
 
 class ServeProcess:
     """One ``bon-sr serve`` process on a free loopback port (``args`` after ``--port``,
-    ``env`` on top of this process's, vLLM's log at WARNING), its output in ``log_path``.
+    ``env`` on top of this process's, vLLM's log at WARNING, on ``cores`` if given, else on
+    this process's), its output in ``log_path``.
     ``wait_ready()`` polls /health (recording each status in ``health``); ``stop()`` sends
     SIGTERM, kills after ``timeout`` and returns the exit code (idempotent)."""
 
-    def __init__(self, log_path: Path, args: tuple[str, ...] = (), env: dict[str, str] | None = None):
+    def __init__(self, log_path: Path, args: tuple[str, ...] = (), env: dict[str, str] | None = None,
+                 cores: set[int] | None = None):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -88,9 +96,12 @@ class ServeProcess:
         self.log_path = log_path
         exe = Path(sys.executable).with_name("bon-sr")
         self.log = open(log_path, "w")
+        child_env = dict(os.environ, VLLM_LOGGING_LEVEL="WARNING", **(env or {}))
+        if cores is not None:   # bon-sr binds vLLM's threads to the cores it is given, not to an inherited list
+            child_env.pop("VLLM_CPU_OMP_THREADS_BIND", None)
         self.proc = subprocess.Popen([str(exe), "serve", "--port", str(self.port), *args], stdout=self.log,
-                                     stderr=subprocess.STDOUT,
-                                     env=dict(os.environ, VLLM_LOGGING_LEVEL="WARNING", **(env or {})))
+                                     stderr=subprocess.STDOUT, env=child_env,
+                                     preexec_fn=None if cores is None else lambda: os.sched_setaffinity(0, cores))
         self.health: list[int] = []
 
     def wait_ready(self, timeout: float = 600.0) -> None:

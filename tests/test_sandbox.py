@@ -58,8 +58,10 @@ def new_tag() -> str:
 
 
 def processes_of(tag: str) -> list[str]:
-    """Processes named ``tag`` or running this tree's child.py: what a run may leave behind."""
-    found = []
+    """Processes named ``tag`` or running this tree's child.py for this process (its last
+    argument is the caller's pid: another pytest-xdist worker's sandboxes are not this run's):
+    what a run may leave behind."""
+    found, mine = [], str(os.getpid())
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -68,7 +70,7 @@ def processes_of(tag: str) -> list[str]:
             cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if comm == tag or CHILD in cmdline:
+        if comm == tag or (CHILD in cmdline and cmdline.split()[-1:] == [mine]):
             found.append(f"{entry} {comm} {cmdline[:120]}")
     return found
 

@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from conftest import FakeEngine
-from shared import API_KEY, FAULT_SEED, HOLDERS, SERVER, ServeProcess, module_server_args
+from shared import API_KEY, FAULT_SEED, HOLDERS, MACHINE_CORES, SERVER, ServeProcess, module_server_args
 
 from bon_sr.sampling import SamplingConfig
 
@@ -552,6 +552,7 @@ def test_real_disconnect_mid_request_leaves_the_server_serving(oai, server):
 
 @pytest.mark.vllm
 @pytest.mark.slow
+@pytest.mark.stops_shared
 def test_real_sigterm_finishes_the_request_in_flight_then_exits(oai, server):
     done = {}
 
@@ -598,7 +599,8 @@ def test_real_data_parallel_server_scores_each_request_on_one_engine_core(tmp_pa
 
     srv = ServeProcess(tmp_path / "dp.log", module_server_args("--data-parallel-size", "2", "--dtype", "float32",
                                                                "--vllm-opt", "kv_cache_memory_bytes=536870912"),
-                       env={"BON_SR_HOOK_FAULT_SEED": str(FAULT_SEED)})
+                       env={"BON_SR_HOOK_FAULT_SEED": str(FAULT_SEED)},
+                       cores=set(MACHINE_CORES))   # both, also under a pinned xdist worker
     try:
         srv.wait_ready()
         client = _openai(srv)

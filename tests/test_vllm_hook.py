@@ -39,6 +39,7 @@ from bon_sr.hook.worker import FAULT_ENV
 from bon_sr.scoring.hidden_states import HiddenStateConfig
 from bon_sr.sampling.prompts import encode_prompt, encode_response
 from bon_sr.sampling import SamplingConfig
+from bon_sr.sampling.vllm_platform import cpu_list
 from bon_sr.scoring.scorers import HFScorer
 from bon_sr.engines import VLLMBackend
 
@@ -60,7 +61,7 @@ def _rel(a: float, b: float) -> float:
 
 def _engine(model_path: str, **kwargs):
     os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0-1")
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_list(sorted(os.sched_getaffinity(0))))
     return vllm.LLM(model=model_path, dtype="float32", seed=0, enforce_eager=True, max_model_len=2048,
                     kv_cache_memory_bytes=1 << 30, enable_chunked_prefill=False, max_num_batched_tokens=2048,
                     **kwargs)
