@@ -28,7 +28,8 @@ lint: $(STAMP) docs
 	$(VENV)/bin/ruff check bon_sr benchmarks tests
 
 # --durations=25: the slowest tests at the end, so a slow newcomer is seen (shared engines and
-# servers: tests/shared.py)
+# servers: tests/shared.py). -n 2 --dist loadgroup: two pytest-xdist workers, each shared
+# resource's users on one of them (tests/conftest.py; docs/development.md)
 test: lint
 	$(PY) -m pytest -q -ra --durations=25 -n 2 --dist loadgroup --no-loadscope-reorder
 
