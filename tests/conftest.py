@@ -79,9 +79,10 @@ def pin_xdist_worker() -> None:
     worker, count = os.environ.get("PYTEST_XDIST_WORKER"), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if not worker or count < 2:
         return
+    from bon_sr.sampling.vllm_platform import core_shares
+
     cpus = sorted(os.sched_getaffinity(0))
-    k = int(worker.removeprefix("gw"))
-    share = cpus[len(cpus) * k // count:len(cpus) * (k + 1) // count] or cpus
+    share = core_shares(cpus, count)[int(worker.removeprefix("gw"))] or cpus
     os.sched_setaffinity(0, share)
     torch.set_num_threads(len(share))
 
@@ -327,7 +328,8 @@ def _weight(item: pytest.Item) -> int:
     return 1 if item.get_closest_marker("slow") is not None else 2
 
 
-#: the groups' order under xdist, the longest first (measured: about 160, 190 and 115 s)
+#: the groups' order under xdist, the longest first (in one process: about 190 s for the server
+#: and bf16 phases together, 190 s for the float32 engines, 115 s for Ray)
 XDIST_ORDER = ("server-and-bf16", "fp32-engines", "ray")
 
 

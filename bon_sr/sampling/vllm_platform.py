@@ -56,6 +56,11 @@ def parse_cpu_list(text: str) -> list[int]:
     return out
 
 
+def core_shares(cpus: list[int], parts: int) -> list[list[int]]:
+    """``cpus`` cut into ``parts`` contiguous shares as even as they go: ([0, 1, 2], 2) -> [[0], [1, 2]]."""
+    return [cpus[len(cpus) * r // parts:len(cpus) * (r + 1) // parts] for r in range(parts)]
+
+
 def apply_cpu_env_defaults(data_parallel_size: int = 1) -> None:
     """Bind vLLM's OpenMP threads to every core this process may use, unless the user chose;
     with data parallelism, one share of the cores per engine core ("0|1": vLLM's syntax),
@@ -79,7 +84,7 @@ def apply_cpu_env_defaults(data_parallel_size: int = 1) -> None:
         if dp > len(cpus):
             raise ConfigError(f"data_parallel_size {dp} needs at least {dp} CPU cores on this platform "
                               f"(there are {len(cpus)} to bind: {cpu_list(cpus)}).")
-        shares = [cpus[len(cpus) * r // dp:len(cpus) * (r + 1) // dp] for r in range(dp)]
+        shares = core_shares(cpus, dp)
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(cpu_list(share) for share in shares)
     # Top-p without sorting the vocabulary in every vLLM process (see bon_sr.sampling.vllm_plugin).
     os.environ.setdefault("BON_SR_FAST_TOP_P", "1")
