@@ -347,18 +347,18 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     pytest-xdist reads the marks (a wrapper runs first), and a worker that did not group
     them fails at once instead of starting each engine on both workers."""
     items[:] = sorted(items, key=_phase)
+    group_of = {item: xdist_group(item) for item in items}
     if os.environ.get("PYTEST_XDIST_WORKER"):
         # the groups first, the longest first: the single tests then even out the two workers
         # (a worker is pinned to its core, so what runs after the in-process bf16 engine is unaffected)
         rank = {group: k for k, group in enumerate(XDIST_ORDER)}
-        items[:] = sorted(items, key=lambda item: (rank[xdist_group(item)], 0) if xdist_group(item) else
+        items[:] = sorted(items, key=lambda item: (rank[group_of[item]], 0) if group_of[item] else
                           (len(rank), _weight(item)))
-    for item in items:
-        group = xdist_group(item)
+    for item, group in group_of.items():
         if group is not None:
             item.add_marker(pytest.mark.xdist_group(group))
     result = yield
-    lost = [item.nodeid for item in items if xdist_group(item) and "@" not in item.nodeid]
+    lost = [item.nodeid for item, group in group_of.items() if group and "@" not in item.nodeid]
     if config.getoption("loadgroup", False) and lost:
         raise pytest.UsageError(f"pytest-xdist did not group {lost[0]} (and {len(lost) - 1} more): its loadgroup "
                                 "needs pytest < 9.2 (pytest-dev/pytest-xdist#1386); run make setup.")
